@@ -1,0 +1,298 @@
+//! The configuration: parsed and validated in two stages, every error reported at once with
+//! file, line and column.
+//!
+//! Stage one deserialises the TOML into plain serde types (`raw.rs`, unknown keys rejected);
+//! stage two (`validate.rs`) turns them into the types below, which the rest of apiwarden uses.
+//! Nothing here reads files: the caller passes the text and the file name.
+
+mod raw;
+mod spans;
+mod validate;
+
+use crate::net::IpNet;
+use crate::path::EncodedSlashes;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use validate::parse;
+
+/// One problem in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file name as given.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong and what to write instead.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
+    }
+}
+
+/// All the problems found in one configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub admin: AdminConfig,
+    pub storage: StorageConfig,
+    pub audit: AuditConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub limits: BTreeMap<String, LimitConfig>,
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsConfig>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_body_size: u64,
+    pub max_header_size: usize,
+    pub encoded_slashes: EncodedSlashes,
+    pub shutdown_timeout: Duration,
+    /// This node's name in audit events; `None` lets the binary pick the host name.
+    pub node: Option<String>,
+    /// Runtime worker threads; `None` means one per core.
+    pub worker_threads: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    pub reload_interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    pub database: Option<String>,
+    pub redis: Option<String>,
+}
+
+/// When an audit record must be on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    Strict,
+    Batched,
+    Async,
+}
+
+#[derive(Clone, Debug)]
+pub struct AuditConfig {
+    pub durability: Durability,
+    pub checkpoint_interval: Duration,
+}
+
+/// One upstream target: `http://host:port` with an optional base path.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// `host:port`, as sent in the `Host` header to the upstream.
+    pub authority: String,
+    /// Prefixed to every forwarded path; empty for none.
+    pub base_path: String,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.base_path)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub targets: Vec<Target>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub failure_threshold: u32,
+    pub cooldown: Duration,
+}
+
+/// How a route matches the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Exact host name, lower case, without port.
+    Exact(String),
+    /// `*.example.com`: any name ending in `.example.com` (stored with the leading dot).
+    Suffix(String),
+}
+
+/// How a route matches the normalised path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    /// Matches the prefix itself and anything below it at a segment boundary.
+    Prefix(String),
+    /// `/orders/{id}`: each `{name}` matches one non-empty segment.
+    Template(Vec<TemplateSegment>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TemplateSegment {
+    Literal(String),
+    Param(String),
+}
+
+/// An authentication method a route accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMethod {
+    None,
+    ApiKey,
+    Jwt,
+    Introspection,
+    Mtls,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::None => "none",
+            AuthMethod::ApiKey => "api_key",
+            AuthMethod::Jwt => "jwt",
+            AuthMethod::Introspection => "introspection",
+            AuthMethod::Mtls => "mtls",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    pub name: String,
+    pub host: Option<HostMatch>,
+    pub path: PathMatch,
+    /// The path as written (`/orders/{id}`), recorded as `request.route`.
+    pub path_text: String,
+    /// Upper-case method names; `None` matches every method.
+    pub methods: Option<Vec<String>>,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    pub auth: Vec<AuthMethod>,
+    pub scopes: Vec<String>,
+    pub limits: Vec<String>,
+}
+
+/// What a rate limit is counted by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LimitKey {
+    Consumer,
+    Key,
+    Ip,
+    Route,
+    Header(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct LimitConfig {
+    /// Requests allowed per `per`.
+    pub requests: u64,
+    pub per: Duration,
+    pub burst: u64,
+    pub key: LimitKey,
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub roles: Vec<String>,
+}
+
+/// One documented option: the README's configuration reference is generated from this table,
+/// and a test checks that every example value here is accepted.
+pub struct OptionDoc {
+    /// `section.key`; `[[upstreams]]` and `[[routes]]` entries are written `upstreams[].key`.
+    pub key: &'static str,
+    pub default: &'static str,
+    /// A valid TOML value for the key.
+    pub example: &'static str,
+    pub doc: &'static str,
+}
+
+/// Every configuration option.
+pub const REFERENCE: &[OptionDoc] = &[
+    OptionDoc { key: "gateway.listen", default: "\"127.0.0.1:8080\"", example: "\"127.0.0.1:8080\"", doc: "Address of the API listener." },
+    OptionDoc { key: "gateway.tls", default: "none (plain HTTP)", example: "{ cert = \"server.pem\", key = \"server.key\" }", doc: "TLS termination: `cert` and `key` are PEM files (paths relative to the config file); `client_ca` is reserved for mTLS; `reload_interval` (default `\"5s\"`) is how often the files are checked for changes. TLS 1.2 and 1.3 only; ALPN offers `h2` and `http/1.1`." },
+    OptionDoc { key: "gateway.trusted_proxies", default: "[]", example: "[\"10.0.0.0/8\", \"127.0.0.1\"]", doc: "Peers (addresses or CIDR networks) whose `X-Forwarded-For` is believed. The client IP is the right-most address in `X-Forwarded-For` that is not a trusted proxy; from any other peer the header is ignored for the client IP." },
+    OptionDoc { key: "gateway.max_body_size", default: "\"10MiB\"", example: "\"1GiB\"", doc: "Largest request body accepted; larger ones get `413`, whether announced by `Content-Length` or found while streaming." },
+    OptionDoc { key: "gateway.max_header_size", default: "\"32KiB\"", example: "\"64KiB\"", doc: "Largest request head (request line and all header lines) accepted; larger ones get `431`." },
+    OptionDoc { key: "gateway.encoded_slashes", default: "\"reject\"", example: "\"keep\"", doc: "`reject`: a path with `%2F` or `%5C` gets `400`. `keep`: they stay encoded inside their segment and never separate segments for routing." },
+    OptionDoc { key: "gateway.shutdown_timeout", default: "\"30s\"", example: "\"10s\"", doc: "On SIGTERM or Ctrl-C, how long requests in flight may take to finish." },
+    OptionDoc { key: "gateway.node", default: "the host name", example: "\"gw-1\"", doc: "This node's name in audit events." },
+    OptionDoc { key: "gateway.worker_threads", default: "one per core", example: "2", doc: "Threads of the async runtime (read at start only)." },
+    OptionDoc { key: "admin.listen", default: "\"127.0.0.1:9090\"", example: "\"127.0.0.1:9090\"", doc: "Address of the admin listener (`/healthz`, `/readyz`, `/metrics`)." },
+    OptionDoc { key: "storage.data_dir", default: "\"./apiwarden-data\"", example: "\"/var/lib/apiwarden\"", doc: "Where audit records and local state live (relative to the config file)." },
+    OptionDoc { key: "storage.database", default: "none", example: "\"postgres://postgres@127.0.0.1/test\"", doc: "Fleet mode: PostgreSQL for shared consumers and keys (used by the identity stage)." },
+    OptionDoc { key: "storage.redis", default: "none", example: "\"redis://127.0.0.1/\"", doc: "Fleet mode: Redis for shared limits and the block list (used by the limit stage)." },
+    OptionDoc { key: "audit.durability", default: "\"strict\"", example: "\"batched\"", doc: "`strict`, `batched` or `async`: when an audit record must be on disk (enforced by the ledger)." },
+    OptionDoc { key: "audit.checkpoint_interval", default: "\"1s\"", example: "\"5s\"", doc: "How often the ledger writes a signed checkpoint." },
+    OptionDoc { key: "upstreams[].name", default: "required", example: "\"orders\"", doc: "Name that routes refer to; unique." },
+    OptionDoc { key: "upstreams[].url", default: "required unless `targets`", example: "\"http://127.0.0.1:3000\"", doc: "One target: `http://host:port` with an optional base path that is put before every forwarded path." },
+    OptionDoc { key: "upstreams[].targets", default: "none", example: "[\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001\"]", doc: "Several targets instead of `url`: round-robin, and a target that fails `failure_threshold` times in a row is skipped for `cooldown`." },
+    OptionDoc { key: "upstreams[].connect_timeout", default: "\"5s\"", example: "\"1s\"", doc: "Time to open a connection to a target; past it the request gets `502`." },
+    OptionDoc { key: "upstreams[].timeout", default: "\"30s\"", example: "\"10s\"", doc: "Time from sending the request until the response head arrives; past it the request gets `504`." },
+    OptionDoc { key: "upstreams[].failure_threshold", default: "5", example: "3", doc: "Consecutive connect errors or timeouts after which a target is skipped." },
+    OptionDoc { key: "upstreams[].cooldown", default: "\"10s\"", example: "\"30s\"", doc: "How long a failed target is skipped (if all are failing, the least recently failed one is tried)." },
+    OptionDoc { key: "routes[].name", default: "required", example: "\"orders-read\"", doc: "Name in audit events and metrics; unique." },
+    OptionDoc { key: "routes[].host", default: "any host", example: "\"api.example.com\"", doc: "Exact host name or `*.example.com`; compared without the port, case-insensitively." },
+    OptionDoc { key: "routes[].path", default: "one of `path`, `path_prefix`", example: "\"/orders/{id}\"", doc: "Exact path, or a template whose `{name}` segments match one segment each. The template is what audit events record as `request.route`." },
+    OptionDoc { key: "routes[].path_prefix", default: "one of `path`, `path_prefix`", example: "\"/orders\"", doc: "Matches the prefix and everything below it, at a segment boundary (`/orders` matches `/orders/7`, not `/ordersX`)." },
+    OptionDoc { key: "routes[].methods", default: "all methods", example: "[\"GET\", \"HEAD\"]", doc: "Methods the route accepts." },
+    OptionDoc { key: "routes[].upstream", default: "required", example: "\"orders\"", doc: "Name of the upstream that receives the requests." },
+    OptionDoc { key: "routes[].auth", default: "required", example: "[\"api_key\"]", doc: "Accepted methods: `api_key`, `jwt`, `introspection`, `mtls`, or `[\"none\"]` for an open route. A route without `auth` is an error, so an open route is always explicit." },
+    OptionDoc { key: "routes[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes the caller must all hold (not allowed with `none`)." },
+    OptionDoc { key: "routes[].limits", default: "[]", example: "[]", doc: "Names of `[limits.NAME]` tables applied to the route, in order." },
+    OptionDoc { key: "limits.NAME.rate", default: "required", example: "\"100/s\"", doc: "Requests per unit: `N/s`, `N/m`, `N/h`, `N/d`." },
+    OptionDoc { key: "limits.NAME.burst", default: "0", example: "20", doc: "Extra requests allowed at once above the steady rate." },
+    OptionDoc { key: "limits.NAME.key", default: "\"ip\"", example: "\"consumer\"", doc: "What is counted: `consumer`, `key`, `ip`, `route` or `header:NAME`." },
+    OptionDoc { key: "consumers[].name", default: "required", example: "\"billing\"", doc: "Consumer name; unique." },
+    OptionDoc { key: "consumers[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes granted to the consumer." },
+    OptionDoc { key: "consumers[].roles", default: "[]", example: "[\"reader\"]", doc: "Roles granted to the consumer." },
+];
+
+/// The configuration reference as a Markdown table (what the README shows).
+pub fn reference_markdown() -> String {
+    let mut out = String::from("| key | default | meaning |\n| --- | --- | --- |\n");
+    for o in REFERENCE {
+        out.push_str(&format!("| `{}` | {} | {} |\n", o.key, o.default, o.doc));
+    }
+    out
+}

@@ -1,0 +1,107 @@
+//! Stage one: the configuration file as written, as plain serde types.
+//!
+//! Leaves are kept as strings and numbers; stage two (`validate.rs`) parses them into their
+//! meaning, so that each of its errors can name the exact key it is about. Every option is
+//! documented in [`super::REFERENCE`], which the README's configuration reference is generated
+//! from.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Gateway {
+    pub listen: Option<String>,
+    pub tls: Option<Tls>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    pub max_body_size: Option<Size>,
+    pub max_header_size: Option<Size>,
+    pub encoded_slashes: Option<String>,
+    pub shutdown_timeout: Option<String>,
+    pub node: Option<String>,
+    pub worker_threads: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Tls {
+    pub cert: String,
+    pub key: String,
+    pub client_ca: Option<String>,
+    pub reload_interval: Option<String>,
+}
+
+/// A size as an integer or a string with a unit.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Size {
+    Int(u64),
+    Str(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Admin {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Storage {
+    pub data_dir: Option<String>,
+    pub database: Option<String>,
+    pub redis: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Audit {
+    pub durability: Option<String>,
+    pub checkpoint_interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Upstream {
+    pub name: String,
+    pub url: Option<String>,
+    pub targets: Option<Vec<String>>,
+    pub connect_timeout: Option<String>,
+    pub timeout: Option<String>,
+    pub failure_threshold: Option<u32>,
+    pub cooldown: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Route {
+    pub name: String,
+    pub host: Option<String>,
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub upstream: String,
+    pub auth: Option<Vec<String>>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub limits: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Limit {
+    pub rate: String,
+    pub burst: Option<u64>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Consumer {
+    pub name: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}

@@ -1,0 +1,853 @@
+//! Stage two: from the raw file to the validated [`Config`], collecting every error.
+
+use super::raw;
+use super::spans::{line_col, locate, Key, Node};
+use super::*;
+use crate::path::{normalize, EncodedSlashes};
+use crate::units::{ByteSize, HumanDuration};
+use serde::de::DeserializeOwned;
+use std::collections::HashSet;
+use std::path::Path;
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+    tree: Option<Node>,
+    errors: Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    fn error_at(&mut self, offset: usize, message: String) {
+        let (line, column) = line_col(self.text, offset);
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line,
+            column,
+            message,
+        });
+    }
+
+    fn error(&mut self, path: &[Key], message: impl Into<String>) {
+        let offset = self
+            .tree
+            .as_ref()
+            .and_then(|t| locate(t, path))
+            .map_or(0, |s| s.start);
+        self.error_at(offset, message.into());
+    }
+
+    /// Deserialises one section of the file, reporting an error against its position.
+    fn section<T: DeserializeOwned>(
+        &mut self,
+        value: toml::Value,
+        path: &[Key],
+        what: &str,
+    ) -> Option<T> {
+        match value.try_into::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let msg = e.message().trim().to_string();
+                // Point an unknown key at the key itself.
+                let mut at: Vec<Key> = path.to_vec();
+                if let Some(rest) = msg.strip_prefix("unknown field `") {
+                    if let Some(name) = rest.split('`').next() {
+                        at.push(Key::Owned(name.to_string()));
+                    }
+                }
+                self.error(&at, format!("in {what}: {msg}"));
+                None
+            }
+        }
+    }
+}
+
+fn name(s: &'static str) -> Key {
+    Key::Name(s)
+}
+
+/// Parses and validates a configuration. `file` names it in errors; relative paths in it are
+/// taken relative to the file's directory.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    let mut cx = Ctx {
+        file,
+        text,
+        tree: None,
+        errors: Vec::new(),
+    };
+    let table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            let offset = e.span().map_or(0, |s| s.start);
+            cx.error_at(offset, format!("invalid TOML: {}", e.message().trim()));
+            return Err(ConfigErrors(cx.errors));
+        }
+    };
+    cx.tree = toml::from_str::<Node>(text).ok();
+    let base = Path::new(file)
+        .parent()
+        .unwrap_or(Path::new(""))
+        .to_path_buf();
+    let rel = |p: &str| {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+
+    let mut gateway = raw::Gateway::default();
+    let mut admin = raw::Admin::default();
+    let mut storage = raw::Storage::default();
+    let mut audit = raw::Audit::default();
+    let mut raw_upstreams: Vec<Option<raw::Upstream>> = Vec::new();
+    let mut raw_routes: Vec<Option<raw::Route>> = Vec::new();
+    let mut raw_limits: Vec<(String, Option<raw::Limit>)> = Vec::new();
+    let mut raw_consumers: Vec<Option<raw::Consumer>> = Vec::new();
+
+    for (key, value) in table {
+        match key.as_str() {
+            "gateway" => gateway = cx.section(value, &[name("gateway")], "[gateway]").unwrap_or_default(),
+            "admin" => admin = cx.section(value, &[name("admin")], "[admin]").unwrap_or_default(),
+            "storage" => storage = cx.section(value, &[name("storage")], "[storage]").unwrap_or_default(),
+            "audit" => audit = cx.section(value, &[name("audit")], "[audit]").unwrap_or_default(),
+            "upstreams" | "routes" | "consumers" => {
+                let section: &'static str = match key.as_str() {
+                    "upstreams" => "upstreams",
+                    "routes" => "routes",
+                    _ => "consumers",
+                };
+                let toml::Value::Array(items) = value else {
+                    cx.error(&[name(section)], format!("`{section}` must be an array of tables: write [[{section}]]"));
+                    continue;
+                };
+                for (i, item) in items.into_iter().enumerate() {
+                    let path = [name(section), Key::Index(i)];
+                    let what = format!("[[{section}]] #{}", i + 1);
+                    match section {
+                        "upstreams" => raw_upstreams.push(cx.section(item, &path, &what)),
+                        "routes" => raw_routes.push(cx.section(item, &path, &what)),
+                        _ => raw_consumers.push(cx.section(item, &path, &what)),
+                    }
+                }
+            }
+            "limits" => {
+                let toml::Value::Table(items) = value else {
+                    cx.error(&[name("limits")], "`limits` must be a table of named limits: write [limits.NAME]");
+                    continue;
+                };
+                for (lname, item) in items {
+                    let path = [name("limits"), Key::Owned(lname.clone())];
+                    let parsed = cx.section(item, &path, &format!("[limits.{lname}]"));
+                    raw_limits.push((lname, parsed));
+                }
+            }
+            other => cx.error(
+                &[Key::Owned(other.to_string())],
+                format!("unknown section `{other}`: expected gateway, admin, storage, audit, upstreams, routes, limits or consumers"),
+            ),
+        }
+    }
+
+    // [gateway]
+    let g = |k: &'static str| [name("gateway"), name(k)];
+    let listen = addr(
+        &mut cx,
+        gateway.listen.as_deref(),
+        "127.0.0.1:8080",
+        &g("listen"),
+    );
+    let tls = gateway.tls.as_ref().map(|t| TlsConfig {
+        cert: rel(&t.cert),
+        key: rel(&t.key),
+        client_ca: t.client_ca.as_deref().map(rel),
+        reload_interval: duration(
+            &mut cx,
+            t.reload_interval.as_deref(),
+            "5s",
+            &[name("gateway"), name("tls"), name("reload_interval")],
+        ),
+    });
+    let mut trusted_proxies = Vec::new();
+    for (i, p) in gateway.trusted_proxies.iter().enumerate() {
+        match IpNet::parse(p) {
+            Ok(n) => trusted_proxies.push(n),
+            Err(e) => cx.error(
+                &[name("gateway"), name("trusted_proxies"), Key::Index(i)],
+                e,
+            ),
+        }
+    }
+    let max_body_size = size(
+        &mut cx,
+        gateway.max_body_size.as_ref(),
+        10 << 20,
+        &g("max_body_size"),
+    );
+    let max_header_size = size(
+        &mut cx,
+        gateway.max_header_size.as_ref(),
+        32 << 10,
+        &g("max_header_size"),
+    );
+    if max_header_size < 1024 {
+        cx.error(
+            &g("max_header_size"),
+            "max_header_size must be at least 1KiB",
+        );
+    }
+    let encoded_slashes = match gateway.encoded_slashes.as_deref() {
+        None | Some("reject") => EncodedSlashes::Reject,
+        Some("keep") => EncodedSlashes::Keep,
+        Some(other) => {
+            cx.error(
+                &g("encoded_slashes"),
+                format!("encoded_slashes must be \"reject\" or \"keep\", not {other:?}"),
+            );
+            EncodedSlashes::Reject
+        }
+    };
+    let shutdown_timeout = duration(
+        &mut cx,
+        gateway.shutdown_timeout.as_deref(),
+        "30s",
+        &g("shutdown_timeout"),
+    );
+    let worker_threads = match gateway.worker_threads {
+        Some(0) => {
+            cx.error(&g("worker_threads"), "worker_threads must be at least 1");
+            None
+        }
+        n => n.map(|n| n as usize),
+    };
+
+    // [admin], [storage], [audit]
+    let admin_listen = addr(
+        &mut cx,
+        admin.listen.as_deref(),
+        "127.0.0.1:9090",
+        &[name("admin"), name("listen")],
+    );
+    let durability = match audit.durability.as_deref() {
+        None | Some("strict") => Durability::Strict,
+        Some("batched") => Durability::Batched,
+        Some("async") => Durability::Async,
+        Some(other) => {
+            cx.error(
+                &[name("audit"), name("durability")],
+                format!("durability must be \"strict\", \"batched\" or \"async\", not {other:?}"),
+            );
+            Durability::Strict
+        }
+    };
+    let checkpoint_interval = duration(
+        &mut cx,
+        audit.checkpoint_interval.as_deref(),
+        "1s",
+        &[name("audit"), name("checkpoint_interval")],
+    );
+
+    // [[upstreams]]
+    let mut upstreams = Vec::new();
+    let mut upstream_index = std::collections::HashMap::new();
+    for (i, u) in raw_upstreams.iter().enumerate() {
+        let Some(u) = u else { continue };
+        let at = |k: &'static str| [name("upstreams"), Key::Index(i), name(k)];
+        if upstream_index
+            .insert(u.name.clone(), upstreams.len())
+            .is_some()
+        {
+            cx.error(
+                &at("name"),
+                format!("upstream name {:?} is used twice", u.name),
+            );
+        }
+        let mut targets = Vec::new();
+        match (&u.url, &u.targets) {
+            (Some(url), None) => {
+                if let Some(t) = target(&mut cx, url, &at("url")) {
+                    targets.push(t);
+                }
+            }
+            (None, Some(list)) if !list.is_empty() => {
+                for (j, url) in list.iter().enumerate() {
+                    if let Some(t) = target(
+                        &mut cx,
+                        url,
+                        &[
+                            name("upstreams"),
+                            Key::Index(i),
+                            name("targets"),
+                            Key::Index(j),
+                        ],
+                    ) {
+                        targets.push(t);
+                    }
+                }
+            }
+            (Some(_), Some(_)) => cx.error(
+                &at("targets"),
+                format!(
+                    "upstream {:?}: give either `url` or `targets`, not both",
+                    u.name
+                ),
+            ),
+            _ => cx.error(
+                &[name("upstreams"), Key::Index(i)],
+                format!("upstream {:?} needs `url` or a non-empty `targets`", u.name),
+            ),
+        }
+        let failure_threshold = u.failure_threshold.unwrap_or(5);
+        if failure_threshold == 0 {
+            cx.error(
+                &at("failure_threshold"),
+                "failure_threshold must be at least 1",
+            );
+        }
+        upstreams.push(UpstreamConfig {
+            name: u.name.clone(),
+            targets,
+            connect_timeout: duration(
+                &mut cx,
+                u.connect_timeout.as_deref(),
+                "5s",
+                &at("connect_timeout"),
+            ),
+            timeout: duration(&mut cx, u.timeout.as_deref(), "30s", &at("timeout")),
+            failure_threshold: failure_threshold.max(1),
+            cooldown: duration(&mut cx, u.cooldown.as_deref(), "10s", &at("cooldown")),
+        });
+    }
+
+    // [limits.NAME]
+    let mut limits = BTreeMap::new();
+    for (lname, l) in &raw_limits {
+        let Some(l) = l else { continue };
+        let at = |k: &'static str| [name("limits"), Key::Owned(lname.clone()), name(k)];
+        let (requests, per) = match parse_rate(&l.rate) {
+            Ok(r) => r,
+            Err(e) => {
+                cx.error(&at("rate"), e);
+                (1, Duration::from_secs(1))
+            }
+        };
+        let key = match l.key.as_deref() {
+            None | Some("ip") => LimitKey::Ip,
+            Some("consumer") => LimitKey::Consumer,
+            Some("key") => LimitKey::Key,
+            Some("route") => LimitKey::Route,
+            Some(h) if h.starts_with("header:") && h.len() > 7 => {
+                LimitKey::Header(h[7..].to_ascii_lowercase())
+            }
+            Some(other) => {
+                cx.error(
+                    &at("key"),
+                    format!(
+                        "limit key must be consumer, key, ip, route or header:NAME, not {other:?}"
+                    ),
+                );
+                LimitKey::Ip
+            }
+        };
+        limits.insert(
+            lname.clone(),
+            LimitConfig {
+                requests,
+                per,
+                burst: l.burst.unwrap_or(0),
+                key,
+            },
+        );
+    }
+
+    // [[consumers]]
+    let mut consumers = Vec::new();
+    let mut consumer_names = HashSet::new();
+    for (i, c) in raw_consumers.iter().enumerate() {
+        let Some(c) = c else { continue };
+        if !consumer_names.insert(c.name.clone()) {
+            cx.error(
+                &[name("consumers"), Key::Index(i), name("name")],
+                format!("consumer name {:?} is used twice", c.name),
+            );
+        }
+        consumers.push(ConsumerConfig {
+            name: c.name.clone(),
+            scopes: c.scopes.clone(),
+            roles: c.roles.clone(),
+        });
+    }
+
+    // [[routes]]
+    let mut routes = Vec::new();
+    let mut route_names = HashSet::new();
+    for (i, r) in raw_routes.iter().enumerate() {
+        let Some(r) = r else { continue };
+        let at = |k: &'static str| [name("routes"), Key::Index(i), name(k)];
+        if !route_names.insert(r.name.clone()) {
+            cx.error(
+                &at("name"),
+                format!("route name {:?} is used twice", r.name),
+            );
+        }
+        let host = r.host.as_deref().map(|h| {
+            let h = h.to_ascii_lowercase();
+            match h.strip_prefix('*') {
+                Some(rest) if rest.starts_with('.') => HostMatch::Suffix(rest.to_string()),
+                _ => HostMatch::Exact(h),
+            }
+        });
+        let (path, path_text) = match (&r.path, &r.path_prefix) {
+            (Some(p), None) => (route_path(&mut cx, p, false, &at("path")), p.clone()),
+            (None, Some(p)) => (route_path(&mut cx, p, true, &at("path_prefix")), p.clone()),
+            (Some(_), Some(_)) => {
+                cx.error(
+                    &at("path_prefix"),
+                    format!(
+                        "route {:?}: give either `path` or `path_prefix`, not both",
+                        r.name
+                    ),
+                );
+                (PathMatch::Prefix("/".into()), String::new())
+            }
+            (None, None) => {
+                cx.error(
+                    &[name("routes"), Key::Index(i)],
+                    format!("route {:?} needs `path` or `path_prefix`", r.name),
+                );
+                (PathMatch::Prefix("/".into()), String::new())
+            }
+        };
+        let methods = r.methods.as_ref().map(|ms| {
+            ms.iter()
+                .enumerate()
+                .map(|(j, m)| {
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                        cx.error(
+                            &[
+                                name("routes"),
+                                Key::Index(i),
+                                name("methods"),
+                                Key::Index(j),
+                            ],
+                            format!("{m:?} is not an HTTP method"),
+                        );
+                    }
+                    m.to_ascii_uppercase()
+                })
+                .collect::<Vec<_>>()
+        });
+        let upstream = match upstream_index.get(&r.upstream) {
+            Some(&idx) => idx,
+            None => {
+                cx.error(
+                    &at("upstream"),
+                    format!(
+                        "route {:?}: upstream {:?} is not defined in [[upstreams]]",
+                        r.name, r.upstream
+                    ),
+                );
+                0
+            }
+        };
+        let mut auth = Vec::new();
+        match &r.auth {
+            None => cx.error(
+                &[name("routes"), Key::Index(i)],
+                format!("route {:?} has no `auth`: name the accepted methods, or write auth = [\"none\"] for an open route", r.name),
+            ),
+            Some(list) if list.is_empty() => cx.error(&at("auth"), format!("route {:?}: `auth` is empty; write auth = [\"none\"] for an open route", r.name)),
+            Some(list) => {
+                for (j, m) in list.iter().enumerate() {
+                    let method = match m.as_str() {
+                        "none" => AuthMethod::None,
+                        "api_key" => AuthMethod::ApiKey,
+                        "jwt" => AuthMethod::Jwt,
+                        "introspection" => AuthMethod::Introspection,
+                        "mtls" => AuthMethod::Mtls,
+                        other => {
+                            cx.error(
+                                &[name("routes"), Key::Index(i), name("auth"), Key::Index(j)],
+                                format!("unknown auth method {other:?}: use api_key, jwt, introspection, mtls or none"),
+                            );
+                            continue;
+                        }
+                    };
+                    auth.push(method);
+                }
+                if auth.contains(&AuthMethod::None) && auth.len() > 1 {
+                    cx.error(&at("auth"), format!("route {:?}: \"none\" cannot be combined with other methods", r.name));
+                }
+                if auth == [AuthMethod::None] && !r.scopes.is_empty() {
+                    cx.error(&at("scopes"), format!("route {:?}: scopes need an authenticated caller, but auth is [\"none\"]", r.name));
+                }
+            }
+        }
+        for (j, l) in r.limits.iter().enumerate() {
+            if !limits.contains_key(l) {
+                cx.error(
+                    &[name("routes"), Key::Index(i), name("limits"), Key::Index(j)],
+                    format!(
+                        "route {:?}: limit {l:?} is not defined; add a [limits.{l}] table",
+                        r.name
+                    ),
+                );
+            }
+        }
+        routes.push(RouteConfig {
+            name: r.name.clone(),
+            host,
+            path,
+            path_text,
+            methods,
+            upstream,
+            auth,
+            scopes: r.scopes.clone(),
+            limits: r.limits.clone(),
+        });
+    }
+
+    if !cx.errors.is_empty() {
+        cx.errors.sort_by_key(|e| (e.line, e.column));
+        return Err(ConfigErrors(cx.errors));
+    }
+    Ok(Config {
+        gateway: GatewayConfig {
+            listen,
+            tls,
+            trusted_proxies,
+            max_body_size,
+            max_header_size: usize::try_from(max_header_size).unwrap_or(usize::MAX),
+            encoded_slashes,
+            shutdown_timeout,
+            node: gateway.node.clone(),
+            worker_threads,
+        },
+        admin: AdminConfig {
+            listen: admin_listen,
+        },
+        storage: StorageConfig {
+            data_dir: rel(storage.data_dir.as_deref().unwrap_or("./apiwarden-data")),
+            database: storage.database.clone(),
+            redis: storage.redis.clone(),
+        },
+        audit: AuditConfig {
+            durability,
+            checkpoint_interval,
+        },
+        upstreams,
+        routes,
+        limits,
+        consumers,
+    })
+}
+
+fn addr(cx: &mut Ctx<'_>, v: Option<&str>, default: &str, path: &[Key]) -> SocketAddr {
+    let s = v.unwrap_or(default);
+    s.parse().unwrap_or_else(|_| {
+        cx.error(
+            path,
+            format!("{s:?} is not a socket address such as \"127.0.0.1:8080\""),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+fn duration(cx: &mut Ctx<'_>, v: Option<&str>, default: &str, path: &[Key]) -> Duration {
+    match HumanDuration::parse(v.unwrap_or(default)) {
+        Ok(d) => d.0,
+        Err(e) => {
+            cx.error(path, e);
+            Duration::from_secs(1)
+        }
+    }
+}
+
+fn size(cx: &mut Ctx<'_>, v: Option<&raw::Size>, default: u64, path: &[Key]) -> u64 {
+    match v {
+        None => default,
+        Some(raw::Size::Int(n)) => *n,
+        Some(raw::Size::Str(s)) => ByteSize::parse(s).map(|b| b.0).unwrap_or_else(|e| {
+            cx.error(path, e);
+            default
+        }),
+    }
+}
+
+fn target(cx: &mut Ctx<'_>, url: &str, path: &[Key]) -> Option<Target> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        let msg = if url.starts_with("https://") {
+            format!(
+                "{url:?}: https upstreams are not supported yet; use http:// on a private network"
+            )
+        } else {
+            format!("{url:?} is not an upstream URL such as \"http://127.0.0.1:3000\"")
+        };
+        cx.error(path, msg);
+        return None;
+    };
+    let (authority, base) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host_ok = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if !host_ok || base.contains(['?', '#']) {
+        cx.error(
+            path,
+            format!("{url:?} is not an upstream URL such as \"http://127.0.0.1:3000\""),
+        );
+        return None;
+    }
+    let authority = if authority.contains(':') && !authority.ends_with(']') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Some(Target {
+        authority,
+        base_path: base.trim_end_matches('/').to_string(),
+    })
+}
+
+fn parse_rate(s: &str) -> Result<(u64, Duration), String> {
+    let err = || format!("rate {s:?} must look like \"100/s\" (units s, m, h, d)");
+    let (n, unit) = s.split_once('/').ok_or_else(err)?;
+    let n: u64 = n.trim().parse().map_err(|_| err())?;
+    let per = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(err()),
+    };
+    if n == 0 {
+        return Err(format!("rate {s:?} must allow at least one request"));
+    }
+    Ok((n, Duration::from_secs(per)))
+}
+
+fn route_path(cx: &mut Ctx<'_>, p: &str, prefix: bool, path: &[Key]) -> PathMatch {
+    let is_template = p.contains('{');
+    if prefix && is_template {
+        cx.error(
+            path,
+            format!("{p:?}: templates are allowed in `path`, not `path_prefix`"),
+        );
+    }
+    match normalize(p, EncodedSlashes::Keep) {
+        Ok(n) if n == p => {}
+        Ok(n) => cx.error(path, format!("{p:?} is not in normal form; write {n:?}")),
+        Err(e) => cx.error(path, format!("{p:?}: {e}")),
+    }
+    if prefix {
+        return PathMatch::Prefix(p.trim_end_matches('/').to_string());
+    }
+    if !is_template {
+        return PathMatch::Exact(p.to_string());
+    }
+    let mut segs = Vec::new();
+    let mut names = HashSet::new();
+    for seg in p.split('/').skip(1) {
+        if let Some(inner) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            if inner.is_empty()
+                || !inner
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                cx.error(path, format!("{p:?}: template parameter {{{inner}}} must be a name of letters, digits and _"));
+            } else if !names.insert(inner.to_string()) {
+                cx.error(
+                    path,
+                    format!("{p:?}: template parameter {{{inner}}} is used twice"),
+                );
+            }
+            segs.push(TemplateSegment::Param(inner.to_string()));
+        } else if seg.contains(['{', '}']) {
+            cx.error(
+                path,
+                format!(
+                    "{p:?}: a template parameter must be a whole segment, such as /orders/{{id}}"
+                ),
+            );
+        } else {
+            segs.push(TemplateSegment::Literal(seg.to_string()));
+        }
+    }
+    PathMatch::Template(segs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC_EXAMPLE: &str = r#"
+[gateway]
+listen = "127.0.0.1:8080"
+trusted_proxies = []
+
+[admin]
+listen = "127.0.0.1:9090"
+
+[storage]
+data_dir = "./apiwarden-data"
+
+[audit]
+durability = "strict"
+checkpoint_interval = "1s"
+
+[[upstreams]]
+name = "orders"
+url = "http://127.0.0.1:3000"
+
+[[routes]]
+name = "orders-read"
+path_prefix = "/orders"
+methods = ["GET"]
+upstream = "orders"
+auth = ["api_key"]
+scopes = ["orders:read"]
+limits = ["per-consumer"]
+
+[limits.per-consumer]
+rate = "100/s"
+burst = 20
+key = "consumer"
+
+[[consumers]]
+name = "billing"
+scopes = ["orders:read"]
+"#;
+
+    #[test]
+    fn the_spec_example_is_valid() {
+        let c = parse(SPEC_EXAMPLE, "/etc/apiwarden/apiwarden.toml").unwrap();
+        assert_eq!(c.routes[0].path, PathMatch::Prefix("/orders".into()));
+        assert_eq!(c.routes[0].auth, vec![AuthMethod::ApiKey]);
+        assert_eq!(c.upstreams[0].targets[0].authority, "127.0.0.1:3000");
+        assert_eq!(c.limits["per-consumer"].burst, 20);
+        assert_eq!(
+            c.storage.data_dir,
+            Path::new("/etc/apiwarden/./apiwarden-data")
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once_with_its_position() {
+        let text = r#"[gateway]
+listen = "nowhere"
+max_body_size = "10 parsecs"
+
+[[upstreams]]
+name = "a"
+url = "ftp://x"
+
+[[routes]]
+name = "r"
+path = "/a/../b"
+upstream = "missing"
+
+[[routes]]
+name = "r2"
+path_prefix = "/x"
+upstream = "a"
+auth = ["none"]
+colour = "blue"
+"#;
+        let errs = parse(text, "gw.toml").unwrap_err().0;
+        let got: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        let expect_prefixes = [
+            "gw.toml:2:10: \"nowhere\" is not a socket address",
+            "gw.toml:3:17: invalid size unit",
+            "gw.toml:7:7: \"ftp://x\" is not an upstream URL",
+            "gw.toml:9:1: route \"r\" has no `auth`",
+            "gw.toml:11:8: \"/a/../b\" is not in normal form",
+            "gw.toml:12:12: route \"r\": upstream \"missing\" is not defined",
+            "gw.toml:19:10: in [[routes]] #2: unknown field `colour`",
+        ];
+        assert_eq!(got.len(), expect_prefixes.len(), "{got:#?}");
+        for (g, want) in got.iter().zip(expect_prefixes) {
+            assert!(g.starts_with(want), "got {g:?}, want prefix {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_names_its_position() {
+        let errs = parse("[gateway]\nlisten = \n", "x.toml").unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert_eq!((errs[0].line, errs[0].file.as_str()), (2, "x.toml"));
+        assert!(
+            errs[0].message.starts_with("invalid TOML"),
+            "{}",
+            errs[0].message
+        );
+    }
+
+    #[test]
+    fn templates_and_hosts() {
+        let text = r#"
+[[upstreams]]
+name = "u"
+url = "http://localhost:3000/base/"
+[[routes]]
+name = "t"
+host = "*.Example.com"
+path = "/orders/{id}/items/{item}"
+upstream = "u"
+auth = ["none"]
+"#;
+        let c = parse(text, "t.toml").unwrap();
+        assert_eq!(
+            c.routes[0].host,
+            Some(HostMatch::Suffix(".example.com".into()))
+        );
+        assert_eq!(
+            c.upstreams[0].targets[0],
+            Target {
+                authority: "localhost:3000".into(),
+                base_path: "/base".into()
+            }
+        );
+        assert_eq!(
+            c.routes[0].path,
+            PathMatch::Template(vec![
+                TemplateSegment::Literal("orders".into()),
+                TemplateSegment::Param("id".into()),
+                TemplateSegment::Literal("items".into()),
+                TemplateSegment::Param("item".into()),
+            ])
+        );
+    }
+
+    #[test]
+    fn every_documented_option_is_accepted() {
+        // Build one file that sets every option of REFERENCE to its example value.
+        let mut sections: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for o in REFERENCE {
+            let (section, key) = o.key.rsplit_once('.').unwrap();
+            let header = match section {
+                "upstreams[]" => "[[upstreams]]".to_string(),
+                "routes[]" => "[[routes]]".to_string(),
+                "consumers[]" => "[[consumers]]".to_string(),
+                "limits.NAME" => "[limits.l]".to_string(),
+                s => format!("[{s}]"),
+            };
+            // `url` and `targets` exclude each other, and so do `path` and `path_prefix`.
+            if key == "targets" || key == "path_prefix" {
+                continue;
+            }
+            sections
+                .entry(header)
+                .or_default()
+                .push(format!("{key} = {}", o.example));
+        }
+        let text: String = sections
+            .iter()
+            .map(|(h, lines)| format!("{h}\n{}\n", lines.join("\n")))
+            .collect();
+        let parsed = parse(&text, "all.toml");
+        assert!(parsed.is_ok(), "{text}\n{}", parsed.unwrap_err());
+    }
+}

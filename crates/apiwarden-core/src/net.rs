@@ -1,0 +1,80 @@
+//! IP networks in CIDR form, for `trusted_proxies` and allowlists.
+
+use std::net::IpAddr;
+
+/// An IP network: an address and a prefix length. A bare address is a /32 or /128.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Parses `10.0.0.0/8`, `::1`, `192.168.1.7`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| {
+            format!("{s:?} is not an IP address or CIDR network such as \"10.0.0.0/8\"")
+        })?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("{s:?} has an invalid prefix length (0 to {max})")),
+            },
+        };
+        Ok(IpNet { addr, prefix })
+    }
+
+    /// True when `ip` is inside this network. IPv4-mapped IPv6 addresses match IPv4 networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_table() {
+        let cases = [
+            ("10.0.0.0/8", "10.1.2.3", true),
+            ("10.0.0.0/8", "11.0.0.1", false),
+            ("127.0.0.1", "127.0.0.1", true),
+            ("127.0.0.1", "127.0.0.2", false),
+            ("0.0.0.0/0", "8.8.8.8", true),
+            ("::1", "::1", true),
+            ("fd00::/8", "fd12::1", true),
+            ("10.0.0.0/8", "::ffff:10.0.0.1", true),
+        ];
+        for (net, ip, want) in cases {
+            let n = IpNet::parse(net).unwrap();
+            assert_eq!(n.contains(ip.parse().unwrap()), want, "{net} contains {ip}");
+        }
+        assert!(IpNet::parse("10.0.0.0/33").is_err());
+        assert!(IpNet::parse("example.com").is_err());
+    }
+}
