@@ -54,6 +54,8 @@ pub enum Reason {
     UpstreamError,
     /// The gateway is shutting down.
     ShuttingDown,
+    /// The client went away before the response was complete.
+    ClientDisconnected,
 }
 
 impl Reason {
@@ -71,6 +73,7 @@ impl Reason {
             Reason::UpstreamTimeout => "upstream.timeout",
             Reason::UpstreamError => "upstream.error",
             Reason::ShuttingDown => "gateway.shutting_down",
+            Reason::ClientDisconnected => "client.disconnected",
         }
     }
 }

@@ -1,1 +1,20 @@
-pub fn x() {}
+//! The apiwarden gateway: listeners, the request pipeline, the proxy, the admin listener and
+//! the audit sinks.
+//!
+//! Architecture invariant: this is the only crate that knows HTTP. The request path is in
+//! `pipeline.rs`, from the first byte of a request to its audit event.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod audit;
+pub mod body;
+pub mod echo;
+pub mod ids;
+pub mod metrics;
+pub mod pipeline;
+pub mod respond;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+
+pub use server::{Gateway, Options, ReloadError, StartError};

@@ -1,0 +1,364 @@
+#!/usr/bin/env bash
+# Load benchmark: wrk against (1) a fast nginx upstream directly, (2) nginx as a
+# plain reverse proxy in front of it, (3) apiwarden in front of it.
+# Prints a Markdown report on stdout; progress and diagnostics go to stderr.
+# See bench/README.md for the knobs.
+set -euo pipefail
+
+# ---------------------------------------------------------------- settings --
+THREADS="${THREADS:-2}"
+CONNECTIONS="${CONNECTIONS:-50}"
+DURATION="${DURATION:-10s}"
+WARMUP="${WARMUP:-2s}"
+BENCH_PATH="${BENCH_PATH:-/bench}"
+SKIP_APIWARDEN="${SKIP_APIWARDEN:-0}"
+READY_TIMEOUT="${READY_TIMEOUT:-30}"
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
+cd "$REPO_ROOT"
+
+DEFAULT_APIWARDEN_BIN="target/release/apiwarden"
+APIWARDEN_BIN="${APIWARDEN_BIN:-$DEFAULT_APIWARDEN_BIN}"
+
+log()  { printf '[bench] %s\n' "$*" >&2; }
+die()  { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
+# Never die silently under set -e.
+set -E
+trap 'rc=$?; printf "[bench] ERROR: command failed (exit %s) at line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2' ERR
+
+# ------------------------------------------------------------ prerequisites --
+NGINX_BIN="${NGINX_BIN:-}"
+if [[ -z "$NGINX_BIN" ]]; then
+    NGINX_BIN="$(command -v nginx 2>/dev/null || true)"
+    [[ -z "$NGINX_BIN" && -x /usr/sbin/nginx ]] && NGINX_BIN=/usr/sbin/nginx
+fi
+[[ -n "$NGINX_BIN" && -x "$NGINX_BIN" ]] || die "nginx not found (apt-get install -y nginx, or set NGINX_BIN)"
+command -v wrk     >/dev/null 2>&1 || die "wrk not found (apt-get install -y wrk)"
+command -v curl    >/dev/null 2>&1 || die "curl not found"
+command -v python3 >/dev/null 2>&1 || die "python3 not found (used to pick free ports)"
+
+for v in THREADS CONNECTIONS; do
+    [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -gt 0 ]] || die "$v must be a positive integer (got '${!v}')"
+done
+(( CONNECTIONS >= THREADS )) || die "CONNECTIONS ($CONNECTIONS) must be >= THREADS ($THREADS) for wrk"
+[[ "$BENCH_PATH" == /* ]] || die "BENCH_PATH must start with '/' (got '$BENCH_PATH')"
+
+# Resolve (and if needed build) apiwarden before starting anything else.
+if [[ "$SKIP_APIWARDEN" != 1 ]]; then
+    if [[ ! -x "$APIWARDEN_BIN" ]]; then
+        if [[ "$APIWARDEN_BIN" == "$DEFAULT_APIWARDEN_BIN" ]]; then
+            command -v cargo >/dev/null 2>&1 || die "$APIWARDEN_BIN not found and cargo is not installed"
+            log "$APIWARDEN_BIN not found: running cargo build --release"
+            cargo build --release >&2 || die "cargo build --release failed"
+            [[ -x "$APIWARDEN_BIN" ]] || die "cargo build --release succeeded but $APIWARDEN_BIN does not exist"
+        else
+            die "APIWARDEN_BIN=$APIWARDEN_BIN does not exist or is not executable"
+        fi
+    fi
+fi
+
+# -------------------------------------------------------- temp dir + cleanup --
+TMP="$(mktemp -d "${TMPDIR:-/tmp}/apiwarden-bench.XXXXXX")"
+# nginx workers may run as an unprivileged user when started as root.
+chmod 755 "$TMP"
+PIDS=()
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local pid
+    for pid in "${PIDS[@]+"${PIDS[@]}"}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]+"${PIDS[@]}"}"; do
+        local i
+        for i in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "process $pid did not exit on TERM, sending KILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ "${KEEP_TMP:-0}" == 1 ]]; then
+        log "keeping temp dir $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# --------------------------------------------------------------- free ports --
+# Bind all sockets at once so the ports are distinct, then release them.
+read -r UP_PORT NGINX_PORT AW_PORT AW_ADMIN_PORT < <(python3 - <<'EOF'
+import socket
+socks = []
+for _ in range(4):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+for s in socks:
+    s.close()
+EOF
+)
+[[ -n "${AW_ADMIN_PORT:-}" ]] || die "could not pick free ports with python3"
+log "ports: upstream=$UP_PORT nginx=$NGINX_PORT apiwarden=$AW_PORT admin=$AW_ADMIN_PORT"
+
+# ------------------------------------------------------------------ helpers --
+# wait_http NAME URL PID LOGFILE: poll URL until it answers 2xx, or fail.
+wait_http() {
+    local name="$1" url="$2" pid="$3" logfile="$4"
+    local deadline=$(( $(date +%s) + READY_TIMEOUT ))
+    while :; do
+        if curl -sf -o /dev/null --max-time 2 "$url"; then
+            log "$name is ready ($url)"
+            return 0
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "$name (pid $pid) exited before becoming ready; last lines of $logfile:"
+            tail -n 40 "$logfile" >&2 2>/dev/null || true
+            die "$name failed to start"
+        fi
+        if (( $(date +%s) >= deadline )); then
+            log "$name not ready after ${READY_TIMEOUT}s; last lines of $logfile:"
+            tail -n 40 "$logfile" >&2 2>/dev/null || true
+            die "$name did not become ready at $url within ${READY_TIMEOUT}s"
+        fi
+        sleep 0.2
+    done
+}
+
+# start_nginx NAME DIR: run nginx (daemon off) as a background child of this
+# shell; sets STARTED_PID.
+STARTED_PID=""
+start_nginx() {
+    local name="$1" dir="$2"
+    "$NGINX_BIN" -t -q -p "$dir/" -e "$dir/logs/error.log" -c "$dir/nginx.conf" \
+        >"$dir/logs/stderr.log" 2>&1 \
+        || { cat "$dir/logs/stderr.log" "$dir/logs/error.log" >&2 2>/dev/null || true; die "nginx config test failed for $name"; }
+    "$NGINX_BIN" -p "$dir/" -e "$dir/logs/error.log" -c "$dir/nginx.conf" \
+        >>"$dir/logs/stderr.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+# ------------------------------------------------------------ 1. upstream --
+UP_DIR="$TMP/nginx-upstream"
+mkdir -p "$UP_DIR/logs" "$UP_DIR/tmp"
+cat >"$UP_DIR/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $UP_DIR/nginx.pid;
+error_log $UP_DIR/logs/error.log warn;
+
+events {
+    worker_connections 4096;
+}
+
+http {
+    access_log off;
+    default_type text/plain;
+    client_body_temp_path $UP_DIR/tmp/client_body;
+    proxy_temp_path       $UP_DIR/tmp/proxy;
+    fastcgi_temp_path     $UP_DIR/tmp/fastcgi;
+    uwsgi_temp_path       $UP_DIR/tmp/uwsgi;
+    scgi_temp_path        $UP_DIR/tmp/scgi;
+
+    keepalive_requests 1000000;
+    keepalive_timeout  300s;
+
+    server {
+        listen 127.0.0.1:$UP_PORT;
+        location / {
+            return 200 "hello from upstream\n";
+        }
+    }
+}
+EOF
+log "starting upstream nginx on 127.0.0.1:$UP_PORT"
+start_nginx upstream "$UP_DIR"
+UP_PID="$STARTED_PID"
+wait_http "upstream nginx" "http://127.0.0.1:$UP_PORT$BENCH_PATH" "$UP_PID" "$UP_DIR/logs/error.log"
+
+# --------------------------------------------------------- 2. nginx proxy --
+NG_DIR="$TMP/nginx-proxy"
+mkdir -p "$NG_DIR/logs" "$NG_DIR/tmp"
+cat >"$NG_DIR/nginx.conf" <<EOF
+daemon off;
+worker_processes 2;
+pid $NG_DIR/nginx.pid;
+error_log $NG_DIR/logs/error.log warn;
+
+events {
+    worker_connections 4096;
+}
+
+http {
+    access_log $NG_DIR/logs/access.log;
+    default_type text/plain;
+    client_body_temp_path $NG_DIR/tmp/client_body;
+    proxy_temp_path       $NG_DIR/tmp/proxy;
+    fastcgi_temp_path     $NG_DIR/tmp/fastcgi;
+    uwsgi_temp_path       $NG_DIR/tmp/uwsgi;
+    scgi_temp_path        $NG_DIR/tmp/scgi;
+
+    keepalive_requests 1000000;
+    keepalive_timeout  300s;
+
+    upstream bench_upstream {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }
+
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+        }
+    }
+}
+EOF
+log "starting proxy nginx on 127.0.0.1:$NGINX_PORT"
+start_nginx proxy "$NG_DIR"
+NG_PID="$STARTED_PID"
+wait_http "proxy nginx" "http://127.0.0.1:$NGINX_PORT$BENCH_PATH" "$NG_PID" "$NG_DIR/logs/error.log"
+
+# ------------------------------------------------------------ 3. apiwarden --
+if [[ "$SKIP_APIWARDEN" == 1 ]]; then
+    log "SKIP_APIWARDEN=1: not starting apiwarden"
+else
+    AW_DIR="$TMP/apiwarden"
+    mkdir -p "$AW_DIR" "$TMP/apiwarden-data"
+    cat >"$TMP/apiwarden.toml" <<EOF
+[gateway]
+listen = "127.0.0.1:$AW_PORT"
+[admin]
+listen = "127.0.0.1:$AW_ADMIN_PORT"
+[storage]
+data_dir = "$TMP/apiwarden-data"
+[audit]
+durability = "async"
+[[upstreams]]
+name = "bench"
+url = "http://127.0.0.1:$UP_PORT"
+[[routes]]
+name = "open"
+path_prefix = "/"
+upstream = "bench"
+auth = ["none"]
+EOF
+    log "starting apiwarden ($APIWARDEN_BIN) on 127.0.0.1:$AW_PORT (admin $AW_ADMIN_PORT)"
+    "$APIWARDEN_BIN" serve --config "$TMP/apiwarden.toml" >"$AW_DIR/apiwarden.log" 2>&1 &
+    AW_PID=$!
+    PIDS+=("$AW_PID")
+    wait_http "apiwarden admin" "http://127.0.0.1:$AW_ADMIN_PORT/readyz" "$AW_PID" "$AW_DIR/apiwarden.log"
+    # Make sure the data path actually works before measuring it.
+    body="$(curl -sf --max-time 5 "http://127.0.0.1:$AW_PORT$BENCH_PATH")" \
+        || { tail -n 40 "$AW_DIR/apiwarden.log" >&2 || true; die "apiwarden did not proxy GET $BENCH_PATH successfully"; }
+    [[ "$body" == "hello from upstream" ]] || die "unexpected body through apiwarden: '$body'"
+fi
+
+# ---------------------------------------------------------------- 4. wrk --
+# to_ms VALUE: wrk time (e.g. 812.00us, 1.23ms, 2.01s, 1.00m) -> milliseconds.
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        if (match(v, /^[0-9.]+/) == 0) { print "NaN"; exit 1 }
+        n = substr(v, 1, RLENGTH); u = substr(v, RLENGTH + 1)
+        if (u == "us") f = 0.001; else if (u == "ms") f = 1; else if (u == "s") f = 1000;
+        else if (u == "m") f = 60000; else if (u == "h") f = 3600000;
+        else { print "NaN"; exit 1 }
+        printf "%.3f", n * f
+    }'
+}
+
+declare -A RPS P50 P99
+ERRORS=""
+
+run_wrk() {
+    local name="$1" url="$2"
+    local out="$TMP/wrk-$name.txt"
+    log "[$name] warm-up ${WARMUP}: $url"
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >"$TMP/wrk-$name-warmup.txt" 2>&1 \
+        || { cat "$TMP/wrk-$name-warmup.txt" >&2; die "wrk warm-up failed for $name"; }
+    log "[$name] measuring ${DURATION} (-t$THREADS -c$CONNECTIONS --latency)"
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url" >"$out" 2>&1 \
+        || { cat "$out" >&2; die "wrk failed for $name"; }
+
+    local rps p50 p99
+    rps="$(awk '/^Requests\/sec:/ {print $2}' "$out")"
+    p50="$(awk '/Latency Distribution/ {d=1; next} d && $1=="50%" {print $2; exit}' "$out")"
+    p99="$(awk '/Latency Distribution/ {d=1; next} d && $1=="99%" {print $2; exit}' "$out")"
+    if [[ -z "$rps" || -z "$p50" || -z "$p99" ]]; then
+        cat "$out" >&2
+        die "could not parse wrk output for $name (raw output above)"
+    fi
+    RPS[$name]="$(awk -v r="$rps" 'BEGIN {printf "%.0f", r}')"
+    P50[$name]="$(to_ms "$p50")" || die "unknown latency unit in '$p50' for $name"
+    P99[$name]="$(to_ms "$p99")" || die "unknown latency unit in '$p99' for $name"
+
+    local errs
+    errs="$(grep -E 'Socket errors:|Non-2xx or 3xx responses:' "$out" || true)"
+    if [[ -n "$errs" ]]; then
+        log "[$name] wrk reported errors:"
+        printf '%s\n' "$errs" | sed 's/^ */    /' >&2
+        ERRORS+="- $name:"$'\n'"$(printf '%s\n' "$errs" | sed 's/^ */    - /')"$'\n'
+    fi
+    log "[$name] ${RPS[$name]} req/s, p50 ${P50[$name]} ms, p99 ${P99[$name]} ms"
+}
+
+TARGETS=(direct nginx)
+run_wrk direct "http://127.0.0.1:$UP_PORT$BENCH_PATH"
+run_wrk nginx  "http://127.0.0.1:$NGINX_PORT$BENCH_PATH"
+if [[ "$SKIP_APIWARDEN" != 1 ]]; then
+    TARGETS+=(apiwarden)
+    run_wrk apiwarden "http://127.0.0.1:$AW_PORT$BENCH_PATH"
+fi
+
+# -------------------------------------------------------------- 5. report --
+CPU_MODEL="$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)"
+[[ -n "$CPU_MODEL" ]] || CPU_MODEL="$(awk -F': *' '/^(Hardware|Processor|cpu model)/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)"
+[[ -n "$CPU_MODEL" ]] || CPU_MODEL="unknown"
+NGINX_VERSION="$("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //')"
+WRK_VERSION="$({ wrk -v 2>&1 || true; } | awk 'NR == 1 {print $2}')"
+
+echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+echo "- nproc: $(nproc)"
+echo "- cpu: $CPU_MODEL"
+echo "- wrk ${WRK_VERSION:-?}: -t$THREADS -c$CONNECTIONS -d$DURATION --latency (after ${WARMUP} warm-up), GET $BENCH_PATH"
+echo "- upstream: $NGINX_VERSION, 1 worker, return 200; nginx proxy: 2 workers, access log on, upstream keepalive 64"
+echo
+echo "| target | req/s | p50 ms | p99 ms |"
+echo "|---|---:|---:|---:|"
+for t in "${TARGETS[@]}"; do
+    printf '| %s | %s | %.2f | %.2f |\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}"
+done
+echo
+if [[ "$SKIP_APIWARDEN" != 1 ]]; then
+    awk -v a="${RPS[apiwarden]}" -v n="${RPS[nginx]}" \
+        'BEGIN {printf "apiwarden/nginx throughput ratio: %s\n", (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
+    awk -v a="${P99[apiwarden]}" -v n="${P99[nginx]}" \
+        'BEGIN {printf "apiwarden/nginx p99 ratio: %s\n", (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
+else
+    echo "apiwarden/nginx throughput ratio: n/a (SKIP_APIWARDEN=1)"
+    echo "apiwarden/nginx p99 ratio: n/a (SKIP_APIWARDEN=1)"
+fi
+
+if [[ -n "$ERRORS" ]]; then
+    echo
+    echo "**wrk reported errors (results above are suspect):**"
+    echo
+    printf '%s' "$ERRORS"
+    log "wrk reported socket errors or non-2xx/3xx responses; exiting with status 2"
+    exit 2
+fi

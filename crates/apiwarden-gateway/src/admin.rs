@@ -1,0 +1,93 @@
+//! The admin listener: `/healthz`, `/readyz` and `/metrics`.
+
+use crate::body::ResponseBody;
+use crate::pipeline::Shared;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    const JSON: &str = "application/json";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            JSON,
+            "{\"error\":\"only GET is allowed here\"}\n".into(),
+        ));
+    }
+    Ok(match req.uri().path() {
+        "/healthz" => reply(StatusCode::OK, JSON, "{\"status\":\"ok\"}\n".into()),
+        "/readyz" => {
+            if shared.shutting_down.load(Ordering::Relaxed) {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    JSON,
+                    "{\"status\":\"shutting down\"}\n".into(),
+                )
+            } else if !shared.sink.healthy() {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    JSON,
+                    "{\"status\":\"audit sink unhealthy\"}\n".into(),
+                )
+            } else {
+                reply(StatusCode::OK, JSON, "{\"status\":\"ready\"}\n".into())
+            }
+        }
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared.metrics.render(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            JSON,
+            "{\"error\":\"not found: try /healthz, /readyz or /metrics\"}\n".into(),
+        ),
+    })
+}
+
+/// Serves the admin listener until `stop` turns true.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(shared.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,216 @@
+//! The audit-sink interface and its first implementations.
+//!
+//! The pipeline's record stage hands every finished event to an [`AuditSink`] without blocking.
+//! [`NdjsonSink`] writes them as one JSON object per line into the data directory; the ledger
+//! replaces it behind the same trait. [`MemorySink`] keeps them in memory for tests.
+
+use apiwarden_core::event::AuditEvent;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// Receives every audit event.
+pub trait AuditSink: Send + Sync + 'static {
+    /// Accepts an event. Must not block: it is called on the request path.
+    fn record(&self, event: AuditEvent);
+    /// Resolves when every event recorded before the call is written.
+    fn flush(&self) -> oneshot::Receiver<()>;
+    /// True while the sink can accept events (what `/readyz` reports).
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+/// Errors opening a sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot open the audit file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+enum Msg {
+    Event(Box<AuditEvent>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Writes events as NDJSON to `<data_dir>/audit.ndjson` from a dedicated thread, batching
+/// writes: the file is flushed whenever the queue runs empty. Sequence numbers continue from
+/// the last line already in the file.
+pub struct NdjsonSink {
+    tx: mpsc::UnboundedSender<Msg>,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+    path: PathBuf,
+}
+
+impl NdjsonSink {
+    /// Opens (or creates) `<data_dir>/audit.ndjson` and starts the writer thread.
+    pub fn open(data_dir: &Path) -> Result<Self, SinkError> {
+        let path = data_dir.join("audit.ndjson");
+        let err = |source| SinkError::Open {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(data_dir).map_err(err)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(err)?;
+        let next_seq = last_seq(&mut file).map_err(err)?.map_or(1, |s| s + 1);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let h = healthy.clone();
+        std::thread::Builder::new()
+            .name("audit-ndjson".into())
+            .spawn(move || writer(file, rx, next_seq, h))
+            .map_err(err)?;
+        Ok(NdjsonSink { tx, healthy, path })
+    }
+
+    /// Where the events go.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn last_seq(file: &mut File) -> std::io::Result<Option<u64>> {
+    let len = file.seek(SeekFrom::End(0))?;
+    let start = len.saturating_sub(64 * 1024);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = String::new();
+    file.take(64 * 1024).read_to_string(&mut tail)?;
+    let last = tail
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    Ok(last.and_then(|v| v["seq"].as_u64()))
+}
+
+fn writer(
+    file: File,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    mut seq: u64,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut out = BufWriter::with_capacity(256 * 1024, file);
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    while let Some(mut msg) = rx.blocking_recv() {
+        loop {
+            match msg {
+                Msg::Event(mut e) => {
+                    e.seq = seq;
+                    seq += 1;
+                    let ok = serde_json::to_writer(&mut out, &*e).is_ok()
+                        && out.write_all(b"\n").is_ok();
+                    if !ok {
+                        healthy.store(false, std::sync::atomic::Ordering::Relaxed);
+                        tracing::error!(seq = e.seq, "cannot write an audit event");
+                    }
+                }
+                Msg::Flush(done) => waiting.push(done),
+            }
+            match rx.try_recv() {
+                Ok(m) => msg = m,
+                Err(_) => break,
+            }
+        }
+        if out.flush().is_err() {
+            healthy.store(false, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!("cannot flush the audit file");
+        }
+        for w in waiting.drain(..) {
+            let _ = w.send(());
+        }
+    }
+    let _ = out.flush();
+}
+
+impl AuditSink for NdjsonSink {
+    fn record(&self, event: AuditEvent) {
+        if self.tx.send(Msg::Event(Box::new(event))).is_err() {
+            tracing::error!("audit writer has stopped; an event could not be recorded");
+            self.healthy
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn flush(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Flush(tx));
+        rx
+    }
+
+    fn healthy(&self) -> bool {
+        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Keeps events in memory, numbered from 1. For tests and tools.
+#[derive(Default, Clone)]
+pub struct MemorySink {
+    events: Arc<Mutex<Vec<AuditEvent>>>,
+}
+
+impl MemorySink {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of every event so far.
+    pub fn events(&self) -> Vec<AuditEvent> {
+        self.events.lock().expect("memory sink poisoned").clone()
+    }
+}
+
+impl AuditSink for MemorySink {
+    fn record(&self, mut event: AuditEvent) {
+        let mut events = self.events.lock().expect("memory sink poisoned");
+        event.seq = events.len() as u64 + 1;
+        events.push(event);
+    }
+
+    fn flush(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(());
+        rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apiwarden_core::event::EventKind;
+
+    #[tokio::test]
+    async fn ndjson_sink_numbers_events_and_continues_after_restart() {
+        let dir = std::env::temp_dir().join(format!("aw-ndjson-{}", crate::ids::new_id()));
+        for _ in 0..2 {
+            let sink = NdjsonSink::open(&dir).unwrap();
+            for _ in 0..3 {
+                sink.record(AuditEvent::new(
+                    EventKind::System,
+                    crate::ids::new_id(),
+                    Arc::from("t"),
+                ));
+            }
+            sink.flush().await.unwrap();
+        }
+        let text = std::fs::read_to_string(dir.join("audit.ndjson")).unwrap();
+        let seqs: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

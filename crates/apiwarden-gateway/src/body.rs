@@ -1,0 +1,212 @@
+//! Body types of the proxy. Bodies stream frame by frame and are never collected whole.
+//!
+//! [`RequestBody`] counts the bytes going upstream and stops at `gateway.max_body_size`.
+//! [`ResponseBody`] counts the bytes going to the client and, when it ends or is dropped,
+//! hands the request's audit event to the record stage, so every request is recorded exactly
+//! once, however it ends.
+
+use crate::pipeline::Recorder;
+use apiwarden_core::event::Reason;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+/// What the record stage learns about a request body that streamed upstream.
+#[derive(Default)]
+pub struct BodyStats {
+    pub bytes: AtomicU64,
+    pub too_large: AtomicBool,
+}
+
+/// Why a request body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    #[error("request body exceeds the limit")]
+    TooLarge,
+    #[error("reading the request body failed: {0}")]
+    Read(#[from] hyper::Error),
+}
+
+/// The request body as sent upstream.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    seen: u64,
+    limit: u64,
+    stats: Option<Arc<BodyStats>>,
+}
+
+impl RequestBody {
+    /// A body that is known to be empty: no allocation for the common GET.
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            seen: 0,
+            limit: 0,
+            stats: None,
+        }
+    }
+
+    /// Streams `inner`, failing once more than `limit` bytes have passed.
+    pub fn limited(inner: Incoming, limit: u64) -> (Self, Arc<BodyStats>) {
+        let stats = Arc::new(BodyStats::default());
+        (
+            RequestBody {
+                inner: Some(inner),
+                seen: 0,
+                limit,
+                stats: Some(stats.clone()),
+            },
+            stats,
+        )
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if let Some(s) = &this.stats {
+                        s.bytes.store(this.seen, Relaxed);
+                        if this.seen > this.limit {
+                            s.too_large.store(true, Relaxed);
+                            return Poll::Ready(Some(Err(RequestBodyError::TooLarge)));
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+enum Inner {
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+/// The response body sent to the client.
+pub struct ResponseBody {
+    inner: Inner,
+    bytes: u64,
+    recorder: Option<Recorder>,
+}
+
+impl ResponseBody {
+    /// A body the gateway wrote itself (an error message, an admin page).
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let b: Bytes = bytes.into();
+        ResponseBody {
+            inner: Inner::Full(if b.is_empty() { None } else { Some(b) }),
+            bytes: 0,
+            recorder: None,
+        }
+    }
+
+    /// The upstream's body, streamed.
+    pub fn upstream(body: Incoming) -> Self {
+        ResponseBody {
+            inner: Inner::Upstream(body),
+            bytes: 0,
+            recorder: None,
+        }
+    }
+
+    /// Records the request's audit event when this body ends.
+    pub fn with_recorder(mut self, recorder: Recorder) -> Self {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    fn finish(&mut self, error: Option<Reason>) {
+        if let Some(r) = self.recorder.take() {
+            r.finish(self.bytes, error);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Inner::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
+            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx)),
+        };
+        match polled {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.finish(Some(Reason::UpstreamError));
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                this.finish(None);
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.is_none(),
+            Inner::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Upstream(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if self.recorder.is_some() {
+            let error = if self.is_end_stream() {
+                None
+            } else {
+                Some(Reason::ClientDisconnected)
+            };
+            self.finish(error);
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Prometheus metrics. Every metric name is defined here, and every label comes from a fixed
+//! set (route and upstream names from the config, status codes, decision, error kind), so the
+//! number of series is bounded. Counters are plain atomics: recording takes no lock.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const STATUS_MIN: u16 = 100;
+const STATUS_SLOTS: usize = 500;
+/// Upper bounds of the latency histogram, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Upstream error kinds, the label values of `apiwarden_upstream_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Timeout,
+    Protocol,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 3] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Protocol,
+    ];
+    fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+/// Request counters of one route, by status and decision.
+pub struct RouteMetrics {
+    /// `[status - 100][0 allow | 1 deny]`.
+    counts: Box<[[AtomicU64; 2]]>,
+}
+
+impl RouteMetrics {
+    fn new() -> Self {
+        RouteMetrics {
+            counts: (0..STATUS_SLOTS)
+                .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                .collect(),
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn count(&self, status: u16, deny: bool) {
+        let slot = usize::from(
+            status.clamp(STATUS_MIN, STATUS_MIN + STATUS_SLOTS as u16 - 1) - STATUS_MIN,
+        );
+        self.counts[slot][usize::from(deny)].fetch_add(1, Relaxed);
+    }
+}
+
+/// Error counters of one upstream.
+pub struct UpstreamMetrics {
+    errors: [AtomicU64; 3],
+}
+
+impl UpstreamMetrics {
+    pub fn error(&self, kind: UpstreamErrorKind) {
+        self.errors[kind as usize].fetch_add(1, Relaxed);
+    }
+}
+
+/// All of the gateway's metrics.
+pub struct Metrics {
+    routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
+    upstreams: Mutex<HashMap<String, Arc<UpstreamMetrics>>>,
+    /// Requests that matched no route (label `route=""`).
+    pub unrouted: Arc<RouteMetrics>,
+    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_us: AtomicU64,
+    in_flight: AtomicI64,
+    pub audit_events: AtomicU64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            routes: Mutex::default(),
+            upstreams: Mutex::default(),
+            unrouted: Arc::new(RouteMetrics::new()),
+            latency: Default::default(),
+            latency_sum_us: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            audit_events: AtomicU64::new(0),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// The counters of a route, kept across reloads by name. Called when a config is compiled.
+    pub fn route(&self, name: &str) -> Arc<RouteMetrics> {
+        let mut map = self.routes.lock().expect("metrics poisoned");
+        map.entry(name.to_string())
+            .or_insert_with(|| Arc::new(RouteMetrics::new()))
+            .clone()
+    }
+
+    /// The counters of an upstream, kept across reloads by name.
+    pub fn upstream(&self, name: &str) -> Arc<UpstreamMetrics> {
+        let mut map = self.upstreams.lock().expect("metrics poisoned");
+        map.entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(UpstreamMetrics {
+                    errors: Default::default(),
+                })
+            })
+            .clone()
+    }
+
+    pub fn observe_latency(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let idx = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency[idx].fetch_add(1, Relaxed);
+        self.latency_sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    pub fn request_started(&self) {
+        self.in_flight.fetch_add(1, Relaxed);
+    }
+
+    pub fn request_finished(&self) {
+        self.in_flight.fetch_sub(1, Relaxed);
+    }
+
+    /// The Prometheus text exposition format, version 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP apiwarden_requests_total Requests by route, status and decision.\n# TYPE apiwarden_requests_total counter\n");
+        let mut routes: Vec<(String, Arc<RouteMetrics>)> = self
+            .routes
+            .lock()
+            .expect("metrics poisoned")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        routes.sort_by(|a, b| a.0.cmp(&b.0));
+        routes.insert(0, (String::new(), self.unrouted.clone()));
+        for (name, m) in &routes {
+            for (slot, pair) in m.counts.iter().enumerate() {
+                for (d, decision) in ["allow", "deny"].iter().enumerate() {
+                    let n = pair[d].load(Relaxed);
+                    if n > 0 {
+                        let status = slot as u16 + STATUS_MIN;
+                        let _ = writeln!(out, "apiwarden_requests_total{{route=\"{}\",status=\"{status}\",decision=\"{decision}\"}} {n}", escape(name));
+                    }
+                }
+            }
+        }
+        out.push_str("# HELP apiwarden_request_duration_seconds Time from request head to the end of the response.\n# TYPE apiwarden_request_duration_seconds histogram\n");
+        let mut cumulative = 0;
+        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += self.latency[i].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "apiwarden_request_duration_seconds_bucket{{le=\"{b}\"}} {cumulative}"
+            );
+        }
+        cumulative += self.latency[LATENCY_BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(
+            out,
+            "apiwarden_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            out,
+            "apiwarden_request_duration_seconds_sum {}",
+            self.latency_sum_us.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "apiwarden_request_duration_seconds_count {cumulative}");
+        out.push_str("# HELP apiwarden_requests_in_flight Requests being handled now.\n# TYPE apiwarden_requests_in_flight gauge\n");
+        let _ = writeln!(
+            out,
+            "apiwarden_requests_in_flight {}",
+            self.in_flight.load(Relaxed)
+        );
+        out.push_str("# HELP apiwarden_upstream_errors_total Failed upstream requests by upstream and kind.\n# TYPE apiwarden_upstream_errors_total counter\n");
+        let mut ups: Vec<(String, Arc<UpstreamMetrics>)> = self
+            .upstreams
+            .lock()
+            .expect("metrics poisoned")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        ups.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, m) in &ups {
+            for kind in UpstreamErrorKind::ALL {
+                let _ = writeln!(
+                    out,
+                    "apiwarden_upstream_errors_total{{upstream=\"{}\",kind=\"{}\"}} {}",
+                    escape(name),
+                    kind.as_str(),
+                    m.errors[kind as usize].load(Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP apiwarden_audit_events_total Audit events handed to the audit sink.\n# TYPE apiwarden_audit_events_total counter\n");
+        let _ = writeln!(
+            out,
+            "apiwarden_audit_events_total {}",
+            self.audit_events.load(Relaxed)
+        );
+        out.push_str("# HELP apiwarden_config_reloads_total Configuration reloads by result.\n# TYPE apiwarden_config_reloads_total counter\n");
+        let _ = writeln!(
+            out,
+            "apiwarden_config_reloads_total{{result=\"ok\"}} {}",
+            self.reloads_ok.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "apiwarden_config_reloads_total{{result=\"invalid\"}} {}",
+            self.reloads_failed.load(Relaxed)
+        );
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histogram_and_gauge() {
+        let m = Metrics::default();
+        m.route("orders").count(200, false);
+        m.route("orders").count(200, false);
+        m.unrouted.count(404, true);
+        m.observe_latency(Duration::from_millis(3));
+        m.upstream("u").error(UpstreamErrorKind::Timeout);
+        m.request_started();
+        let text = m.render();
+        assert!(
+            text.contains(
+                "apiwarden_requests_total{route=\"orders\",status=\"200\",decision=\"allow\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(text
+            .contains("apiwarden_requests_total{route=\"\",status=\"404\",decision=\"deny\"} 1\n"));
+        assert!(text.contains("apiwarden_request_duration_seconds_bucket{le=\"0.0025\"} 0\n"));
+        assert!(text.contains("apiwarden_request_duration_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("apiwarden_request_duration_seconds_count 1\n"));
+        assert!(text.contains("apiwarden_requests_in_flight 1\n"));
+        assert!(
+            text.contains("apiwarden_upstream_errors_total{upstream=\"u\",kind=\"timeout\"} 1\n")
+        );
+    }
+}

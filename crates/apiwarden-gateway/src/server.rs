@@ -1,0 +1,408 @@
+//! Listeners and lifecycle: start, serve connections (HTTP/1.1 and HTTP/2, TLS or plain),
+//! reload the configuration, shut down gracefully.
+
+use crate::audit::AuditSink;
+use crate::metrics::Metrics;
+use crate::pipeline::{handle, record_unparsed, ConnInfo, Shared, State};
+use crate::tls::{server_config, TlsError};
+use apiwarden_core::config::{parse, Config, ConfigErrors};
+use apiwarden_core::event::{Outcome, Reason};
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+/// What a gateway is started with.
+pub struct Options {
+    pub config: Config,
+    /// The file the config came from; when set, it is reloaded on SIGHUP and when it changes.
+    pub config_path: Option<PathBuf>,
+    pub sink: Arc<dyn AuditSink>,
+    /// This node's name in audit events.
+    pub node: String,
+}
+
+/// Errors starting a gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source} (is another process using it?)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Errors reloading the config.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    #[error("no config file to reload from")]
+    NoFile,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+    /// Where the API listener is bound.
+    pub addr: SocketAddr,
+    /// Where the admin listener is bound.
+    pub admin_addr: SocketAddr,
+    config_path: Option<PathBuf>,
+    reload_lock: Mutex<Option<SystemTime>>,
+    stop: watch::Sender<bool>,
+    accept_tasks: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    graceful: Arc<GracefulShutdown>,
+}
+
+fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper refuses a head larger than its read buffer with its own 431; keep that buffer
+    // above our limit so the pipeline answers with the JSON error and the request id.
+    let buf = (config.gateway.max_header_size * 2).max(16 * 1024) + 8 * 1024;
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(buf)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(buf).unwrap_or(u32::MAX));
+    b
+}
+
+impl Gateway {
+    /// Binds the listeners and starts serving.
+    pub async fn start(opts: Options) -> Result<Gateway, StartError> {
+        let Options {
+            config,
+            config_path,
+            sink,
+            node,
+        } = opts;
+        let metrics = Metrics::default();
+        let tls = match &config.gateway.tls {
+            Some(t) => Some(server_config(t)?),
+            None => None,
+        };
+        let api = TcpListener::bind(config.gateway.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.gateway.listen,
+                source,
+            })?;
+        let admin = TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.admin.listen,
+                source,
+            })?;
+        let addr = api.local_addr().map_err(|source| StartError::Bind {
+            addr: config.gateway.listen,
+            source,
+        })?;
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+            addr: config.admin.listen,
+            source,
+        })?;
+
+        let state = State::compile(config, &metrics, None);
+        let shared = Arc::new(Shared {
+            state: ArcSwap::from_pointee(state),
+            sink,
+            metrics,
+            node: Arc::from(node.as_str()),
+            shutting_down: AtomicBool::new(false),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let graceful = Arc::new(GracefulShutdown::new());
+        let mut background = Vec::new();
+        let acceptor = tls.map(|(sc, mut reloader)| {
+            let mut stop = stop_rx.clone();
+            background.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(reloader.interval());
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => reloader.check(),
+                        _ = stop.changed() => return,
+                    }
+                }
+            }));
+            TlsAcceptor::from(sc)
+        });
+        let accept_tasks = vec![
+            tokio::spawn(accept_loop(
+                api,
+                shared.clone(),
+                acceptor,
+                stop_rx.clone(),
+                graceful.clone(),
+            )),
+            tokio::spawn(crate::admin::serve(admin, shared.clone(), stop_rx.clone())),
+        ];
+        shared.system_event(
+            format!("gateway started on {addr}, admin on {admin_addr}"),
+            Outcome::Allow,
+            Reason::Ok,
+        );
+        tracing::info!(%addr, %admin_addr, "apiwarden gateway started");
+        let gw = Gateway {
+            shared,
+            addr,
+            admin_addr,
+            reload_lock: Mutex::new(config_path.as_deref().and_then(modified)),
+            config_path,
+            stop,
+            accept_tasks,
+            background,
+            graceful,
+        };
+        Ok(gw)
+    }
+
+    /// Starts the task that reloads the config on SIGHUP and when its file changes.
+    pub fn watch_config(self: &Arc<Self>, interval: Duration) {
+        let Some(path) = self.config_path.clone() else {
+            return;
+        };
+        let gw = Arc::downgrade(self);
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            let mut hup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                #[cfg(unix)]
+                let hup_fut = async {
+                    match hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                #[cfg(not(unix))]
+                let hup_fut = std::future::pending::<Option<()>>();
+                let forced = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = hup_fut => true,
+                    _ = stop.changed() => return,
+                };
+                let Some(gw) = gw.upgrade() else { return };
+                let changed = {
+                    let mut last = gw.reload_lock.lock().expect("reload lock poisoned");
+                    let now = modified(&path);
+                    let changed = now != *last;
+                    *last = now;
+                    changed
+                };
+                if forced || changed {
+                    let _ = gw.reload();
+                }
+            }
+        });
+    }
+
+    /// Reads, validates and swaps in the config file. An invalid file keeps the old config;
+    /// the errors are logged and recorded as a `system` audit event.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
+        let result = std::fs::read_to_string(path)
+            .map_err(|source| ReloadError::Read {
+                path: path.clone(),
+                source,
+            })
+            .and_then(|text| {
+                parse(&text, &path.display().to_string()).map_err(ReloadError::Invalid)
+            });
+        match result {
+            Ok(config) => {
+                let old = self.shared.state.load();
+                if config.gateway.listen != old.config.gateway.listen
+                    || config.admin.listen != old.config.admin.listen
+                    || config.gateway.tls != old.config.gateway.tls
+                {
+                    tracing::warn!("listen addresses and TLS settings change only on restart");
+                }
+                let routes = config.routes.len();
+                let state = State::compile(config, &self.shared.metrics, Some(&old));
+                self.shared.state.store(Arc::new(state));
+                self.shared
+                    .metrics
+                    .reloads_ok
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(file = %path.display(), routes, "configuration reloaded");
+                self.shared.system_event(
+                    format!("configuration reloaded from {}", path.display()),
+                    Outcome::Allow,
+                    Reason::Ok,
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .reloads_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(file = %path.display(), error = %e, "configuration reload refused; the previous configuration stays in force");
+                self.shared.system_event(
+                    format!("configuration reload refused, previous configuration kept: {e}"),
+                    Outcome::Deny,
+                    Reason::Ok,
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops accepting, lets requests in flight finish within `gateway.shutdown_timeout`,
+    /// then flushes the audit sink.
+    pub async fn shutdown(self) {
+        let timeout = self.shared.state.load().config.gateway.shutdown_timeout;
+        self.shared.shutting_down.store(true, Ordering::Relaxed);
+        let _ = self.stop.send(true);
+        for t in self.accept_tasks {
+            let _ = t.await;
+        }
+        match Arc::try_unwrap(self.graceful) {
+            Ok(graceful) => {
+                let open = graceful.count();
+                if tokio::time::timeout(timeout, graceful.shutdown())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        connections = open,
+                        "shutdown timeout reached with requests still in flight"
+                    );
+                }
+            }
+            Err(_) => tracing::warn!("connections could not be drained"),
+        }
+        for t in self.background {
+            t.abort();
+        }
+        self.shared
+            .system_event("gateway stopped".into(), Outcome::Allow, Reason::Ok);
+        let _ = self.shared.sink.flush().await;
+        tracing::info!("apiwarden gateway stopped");
+    }
+}
+
+fn modified(p: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let watcher = graceful.watcher();
+        match &tls {
+            None => {
+                tokio::spawn(serve(
+                    stream,
+                    ConnInfo {
+                        peer,
+                        tls_version: None,
+                    },
+                    shared,
+                    watcher,
+                ));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls)) => {
+                            let version = match tls.get_ref().1.protocol_version() {
+                                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                                _ => "TLSv1.2",
+                            };
+                            serve(
+                                tls,
+                                ConnInfo {
+                                    peer,
+                                    tls_version: Some(version),
+                                },
+                                shared,
+                                watcher,
+                            )
+                            .await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn serve<I>(io: I, conn: ConnInfo, shared: Arc<Shared>, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(conn);
+    let builder = http_builder(&shared.state.load().config);
+    let svc = {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        service_fn(move |req| handle(shared.clone(), conn.clone(), req))
+    };
+    let served = watcher
+        .watch(
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(io), svc)
+                .into_owned(),
+        )
+        .await;
+    if let Err(e) = served {
+        // hyper has already answered a request it could not parse; record it.
+        if let Some(he) = e.downcast_ref::<hyper::Error>() {
+            if he.is_parse_too_large() {
+                record_unparsed(&shared, &conn, Reason::RequestHeadersTooLarge);
+            } else if he.is_parse() {
+                record_unparsed(&shared, &conn, Reason::RequestMalformed);
+            }
+        }
+    }
+}
