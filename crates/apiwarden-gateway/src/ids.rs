@@ -53,6 +53,10 @@ mod tests {
         let b = super::uuid_v7();
         assert_eq!(a.get_version_num(), 7);
         assert_ne!(a, b);
-        assert!(super::new_id() > a.to_string(), "time-ordered");
+        let (ta, tb) = (
+            a.get_timestamp().unwrap().to_unix(),
+            super::uuid_v7().get_timestamp().unwrap().to_unix(),
+        );
+        assert!(tb >= ta, "time-ordered");
     }
 }

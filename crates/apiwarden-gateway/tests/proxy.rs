@@ -1,0 +1,527 @@
+//! The gateway as a reverse proxy, over real sockets, with real upstreams on loopback.
+
+mod common;
+
+use apiwarden_core::event::{Outcome, Reason};
+use bytes::Bytes;
+use common::*;
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[tokio::test]
+async fn a_request_is_proxied_with_forwarding_headers_and_one_audit_event() {
+    let echo = echo_upstream().await;
+    let gw = start(&open_route("echo", "/echo", echo)).await;
+    let req = http::Request::get(gw.url("/echo/hello?token=s3cret&x=1"))
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "must-not-pass")
+        .header("user-agent", "test-agent")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, headers, body) = send(req).await;
+    assert_eq!(status, 200, "{body}");
+    let rid = headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(uuid::Uuid::parse_str(&rid).unwrap().get_version_num(), 7);
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["path"], "/echo/hello");
+    assert_eq!(seen["query"], "token=s3cret&x=1");
+    let h = &seen["headers"];
+    assert_eq!(h["x-request-id"], rid.as_str());
+    assert_eq!(
+        h["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    // The peer is not a trusted proxy: its X-Forwarded-For is replaced, not extended.
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], gw.gw.addr.to_string().as_str());
+    assert_eq!(h["host"], echo.to_string().as_str());
+
+    let ev = gw.assert_events(1).await;
+    let e = &ev[0];
+    assert_eq!(e.request_id.as_deref(), Some(rid.as_str()));
+    assert_eq!(e.response.status, 200);
+    assert_eq!(e.decision.outcome, Outcome::Allow);
+    assert_eq!(e.request.route.as_deref(), Some("/echo"));
+    assert_eq!(
+        e.request.query.as_deref(),
+        Some("token=REDACTED&x=REDACTED")
+    );
+    assert_eq!(e.request.user_agent.as_deref(), Some("test-agent"));
+    assert_eq!(e.client.ip, Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(e.client.forwarded_for.as_deref(), Some("203.0.113.7"));
+    assert_eq!(e.upstream.name.as_deref(), Some("echo"));
+    assert_eq!(e.response.bytes as usize, body.len());
+    assert_eq!(&*e.node, "test-node");
+    let json = serde_json::to_string(e).unwrap();
+    assert!(
+        !json.contains("s3cret"),
+        "query values never reach the audit event"
+    );
+}
+
+#[tokio::test]
+async fn forwarded_for_from_a_trusted_proxy_names_the_client() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n{}",
+        open_route("echo", "/", echo)
+    );
+    let gw = start(&cfg).await;
+    let req = http::Request::get(gw.url("/x"))
+        .header("x-forwarded-for", "198.51.100.4")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (_, _, body) = send(req).await;
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        seen["headers"]["x-forwarded-for"],
+        "198.51.100.4, 127.0.0.1"
+    );
+    let ev = gw.assert_events(1).await;
+    assert_eq!(ev[0].client.ip, Some("198.51.100.4".parse().unwrap()));
+}
+
+/// Produces `total` bytes in 64 KiB chunks without holding them.
+struct Generated {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl Body for Generated {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64) as usize;
+        self.left -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mb_body_streams_through_both_ways_in_flat_memory() {
+    const TOTAL: u64 = 100 * 1024 * 1024;
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nmax_body_size = \"1GiB\"\n{}",
+        open_route("echo", "/", echo)
+    );
+    let gw = start(&cfg).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let baseline = rss_kib();
+    let req = http::Request::post(gw.url("/upload"))
+        .body(Generated {
+            left: TOTAL,
+            chunk: Bytes::from(vec![b'x'; 64 * 1024]),
+        })
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut received = 0u64;
+    let mut peak = baseline;
+    while let Some(frame) = body.frame().await {
+        if let Ok(d) = frame.unwrap().into_data() {
+            received += d.len() as u64;
+            peak = peak.max(rss_kib());
+        }
+    }
+    assert_eq!(received, TOTAL, "the whole body came back");
+    let growth_mib = (peak.saturating_sub(baseline)) / 1024;
+    assert!(
+        growth_mib < 32,
+        "memory grew by {growth_mib} MiB while 100 MiB streamed through twice"
+    );
+    let ev = gw.assert_events(1).await;
+    assert_eq!(ev[0].request.bytes, TOTAL);
+    assert_eq!(ev[0].response.bytes, TOTAL);
+}
+
+#[tokio::test]
+async fn a_slow_upstream_gives_504_and_a_closed_one_502() {
+    let slow = slow_upstream(Duration::from_secs(3)).await;
+    let closed = closed_port().await;
+    let cfg = format!(
+        "[[upstreams]]\nname = \"slow\"\nurl = \"http://{slow}\"\ntimeout = \"200ms\"\n[[upstreams]]\nname = \"closed\"\nurl = \"http://{closed}\"\n\
+         [[routes]]\nname = \"slow\"\npath_prefix = \"/slow\"\nupstream = \"slow\"\nauth = [\"none\"]\n\
+         [[routes]]\nname = \"closed\"\npath_prefix = \"/closed\"\nupstream = \"closed\"\nauth = [\"none\"]\n"
+    );
+    let gw = start(&cfg).await;
+    let (status, headers, body) = get(&gw.url("/slow")).await;
+    assert_eq!(status, 504);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "the upstream service did not answer in time");
+    assert_eq!(v["request_id"], headers["x-request-id"].to_str().unwrap());
+    let (status, _, body) = get(&gw.url("/closed")).await;
+    assert_eq!(status, 502, "{body}");
+    let ev = gw.assert_events(2).await;
+    assert_eq!(
+        (ev[0].response.status, ev[0].error),
+        (504, Some(Reason::UpstreamTimeout))
+    );
+    assert_eq!(
+        (ev[1].response.status, ev[1].error),
+        (502, Some(Reason::UpstreamUnavailable))
+    );
+    let metrics = get(&format!("http://{}/metrics", gw.gw.admin_addr)).await.2;
+    assert!(
+        metrics.contains("apiwarden_upstream_errors_total{upstream=\"slow\",kind=\"timeout\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("apiwarden_upstream_errors_total{upstream=\"closed\",kind=\"connect\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_http_gets_400_and_is_audited() {
+    let echo = echo_upstream().await;
+    let gw = start(&open_route("echo", "/", echo)).await;
+    let answer = raw(gw.gw.addr, b"THIS IS NOT HTTP\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw(
+        gw.gw.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nbad header line\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let ev = gw.assert_events(2).await;
+    for e in &ev {
+        assert_eq!(
+            (e.response.status, e.decision.outcome, e.decision.reason),
+            (400, Outcome::Deny, Reason::RequestMalformed)
+        );
+        assert!(e.request_id.is_some());
+    }
+}
+
+#[tokio::test]
+async fn oversize_headers_get_431_with_a_json_error_and_are_audited() {
+    let echo = echo_upstream().await;
+    let gw = start(&open_route("echo", "/", echo)).await;
+    // Over the 32 KiB limit: the pipeline answers with its JSON error.
+    let big = "a".repeat(40 * 1024);
+    let req = format!("GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\nConnection: close\r\n\r\n");
+    let answer = raw(gw.gw.addr, req.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    assert!(
+        answer.contains("\"error\":\"the request headers are too large\""),
+        "{answer}"
+    );
+    assert!(answer.to_ascii_lowercase().contains("x-request-id: "));
+    // Far over it: hyper's parser refuses it before the pipeline; still 431, still audited.
+    let huge = "a".repeat(200 * 1024);
+    let req = format!("GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {huge}\r\n\r\n");
+    let answer = raw(gw.gw.addr, req.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    let ev = gw.assert_events(2).await;
+    for e in &ev {
+        assert_eq!(
+            (e.response.status, e.decision.reason),
+            (431, Reason::RequestHeadersTooLarge)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_gets_413_announced_or_streamed() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nmax_body_size = \"1KiB\"\n{}",
+        open_route("echo", "/", echo)
+    );
+    let gw = start(&cfg).await;
+    let (status, _, body) = send(
+        http::Request::post(gw.url("/u"))
+            .body(Full::new(Bytes::from(vec![b'x'; 4096])))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("the request body is too large"));
+    // Chunked, no Content-Length: found while streaming.
+    let req = "POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n1000\r\n".to_string() + &"y".repeat(4096) + "\r\n0\r\n\r\n";
+    let answer = raw(gw.gw.addr, req.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let (status, _, _) = send(
+        http::Request::post(gw.url("/u"))
+            .body(Full::new(Bytes::from(vec![b'x'; 1000])))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let ev = gw.assert_events(3).await;
+    assert_eq!(ev[0].decision.reason, Reason::RequestBodyTooLarge);
+    assert_eq!(ev[1].decision.reason, Reason::RequestBodyTooLarge);
+    assert_eq!(ev[2].request.bytes, 1000);
+}
+
+/// Path tricks must never reach a route that the plain path would not reach.
+#[tokio::test]
+async fn path_tricks_cannot_reach_a_route_they_should_not() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[[upstreams]]\nname = \"echo\"\nurl = \"http://{echo}\"\n\
+         [[routes]]\nname = \"public\"\npath_prefix = \"/public\"\nupstream = \"echo\"\nauth = [\"none\"]\n\
+         [[routes]]\nname = \"admin\"\npath_prefix = \"/admin\"\nupstream = \"echo\"\nauth = [\"api_key\"]\n"
+    );
+    let gw = start(&cfg).await;
+    // (raw path, expected status, route recorded, path the upstream sees)
+    let table: &[(&str, u16, Option<&str>, Option<&str>)] = &[
+        ("/public/a", 200, Some("public"), Some("/public/a")),
+        ("/public/../admin", 401, Some("admin"), None),
+        ("/public/%2e%2e/admin", 401, Some("admin"), None),
+        ("/public/%2E%2e/admin", 401, Some("admin"), None),
+        ("/public/.%2E/admin", 401, Some("admin"), None),
+        ("//admin", 401, Some("admin"), None),
+        ("/%61dmin", 401, Some("admin"), None),
+        ("/%41dmin", 404, None, None),
+        ("/public%2F..%2Fadmin", 400, None, None),
+        ("/public%2f..%2fadmin", 400, None, None),
+        ("/public/x%2F..%2F..%2Fadmin", 400, None, None),
+        ("/public/%5C..%5Cadmin", 400, None, None),
+        ("/public//x/./y/", 200, Some("public"), Some("/public/x/y/")),
+        ("/PUBLIC/a", 404, None, None),
+        (
+            "/public/%7euser",
+            200,
+            Some("public"),
+            Some("/public/~user"),
+        ),
+        ("/public/a%zz", 400, None, None),
+    ];
+    for (i, (path, status, route, upstream_path)) in table.iter().enumerate() {
+        let answer = raw(
+            gw.gw.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path}: {answer}"
+        );
+        if let Some(p) = upstream_path {
+            assert!(
+                answer.contains(&format!("\"path\": \"{p}\"")),
+                "{path}: upstream saw {answer}"
+            );
+        }
+        let ev = gw.wait_for_events(i + 1).await;
+        let e = &ev[i];
+        assert_eq!(e.request.route_name.as_deref(), *route, "{path}");
+        assert_eq!(e.response.status, *status, "{path}");
+    }
+    gw.assert_events(table.len()).await;
+}
+
+#[tokio::test]
+async fn no_route_is_404_and_a_template_is_recorded_as_the_route() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[[upstreams]]\nname = \"echo\"\nurl = \"http://{echo}\"\n\
+         [[routes]]\nname = \"order\"\npath = \"/orders/{{id}}\"\nmethods = [\"GET\"]\nupstream = \"echo\"\nauth = [\"none\"]\n"
+    );
+    let gw = start(&cfg).await;
+    assert_eq!(get(&gw.url("/orders/42")).await.0, 200);
+    let (status, _, body) = get(&gw.url("/orders/42/items")).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("no route matches this request"));
+    let (status, _, _) = send(
+        http::Request::delete(gw.url("/orders/42"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let ev = gw.assert_events(3).await;
+    assert_eq!(ev[0].request.route.as_deref(), Some("/orders/{id}"));
+    assert_eq!(ev[0].request.path.as_deref(), Some("/orders/42"));
+    assert_eq!(
+        (ev[1].decision.outcome, ev[1].decision.reason),
+        (Outcome::Deny, Reason::RouteNotFound)
+    );
+}
+
+#[tokio::test]
+async fn round_robin_skips_a_dead_target_after_it_fails() {
+    let a = echo_upstream().await;
+    let dead = closed_port().await;
+    let cfg = format!(
+        "[[upstreams]]\nname = \"pool\"\ntargets = [\"http://{a}\", \"http://{dead}\"]\nfailure_threshold = 2\ncooldown = \"60s\"\n\
+         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"pool\"\nauth = [\"none\"]\n"
+    );
+    let gw = start(&cfg).await;
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(get(&gw.url("/x")).await.0);
+    }
+    // The dead target fails twice (every other request), then it is skipped.
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 502).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert!(statuses[4..].iter().all(|s| *s == 200), "{statuses:?}");
+    gw.assert_events(10).await;
+}
+
+#[tokio::test]
+async fn an_upgrade_passes_through_with_one_audit_event_for_its_duration() {
+    // An upstream that accepts a WebSocket-style upgrade and echoes bytes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+        assert!(
+            head.contains("upgrade: websocket") && head.contains("connection: upgrade"),
+            "{head}"
+        );
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            s.write_all(&buf[..n]).await.unwrap();
+        }
+    });
+    let gw = start(&open_route("ws", "/ws", up)).await;
+    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    c.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = c.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("x-request-id:"));
+    c.write_all(b"ping-ping").await.unwrap();
+    let mut got = [0u8; 9];
+    c.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping-ping");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        gw.request_events().is_empty(),
+        "the event is written when the tunnel closes"
+    );
+    drop(c);
+    let ev = gw.assert_events(1).await;
+    assert_eq!(ev[0].response.status, 101);
+    assert_eq!(ev[0].request.upgrade.as_deref(), Some("websocket"));
+    assert_eq!((ev[0].request.bytes, ev[0].response.bytes), (9, 9));
+    assert!(
+        ev[0].response.latency_us >= 100_000,
+        "the duration covers the whole tunnel"
+    );
+}
+
+#[tokio::test]
+async fn admin_listener_serves_health_readiness_and_metrics() {
+    let echo = echo_upstream().await;
+    let gw = start(&open_route("echo", "/", echo)).await;
+    get(&gw.url("/a")).await;
+    gw.assert_events(1).await;
+    let admin = |p: &str| format!("http://{}{p}", gw.gw.admin_addr);
+    assert_eq!(get(&admin("/healthz")).await.0, 200);
+    assert_eq!(get(&admin("/readyz")).await.0, 200);
+    let (status, headers, text) = get(&admin("/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    assert!(
+        text.contains(
+            "apiwarden_requests_total{route=\"echo\",status=\"200\",decision=\"allow\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("apiwarden_request_duration_seconds_count 1"),
+        "{text}"
+    );
+    assert!(text.contains("apiwarden_requests_in_flight 0"), "{text}");
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_request_in_flight_finish_and_flushes_its_event() {
+    let slow = slow_upstream(Duration::from_millis(500)).await;
+    let gw = start(&open_route("slow", "/", slow)).await;
+    let url = gw.url("/x");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let common::TestGateway { gw: g, sink, .. } = gw;
+    let g = std::sync::Arc::try_unwrap(g).ok().expect("sole owner");
+    let addr = g.addr;
+    g.shutdown().await;
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "slow"));
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+    let ev: Vec<_> = sink
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == apiwarden_core::event::EventKind::Request)
+        .collect();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].response.status, 200);
+}
+
+#[tokio::test]
+async fn errors_never_echo_credentials() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[[upstreams]]\nname = \"echo\"\nurl = \"http://{echo}\"\n[[routes]]\nname = \"k\"\npath_prefix = \"/k\"\nupstream = \"echo\"\nauth = [\"api_key\"]\n"
+    );
+    let gw = start(&cfg).await;
+    let secret = "aw_abc_supersecretvalue";
+    let (status, _, body) = send(
+        http::Request::get(gw.url("/k"))
+            .header("authorization", format!("Bearer {secret}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _, body2) = send(
+        http::Request::get(gw.url("/k"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let ev = gw.assert_events(2).await;
+    assert_eq!(ev[0].decision.reason, Reason::AuthnUnavailable);
+    assert_eq!(ev[1].decision.reason, Reason::AuthnMissing);
+    let all = format!("{body}{body2}{}", serde_json::to_string(&ev).unwrap());
+    assert!(!all.contains("supersecret"));
+}
