@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: a real gateway on 127.0.0.1:0, real upstreams on
 //! loopback, and clients that speak HTTP over real sockets.
 #![allow(dead_code)]
+// Tests read small, known bodies whole.
+#![allow(clippy::disallowed_methods)]
 
 use apiwarden_core::event::{AuditEvent, EventKind};
 use apiwarden_gateway::audit::MemorySink;

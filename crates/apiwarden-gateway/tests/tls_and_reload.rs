@@ -1,0 +1,304 @@
+//! TLS termination (HTTP/2 through ALPN, certificate reload) and configuration hot reload.
+// Tests read small, known bodies whole.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use apiwarden_core::event::{EventKind, Outcome};
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rustls_pki_types::{CertificateDer, ServerName};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+fn test_ca() -> TestCa {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "apiwarden test CA");
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    TestCa { cert, key }
+}
+
+/// Writes a server certificate for `localhost` signed by `ca` into `dir`.
+fn write_server_cert(ca: &TestCa, dir: &Path, cn: &str) {
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+}
+
+fn client_config(ca: &TestCa, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(ca.cert.der().to_vec()))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+fn peer_cn(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> String {
+    let der = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    // The test names each certificate with a unique CN; find it in the DER bytes.
+    let text = String::from_utf8_lossy(der.as_ref()).to_string();
+    ["first-cert", "second-cert"]
+        .iter()
+        .find(|cn| text.contains(*cn))
+        .unwrap_or(&"unknown")
+        .to_string()
+}
+
+#[tokio::test]
+async fn http2_over_tls_with_a_test_ca_and_certificate_reload() {
+    let ca = test_ca();
+    let echo = echo_upstream().await;
+    let dir = temp_dir("tls");
+    write_server_cert(&ca, &dir, "first-cert");
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\ntls = {{ cert = \"{d}/server.pem\", key = \"{d}/server.key\", reload_interval = \"100ms\" }}\n{}",
+        open_route("echo", "/", echo),
+        d = dir.display()
+    );
+    let gw = start(&cfg).await;
+
+    // HTTP/2 through ALPN.
+    let tls = tls_connect(gw.gw.addr, client_config(&ca, &[b"h2"])).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    assert_eq!(peer_cn(&tls), "first-cert");
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("https://localhost/h2/check")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("x-request-id"));
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["path"], "/h2/check");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+
+    // HTTP/1.1 over TLS 1.2 still works.
+    let mut c12 = (*client_config(&ca, &[b"http/1.1"])).clone();
+    c12 = {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca.cert.der().to_vec()))
+            .unwrap();
+        let mut c = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        c.alpn_protocols = c12.alpn_protocols;
+        c
+    };
+    let tls = tls_connect(gw.gw.addr, Arc::new(c12)).await;
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            http::Request::get("/h1")
+                .header("host", "localhost")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.version(), resp.status().as_u16()),
+        (http::Version::HTTP_11, 200)
+    );
+    drop(resp);
+
+    // A new certificate on disk is served without a restart.
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a different modification time
+    write_server_cert(&ca, &dir, "second-cert");
+    let mut served = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        served = peer_cn(&tls_connect(gw.gw.addr, client_config(&ca, &[b"h2"])).await);
+        if served == "second-cert" {
+            break;
+        }
+    }
+    assert_eq!(served, "second-cert");
+
+    let ev = gw.assert_events(2).await;
+    assert_eq!(ev[0].tls.version, Some("TLSv1.3"));
+    assert_eq!(ev[1].tls.version, Some("TLSv1.2"));
+}
+
+fn two_routes(echo: std::net::SocketAddr, with_b: bool) -> String {
+    let mut cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        open_route("echo", "/a", echo)
+    );
+    if with_b {
+        cfg.push_str("[[routes]]\nname = \"b\"\npath_prefix = \"/b\"\nupstream = \"echo\"\nauth = [\"none\"]\n");
+    }
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_a_route_while_requests_are_in_flight_and_none_fails() {
+    let echo = echo_upstream().await;
+    let gw = start(&two_routes(echo, false)).await;
+    gw.gw.watch_config(Duration::from_millis(50));
+    assert_eq!(get(&gw.url("/b")).await.0, 404);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (stop, done, url) = (stop.clone(), done.clone(), gw.url("/a/x"));
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let status = get(&url).await.0;
+                if status != 200 {
+                    failures.push(status);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The file watcher notices the change; no signal needed.
+    std::fs::write(gw.dir.join("apiwarden.toml"), two_routes(echo, true)).unwrap();
+    let mut b_status = 404;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b_status = get(&gw.url("/b")).await.0;
+        if b_status == 200 {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.unwrap());
+    }
+    assert_eq!(b_status, 200, "the new route serves after the reload");
+    assert!(
+        failures.is_empty(),
+        "requests failed during the reload: {failures:?}"
+    );
+    let n = done.load(Ordering::Relaxed);
+    assert!(n > 20, "traffic ran during the reload ({n} requests)");
+    let system: Vec<_> = gw
+        .sink
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::System)
+        .collect();
+    assert!(
+        system.iter().any(|e| e
+            .message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("configuration reloaded"))),
+        "{system:?}"
+    );
+    // Every request recorded once: the workers' requests plus the /b probes.
+    let events = gw.request_events();
+    let a_events = events
+        .iter()
+        .filter(|e| e.request.path.as_deref() == Some("/a/x"))
+        .count();
+    assert_eq!(a_events, n);
+}
+
+#[tokio::test]
+async fn an_invalid_reload_keeps_the_old_routes_and_is_recorded() {
+    let echo = echo_upstream().await;
+    let gw = start(&two_routes(echo, false)).await;
+    std::fs::write(
+        gw.dir.join("apiwarden.toml"),
+        "[[routes]]\nname = \"broken\"\npath_prefix = \"/c\"\nupstream = \"missing\"\n",
+    )
+    .unwrap();
+    let err = gw.gw.reload().unwrap_err().to_string();
+    assert!(
+        err.contains("apiwarden.toml:1:1: route \"broken\" has no `auth`"),
+        "{err}"
+    );
+    assert!(err.contains("upstream \"missing\" is not defined"), "{err}");
+    assert_eq!(
+        get(&gw.url("/a/still")).await.0,
+        200,
+        "old routes keep working"
+    );
+    assert_eq!(get(&gw.url("/c")).await.0, 404);
+    let system: Vec<_> = gw
+        .sink
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::System)
+        .collect();
+    let refused = system
+        .iter()
+        .find(|e| {
+            e.message
+                .as_deref()
+                .is_some_and(|m| m.starts_with("configuration reload refused"))
+        })
+        .expect("a system event for the refused reload");
+    assert_eq!(refused.decision.outcome, Outcome::Deny);
+    let metrics = get(&format!("http://{}/metrics", gw.gw.admin_addr)).await.2;
+    assert!(
+        metrics.contains("apiwarden_config_reloads_total{result=\"invalid\"} 1"),
+        "{metrics}"
+    );
+    gw.assert_events(2).await;
+}
