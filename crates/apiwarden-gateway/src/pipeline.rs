@@ -23,10 +23,12 @@ use apiwarden_core::path::normalize;
 use apiwarden_core::router::Router;
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicBool;
@@ -52,7 +54,7 @@ pub struct Shared {
 
 impl Shared {
     /// Hands a finished event to the sink.
-    pub fn record(&self, event: AuditEvent) {
+    pub fn record(&self, event: Box<AuditEvent>) {
         self.metrics
             .audit_events
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -65,7 +67,7 @@ impl Shared {
         e.decision.outcome = outcome;
         e.decision.reason = reason;
         e.message = Some(message);
-        self.record(e);
+        self.record(Box::new(e));
     }
 }
 
@@ -75,6 +77,7 @@ pub struct State {
     router: Router,
     upstreams: Vec<Arc<Upstream>>,
     routes: Vec<RouteState>,
+    workers: usize,
 }
 
 struct RouteState {
@@ -86,7 +89,13 @@ struct RouteState {
 impl State {
     /// Compiles a validated config. Upstreams whose settings did not change keep their
     /// connection pools and health state from `previous`.
-    pub fn compile(config: Config, metrics: &Metrics, previous: Option<&State>) -> State {
+    /// `workers` is the number of worker threads, each of which gets its own upstream pools.
+    pub fn compile(
+        config: Config,
+        metrics: &Metrics,
+        previous: Option<&State>,
+        workers: usize,
+    ) -> State {
         let upstreams = config
             .upstreams
             .iter()
@@ -95,7 +104,7 @@ impl State {
                     .and_then(|p| p.upstreams.iter().find(|old| old.same_as(u)))
                     .cloned()
                     .unwrap_or_else(|| {
-                        Arc::new(Upstream::new(u.clone(), metrics.upstream(&u.name)))
+                        Arc::new(Upstream::new(u.clone(), metrics.upstream(&u.name), workers))
                     })
             })
             .collect();
@@ -113,7 +122,13 @@ impl State {
             upstreams,
             routes,
             config,
+            workers,
         }
+    }
+
+    /// The number of worker threads this state was compiled for.
+    pub fn workers(&self) -> usize {
+        self.workers
     }
 }
 
@@ -122,6 +137,20 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `TLSv1.2` or `TLSv1.3` when the connection is TLS.
     pub tls_version: Option<&'static str>,
+    /// The peer's address as a header value, made once per connection.
+    peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls_version: Option<&'static str>) -> Self {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is a valid header value");
+        ConnInfo {
+            peer,
+            tls_version,
+            peer_ip,
+        }
+    }
 }
 
 /// Who is calling, as the identify stage found out.
@@ -190,7 +219,9 @@ pub struct Recorder {
     event: Box<AuditEvent>,
     start: Instant,
     shared: Arc<Shared>,
-    metrics: Arc<RouteMetrics>,
+    /// The configuration the request runs under, and its route once known.
+    state: Arc<State>,
+    route: Option<usize>,
     request_body: Option<Arc<BodyStats>>,
 }
 
@@ -201,7 +232,8 @@ impl Recorder {
             mut event,
             start,
             shared,
-            metrics,
+            state,
+            route,
             request_body,
         } = self;
         let elapsed = start.elapsed();
@@ -216,13 +248,17 @@ impl Recorder {
         if event.error.is_none() {
             event.error = error;
         }
+        let metrics: &RouteMetrics = match route {
+            Some(i) => &state.routes[i].metrics,
+            None => &shared.metrics.unrouted,
+        };
         metrics.count(
             event.response.status,
             event.decision.outcome == Outcome::Deny,
         );
         shared.metrics.observe_latency(elapsed);
         shared.metrics.request_finished();
-        shared.record(*event);
+        shared.record(event);
     }
 }
 
@@ -234,77 +270,83 @@ impl Forward {
     async fn run(
         upstream: &Upstream,
         mut req: Request<Incoming>,
-        path: &str,
+        normalized: Option<&str>,
         conn: &ConnInfo,
         trusted_peer: bool,
         request_id: &HeaderValue,
         max_body: u64,
         event: &mut AuditEvent,
-    ) -> Result<
-        (
-            Response<Incoming>,
-            Option<Arc<BodyStats>>,
-            Option<hyper::upgrade::OnUpgrade>,
-        ),
-        Reason,
-    > {
+    ) -> Result<Forwarded, Reason> {
         let upgrade = is_upgrade(&req);
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let target = upstream.pick();
-        event.upstream.name = Some(upstream.name.to_string());
-        event.upstream.target = Some(target.label.to_string());
+        event.upstream.name = Some(upstream.name.clone());
+        event.upstream.target = Some(target.label.clone());
 
-        let mut uri = String::with_capacity(
-            16 + target.target.authority.len() + target.target.base_path.len() + path.len(),
-        );
-        uri.push_str("http://");
-        uri.push_str(&target.target.authority);
-        uri.push_str(&target.target.base_path);
-        uri.push_str(path);
-        if let Some(q) = parts.uri.query() {
-            uri.push('?');
-            uri.push_str(q);
-        }
-        parts.uri = Uri::try_from(uri).map_err(|_| Reason::RequestBadPath)?;
-
+        // The URI: the target's authority, its base path, the normalised path, the query. The
+        // common case (no base path, path already normal) reuses the request's own bytes.
+        let path_and_query = match (
+            target.target.base_path.is_empty(),
+            normalized,
+            parts.uri.path_and_query(),
+        ) {
+            (true, None, Some(pq)) => pq.clone(),
+            (_, normalized, pq) => {
+                let path = normalized.unwrap_or(parts.uri.path());
+                let query = pq.and_then(|pq| pq.query());
+                let mut s = String::with_capacity(
+                    target.target.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+                );
+                s.push_str(&target.target.base_path);
+                s.push_str(path);
+                if let Some(q) = query {
+                    s.push('?');
+                    s.push_str(q);
+                }
+                PathAndQuery::try_from(s).map_err(|_| Reason::RequestBadPath)?
+            }
+        };
         let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(target.authority.clone());
+        uri.path_and_query = Some(path_and_query);
+        parts.uri = Uri::from_parts(uri).map_err(|_| Reason::RequestBadPath)?;
+
         strip_hop_by_hop(&mut parts.headers, upgrade);
         let h = &mut parts.headers;
         // X-Forwarded-For: appended to when the peer is a trusted proxy, replaced otherwise.
-        let peer_text = conn.peer.ip().to_string();
-        let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) if trusted_peer => format!("{prev}, {peer_text}"),
-            _ => peer_text,
+        let xff = match h.get(&X_FORWARDED_FOR) {
+            Some(prev) if trusted_peer => {
+                let mut v = Vec::with_capacity(prev.len() + 2 + conn.peer_ip.len());
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(conn.peer_ip.as_bytes());
+                HeaderValue::from_bytes(&v).map_err(|_| Reason::RequestMalformed)?
+            }
+            _ => conn.peer_ip.clone(),
         };
-        h.insert(
-            X_FORWARDED_FOR,
-            HeaderValue::from_str(&xff).map_err(|_| Reason::RequestMalformed)?,
-        );
+        h.insert(X_FORWARDED_FOR, xff);
         if !(trusted_peer && h.contains_key(&X_FORWARDED_PROTO)) {
-            h.insert(
-                X_FORWARDED_PROTO,
-                HeaderValue::from_static(if conn.tls_version.is_some() {
-                    "https"
-                } else {
-                    "http"
-                }),
-            );
+            let proto = if conn.tls_version.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
         if !(trusted_peer && h.contains_key(&X_FORWARDED_HOST)) {
             if let Some(host) = original_host {
                 h.insert(X_FORWARDED_HOST, host);
             }
         }
-        h.insert(
-            header::HOST,
-            HeaderValue::from_str(&target.target.authority).map_err(|_| Reason::UpstreamError)?,
-        );
+        h.insert(header::HOST, target.host.clone());
         h.insert(X_REQUEST_ID, request_id.clone());
         parts.version = Version::HTTP_11;
 
@@ -317,14 +359,18 @@ impl Forward {
         let started = Instant::now();
         let result = tokio::time::timeout(
             upstream.config.timeout,
-            upstream.client.request(Request::from_parts(parts, body)),
+            upstream.client().request(Request::from_parts(parts, body)),
         )
         .await;
         event.upstream.latency_us = Some(started.elapsed().as_micros() as u64);
         match result {
-            Ok(Ok(resp)) => {
+            Ok(Ok(response)) => {
                 upstream.succeeded(target);
-                Ok((resp, stats, on_upgrade))
+                Ok(Forwarded {
+                    response,
+                    request_body: stats,
+                    on_upgrade,
+                })
             }
             Ok(Err(e)) => {
                 if stats
@@ -353,6 +399,13 @@ impl Forward {
     }
 }
 
+/// What the forward stage got back.
+struct Forwarded {
+    response: Response<Incoming>,
+    request_body: Option<Arc<BodyStats>>,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
@@ -365,45 +418,65 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// Removes hop-by-hop headers (RFC 9110 section 7.6.1), and those the `Connection` header
-/// names. An upgrade keeps `Connection: upgrade` and `Upgrade`.
+/// names. An upgrade keeps `Connection: upgrade` and `Upgrade`. One pass over the names finds
+/// what to remove, so the common case (none present) costs no hashing.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    if let Some(conn) = h.get(header::CONNECTION) {
-        if conn.as_bytes().contains(&b',')
-            || !conn.as_bytes().eq_ignore_ascii_case(b"keep-alive")
-                && !conn.as_bytes().eq_ignore_ascii_case(b"close")
-                && !conn.as_bytes().eq_ignore_ascii_case(b"upgrade")
-        {
-            let named: Vec<HeaderName> = h
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|s| s.split(','))
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-                .collect();
-            for n in named {
-                h.remove(n);
+    let mut found = [false; 9];
+    let mut any = false;
+    let mut connection_lists = false;
+    for name in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == name) {
+            found[i] = true;
+            any = true;
+            if i == 0 {
+                connection_lists = true;
             }
+        }
+    }
+    if !any && !keep_upgrade {
+        return;
+    }
+    if connection_lists {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.eq_ignore_ascii_case("keep-alive")
+                    && !t.eq_ignore_ascii_case("close")
+                    && !t.eq_ignore_ascii_case("upgrade")
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        let keep = keep_upgrade && (*name == header::UPGRADE || *name == header::CONNECTION);
+        if found[i] && !keep {
+            h.remove(name);
         }
     }
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
-    }
-    for n in [
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        h.remove(n);
     }
 }
+
+/// Hop-by-hop header names; `Connection` first.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::UPGRADE,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
 
 /// The client IP: the peer, or when the peer is a trusted proxy, the right-most address of
 /// `X-Forwarded-For` that is not itself a trusted proxy.
@@ -468,7 +541,6 @@ pub async fn handle(
     let start = Instant::now();
     shared.metrics.request_started();
     let state = shared.state.load_full();
-    let cfg = &state.config;
 
     let request_id = new_id();
     let rid = HeaderValue::from_str(&request_id).expect("a UUID is a valid header value");
@@ -478,7 +550,7 @@ pub async fn handle(
         shared.node.clone(),
     ));
     event.request_id = Some(request_id);
-    let (ip, trusted_peer) = client_ip(cfg, conn.peer.ip(), req.headers());
+    let (ip, trusted_peer) = client_ip(&state.config, conn.peer.ip(), req.headers());
     event.client.ip = Some(ip);
     event.client.forwarded_for = req
         .headers()
@@ -499,17 +571,16 @@ pub async fn handle(
         event,
         start,
         shared: shared.clone(),
-        metrics: shared.metrics.unrouted.clone(),
+        state: state.clone(),
+        route: None,
         request_body: None,
     };
     let deny = |mut recorder: Recorder, reason: Reason| {
         recorder.event.decision.outcome = Outcome::Deny;
         recorder.event.decision.reason = reason;
-        let resp = error_response(reason, &rid);
-        recorder.event.response.status = resp.status().as_u16();
-        let (parts, body) = resp.into_parts();
-        Ok(Response::from_parts(parts, body.with_recorder(recorder)))
+        respond_with(recorder, reason, &rid)
     };
+    let cfg = &state.config;
 
     // Stage: admit. Refuse what is malformed or too large before anything else looks at it.
     if head_size(&req) > cfg.gateway.max_header_size {
@@ -517,13 +588,13 @@ pub async fn handle(
         return deny(recorder, Reason::RequestHeadersTooLarge);
     }
     let path = match normalize(req.uri().path(), cfg.gateway.encoded_slashes) {
-        Ok(p) => p.into_owned(),
+        Ok(p) => p,
         Err(_) => {
             recorder.event.request.path = Some(truncate(req.uri().path()));
             return deny(recorder, Reason::RequestBadPath);
         }
     };
-    recorder.event.request.path = Some(path.clone());
+    recorder.event.request.path = Some(path.to_string());
     let announced = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -534,26 +605,28 @@ pub async fn handle(
     }
 
     // Stage: route.
-    let host = request_host(&req);
-    let Some(ri) = state.router.find(host, req.method().as_str(), &path) else {
+    let Some(ri) = state
+        .router
+        .find(request_host(&req), req.method().as_str(), &path)
+    else {
         return deny(recorder, Reason::RouteNotFound);
     };
     let route = &cfg.routes[ri];
-    let rs = &state.routes[ri];
-    recorder.metrics = rs.metrics.clone();
-    recorder.event.request.route = Some(rs.template.to_string());
-    recorder.event.request.route_name = Some(rs.name.to_string());
+    recorder.route = Some(ri);
+    recorder.event.request.route = Some(state.routes[ri].template.clone());
+    recorder.event.request.route_name = Some(state.routes[ri].name.clone());
 
     // Stages: identify, authorize, limit.
     let identity = match Identify::run(route, req.headers()) {
         Ok(id) => id,
         Err(reason) => return deny(recorder, reason),
     };
-    recorder.event.identity.method = Some(identity.method.as_str());
-    recorder.event.identity.consumer = identity.consumer.clone();
-    recorder.event.identity.key_id = identity.key_id.clone();
-    recorder.event.identity.subject = identity.subject.clone();
-    recorder.event.identity.scopes = identity.scopes.clone();
+    let fields = &mut recorder.event.identity;
+    fields.method = Some(identity.method.as_str());
+    fields.consumer.clone_from(&identity.consumer);
+    fields.key_id.clone_from(&identity.key_id);
+    fields.subject.clone_from(&identity.subject);
+    fields.scopes.clone_from(&identity.scopes);
     if let Err(reason) = Authorize::run(route, &identity) {
         return deny(recorder, reason);
     }
@@ -561,12 +634,16 @@ pub async fn handle(
         return deny(recorder, reason);
     }
 
-    // Stage: forward.
+    // Stage: forward. The normalised path is passed on only when it differs from the request's.
+    let normalized = match path {
+        Cow::Borrowed(_) => None,
+        Cow::Owned(p) => Some(p),
+    };
     let upstream = &state.upstreams[route.upstream];
     let forwarded = Forward::run(
         upstream,
         req,
-        &path,
+        normalized.as_deref(),
         &conn,
         trusted_peer,
         &rid,
@@ -574,23 +651,20 @@ pub async fn handle(
         &mut recorder.event,
     )
     .await;
-    let (resp, stats, on_upgrade) = match forwarded {
-        Ok(r) => r,
+    let Forwarded {
+        response,
+        request_body,
+        on_upgrade,
+    } = match forwarded {
+        Ok(f) => f,
+        Err(Reason::RequestBodyTooLarge) => return deny(recorder, Reason::RequestBodyTooLarge),
         Err(reason) => {
-            let resp = error_response(reason, &rid);
-            recorder.event.response.status = resp.status().as_u16();
-            if reason == Reason::RequestBodyTooLarge {
-                recorder.event.decision.outcome = Outcome::Deny;
-                recorder.event.decision.reason = reason;
-            } else {
-                recorder.event.error = Some(reason);
-            }
-            let (parts, body) = resp.into_parts();
-            return Ok(Response::from_parts(parts, body.with_recorder(recorder)));
+            recorder.event.error = Some(reason);
+            return respond_with(recorder, reason, &rid);
         }
     };
-    recorder.request_body = stats;
-    let (mut parts, body) = resp.into_parts();
+    recorder.request_body = request_body;
+    let (mut parts, body) = response.into_parts();
     recorder.event.response.status = parts.status.as_u16();
     let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS && on_upgrade.is_some();
     strip_hop_by_hop(&mut parts.headers, upgraded);
@@ -598,7 +672,7 @@ pub async fn handle(
 
     // Stage: record. An upgrade is recorded when its tunnel closes; anything else when the
     // response body ends.
-    if upgraded {
+    if let (true, Some(client_upgrade)) = (upgraded, on_upgrade) {
         drop(body);
         let Some(upstream_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
             recorder.event.error = Some(Reason::UpstreamError);
@@ -612,7 +686,6 @@ pub async fn handle(
             .get(header::UPGRADE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_ascii_lowercase);
-        let client_upgrade = on_upgrade.expect("checked above");
         tokio::spawn(tunnel(client_upgrade, upstream_upgrade, recorder));
         return Ok(Response::from_parts(
             parts,
@@ -623,6 +696,18 @@ pub async fn handle(
         parts,
         ResponseBody::upstream(body).with_recorder(recorder),
     ))
+}
+
+/// The error response for `reason`, carrying the recorder to its end.
+fn respond_with(
+    mut recorder: Recorder,
+    reason: Reason,
+    rid: &HeaderValue,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let resp = error_response(reason, rid);
+    recorder.event.response.status = resp.status().as_u16();
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, body.with_recorder(recorder)))
 }
 
 async fn tunnel(
@@ -665,7 +750,7 @@ pub fn record_unparsed(shared: &Shared, conn: &ConnInfo, reason: Reason) {
     e.decision.reason = reason;
     e.response.status = crate::respond::status_and_message(reason).0.as_u16();
     shared.metrics.unrouted.count(e.response.status, true);
-    shared.record(e);
+    shared.record(Box::new(e));
 }
 
 #[cfg(test)]

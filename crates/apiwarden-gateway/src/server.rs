@@ -69,9 +69,30 @@ pub struct Gateway {
     config_path: Option<PathBuf>,
     reload_lock: Mutex<Option<SystemTime>>,
     stop: watch::Sender<bool>,
-    accept_tasks: Vec<JoinHandle<()>>,
+    admin_task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
-    graceful: Arc<GracefulShutdown>,
+    /// One per worker thread; each resolves when its worker has drained.
+    workers: Vec<(
+        std::thread::JoinHandle<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    )>,
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The index of the worker thread running the caller (0 outside workers).
+pub fn worker_index() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+/// How many worker threads a config asks for.
+pub fn worker_count(config: &Config) -> usize {
+    config
+        .gateway
+        .worker_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
@@ -104,8 +125,13 @@ impl Gateway {
             Some(t) => Some(server_config(t)?),
             None => None,
         };
-        let api = TcpListener::bind(config.gateway.listen)
-            .await
+        let api = std::net::TcpListener::bind(config.gateway.listen).map_err(|source| {
+            StartError::Bind {
+                addr: config.gateway.listen,
+                source,
+            }
+        })?;
+        api.set_nonblocking(true)
             .map_err(|source| StartError::Bind {
                 addr: config.gateway.listen,
                 source,
@@ -125,7 +151,8 @@ impl Gateway {
             source,
         })?;
 
-        let state = State::compile(config, &metrics, None);
+        let workers_n = worker_count(&config);
+        let state = State::compile(config, &metrics, None, workers_n);
         let shared = Arc::new(Shared {
             state: ArcSwap::from_pointee(state),
             sink,
@@ -134,7 +161,6 @@ impl Gateway {
             shutting_down: AtomicBool::new(false),
         });
         let (stop, stop_rx) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
         let mut background = Vec::new();
         let acceptor = tls.map(|(sc, mut reloader)| {
             let mut stop = stop_rx.clone();
@@ -149,16 +175,59 @@ impl Gateway {
             }));
             TlsAcceptor::from(sc)
         });
-        let accept_tasks = vec![
-            tokio::spawn(accept_loop(
-                api,
-                shared.clone(),
-                acceptor,
-                stop_rx.clone(),
-                graceful.clone(),
-            )),
-            tokio::spawn(crate::admin::serve(admin, shared.clone(), stop_rx.clone())),
-        ];
+        // Thread per core: each worker runs its own single-threaded runtime and accepts on the
+        // same listening socket. A connection, its upstream connections and their tasks stay
+        // on one thread, so a request costs no cross-thread wake-up.
+        let mut workers = Vec::with_capacity(workers_n);
+        for index in 0..workers_n {
+            let listener = api
+                .try_clone()
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let (shared, acceptor, stop) = (shared.clone(), acceptor.clone(), stop_rx.clone());
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("apiwarden-worker-{index}"))
+                .spawn(move || {
+                    WORKER.with(|w| w.set(index));
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a worker runtime");
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let listener = match TcpListener::from_std(listener) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                tracing::error!(error = %e, "a worker cannot use the listener");
+                                return;
+                            }
+                        };
+                        let timeout = shared.state.load().config.gateway.shutdown_timeout;
+                        let graceful = GracefulShutdown::new();
+                        accept_loop(listener, shared, acceptor, stop, &graceful).await;
+                        let open = graceful.count();
+                        if tokio::time::timeout(timeout, graceful.shutdown())
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!(
+                                worker = index,
+                                connections = open,
+                                "shutdown timeout reached with requests still in flight"
+                            );
+                        }
+                    });
+                    let _ = done_tx.send(());
+                })
+                .map_err(|source| StartError::Bind { addr, source })?;
+            workers.push((thread, done_rx));
+        }
+        let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone(), stop_rx.clone()));
         shared.system_event(
             format!("gateway started on {addr}, admin on {admin_addr}"),
             Outcome::Allow,
@@ -172,9 +241,9 @@ impl Gateway {
             reload_lock: Mutex::new(config_path.as_deref().and_then(modified)),
             config_path,
             stop,
-            accept_tasks,
+            admin_task,
             background,
-            graceful,
+            workers,
         };
         Ok(gw)
     }
@@ -243,7 +312,7 @@ impl Gateway {
                     tracing::warn!("listen addresses and TLS settings change only on restart");
                 }
                 let routes = config.routes.len();
-                let state = State::compile(config, &self.shared.metrics, Some(&old));
+                let state = State::compile(config, &self.shared.metrics, Some(&old), old.workers());
                 self.shared.state.store(Arc::new(state));
                 self.shared
                     .metrics
@@ -276,26 +345,13 @@ impl Gateway {
     /// Stops accepting, lets requests in flight finish within `gateway.shutdown_timeout`,
     /// then flushes the audit sink.
     pub async fn shutdown(self) {
-        let timeout = self.shared.state.load().config.gateway.shutdown_timeout;
         self.shared.shutting_down.store(true, Ordering::Relaxed);
         let _ = self.stop.send(true);
-        for t in self.accept_tasks {
-            let _ = t.await;
-        }
-        match Arc::try_unwrap(self.graceful) {
-            Ok(graceful) => {
-                let open = graceful.count();
-                if tokio::time::timeout(timeout, graceful.shutdown())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(
-                        connections = open,
-                        "shutdown timeout reached with requests still in flight"
-                    );
-                }
-            }
-            Err(_) => tracing::warn!("connections could not be drained"),
+        let _ = self.admin_task.await;
+        for (thread, done) in self.workers {
+            // Each worker stops accepting, drains within gateway.shutdown_timeout, then ends.
+            let _ = done.await;
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         for t in self.background {
             t.abort();
@@ -316,7 +372,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
-    graceful: Arc<GracefulShutdown>,
+    graceful: &GracefulShutdown,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
@@ -336,15 +392,7 @@ async fn accept_loop(
         let watcher = graceful.watcher();
         match &tls {
             None => {
-                tokio::spawn(serve(
-                    stream,
-                    ConnInfo {
-                        peer,
-                        tls_version: None,
-                    },
-                    shared,
-                    watcher,
-                ));
+                tokio::spawn(serve(stream, ConnInfo::new(peer, None), shared, watcher));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
@@ -357,16 +405,7 @@ async fn accept_loop(
                                 Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
                                 _ => "TLSv1.2",
                             };
-                            serve(
-                                tls,
-                                ConnInfo {
-                                    peer,
-                                    tls_version: Some(version),
-                                },
-                                shared,
-                                watcher,
-                            )
-                            .await;
+                            serve(tls, ConnInfo::new(peer, Some(version)), shared, watcher).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

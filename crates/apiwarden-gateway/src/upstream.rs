@@ -28,6 +28,9 @@ pub struct TargetState {
     pub target: Target,
     /// Text of the target for audit events.
     pub label: Arc<str>,
+    /// `Host` header value and URI authority for requests to this target.
+    pub host: http::HeaderValue,
+    pub authority: http::uri::Authority,
     consecutive_failures: AtomicU32,
     /// Milliseconds since the process epoch until which the target is skipped.
     down_until: AtomicU64,
@@ -37,28 +40,36 @@ pub struct TargetState {
 pub struct Upstream {
     pub config: UpstreamConfig,
     pub name: Arc<str>,
-    pub client: HttpClient,
+    /// One client (and so one connection pool) per worker thread: a connection is only ever
+    /// used by the thread whose runtime drives it.
+    clients: Vec<HttpClient>,
     pub targets: Vec<TargetState>,
     next: AtomicUsize,
     pub metrics: Arc<UpstreamMetrics>,
 }
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig, metrics: Arc<UpstreamMetrics>) -> Self {
+    pub fn new(config: UpstreamConfig, metrics: Arc<UpstreamMetrics>, workers: usize) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .set_host(false)
-            .build(connector);
+        let clients = (0..workers.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .pool_max_idle_per_host(1024)
+                    .pool_timer(TokioTimer::new())
+                    .set_host(false)
+                    .build(connector.clone())
+            })
+            .collect();
         let targets = config
             .targets
             .iter()
             .map(|t| TargetState {
+                host: http::HeaderValue::from_str(&t.authority).expect("validated authority"),
+                authority: t.authority.parse().expect("validated authority"),
                 target: t.clone(),
                 label: Arc::from(t.to_string()),
                 consecutive_failures: AtomicU32::new(0),
@@ -68,11 +79,16 @@ impl Upstream {
         Upstream {
             name: Arc::from(config.name.as_str()),
             config,
-            client,
+            clients,
             targets,
             next: AtomicUsize::new(0),
             metrics,
         }
+    }
+
+    /// The client of the calling worker thread.
+    pub fn client(&self) -> &HttpClient {
+        &self.clients[crate::server::worker_index() % self.clients.len()]
     }
 
     /// Picks the next healthy target round-robin. When every target is cooling down, the one
@@ -140,7 +156,7 @@ mod tests {
             failure_threshold: threshold,
             cooldown: Duration::from_secs(60),
         };
-        Upstream::new(cfg, crate::metrics::Metrics::default().upstream("u"))
+        Upstream::new(cfg, crate::metrics::Metrics::default().upstream("u"), 1)
     }
 
     #[tokio::test]

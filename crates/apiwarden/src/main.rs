@@ -143,12 +143,12 @@ type OnReady = Box<dyn FnOnce(&Gateway) + Send>;
 
 /// Runs the gateway until SIGTERM or Ctrl-C. `on_ready` runs once it listens (the demo prints).
 fn run(cfg: Config, config_path: Option<PathBuf>, on_ready: Option<OnReady>) -> Result<()> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all();
-    if let Some(n) = cfg.gateway.worker_threads {
-        rt.worker_threads(n);
-    }
-    let rt = rt.build().context("cannot start the async runtime")?;
+    // This runtime is the control plane (admin listener, reloads, signals); the gateway runs
+    // its own worker threads, one per core unless gateway.worker_threads says otherwise.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let sink = NdjsonSink::open(&cfg.storage.data_dir)
             .context("cannot open the audit sink; check storage.data_dir")?;

@@ -257,7 +257,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "gateway.encoded_slashes", default: "\"reject\"", example: "\"keep\"", doc: "`reject`: a path with `%2F` or `%5C` gets `400`. `keep`: they stay encoded inside their segment and never separate segments for routing." },
     OptionDoc { key: "gateway.shutdown_timeout", default: "\"30s\"", example: "\"10s\"", doc: "On SIGTERM or Ctrl-C, how long requests in flight may take to finish." },
     OptionDoc { key: "gateway.node", default: "the host name", example: "\"gw-1\"", doc: "This node's name in audit events." },
-    OptionDoc { key: "gateway.worker_threads", default: "one per core", example: "2", doc: "Threads of the async runtime (read at start only)." },
+    OptionDoc { key: "gateway.worker_threads", default: "one per core", example: "2", doc: "Worker threads, each with its own event loop, connections and upstream pools (read at start only)." },
     OptionDoc { key: "admin.listen", default: "\"127.0.0.1:9090\"", example: "\"127.0.0.1:9090\"", doc: "Address of the admin listener (`/healthz`, `/readyz`, `/metrics`)." },
     OptionDoc { key: "storage.data_dir", default: "\"./apiwarden-data\"", example: "\"/var/lib/apiwarden\"", doc: "Where audit records and local state live (relative to the config file)." },
     OptionDoc { key: "storage.database", default: "none", example: "\"postgres://postgres@127.0.0.1/test\"", doc: "Fleet mode: PostgreSQL for shared consumers and keys (used by the identity stage)." },

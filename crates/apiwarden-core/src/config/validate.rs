@@ -606,6 +606,19 @@ fn target(cx: &mut Ctx<'_>, url: &str, path: &[Key]) -> Option<Target> {
     } else {
         format!("{authority}:80")
     };
+    // host:port, where host is a name, an IPv4 address or a bracketed IPv6 address.
+    let valid = authority.rsplit_once(':').is_some_and(|(host, port)| {
+        port.parse::<u16>().is_ok()
+            && !host.is_empty()
+            && (host.starts_with('[') && host.ends_with(']') || !host.contains(['[', ']', ':']))
+    });
+    if !valid {
+        cx.error(
+            path,
+            format!("{url:?} is not an upstream URL such as \"http://127.0.0.1:3000\""),
+        );
+        return None;
+    }
     Some(Target {
         authority,
         base_path: base.trim_end_matches('/').to_string(),
