@@ -6,6 +6,7 @@
 //! once, however it ends.
 
 use crate::pipeline::Recorder;
+use crate::upstream::Lease;
 use apiwarden_core::event::Reason;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -109,7 +110,8 @@ impl Body for RequestBody {
 
 enum Inner {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    /// The upstream's body and the connection it comes on, returned to its pool at the end.
+    Upstream(Incoming, Option<Lease>),
 }
 
 /// The response body sent to the client.
@@ -131,9 +133,9 @@ impl ResponseBody {
     }
 
     /// The upstream's body, streamed.
-    pub fn upstream(body: Incoming) -> Self {
+    pub fn upstream(body: Incoming, lease: Lease) -> Self {
         ResponseBody {
-            inner: Inner::Upstream(body),
+            inner: Inner::Upstream(body, Some(lease)),
             bytes: 0,
             recorder: None,
         }
@@ -163,7 +165,27 @@ impl Body for ResponseBody {
         let this = &mut *self;
         let polled = match &mut this.inner {
             Inner::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
-            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx)),
+            Inner::Upstream(body, lease) => {
+                let polled = ready!(Pin::new(&mut *body).poll_frame(cx));
+                match &polled {
+                    // Read to its end: the connection can serve another request.
+                    None => {
+                        if let Some(l) = lease.take() {
+                            l.release();
+                        }
+                    }
+                    // Broken: the connection closes when the lease is dropped.
+                    Some(Err(_)) => drop(lease.take()),
+                    // The last frame of a body of known length: hyper may not poll again.
+                    Some(Ok(_)) if body.is_end_stream() => {
+                        if let Some(l) = lease.take() {
+                            l.release();
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                }
+                polled
+            }
         };
         match polled {
             Some(Ok(frame)) => {
@@ -186,20 +208,28 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(b) => b.is_none(),
-            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Upstream(b, _) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Inner::Upstream(b) => b.size_hint(),
+            Inner::Upstream(b, _) => b.size_hint(),
         }
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        // A body read to its end leaves a reusable connection.
+        if let Inner::Upstream(body, lease) = &mut self.inner {
+            if body.is_end_stream() {
+                if let Some(l) = lease.take() {
+                    l.release();
+                }
+            }
+        }
         if self.recorder.is_some() {
             let error = if self.is_end_stream() {
                 None

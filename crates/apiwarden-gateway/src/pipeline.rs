@@ -16,7 +16,7 @@ use crate::body::{BodyStats, RequestBody, ResponseBody};
 use crate::ids::new_id;
 use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
 use crate::respond::error_response;
-use crate::upstream::Upstream;
+use crate::upstream::{Lease, SendError, Upstream};
 use apiwarden_core::config::{AuthMethod, Config, RouteConfig};
 use apiwarden_core::event::{redact_query, AuditEvent, EventKind, Outcome, Reason};
 use apiwarden_core::path::normalize;
@@ -268,7 +268,7 @@ pub struct Forward;
 impl Forward {
     #[allow(clippy::too_many_arguments)] // each argument is a distinct fact of this one request
     async fn run(
-        upstream: &Upstream,
+        upstream: &Arc<Upstream>,
         mut req: Request<Incoming>,
         normalized: Option<&str>,
         conn: &ConnInfo,
@@ -280,7 +280,8 @@ impl Forward {
         let upgrade = is_upgrade(&req);
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let target = upstream.pick();
+        let ti = upstream.pick();
+        let target = &upstream.targets[ti];
         event.upstream.name = Some(upstream.name.clone());
         event.upstream.target = Some(target.label.clone());
 
@@ -313,11 +314,8 @@ impl Forward {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(target.authority.clone());
-        uri.path_and_query = Some(path_and_query);
-        parts.uri = Uri::from_parts(uri).map_err(|_| Reason::RequestBadPath)?;
+        // Origin form, as HTTP/1.1 sends to a server: the target is named by `Host`.
+        parts.uri = Uri::from(path_and_query);
 
         strip_hop_by_hop(&mut parts.headers, upgrade);
         let h = &mut parts.headers;
@@ -359,15 +357,16 @@ impl Forward {
         let started = Instant::now();
         let result = tokio::time::timeout(
             upstream.config.timeout,
-            upstream.client().request(Request::from_parts(parts, body)),
+            upstream.send(ti, Request::from_parts(parts, body)),
         )
         .await;
         event.upstream.latency_us = Some(started.elapsed().as_micros() as u64);
         match result {
-            Ok(Ok(response)) => {
+            Ok(Ok((response, lease))) => {
                 upstream.succeeded(target);
                 Ok(Forwarded {
                     response,
+                    lease,
                     request_body: stats,
                     on_upgrade,
                 })
@@ -379,15 +378,18 @@ impl Forward {
                 {
                     return Err(Reason::RequestBodyTooLarge);
                 }
-                if e.is_connect() {
-                    upstream.failed(target);
-                    upstream.metrics.error(UpstreamErrorKind::Connect);
-                    tracing::warn!(upstream = %upstream.name, target = %target.label, error = %e, "cannot connect to the upstream");
-                    Err(Reason::UpstreamUnavailable)
-                } else {
-                    upstream.metrics.error(UpstreamErrorKind::Protocol);
-                    tracing::warn!(upstream = %upstream.name, target = %target.label, error = %e, "upstream request failed");
-                    Err(Reason::UpstreamError)
+                match e {
+                    SendError::Connect(_) => {
+                        upstream.failed(target);
+                        upstream.metrics.error(UpstreamErrorKind::Connect);
+                        tracing::warn!(upstream = %upstream.name, target = %target.label, error = %e, "cannot connect to the upstream");
+                        Err(Reason::UpstreamUnavailable)
+                    }
+                    SendError::Http(_) => {
+                        upstream.metrics.error(UpstreamErrorKind::Protocol);
+                        tracing::warn!(upstream = %upstream.name, target = %target.label, error = %e, "upstream request failed");
+                        Err(Reason::UpstreamError)
+                    }
                 }
             }
             Err(_) => {
@@ -402,6 +404,7 @@ impl Forward {
 /// What the forward stage got back.
 struct Forwarded {
     response: Response<Incoming>,
+    lease: Lease,
     request_body: Option<Arc<BodyStats>>,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
@@ -653,6 +656,7 @@ pub async fn handle(
     .await;
     let Forwarded {
         response,
+        lease,
         request_body,
         on_upgrade,
     } = match forwarded {
@@ -673,7 +677,8 @@ pub async fn handle(
     // Stage: record. An upgrade is recorded when its tunnel closes; anything else when the
     // response body ends.
     if let (true, Some(client_upgrade)) = (upgraded, on_upgrade) {
-        drop(body);
+        // The connection now belongs to the tunnel; it never returns to the pool.
+        drop((body, lease));
         let Some(upstream_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
             recorder.event.error = Some(Reason::UpstreamError);
             return Ok(Response::from_parts(
@@ -694,7 +699,7 @@ pub async fn handle(
     }
     Ok(Response::from_parts(
         parts,
-        ResponseBody::upstream(body).with_recorder(recorder),
+        ResponseBody::upstream(body, lease).with_recorder(recorder),
     ))
 }
 

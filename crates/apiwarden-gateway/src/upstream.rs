@@ -1,18 +1,53 @@
-//! Upstreams: their targets, round-robin selection with passive health checks, and the pooled
-//! keep-alive HTTP client that reaches them.
+//! Upstreams: their targets, round-robin selection with passive health checks, and the
+//! keep-alive connection pools that reach them.
+//!
+//! Each worker thread has its own pool per target (a connection is only used by the thread
+//! whose runtime drives it), so taking a connection is a pop from a vector that no other
+//! thread touches. A connection returns to its pool when the response body has been read to
+//! its end; a response abandoned half-way closes its connection.
 
 use crate::body::RequestBody;
 use crate::metrics::UpstreamMetrics;
 use apiwarden_core::config::{Target, UpstreamConfig};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
-/// The HTTP client type used to reach upstreams.
-pub type HttpClient = Client<HttpConnector, RequestBody>;
+type Sender = SendRequest<RequestBody>;
+
+/// Why a request to a target failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made (refused, unreachable, connect timeout).
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The connection failed while the request or response was under way.
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// A connection lent to one request; hand it back with [`Lease::release`] once the response
+/// body has ended.
+pub struct Lease {
+    sender: Sender,
+    upstream: Arc<Upstream>,
+    target: usize,
+    worker: usize,
+}
+
+impl Lease {
+    /// Puts the connection back into its pool.
+    pub fn release(self) {
+        let slot = &self.upstream.targets[self.target].idle[self.worker];
+        if let Ok(mut idle) = slot.lock() {
+            idle.push(self.sender);
+        }
+    }
+}
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -28,21 +63,21 @@ pub struct TargetState {
     pub target: Target,
     /// Text of the target for audit events.
     pub label: Arc<str>,
-    /// `Host` header value and URI authority for requests to this target.
+    /// `Host` header value for requests to this target.
     pub host: http::HeaderValue,
-    pub authority: http::uri::Authority,
     consecutive_failures: AtomicU32,
     /// Milliseconds since the process epoch until which the target is skipped.
     down_until: AtomicU64,
+    /// Idle keep-alive connections, one list per worker thread. Each list is only ever locked
+    /// by its own worker, so the lock is never contended.
+    idle: Vec<Mutex<Vec<Sender>>>,
 }
 
 /// A named upstream.
 pub struct Upstream {
     pub config: UpstreamConfig,
     pub name: Arc<str>,
-    /// One client (and so one connection pool) per worker thread: a connection is only ever
-    /// used by the thread whose runtime drives it.
-    clients: Vec<HttpClient>,
+    workers: usize,
     pub targets: Vec<TargetState>,
     next: AtomicUsize,
     pub metrics: Arc<UpstreamMetrics>,
@@ -50,63 +85,119 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(config: UpstreamConfig, metrics: Arc<UpstreamMetrics>, workers: usize) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let clients = (0..workers.max(1))
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .pool_max_idle_per_host(1024)
-                    .pool_timer(TokioTimer::new())
-                    .set_host(false)
-                    .build(connector.clone())
-            })
-            .collect();
+        let workers = workers.max(1);
         let targets = config
             .targets
             .iter()
             .map(|t| TargetState {
                 host: http::HeaderValue::from_str(&t.authority).expect("validated authority"),
-                authority: t.authority.parse().expect("validated authority"),
                 target: t.clone(),
                 label: Arc::from(t.to_string()),
                 consecutive_failures: AtomicU32::new(0),
                 down_until: AtomicU64::new(0),
+                idle: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
             })
             .collect();
         Upstream {
             name: Arc::from(config.name.as_str()),
             config,
-            clients,
+            workers,
             targets,
             next: AtomicUsize::new(0),
             metrics,
         }
     }
 
-    /// The client of the calling worker thread.
-    pub fn client(&self) -> &HttpClient {
-        &self.clients[crate::server::worker_index() % self.clients.len()]
+    /// Sends `req` to target number `target` on a pooled connection of the calling worker,
+    /// or a new one. A request that a pooled connection turns out to be unable to take (the
+    /// upstream closed it while it was idle) is sent once more on a new connection.
+    pub async fn send(
+        self: &Arc<Self>,
+        target: usize,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let worker = crate::server::worker_index() % self.workers;
+        let mut sender = match self.pooled(target, worker).await {
+            Some(s) => s,
+            None => self.connect(target).await?,
+        };
+        let resp = match sender.try_send_request(req).await {
+            Ok(r) => r,
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    sender = self.connect(target).await?;
+                    sender.send_request(req).await?
+                }
+                None => return Err(SendError::Http(e.into_error())),
+            },
+        };
+        Ok((
+            resp,
+            Lease {
+                sender,
+                upstream: self.clone(),
+                target,
+                worker,
+            },
+        ))
+    }
+
+    async fn pooled(&self, target: usize, worker: usize) -> Option<Sender> {
+        loop {
+            let mut sender = self.targets[target].idle[worker].lock().ok()?.pop()?;
+            if !sender.is_closed() && sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    async fn connect(&self, target: usize) -> Result<Sender, SendError> {
+        let authority = &self.targets[target].target.authority;
+        let stream = match tokio::time::timeout(
+            self.config.connect_timeout,
+            tokio::net::TcpStream::connect(authority.as_str()),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
+            Err(_) => {
+                return Err(SendError::Connect(format!(
+                    "no connection within {:?}",
+                    self.config.connect_timeout
+                )))
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| SendError::Connect(e.to_string()))?;
+        // The connection is driven on the calling worker's runtime, next to the requests
+        // that use it.
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 
     /// Picks the next healthy target round-robin. When every target is cooling down, the one
     /// whose cool-down ends first is tried, so a recovered upstream is found again.
-    pub fn pick(&self) -> &TargetState {
+    pub fn pick(&self) -> usize {
         if self.targets.len() == 1 {
-            return &self.targets[0];
+            return 0;
         }
         let start = self.next.fetch_add(1, Relaxed);
         let now = now_ms();
         let n = self.targets.len();
         (0..n)
-            .map(|i| &self.targets[(start + i) % n])
-            .find(|t| t.down_until.load(Relaxed) <= now)
+            .map(|i| (start + i) % n)
+            .find(|&i| self.targets[i].down_until.load(Relaxed) <= now)
             .unwrap_or_else(|| {
-                self.targets
-                    .iter()
-                    .min_by_key(|t| t.down_until.load(Relaxed))
+                (0..n)
+                    .min_by_key(|&i| self.targets[i].down_until.load(Relaxed))
                     .expect("an upstream has at least one target")
             })
     }
@@ -140,6 +231,7 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn upstream(targets: &[&str], threshold: u32) -> Upstream {
         let cfg = UpstreamConfig {
@@ -162,16 +254,20 @@ mod tests {
     #[tokio::test]
     async fn round_robin_skips_a_failing_target_for_the_cooldown() {
         let u = upstream(&["a:1", "b:1", "c:1"], 2);
-        let picks: Vec<String> = (0..6).map(|_| u.pick().target.authority.clone()).collect();
+        let picks: Vec<String> = (0..6)
+            .map(|_| u.targets[u.pick()].target.authority.clone())
+            .collect();
         assert_eq!(picks, ["a:1", "b:1", "c:1", "a:1", "b:1", "c:1"]);
         let b = &u.targets[1];
         u.failed(b);
         assert!(
-            (0..3).any(|_| u.pick().target.authority == "b:1"),
+            (0..3).any(|_| u.targets[u.pick()].target.authority == "b:1"),
             "one failure is below the threshold"
         );
         u.failed(b);
-        let picks: Vec<String> = (0..6).map(|_| u.pick().target.authority.clone()).collect();
+        let picks: Vec<String> = (0..6)
+            .map(|_| u.targets[u.pick()].target.authority.clone())
+            .collect();
         assert!(!picks.iter().any(|p| p == "b:1"), "{picks:?}");
         // Everything down: the earliest to recover is still tried.
         for t in &u.targets {
