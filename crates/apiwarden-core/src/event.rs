@@ -8,6 +8,7 @@ use serde::{Serialize, Serializer};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
+use uuid::Uuid;
 
 /// The schema version written in every event.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -161,12 +162,12 @@ pub struct AuditEvent {
     pub schema_version: u32,
     /// Assigned by the audit sink, gap-free per node.
     pub seq: u64,
-    pub event_id: String,
+    pub event_id: Uuid,
     #[serde(serialize_with = "rfc3339")]
     pub time: SystemTime,
     pub node: Arc<str>,
     pub kind: EventKind,
-    pub request_id: Option<String>,
+    pub request_id: Option<Uuid>,
     pub client: Client,
     pub identity: IdentityFields,
     pub request: RequestFields,
@@ -186,7 +187,7 @@ fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
 
 impl AuditEvent {
     /// A blank event of the given kind.
-    pub fn new(kind: EventKind, event_id: String, node: Arc<str>) -> Self {
+    pub fn new(kind: EventKind, event_id: Uuid, node: Arc<str>) -> Self {
         AuditEvent {
             schema_version: SCHEMA_VERSION,
             seq: 0,
@@ -217,13 +218,10 @@ impl AuditEvent {
         j.open();
         j.key("schema_version").u64(u64::from(self.schema_version));
         j.key("seq").u64(self.seq);
-        j.key("event_id").str(&self.event_id);
+        j.key("event_id").uuid(self.event_id);
         j.key("time");
         j.out.push(b'"');
-        {
-            use std::io::Write as _;
-            let _ = write!(j.out, "{}", humantime::format_rfc3339_micros(self.time));
-        }
+        write_time(j.out, self.time);
         j.out.push(b'"');
         j.key("node").str(&self.node);
         j.key("kind").str(match self.kind {
@@ -231,14 +229,29 @@ impl AuditEvent {
             EventKind::Admin => "admin",
             EventKind::System => "system",
         });
-        j.key("request_id").opt_str(self.request_id.as_deref());
+        match self.request_id {
+            Some(id) => j.key("request_id").uuid(id),
+            None => j.key("request_id").null(),
+        }
         j.key("client").open();
         match self.client.ip {
             Some(ip) => {
                 j.key("ip");
                 j.out.push(b'"');
-                use std::io::Write as _;
-                let _ = write!(j.out, "{ip}");
+                match ip {
+                    IpAddr::V4(v4) => {
+                        for (i, octet) in v4.octets().iter().enumerate() {
+                            if i > 0 {
+                                j.out.push(b'.');
+                            }
+                            j.u64(u64::from(*octet));
+                        }
+                    }
+                    IpAddr::V6(v6) => {
+                        use std::io::Write as _;
+                        let _ = write!(j.out, "{v6}");
+                    }
+                }
                 j.out.push(b'"');
             }
             None => {
@@ -302,6 +315,66 @@ impl AuditEvent {
     }
 }
 
+/// Length of the prefix of `bytes` that JSON can hold unescaped, found eight bytes at a time.
+fn clean_prefix(bytes: &[u8]) -> usize {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    // True where some byte of `w` is zero (the classic "has zero byte" test).
+    let has_zero = |w: u64| w.wrapping_sub(LO) & !w & HI != 0;
+    let mut i = 0;
+    while i + 8 <= bytes.len() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[i..i + 8]);
+        let w = u64::from_le_bytes(word);
+        // A byte below 0x20 (with its high bit clear), a quote, a backslash or DEL.
+        let control = w.wrapping_sub(LO * 0x20) & !w & HI != 0;
+        if control
+            || has_zero(w ^ (LO * u64::from(b'"')))
+            || has_zero(w ^ (LO * u64::from(b'\\')))
+            || has_zero(w ^ (LO * 0x7f))
+        {
+            break;
+        }
+        i += 8;
+    }
+    i
+}
+
+thread_local! {
+    /// The formatted `YYYY-MM-DDTHH:MM:SS` of the last second written, and that second.
+    static SECOND: std::cell::RefCell<(u64, [u8; 19])> = const { std::cell::RefCell::new((u64::MAX, [0; 19])) };
+}
+
+/// Writes `t` as RFC 3339 in UTC with microseconds (`2026-11-25T12:00:00.123456Z`). The
+/// date and time of day are formatted once per second and reused.
+fn write_time(out: &mut Vec<u8>, t: SystemTime) {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    SECOND.with(|cell| {
+        let mut c = cell.borrow_mut();
+        if c.0 != secs {
+            let mut text = Vec::with_capacity(32);
+            {
+                use std::io::Write as _;
+                let _ = write!(text, "{}", humantime::format_rfc3339_seconds(t));
+            }
+            c.1.copy_from_slice(&text[..19]);
+            c.0 = secs;
+        }
+        out.extend_from_slice(&c.1);
+    });
+    let micros = d.subsec_micros();
+    out.push(b'.');
+    let mut digits = [b'0'; 6];
+    let mut m = micros;
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (m % 10) as u8;
+        m /= 10;
+    }
+    out.extend_from_slice(&digits);
+    out.push(b'Z');
+}
+
 /// A minimal JSON writer for [`AuditEvent::write_json`].
 struct Json<'a> {
     out: &'a mut Vec<u8>,
@@ -331,6 +404,14 @@ impl Json<'_> {
         self
     }
 
+    fn uuid(&mut self, id: Uuid) {
+        let mut buf = [0u8; 38];
+        buf[0] = b'"';
+        buf[37] = b'"';
+        id.hyphenated().encode_lower(&mut buf[1..37]);
+        self.out.extend_from_slice(&buf);
+    }
+
     fn null(&mut self) {
         self.out.extend_from_slice(b"null");
     }
@@ -352,8 +433,12 @@ impl Json<'_> {
     fn str(&mut self, s: &str) {
         self.out.push(b'"');
         let bytes = s.as_bytes();
+        // Skip, eight bytes at a time, the (usual) stretch that needs no escaping.
         let mut start = 0;
-        for (i, &b) in bytes.iter().enumerate() {
+        let clean = clean_prefix(bytes);
+        self.out.extend_from_slice(&bytes[..clean]);
+        start += clean;
+        for (i, &b) in bytes.iter().enumerate().skip(clean) {
             let escaped: &[u8] = match b {
                 b'"' => b"\\\"",
                 b'\\' => b"\\\\",
@@ -421,7 +506,7 @@ mod tests {
 
     #[test]
     fn serialises_with_nested_spec_names() {
-        let mut e = AuditEvent::new(EventKind::Request, "id".into(), Arc::from("n1"));
+        let mut e = AuditEvent::new(EventKind::Request, Uuid::nil(), Arc::from("n1"));
         e.client.ip = Some("10.0.0.1".parse().unwrap());
         e.decision = DecisionFields {
             outcome: Outcome::Deny,
@@ -441,11 +526,11 @@ mod tests {
     fn the_canonical_encoding_is_the_serde_document() {
         let mut e = AuditEvent::new(
             EventKind::Request,
-            "0190-ev".into(),
+            Uuid::from_u128(0x0190_1234),
             Arc::from("node-\"1\""),
         );
         e.seq = 42;
-        e.request_id = Some("rid".into());
+        e.request_id = Some(Uuid::from_u128(7));
         e.client.ip = Some("2001:db8::1".parse().unwrap());
         e.client.forwarded_for = Some("1.2.3.4, 5.6.7.8".into());
         e.identity.method = Some("api_key");
@@ -470,13 +555,39 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&buf)
         );
-        let blank = AuditEvent::new(EventKind::System, String::new(), Arc::from(""));
+        let blank = AuditEvent::new(EventKind::System, Uuid::nil(), Arc::from(""));
         buf.clear();
         blank.write_json(&mut buf);
         assert_eq!(
             serde_json::from_slice::<serde_json::Value>(&buf).unwrap(),
             serde_json::to_value(&blank).unwrap()
         );
+    }
+
+    #[test]
+    fn string_escaping_matches_serde_json_on_random_strings() {
+        let alphabet: Vec<char> = "ab\"\\\n\r\t\u{0}\u{1f}\u{7f} é€😀/zZ09".chars().collect();
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        for len in 0..200usize {
+            for _ in 0..10 {
+                let text: String = (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        alphabet[(state % alphabet.len() as u64) as usize]
+                    })
+                    .collect();
+                let mut buf = Vec::new();
+                Json {
+                    out: &mut buf,
+                    first: true,
+                }
+                .str(&text);
+                let back: String = serde_json::from_slice(&buf).unwrap();
+                assert_eq!(back, text);
+            }
+        }
     }
 
     #[test]

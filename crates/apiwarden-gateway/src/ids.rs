@@ -39,10 +39,16 @@ pub fn uuid_v7() -> uuid::Uuid {
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
-/// A new UUIDv7 as its hyphenated text.
-pub fn new_id() -> String {
-    let mut buf = uuid::Uuid::encode_buffer();
-    uuid_v7().hyphenated().encode_lower(&mut buf).to_string()
+/// A new UUIDv7 (an alias of [`uuid_v7`], for ids of events and requests).
+pub fn new_id() -> uuid::Uuid {
+    uuid_v7()
+}
+
+/// The hyphenated text of an id as a header value, without going through `fmt`.
+pub fn header_value(id: uuid::Uuid) -> http::HeaderValue {
+    let mut buf = [0u8; 36];
+    id.hyphenated().encode_lower(&mut buf);
+    http::HeaderValue::from_bytes(&buf).expect("a UUID is a valid header value")
 }
 
 #[cfg(test)]

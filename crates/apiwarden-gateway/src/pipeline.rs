@@ -546,7 +546,7 @@ pub async fn handle(
     let state = shared.state.load_full();
 
     let request_id = new_id();
-    let rid = HeaderValue::from_str(&request_id).expect("a UUID is a valid header value");
+    let rid = crate::ids::header_value(request_id);
     let mut event = Box::new(AuditEvent::new(
         EventKind::Request,
         new_id(),
@@ -562,7 +562,8 @@ pub async fn handle(
         .map(str::to_string);
     event.tls.version = conn.tls_version;
     event.request.method = Some(req.method().as_str().to_string());
-    event.request.host = request_host(&req).map(str::to_string);
+    let host = request_host(&req);
+    event.request.host = host.map(str::to_string);
     event.request.query = req.uri().query().map(redact_query);
     event.request.user_agent = req
         .headers()
@@ -608,10 +609,7 @@ pub async fn handle(
     }
 
     // Stage: route.
-    let Some(ri) = state
-        .router
-        .find(request_host(&req), req.method().as_str(), &path)
-    else {
+    let Some(ri) = state.router.find(host, req.method().as_str(), &path) else {
         return deny(recorder, Reason::RouteNotFound);
     };
     let route = &cfg.routes[ri];

@@ -11,9 +11,10 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -95,19 +96,47 @@ pub fn worker_count(config: &Config) -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+/// The protocol a connection speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// Plain TCP with `gateway.h2c`: HTTP/1.1, or HTTP/2 with prior knowledge.
+    Detect,
+}
+
+/// hyper refuses a head larger than its read buffer with its own bare 431; keep that buffer
+/// above our limit so that the pipeline answers with the JSON error and the request id.
+fn read_buffer(config: &Config) -> usize {
+    (config.gateway.max_header_size * 2).max(16 * 1024) + 8 * 1024
+}
+
+fn http1_builder(config: &Config) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(read_buffer(config))
+        .keep_alive(true);
+    b
+}
+
+fn http2_builder(config: &Config) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(read_buffer(config)).unwrap_or(u32::MAX));
+    b
+}
+
+fn auto_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    // hyper refuses a head larger than its read buffer with its own 431; keep that buffer
-    // above our limit so the pipeline answers with the JSON error and the request id.
-    let buf = (config.gateway.max_header_size * 2).max(16 * 1024) + 8 * 1024;
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(buf)
+        .max_buf_size(read_buffer(config))
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(buf).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(read_buffer(config)).unwrap_or(u32::MAX));
     b
 }
 
@@ -208,16 +237,18 @@ impl Gateway {
                             }
                         };
                         let timeout = shared.state.load().config.gateway.shutdown_timeout;
-                        let graceful = GracefulShutdown::new();
-                        accept_loop(listener, shared, acceptor, stop, &graceful).await;
-                        let open = graceful.count();
-                        if tokio::time::timeout(timeout, graceful.shutdown())
-                            .await
-                            .is_err()
+                        let live = Arc::new(());
+                        accept_loop(listener, shared, acceptor, stop, &live).await;
+                        // Every connection holds a clone of `live` until it has closed.
+                        let deadline = tokio::time::Instant::now() + timeout;
+                        while Arc::strong_count(&live) > 1 && tokio::time::Instant::now() < deadline
                         {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        if Arc::strong_count(&live) > 1 {
                             tracing::warn!(
                                 worker = index,
-                                connections = open,
+                                connections = Arc::strong_count(&live) - 1,
                                 "shutdown timeout reached with requests still in flight"
                             );
                         }
@@ -372,7 +403,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
-    graceful: &GracefulShutdown,
+    live: &Arc<()>,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
@@ -389,10 +420,24 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let watcher = graceful.watcher();
+        let watcher = Watcher {
+            stop: stop.clone(),
+            _live: live.clone(),
+        };
         match &tls {
             None => {
-                tokio::spawn(serve(stream, ConnInfo::new(peer, None), shared, watcher));
+                let protocol = if shared.state.load().config.gateway.h2c {
+                    Protocol::Detect
+                } else {
+                    Protocol::Http1
+                };
+                tokio::spawn(serve(
+                    stream,
+                    ConnInfo::new(peer, None),
+                    shared,
+                    watcher,
+                    protocol,
+                ));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
@@ -405,7 +450,19 @@ async fn accept_loop(
                                 Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
                                 _ => "TLSv1.2",
                             };
-                            serve(tls, ConnInfo::new(peer, Some(version)), shared, watcher).await;
+                            let protocol = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                Protocol::Http2
+                            } else {
+                                Protocol::Http1
+                            };
+                            serve(
+                                tls,
+                                ConnInfo::new(peer, Some(version)),
+                                shared,
+                                watcher,
+                                protocol,
+                            )
+                            .await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -416,24 +473,66 @@ async fn accept_loop(
     }
 }
 
-async fn serve<I>(io: I, conn: ConnInfo, shared: Arc<Shared>, watcher: Watcher)
+/// What a connection needs to close gracefully: the stop signal, and a token whose count
+/// tells the worker how many connections are still open.
+struct Watcher {
+    stop: watch::Receiver<bool>,
+    _live: Arc<()>,
+}
+
+/// Drives a connection to its end; on the stop signal, asks it to finish the request in
+/// flight and close.
+async fn drive<C, E>(conn: C, watcher: Watcher, shutdown: impl FnOnce(Pin<&mut C>)) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let Watcher { mut stop, _live } = watcher;
+    let mut conn = std::pin::pin!(conn);
+    if !*stop.borrow_and_update() {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = stop.changed() => {}
+        }
+    }
+    shutdown(conn.as_mut());
+    conn.await
+}
+
+async fn serve<I>(io: I, conn: ConnInfo, shared: Arc<Shared>, watcher: Watcher, protocol: Protocol)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(conn);
-    let builder = http_builder(&shared.state.load().config);
     let svc = {
         let shared = shared.clone();
         let conn = conn.clone();
         service_fn(move |req| handle(shared.clone(), conn.clone(), req))
     };
-    let served = watcher
-        .watch(
-            builder
-                .serve_connection_with_upgrades(TokioIo::new(io), svc)
-                .into_owned(),
-        )
-        .await;
+    let io = TokioIo::new(io);
+    let state = shared.state.load_full();
+    let config = &state.config;
+    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match protocol {
+        Protocol::Http1 => {
+            let conn = http1_builder(config)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            drive(conn, watcher, |c| c.graceful_shutdown())
+                .await
+                .map_err(Into::into)
+        }
+        Protocol::Http2 => {
+            let conn = http2_builder(config).serve_connection(io, svc);
+            drive(conn, watcher, |c| c.graceful_shutdown())
+                .await
+                .map_err(Into::into)
+        }
+        Protocol::Detect => {
+            let builder = auto_builder(config);
+            let conn = builder.serve_connection_with_upgrades(io, svc);
+            drive(conn, watcher, |c| c.graceful_shutdown()).await
+        }
+    };
+    drop(state);
     if let Err(e) = served {
         // hyper has already answered a request it could not parse; record it.
         if let Some(he) = e.downcast_ref::<hyper::Error>() {

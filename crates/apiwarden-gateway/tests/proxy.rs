@@ -49,7 +49,10 @@ async fn a_request_is_proxied_with_forwarding_headers_and_one_audit_event() {
 
     let ev = gw.assert_events(1).await;
     let e = &ev[0];
-    assert_eq!(e.request_id.as_deref(), Some(rid.as_str()));
+    assert_eq!(
+        e.request_id.map(|id| id.to_string()).as_deref(),
+        Some(rid.as_str())
+    );
     assert_eq!(e.response.status, 200);
     assert_eq!(e.decision.outcome, Outcome::Allow);
     assert_eq!(e.request.route.as_deref(), Some("/echo"));

@@ -86,6 +86,8 @@ pub struct GatewayConfig {
     pub node: Option<String>,
     /// Runtime worker threads; `None` means one per core.
     pub worker_threads: Option<usize>,
+    /// Accept HTTP/2 with prior knowledge on a plain-TCP listener.
+    pub h2c: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -258,6 +260,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "gateway.shutdown_timeout", default: "\"30s\"", example: "\"10s\"", doc: "On SIGTERM or Ctrl-C, how long requests in flight may take to finish." },
     OptionDoc { key: "gateway.node", default: "the host name", example: "\"gw-1\"", doc: "This node's name in audit events." },
     OptionDoc { key: "gateway.worker_threads", default: "one per core", example: "2", doc: "Worker threads, each with its own event loop, connections and upstream pools (read at start only)." },
+    OptionDoc { key: "gateway.h2c", default: "false", example: "true", doc: "Plain-TCP listener only: also accept HTTP/2 with prior knowledge (h2c). Over TLS, HTTP/2 is always offered through ALPN." },
     OptionDoc { key: "admin.listen", default: "\"127.0.0.1:9090\"", example: "\"127.0.0.1:9090\"", doc: "Address of the admin listener (`/healthz`, `/readyz`, `/metrics`)." },
     OptionDoc { key: "storage.data_dir", default: "\"./apiwarden-data\"", example: "\"/var/lib/apiwarden\"", doc: "Where audit records and local state live (relative to the config file)." },
     OptionDoc { key: "storage.database", default: "none", example: "\"postgres://postgres@127.0.0.1/test\"", doc: "Fleet mode: PostgreSQL for shared consumers and keys (used by the identity stage)." },

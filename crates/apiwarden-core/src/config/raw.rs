@@ -20,6 +20,7 @@ pub(crate) struct Gateway {
     pub shutdown_timeout: Option<String>,
     pub node: Option<String>,
     pub worker_threads: Option<u64>,
+    pub h2c: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

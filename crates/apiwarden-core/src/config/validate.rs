@@ -522,6 +522,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             shutdown_timeout,
             node: gateway.node.clone(),
             worker_threads,
+            h2c: gateway.h2c.unwrap_or(false),
         },
         admin: AdminConfig {
             listen: admin_listen,
