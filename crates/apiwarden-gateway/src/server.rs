@@ -71,6 +71,7 @@ pub struct Gateway {
     reload_lock: Mutex<Option<SystemTime>>,
     stop: watch::Sender<bool>,
     admin_task: JoinHandle<()>,
+    acceptor_task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
     /// One per worker thread; each resolves when its worker has drained.
     workers: Vec<(
@@ -154,13 +155,8 @@ impl Gateway {
             Some(t) => Some(server_config(t)?),
             None => None,
         };
-        let api = std::net::TcpListener::bind(config.gateway.listen).map_err(|source| {
-            StartError::Bind {
-                addr: config.gateway.listen,
-                source,
-            }
-        })?;
-        api.set_nonblocking(true)
+        let api = TcpListener::bind(config.gateway.listen)
+            .await
             .map_err(|source| StartError::Bind {
                 addr: config.gateway.listen,
                 source,
@@ -204,15 +200,18 @@ impl Gateway {
             }));
             TlsAcceptor::from(sc)
         });
-        // Thread per core: each worker runs its own single-threaded runtime and accepts on the
-        // same listening socket. A connection, its upstream connections and their tasks stay
-        // on one thread, so a request costs no cross-thread wake-up.
+        // Thread per core: each worker runs its own single-threaded runtime. A connection,
+        // its upstream connections and their tasks stay on one thread, so a request costs no
+        // cross-thread wake-up. One acceptor hands each new connection to the worker with the
+        // fewest open connections (a shared accept queue lets one eager thread take most).
         let mut workers = Vec::with_capacity(workers_n);
+        let mut queues = Vec::with_capacity(workers_n);
         for index in 0..workers_n {
-            let listener = api
-                .try_clone()
-                .map_err(|source| StartError::Bind { addr, source })?;
             let (shared, acceptor, stop) = (shared.clone(), acceptor.clone(), stop_rx.clone());
+            let (conn_tx, conn_rx) =
+                tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
+            let live = Arc::new(());
+            queues.push((conn_tx, Arc::downgrade(&live)));
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             let thread = std::thread::Builder::new()
                 .name(format!("apiwarden-worker-{index}"))
@@ -229,16 +228,8 @@ impl Gateway {
                         }
                     };
                     rt.block_on(async move {
-                        let listener = match TcpListener::from_std(listener) {
-                            Ok(l) => l,
-                            Err(e) => {
-                                tracing::error!(error = %e, "a worker cannot use the listener");
-                                return;
-                            }
-                        };
                         let timeout = shared.state.load().config.gateway.shutdown_timeout;
-                        let live = Arc::new(());
-                        accept_loop(listener, shared, acceptor, stop, &live).await;
+                        worker_loop(conn_rx, shared, acceptor, stop, &live).await;
                         // Every connection holds a clone of `live` until it has closed.
                         let deadline = tokio::time::Instant::now() + timeout;
                         while Arc::strong_count(&live) > 1 && tokio::time::Instant::now() < deadline
@@ -258,6 +249,7 @@ impl Gateway {
                 .map_err(|source| StartError::Bind { addr, source })?;
             workers.push((thread, done_rx));
         }
+        let acceptor_task = tokio::spawn(accept_loop(api, queues, stop_rx.clone()));
         let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone(), stop_rx.clone()));
         shared.system_event(
             format!("gateway started on {addr}, admin on {admin_addr}"),
@@ -273,6 +265,7 @@ impl Gateway {
             config_path,
             stop,
             admin_task,
+            acceptor_task,
             background,
             workers,
         };
@@ -379,6 +372,7 @@ impl Gateway {
         self.shared.shutting_down.store(true, Ordering::Relaxed);
         let _ = self.stop.send(true);
         let _ = self.admin_task.await;
+        let _ = self.acceptor_task.await;
         for (thread, done) in self.workers {
             // Each worker stops accepting, drains within gateway.shutdown_timeout, then ends.
             let _ = done.await;
@@ -398,12 +392,11 @@ fn modified(p: &std::path::Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
+/// Accepts connections and hands each to the worker with the fewest open ones.
 async fn accept_loop(
     listener: TcpListener,
-    shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
+    queues: Vec<(ConnQueue, std::sync::Weak<()>)>,
     mut stop: watch::Receiver<bool>,
-    live: &Arc<()>,
 ) {
     loop {
         let (stream, peer) = tokio::select! {
@@ -419,6 +412,35 @@ async fn accept_loop(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
+        let Ok(std) = stream.into_std() else { continue };
+        let Some((queue, _)) = queues.iter().min_by_key(|(_, live)| live.strong_count()) else {
+            return;
+        };
+        let _ = queue.send((std, peer));
+    }
+}
+
+type ConnQueue = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>;
+
+/// A worker: serves the connections the acceptor hands it until the stop signal.
+async fn worker_loop(
+    mut conns: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+    live: &Arc<()>,
+) {
+    loop {
+        let (std, peer) = tokio::select! {
+            c = conns.recv() => match c {
+                Some(c) => c,
+                None => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(stream) = tokio::net::TcpStream::from_std(std) else {
+            continue;
+        };
         let shared = shared.clone();
         let watcher = Watcher {
             stop: stop.clone(),
