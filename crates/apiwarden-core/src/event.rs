@@ -214,29 +214,31 @@ impl AuditEvent {
 /// it costs a fraction of a generic serialiser on the hot path of the audit writer.
 impl AuditEvent {
     pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.reserve(1024);
         let mut j = Json { out, first: true };
         j.open();
-        j.key("schema_version").u64(u64::from(self.schema_version));
-        j.key("seq").u64(self.seq);
-        j.key("event_id").uuid(self.event_id);
-        j.key("time");
+        j.key(k!("schema_version"))
+            .u64(u64::from(self.schema_version));
+        j.key(k!("seq")).u64(self.seq);
+        j.key(k!("event_id")).uuid(self.event_id);
+        j.key(k!("time"));
         j.out.push(b'"');
         write_time(j.out, self.time);
         j.out.push(b'"');
-        j.key("node").str(&self.node);
-        j.key("kind").str(match self.kind {
+        j.key(k!("node")).str(&self.node);
+        j.key(k!("kind")).str(match self.kind {
             EventKind::Request => "request",
             EventKind::Admin => "admin",
             EventKind::System => "system",
         });
         match self.request_id {
-            Some(id) => j.key("request_id").uuid(id),
-            None => j.key("request_id").null(),
+            Some(id) => j.key(k!("request_id")).uuid(id),
+            None => j.key(k!("request_id")).null(),
         }
-        j.key("client").open();
+        j.key(k!("client")).open();
         match self.client.ip {
             Some(ip) => {
-                j.key("ip");
+                j.key(k!("ip"));
                 j.out.push(b'"');
                 match ip {
                     IpAddr::V4(v4) => {
@@ -255,62 +257,62 @@ impl AuditEvent {
                 j.out.push(b'"');
             }
             None => {
-                j.key("ip").null();
+                j.key(k!("ip")).null();
             }
         }
-        j.key("forwarded_for")
+        j.key(k!("forwarded_for"))
             .opt_str(self.client.forwarded_for.as_deref());
         j.close();
         let id = &self.identity;
-        j.key("identity").open();
-        j.key("consumer").opt_str(id.consumer.as_deref());
-        j.key("key_id").opt_str(id.key_id.as_deref());
-        j.key("method").opt_str(id.method);
-        j.key("subject").opt_str(id.subject.as_deref());
-        j.key("scopes").strs(&id.scopes);
+        j.key(k!("identity")).open();
+        j.key(k!("consumer")).opt_str(id.consumer.as_deref());
+        j.key(k!("key_id")).opt_str(id.key_id.as_deref());
+        j.key(k!("method")).opt_str(id.method);
+        j.key(k!("subject")).opt_str(id.subject.as_deref());
+        j.key(k!("scopes")).strs(&id.scopes);
         j.close();
         let r = &self.request;
-        j.key("request").open();
-        j.key("method").opt_str(r.method.as_deref());
-        j.key("host").opt_str(r.host.as_deref());
-        j.key("path").opt_str(r.path.as_deref());
-        j.key("route").opt_str(r.route.as_deref());
-        j.key("route_name").opt_str(r.route_name.as_deref());
-        j.key("query").opt_str(r.query.as_deref());
-        j.key("user_agent").opt_str(r.user_agent.as_deref());
-        j.key("bytes").u64(r.bytes);
-        j.key("upgrade").opt_str(r.upgrade.as_deref());
+        j.key(k!("request")).open();
+        j.key(k!("method")).opt_str(r.method.as_deref());
+        j.key(k!("host")).opt_str(r.host.as_deref());
+        j.key(k!("path")).opt_str(r.path.as_deref());
+        j.key(k!("route")).opt_str(r.route.as_deref());
+        j.key(k!("route_name")).opt_str(r.route_name.as_deref());
+        j.key(k!("query")).opt_str(r.query.as_deref());
+        j.key(k!("user_agent")).opt_str(r.user_agent.as_deref());
+        j.key(k!("bytes")).u64(r.bytes);
+        j.key(k!("upgrade")).opt_str(r.upgrade.as_deref());
         j.close();
-        j.key("response").open();
-        j.key("status").u64(u64::from(self.response.status));
-        j.key("bytes").u64(self.response.bytes);
-        j.key("latency_us").u64(self.response.latency_us);
+        j.key(k!("response")).open();
+        j.key(k!("status")).u64(u64::from(self.response.status));
+        j.key(k!("bytes")).u64(self.response.bytes);
+        j.key(k!("latency_us")).u64(self.response.latency_us);
         j.close();
         let u = &self.upstream;
-        j.key("upstream").open();
-        j.key("name").opt_str(u.name.as_deref());
-        j.key("target").opt_str(u.target.as_deref());
+        j.key(k!("upstream")).open();
+        j.key(k!("name")).opt_str(u.name.as_deref());
+        j.key(k!("target")).opt_str(u.target.as_deref());
         match u.latency_us {
-            Some(n) => j.key("latency_us").u64(n),
-            None => j.key("latency_us").null(),
+            Some(n) => j.key(k!("latency_us")).u64(n),
+            None => j.key(k!("latency_us")).null(),
         };
         j.close();
         let d = &self.decision;
-        j.key("decision").open();
-        j.key("outcome").str(match d.outcome {
+        j.key(k!("decision")).open();
+        j.key(k!("outcome")).str(match d.outcome {
             Outcome::Allow => "allow",
             Outcome::Deny => "deny",
         });
-        j.key("reason").str(d.reason.as_str());
-        j.key("policy").opt_str(d.policy.as_deref());
+        j.key(k!("reason")).str(d.reason.as_str());
+        j.key(k!("policy")).opt_str(d.policy.as_deref());
         j.close();
-        j.key("tls").open();
-        j.key("version").opt_str(self.tls.version);
-        j.key("client_subject")
+        j.key(k!("tls")).open();
+        j.key(k!("version")).opt_str(self.tls.version);
+        j.key(k!("client_subject"))
             .opt_str(self.tls.client_subject.as_deref());
         j.close();
-        j.key("error").opt_str(self.error.map(Reason::as_str));
-        j.key("message").opt_str(self.message.as_deref());
+        j.key(k!("error")).opt_str(self.error.map(Reason::as_str));
+        j.key(k!("message")).opt_str(self.message.as_deref());
         j.close();
     }
 }
@@ -375,6 +377,14 @@ fn write_time(out: &mut Vec<u8>, t: SystemTime) {
     out.push(b'Z');
 }
 
+/// A JSON object key with its quotes and colon, as one literal.
+macro_rules! k {
+    ($name:literal) => {
+        concat!("\"", $name, "\":").as_bytes()
+    };
+}
+use k;
+
 /// A minimal JSON writer for [`AuditEvent::write_json`].
 struct Json<'a> {
     out: &'a mut Vec<u8>,
@@ -393,14 +403,13 @@ impl Json<'_> {
         self.first = false;
     }
 
-    fn key(&mut self, k: &str) -> &mut Self {
+    /// Writes a key made by `k!`: `"name":`, with the comma before it when needed.
+    fn key(&mut self, k: &[u8]) -> &mut Self {
         if !self.first {
             self.out.push(b',');
         }
         self.first = false;
-        self.out.push(b'"');
-        self.out.extend_from_slice(k.as_bytes());
-        self.out.extend_from_slice(b"\":");
+        self.out.extend_from_slice(k);
         self
     }
 

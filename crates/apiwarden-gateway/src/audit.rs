@@ -6,7 +6,7 @@
 
 use apiwarden_core::event::AuditEvent;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
@@ -98,49 +98,55 @@ fn last_seq(file: &mut File) -> std::io::Result<Option<u64>> {
 const WRITER_TICK: std::time::Duration = std::time::Duration::from_millis(2);
 
 fn writer(
-    file: File,
+    mut file: File,
     mut rx: mpsc::UnboundedReceiver<Msg>,
     mut seq: u64,
     healthy: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let mut out = BufWriter::with_capacity(256 * 1024, file);
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut line = Vec::with_capacity(1024);
+    // Events are encoded straight into the batch, which is written with one `write`.
+    let mut batch: Vec<u8> = Vec::with_capacity(256 * 1024);
     loop {
-        let mut wrote = false;
+        let mut disconnected = false;
         loop {
             match rx.try_recv() {
                 Ok(Msg::Event(mut e)) => {
                     e.seq = seq;
                     seq += 1;
-                    line.clear();
-                    e.write_json(&mut line);
-                    line.push(b'\n');
-                    if out.write_all(&line).is_err() {
-                        healthy.store(false, std::sync::atomic::Ordering::Relaxed);
-                        tracing::error!(seq = e.seq, "cannot write an audit event");
+                    e.write_json(&mut batch);
+                    batch.push(b'\n');
+                    if batch.len() >= 256 * 1024 {
+                        write_batch(&mut file, &mut batch, &healthy);
                     }
-                    wrote = true;
                 }
                 Ok(Msg::Flush(done)) => waiting.push(done),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
-                    let _ = out.flush();
-                    return;
+                    disconnected = true;
+                    break;
                 }
             }
         }
-        if wrote || !waiting.is_empty() {
-            if out.flush().is_err() {
-                healthy.store(false, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!("cannot flush the audit file");
-            }
-            for w in waiting.drain(..) {
-                let _ = w.send(());
-            }
+        write_batch(&mut file, &mut batch, &healthy);
+        for w in waiting.drain(..) {
+            let _ = w.send(());
+        }
+        if disconnected {
+            return;
         }
         std::thread::sleep(WRITER_TICK);
     }
+}
+
+fn write_batch(file: &mut File, batch: &mut Vec<u8>, healthy: &std::sync::atomic::AtomicBool) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(e) = file.write_all(batch) {
+        healthy.store(false, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(error = %e, bytes = batch.len(), "cannot write audit events");
+    }
+    batch.clear();
 }
 
 impl AuditSink for NdjsonSink {
