@@ -528,3 +528,95 @@ async fn errors_never_echo_credentials() {
     let all = format!("{body}{body2}{}", serde_json::to_string(&ev).unwrap());
     assert!(!all.contains("supersecret"));
 }
+
+/// An upstream that counts the connections it accepts and answers every request on them.
+async fn counting_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use hyper_util::rt::TokioIo;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let (up, accepted) = counting_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nworker_threads = 1\n{}",
+        open_route("u", "/", up)
+    );
+    let gw = start(&cfg).await;
+    for i in 0..20 {
+        // A new client connection each time: the upstream side is pooled regardless.
+        let answer = raw(
+            gw.gw.addr,
+            format!("GET /{i} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one upstream connection served all 20 requests"
+    );
+    gw.assert_events(20).await;
+}
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge_only_when_enabled() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let echo = echo_upstream().await;
+    for enabled in [true, false] {
+        let cfg = format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = {enabled}\n{}",
+            open_route("echo", "/", echo)
+        );
+        let gw = start(&cfg).await;
+        let tcp = TcpStream::connect(gw.gw.addr).await.unwrap();
+        let handshake =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await;
+        let result = match handshake {
+            Ok((mut send, conn)) => {
+                tokio::spawn(conn);
+                send.send_request(
+                    http::Request::get("http://a/x")
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await
+                .map(|r| r.status().as_u16())
+            }
+            Err(e) => Err(e),
+        };
+        if enabled {
+            assert_eq!(result.unwrap(), 200);
+            gw.assert_events(1).await;
+        } else {
+            assert!(
+                result.is_err(),
+                "a plain HTTP/1.1 listener refuses the HTTP/2 preface"
+            );
+        }
+    }
+}
