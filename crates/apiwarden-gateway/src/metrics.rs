@@ -38,18 +38,30 @@ impl UpstreamErrorKind {
     }
 }
 
-/// Request counters of one route, by status and decision.
+/// One worker's share of a route's counters: `[status - 100][0 allow | 1 deny]`.
+type StatusCounts = Box<[[AtomicU64; 2]]>;
+
+fn status_counts() -> StatusCounts {
+    (0..STATUS_SLOTS)
+        .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+        .collect()
+}
+
+/// The shard of the calling worker thread.
+fn shard_index(shards: usize) -> usize {
+    crate::server::worker_index() % shards
+}
+
+/// Request counters of one route, by status and decision, one shard per worker so that
+/// workers on different cores never write the same cache line.
 pub struct RouteMetrics {
-    /// `[status - 100][0 allow | 1 deny]`.
-    counts: Box<[[AtomicU64; 2]]>,
+    shards: Box<[StatusCounts]>,
 }
 
 impl RouteMetrics {
-    fn new() -> Self {
+    fn new(shards: usize) -> Self {
         RouteMetrics {
-            counts: (0..STATUS_SLOTS)
-                .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
-                .collect(),
+            shards: (0..shards).map(|_| status_counts()).collect(),
         }
     }
 
@@ -58,11 +70,18 @@ impl RouteMetrics {
         let slot = usize::from(
             status.clamp(STATUS_MIN, STATUS_MIN + STATUS_SLOTS as u16 - 1) - STATUS_MIN,
         );
-        self.counts[slot][usize::from(deny)].fetch_add(1, Relaxed);
+        self.shards[shard_index(self.shards.len())][slot][usize::from(deny)].fetch_add(1, Relaxed);
+    }
+
+    fn total(&self, slot: usize, deny: usize) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s[slot][deny].load(Relaxed))
+            .sum()
     }
 }
 
-/// Error counters of one upstream.
+/// Error counters of one upstream (errors are rare: not sharded).
 pub struct UpstreamMetrics {
     errors: [AtomicU64; 3],
 }
@@ -73,42 +92,56 @@ impl UpstreamMetrics {
     }
 }
 
+/// The per-request gauges and histogram of one worker, on cache lines of their own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard {
+    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_us: AtomicU64,
+    in_flight: AtomicI64,
+    audit_events: AtomicU64,
+}
+
 /// All of the gateway's metrics.
 pub struct Metrics {
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
     upstreams: Mutex<HashMap<String, Arc<UpstreamMetrics>>>,
     /// Requests that matched no route (label `route=""`).
     pub unrouted: Arc<RouteMetrics>,
-    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    latency_sum_us: AtomicU64,
-    in_flight: AtomicI64,
-    pub audit_events: AtomicU64,
+    shards: Box<[Shard]>,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
-            routes: Mutex::default(),
-            upstreams: Mutex::default(),
-            unrouted: Arc::new(RouteMetrics::new()),
-            latency: Default::default(),
-            latency_sum_us: AtomicU64::new(0),
-            in_flight: AtomicI64::new(0),
-            audit_events: AtomicU64::new(0),
-            reloads_ok: AtomicU64::new(0),
-            reloads_failed: AtomicU64::new(0),
-        }
+        Metrics::new(1)
     }
 }
 
 impl Metrics {
+    /// Metrics for a gateway with `workers` worker threads.
+    pub fn new(workers: usize) -> Self {
+        let workers = workers.max(1);
+        Metrics {
+            routes: Mutex::default(),
+            upstreams: Mutex::default(),
+            unrouted: Arc::new(RouteMetrics::new(workers)),
+            shards: (0..workers).map(|_| Shard::default()).collect(),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self) -> &Shard {
+        &self.shards[shard_index(self.shards.len())]
+    }
+
     /// The counters of a route, kept across reloads by name. Called when a config is compiled.
     pub fn route(&self, name: &str) -> Arc<RouteMetrics> {
         let mut map = self.routes.lock().expect("metrics poisoned");
         map.entry(name.to_string())
-            .or_insert_with(|| Arc::new(RouteMetrics::new()))
+            .or_insert_with(|| Arc::new(RouteMetrics::new(self.shards.len())))
             .clone()
     }
 
@@ -130,16 +163,28 @@ impl Metrics {
             .iter()
             .position(|&b| secs <= b)
             .unwrap_or(LATENCY_BUCKETS.len());
-        self.latency[idx].fetch_add(1, Relaxed);
-        self.latency_sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+        let shard = self.shard();
+        shard.latency[idx].fetch_add(1, Relaxed);
+        shard
+            .latency_sum_us
+            .fetch_add(d.as_micros() as u64, Relaxed);
     }
 
     pub fn request_started(&self) {
-        self.in_flight.fetch_add(1, Relaxed);
+        self.shard().in_flight.fetch_add(1, Relaxed);
     }
 
     pub fn request_finished(&self) {
-        self.in_flight.fetch_sub(1, Relaxed);
+        self.shard().in_flight.fetch_sub(1, Relaxed);
+    }
+
+    /// Counts an event handed to the audit sink.
+    pub fn audit_event(&self) {
+        self.shard().audit_events.fetch_add(1, Relaxed);
+    }
+
+    fn sum(&self, f: impl Fn(&Shard) -> u64) -> u64 {
+        self.shards.iter().map(f).sum()
     }
 
     /// The Prometheus text exposition format, version 0.0.4.
@@ -156,9 +201,9 @@ impl Metrics {
         routes.sort_by(|a, b| a.0.cmp(&b.0));
         routes.insert(0, (String::new(), self.unrouted.clone()));
         for (name, m) in &routes {
-            for (slot, pair) in m.counts.iter().enumerate() {
+            for slot in 0..STATUS_SLOTS {
                 for (d, decision) in ["allow", "deny"].iter().enumerate() {
-                    let n = pair[d].load(Relaxed);
+                    let n = m.total(slot, d);
                     if n > 0 {
                         let status = slot as u16 + STATUS_MIN;
                         let _ = writeln!(out, "apiwarden_requests_total{{route=\"{}\",status=\"{status}\",decision=\"{decision}\"}} {n}", escape(name));
@@ -169,13 +214,13 @@ impl Metrics {
         out.push_str("# HELP apiwarden_request_duration_seconds Time from request head to the end of the response.\n# TYPE apiwarden_request_duration_seconds histogram\n");
         let mut cumulative = 0;
         for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += self.latency[i].load(Relaxed);
+            cumulative += self.sum(|s| s.latency[i].load(Relaxed));
             let _ = writeln!(
                 out,
                 "apiwarden_request_duration_seconds_bucket{{le=\"{b}\"}} {cumulative}"
             );
         }
-        cumulative += self.latency[LATENCY_BUCKETS.len()].load(Relaxed);
+        cumulative += self.sum(|s| s.latency[LATENCY_BUCKETS.len()].load(Relaxed));
         let _ = writeln!(
             out,
             "apiwarden_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
@@ -183,15 +228,12 @@ impl Metrics {
         let _ = writeln!(
             out,
             "apiwarden_request_duration_seconds_sum {}",
-            self.latency_sum_us.load(Relaxed) as f64 / 1e6
+            self.sum(|s| s.latency_sum_us.load(Relaxed)) as f64 / 1e6
         );
         let _ = writeln!(out, "apiwarden_request_duration_seconds_count {cumulative}");
         out.push_str("# HELP apiwarden_requests_in_flight Requests being handled now.\n# TYPE apiwarden_requests_in_flight gauge\n");
-        let _ = writeln!(
-            out,
-            "apiwarden_requests_in_flight {}",
-            self.in_flight.load(Relaxed)
-        );
+        let in_flight: i64 = self.shards.iter().map(|s| s.in_flight.load(Relaxed)).sum();
+        let _ = writeln!(out, "apiwarden_requests_in_flight {in_flight}");
         out.push_str("# HELP apiwarden_upstream_errors_total Failed upstream requests by upstream and kind.\n# TYPE apiwarden_upstream_errors_total counter\n");
         let mut ups: Vec<(String, Arc<UpstreamMetrics>)> = self
             .upstreams
@@ -216,7 +258,7 @@ impl Metrics {
         let _ = writeln!(
             out,
             "apiwarden_audit_events_total {}",
-            self.audit_events.load(Relaxed)
+            self.sum(|s| s.audit_events.load(Relaxed))
         );
         out.push_str("# HELP apiwarden_config_reloads_total Configuration reloads by result.\n# TYPE apiwarden_config_reloads_total counter\n");
         let _ = writeln!(

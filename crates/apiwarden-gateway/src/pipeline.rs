@@ -55,9 +55,7 @@ pub struct Shared {
 impl Shared {
     /// Hands a finished event to the sink.
     pub fn record(&self, event: Box<AuditEvent>) {
-        self.metrics
-            .audit_events
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.audit_event();
         self.sink.record(event);
     }
 

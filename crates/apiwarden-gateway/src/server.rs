@@ -150,7 +150,7 @@ impl Gateway {
             sink,
             node,
         } = opts;
-        let metrics = Metrics::default();
+        let metrics = Metrics::new(worker_count(&config));
         let tls = match &config.gateway.tls {
             Some(t) => Some(server_config(t)?),
             None => None,
