@@ -26,10 +26,10 @@ pub trait AuditSink: Send + Sync + 'static {
 /// Errors opening a sink.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("cannot open the audit file {path}: {source}")]
+    #[error("cannot open the audit file {path}: {error}")]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -51,9 +51,9 @@ impl NdjsonSink {
     /// Opens (or creates) `<data_dir>/audit.ndjson` and starts the writer thread.
     pub fn open(data_dir: &Path) -> Result<Self, SinkError> {
         let path = data_dir.join("audit.ndjson");
-        let err = |source| SinkError::Open {
+        let err = |error| SinkError::Open {
             path: path.clone(),
-            source,
+            error,
         };
         std::fs::create_dir_all(data_dir).map_err(err)?;
         let mut file = OpenOptions::new()

@@ -37,10 +37,10 @@ pub struct Options {
 /// Errors starting a gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source} (is another process using it?)")]
+    #[error("cannot listen on {addr}: {error} (is another process using it?)")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -49,10 +49,10 @@ pub enum StartError {
 /// Errors reloading the config.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0}")]
     Invalid(ConfigErrors),
@@ -157,23 +157,23 @@ impl Gateway {
         };
         let api = TcpListener::bind(config.gateway.listen)
             .await
-            .map_err(|source| StartError::Bind {
+            .map_err(|error| StartError::Bind {
                 addr: config.gateway.listen,
-                source,
+                error,
             })?;
         let admin = TcpListener::bind(config.admin.listen)
             .await
-            .map_err(|source| StartError::Bind {
+            .map_err(|error| StartError::Bind {
                 addr: config.admin.listen,
-                source,
+                error,
             })?;
-        let addr = api.local_addr().map_err(|source| StartError::Bind {
+        let addr = api.local_addr().map_err(|error| StartError::Bind {
             addr: config.gateway.listen,
-            source,
+            error,
         })?;
-        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+        let admin_addr = admin.local_addr().map_err(|error| StartError::Bind {
             addr: config.admin.listen,
-            source,
+            error,
         })?;
 
         let workers_n = worker_count(&config);
@@ -246,7 +246,7 @@ impl Gateway {
                     });
                     let _ = done_tx.send(());
                 })
-                .map_err(|source| StartError::Bind { addr, source })?;
+                .map_err(|error| StartError::Bind { addr, error })?;
             workers.push((thread, done_rx));
         }
         let acceptor_task = tokio::spawn(accept_loop(api, queues, stop_rx.clone()));
@@ -319,9 +319,9 @@ impl Gateway {
     pub fn reload(&self) -> Result<(), ReloadError> {
         let path = self.config_path.as_ref().ok_or(ReloadError::NoFile)?;
         let result = std::fs::read_to_string(path)
-            .map_err(|source| ReloadError::Read {
+            .map_err(|error| ReloadError::Read {
                 path: path.clone(),
-                source,
+                error,
             })
             .and_then(|text| {
                 parse(&text, &path.display().to_string()).map_err(ReloadError::Invalid)

@@ -306,7 +306,11 @@ Ctrl-C stops it.
             audit = shown_dir.join("data").join("audit.ndjson").display(),
         );
     });
-    let result = run(cfg, Some(config_path), Some(on_ready));
+    let result = run(cfg, Some(config_path), Some(on_ready)).with_context(|| {
+        format!(
+            "the demo could not start on port {port}; `apiwarden demo --port 0` picks free ports"
+        )
+    });
     drop(echo_rt);
     let _ = std::fs::remove_dir_all(&dir);
     result
