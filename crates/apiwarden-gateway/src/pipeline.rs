@@ -213,8 +213,11 @@ impl Limit {
 
 /// Stage: the record. Holds the request's audit event until the response has ended, then
 /// hands it to the sink exactly once.
-pub struct Recorder {
-    event: Box<AuditEvent>,
+pub struct Recorder(Option<RecorderParts>);
+
+/// What the record stage holds while the request runs.
+pub struct RecorderParts {
+    pub(crate) event: Box<AuditEvent>,
     start: Instant,
     shared: Arc<Shared>,
     /// The configuration the request runs under, and its route once known.
@@ -223,10 +226,62 @@ pub struct Recorder {
     request_body: Option<Arc<BodyStats>>,
 }
 
+impl std::ops::Deref for Recorder {
+    type Target = RecorderParts;
+    fn deref(&self) -> &RecorderParts {
+        self.0
+            .as_ref()
+            .expect("a recorder is used only until it finishes")
+    }
+}
+
+impl std::ops::DerefMut for Recorder {
+    fn deref_mut(&mut self) -> &mut RecorderParts {
+        self.0
+            .as_mut()
+            .expect("a recorder is used only until it finishes")
+    }
+}
+
 impl Recorder {
+    fn new(parts: RecorderParts) -> Self {
+        Recorder(Some(parts))
+    }
+
     /// Completes the event with what the response did and records it.
-    pub fn finish(self, response_bytes: u64, error: Option<Reason>) {
-        let Recorder {
+    pub fn finish(mut self, response_bytes: u64, error: Option<Reason>) {
+        if let Some(parts) = self.0.take() {
+            parts.finish(response_bytes, error);
+        }
+    }
+}
+
+/// A request abandoned before its response ended (the client went away, the connection was
+/// reset, the gateway stopped) is still recorded, exactly once.
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if let Some(mut parts) = self.0.take() {
+            let reason = if parts
+                .shared
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                Reason::ShuttingDown
+            } else {
+                Reason::ClientDisconnected
+            };
+            if parts.event.response.status == 0 {
+                // No response was sent: nginx's "client closed request".
+                parts.event.response.status = 499;
+            }
+            parts.finish(0, Some(reason));
+        }
+    }
+}
+
+impl RecorderParts {
+    fn finish(self, response_bytes: u64, error: Option<Reason>) {
+        let RecorderParts {
             mut event,
             start,
             shared,
@@ -569,14 +624,14 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
 
-    let mut recorder = Recorder {
+    let mut recorder = Recorder::new(RecorderParts {
         event,
         start,
         shared: shared.clone(),
         state: state.clone(),
         route: None,
         request_body: None,
-    };
+    });
     let deny = |mut recorder: Recorder, reason: Reason| {
         recorder.event.decision.outcome = Outcome::Deny;
         recorder.event.decision.reason = reason;

@@ -620,3 +620,30 @@ async fn h2c_with_prior_knowledge_only_when_enabled() {
         }
     }
 }
+
+/// Regression: a request whose client goes away while the upstream is still working was
+/// forwarded but never recorded.
+#[tokio::test]
+async fn a_client_that_leaves_mid_request_is_still_recorded_once() {
+    let slow = slow_upstream(Duration::from_millis(300)).await;
+    let gw = start(&open_route("slow", "/", slow)).await;
+    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let ev = gw.assert_events(1).await;
+    assert_eq!(
+        (ev[0].response.status, ev[0].error),
+        (499, Some(Reason::ClientDisconnected)),
+        "{:?}",
+        ev[0]
+    );
+    assert_eq!(
+        ev[0].upstream.name.as_deref(),
+        Some("slow"),
+        "it was forwarded, and the record says so"
+    );
+}
