@@ -11,9 +11,15 @@
 //! 3. dot segments are removed as RFC 3986 section 5.2.4 says, after step 1, so `%2e%2e` is the
 //!    same `..` as the plain one; `..` above the root stays at the root.
 //!
-//! An encoded slash (`%2F`) or backslash (`%5C`) is never a segment separator. Depending on
-//! [`EncodedSlashes`] it is either rejected or kept inside its segment, where it cannot match a
-//! route boundary.
+//! An encoded slash (`%2F`) or backslash (`%5C`), and a raw backslash, are never segment
+//! separators here. Some upstreams treat them as separators (IIS and some static servers take
+//! `\` for `/`), so by default ([`EncodedSlashes::Reject`]) such a path is refused; with
+//! [`EncodedSlashes::Keep`] they stay inside their segment (a raw backslash is sent as `%5C`),
+//! where they cannot match a route boundary.
+//!
+//! A segment that is a dot segment followed by a path parameter (`..;x`, `.;`) is refused:
+//! Tomcat, Jetty and Spring read `/a/..;/admin` as `/admin`. Bytes outside ASCII are
+//! percent-encoded.
 
 use std::fmt;
 
@@ -36,8 +42,11 @@ pub enum PathError {
     NotAbsolute,
     /// A `%` not followed by two hex digits.
     BadPercentEncoding,
-    /// An encoded slash or backslash while [`EncodedSlashes::Reject`] is in force.
+    /// An encoded slash or a (raw or encoded) backslash while [`EncodedSlashes::Reject`] is in
+    /// force.
     EncodedSlash,
+    /// A dot segment with a path parameter, such as `..;`.
+    DotSegmentParameter,
 }
 
 impl fmt::Display for PathError {
@@ -45,7 +54,12 @@ impl fmt::Display for PathError {
         f.write_str(match self {
             PathError::NotAbsolute => "the request path must start with '/'",
             PathError::BadPercentEncoding => "the request path has an invalid percent-encoding",
-            PathError::EncodedSlash => "encoded slashes (%2F, %5C) are not allowed in the path",
+            PathError::EncodedSlash => {
+                "encoded slashes and backslashes (%2F, %5C, \\) are not allowed in the path"
+            }
+            PathError::DotSegmentParameter => {
+                "a dot segment with a parameter (such as '..;') is not allowed in the path"
+            }
         })
     }
 }
@@ -77,7 +91,7 @@ fn is_normal(path: &str) -> bool {
                 return false;
             }
             seg_start = i + 1;
-        } else if b[i] == b'%' {
+        } else if matches!(b[i], b'%' | b'\\' | b';') || !b[i].is_ascii() {
             return false;
         }
     }
@@ -126,10 +140,28 @@ pub fn normalize(
                 current.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
             }
             i += 3;
-        } else {
-            // The HTTP parser only lets visible ASCII through; anything else is kept as is.
-            current.push(b as char);
+        } else if b == b'\\' {
+            if slashes == EncodedSlashes::Reject {
+                return Err(PathError::EncodedSlash);
+            }
+            current.push_str("%5C");
             i += 1;
+        } else if !b.is_ascii() {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            current.push('%');
+            current.push(char::from(HEX[usize::from(b >> 4)]));
+            current.push(char::from(HEX[usize::from(b & 0xf)]));
+            i += 1;
+        } else {
+            current.push(char::from(b));
+            i += 1;
+        }
+    }
+    for seg in &segments {
+        if let Some((head, _)) = seg.split_once(';') {
+            if head == "." || head == ".." {
+                return Err(PathError::DotSegmentParameter);
+            }
         }
     }
     // Steps 2 and 3: merge empty segments and resolve dot segments on a stack.
@@ -194,6 +226,12 @@ mod tests {
             ("/a%5Cb", Err(PathError::EncodedSlash)),
             ("/a%zz", Err(PathError::BadPercentEncoding)),
             ("/a%2", Err(PathError::BadPercentEncoding)),
+            ("/public/..\\admin", Err(PathError::EncodedSlash)),
+            ("/public/..;/admin", Err(PathError::DotSegmentParameter)),
+            ("/public/.;x/admin", Err(PathError::DotSegmentParameter)),
+            ("/public/%2e%2e;/admin", Err(PathError::DotSegmentParameter)),
+            ("/a;v=1/b", Ok("/a;v=1/b")),
+            ("/caf\u{e9}//x", Ok("/caf%C3%A9/x")),
             ("admin", Err(PathError::NotAbsolute)),
             ("", Err(PathError::NotAbsolute)),
         ];
@@ -212,6 +250,8 @@ mod tests {
         assert_eq!(got, "/x");
         let got = normalize("/public%2f..%2Fadmin", EncodedSlashes::Keep).unwrap();
         assert_eq!(got, "/public%2F..%2Fadmin");
+        let got = normalize("/public/..\\admin", EncodedSlashes::Keep).unwrap();
+        assert_eq!(got, "/public/..%5Cadmin");
     }
 
     #[test]

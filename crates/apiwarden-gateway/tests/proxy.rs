@@ -318,6 +318,9 @@ async fn path_tricks_cannot_reach_a_route_they_should_not() {
             Some("/public/~user"),
         ),
         ("/public/a%zz", 400, None, None),
+        ("/public/..\\admin", 400, None, None),
+        ("/public/..;/admin", 400, None, None),
+        ("/public/%2e%2e;x/admin", 400, None, None),
     ];
     for (i, (path, status, route, upstream_path)) in table.iter().enumerate() {
         let answer = raw(
