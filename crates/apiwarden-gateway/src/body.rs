@@ -21,6 +21,33 @@ use std::task::{ready, Context, Poll};
 pub struct BodyStats {
     pub bytes: AtomicU64,
     pub too_large: AtomicBool,
+    /// Set once the whole body has been read from the client.
+    done: AtomicBool,
+    done_signal: tokio::sync::Notify,
+}
+
+impl BodyStats {
+    /// True once the whole body has been read from the client (and so sent on).
+    pub fn done(&self) -> bool {
+        self.done.load(Relaxed)
+    }
+
+    fn mark_done(&self) {
+        if !self.done.swap(true, Relaxed) {
+            self.done_signal.notify_waiters();
+        }
+    }
+
+    /// Resolves once the whole body has been read.
+    pub async fn wait_done(&self) {
+        loop {
+            let notified = self.done_signal.notified();
+            if self.done() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Why a request body stopped.
@@ -90,10 +117,20 @@ impl Body for RequestBody {
                         }
                     }
                 }
+                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    if let Some(s) = &this.stats {
+                        s.mark_done();
+                    }
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            None => Poll::Ready(None),
+            None => {
+                if let Some(s) = &this.stats {
+                    s.mark_done();
+                }
+                Poll::Ready(None)
+            }
         }
     }
 

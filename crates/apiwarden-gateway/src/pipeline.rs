@@ -408,11 +408,19 @@ impl Forward {
             (b, Some(s))
         };
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            upstream.config.timeout,
-            upstream.send(ti, Request::from_parts(parts, body)),
-        )
-        .await;
+        // The response timeout counts from the end of the request body: a slow upload is not
+        // the upstream's fault, and must not put a target into cool-down.
+        let send = upstream.send(ti, Request::from_parts(parts, body), stats.clone());
+        let deadline = async {
+            if let Some(s) = &stats {
+                s.wait_done().await;
+            }
+            tokio::time::sleep(upstream.config.timeout).await;
+        };
+        let result = tokio::select! {
+            r = send => Ok(r),
+            () = deadline => Err(()),
+        };
         event.upstream.latency_us = Some(started.elapsed().as_micros() as u64);
         match result {
             Ok(Ok((response, lease))) => {

@@ -37,11 +37,17 @@ pub struct Lease {
     upstream: Arc<Upstream>,
     target: usize,
     worker: usize,
+    /// The request body, when there was one: a connection still uploading it is not idle.
+    request_body: Option<Arc<crate::body::BodyStats>>,
 }
 
 impl Lease {
-    /// Puts the connection back into its pool.
+    /// Puts the connection back into its pool, unless the request body is still being sent
+    /// (the upstream answered early): such a connection is closed instead.
     pub fn release(self) {
+        if self.request_body.as_ref().is_some_and(|b| !b.done()) {
+            return;
+        }
         let slot = &self.upstream.targets[self.target].idle[self.worker];
         if let Ok(mut idle) = slot.lock() {
             idle.push(self.sender);
@@ -115,6 +121,7 @@ impl Upstream {
         self: &Arc<Self>,
         target: usize,
         req: Request<RequestBody>,
+        request_body: Option<Arc<crate::body::BodyStats>>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let worker = crate::server::worker_index() % self.workers;
         let mut sender = match self.pooled(target, worker).await {
@@ -138,6 +145,7 @@ impl Upstream {
                 upstream: self.clone(),
                 target,
                 worker,
+                request_body,
             },
         ))
     }

@@ -650,3 +650,38 @@ async fn a_client_that_leaves_mid_request_is_still_recorded_once() {
         "it was forwarded, and the record says so"
     );
 }
+
+/// Regression: the response timeout ran from the first byte sent, so a slow upload got 504
+/// and put a healthy target into cool-down.
+#[tokio::test]
+async fn a_slow_upload_is_not_an_upstream_timeout() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[[upstreams]]\nname = \"echo\"\nurl = \"http://{echo}\"\ntimeout = \"300ms\"\n[[routes]]\nname = \"echo\"\npath_prefix = \"/\"\nupstream = \"echo\"\nauth = [\"none\"]\n"
+    );
+    let gw = start(&cfg).await;
+    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    c.write_all(
+        b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        c.write_all(b"5\r\nhello\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        answer.matches("hello").count(),
+        3,
+        "the whole body came back: {answer}"
+    );
+    let ev = gw.assert_events(1).await;
+    assert_eq!(
+        (ev[0].response.status, ev[0].error, ev[0].request.bytes),
+        (200, None, 15)
+    );
+}
