@@ -491,7 +491,8 @@ impl Json<'_> {
     }
 }
 
-/// Replaces every value of a query string with `REDACTED`, keeping the parameter names.
+/// Replaces every value of a query string with `REDACTED`, keeping the parameter names; a
+/// parameter without `=` (which may itself be a secret, such as a bare token) is replaced whole.
 pub fn redact_query(query: &str) -> String {
     let mut out = String::with_capacity(query.len());
     for (i, pair) in query.split('&').enumerate() {
@@ -503,7 +504,8 @@ pub fn redact_query(query: &str) -> String {
                 out.push_str(k);
                 out.push_str("=REDACTED");
             }
-            None => out.push_str(pair),
+            None if pair.is_empty() => {}
+            None => out.push_str("REDACTED"),
         }
     }
     out
@@ -602,8 +604,8 @@ mod tests {
     #[test]
     fn query_values_are_redacted() {
         assert_eq!(
-            redact_query("a=1&token=secret&flag"),
-            "a=REDACTED&token=REDACTED&flag"
+            redact_query("a=1&token=secret&sk_live_abc"),
+            "a=REDACTED&token=REDACTED&REDACTED"
         );
     }
 }

@@ -41,6 +41,8 @@ async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, Infallible> 
             "x-forwarded-for": pick("x-forwarded-for"),
             "x-forwarded-proto": pick("x-forwarded-proto"),
             "x-forwarded-host": pick("x-forwarded-host"),
+            "x-real-ip": pick("x-real-ip"),
+            "forwarded": pick("forwarded"),
             "traceparent": pick("traceparent"),
             "user-agent": pick("user-agent"),
         }

@@ -361,22 +361,31 @@ impl Forward {
                 PathAndQuery::try_from(s).map_err(|_| Reason::RequestBadPath)?
             }
         };
-        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        // The authority of an absolute-form request wins over `Host` (RFC 9112 section 3.2.2).
+        let original_host = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| parts.headers.get(header::HOST).cloned());
         // Origin form, as HTTP/1.1 sends to a server: the target is named by `Host`.
         parts.uri = Uri::from(path_and_query);
 
         strip_hop_by_hop(&mut parts.headers, upgrade);
         let h = &mut parts.headers;
-        // X-Forwarded-For: appended to when the peer is a trusted proxy, replaced otherwise.
-        let xff = match h.get(&X_FORWARDED_FOR) {
+        if !trusted_peer {
+            // What an untrusted client says about proxies in front of it is not passed on.
+            if h.keys().any(|k| UNTRUSTED_FORWARDING.contains(k)) {
+                for name in &UNTRUSTED_FORWARDING {
+                    h.remove(name);
+                }
+            }
+        }
+        // X-Forwarded-For: appended to when the peer is a trusted proxy (every line of it, in
+        // order), replaced otherwise.
+        let xff = match joined(h, &X_FORWARDED_FOR) {
             Some(prev) if trusted_peer => {
                 let mut v = Vec::with_capacity(prev.len() + 2 + conn.peer_ip.len());
-                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(&prev);
                 v.extend_from_slice(b", ");
                 v.extend_from_slice(conn.peer_ip.as_bytes());
                 HeaderValue::from_bytes(&v).map_err(|_| Reason::RequestMalformed)?
@@ -529,6 +538,30 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Forwarding headers that only a trusted proxy may set; removed from other peers' requests
+/// (the gateway then sets `X-Forwarded-For`, `-Proto` and `-Host` itself).
+const UNTRUSTED_FORWARDING: [HeaderName; 7] = [
+    X_FORWARDED_HOST,
+    X_FORWARDED_PROTO,
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-real-ip"),
+    header::FORWARDED,
+    HeaderName::from_static("x-original-forwarded-for"),
+];
+
+/// All lines of a header joined with `", "`, as RFC 9110 section 5.3 allows for lists.
+fn joined(h: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
+    let mut values = h.get_all(name).iter();
+    let first = values.next()?;
+    let mut out = first.as_bytes().to_vec();
+    for v in values {
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(v.as_bytes());
+    }
+    Some(out)
+}
+
 /// Hop-by-hop header names; `Connection` first.
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
@@ -616,11 +649,8 @@ pub async fn handle(
     event.request_id = Some(request_id);
     let (ip, trusted_peer) = client_ip(&state.config, conn.peer.ip(), req.headers());
     event.client.ip = Some(ip);
-    event.client.forwarded_for = req
-        .headers()
-        .get(&X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    event.client.forwarded_for =
+        joined(req.headers(), &X_FORWARDED_FOR).map(|v| String::from_utf8_lossy(&v).into_owned());
     event.tls.version = conn.tls_version;
     event.request.method = Some(req.method().as_str().to_string());
     let host = request_host(&req);

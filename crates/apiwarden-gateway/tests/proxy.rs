@@ -685,3 +685,52 @@ async fn a_slow_upload_is_not_an_upstream_timeout() {
         (200, None, 15)
     );
 }
+
+/// Regression: forwarding headers from an untrusted client reached the upstream (host
+/// poisoning through `X-Forwarded-Host`, a forged `X-Real-IP` or `Forwarded`).
+#[tokio::test]
+async fn forwarding_headers_from_an_untrusted_client_are_replaced_or_removed() {
+    let echo = echo_upstream().await;
+    let gw = start(&open_route("echo", "/", echo)).await;
+    let req = "GET /x HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\nX-Real-IP: 1.2.3.4\r\nForwarded: for=1.2.3.4\r\n\r\n";
+    let answer = raw(gw.gw.addr, req.as_bytes()).await;
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    let h = &seen["headers"];
+    assert_eq!(
+        h["x-forwarded-host"],
+        serde_json::Value::Null,
+        "no Host was sent, and the client's value is not believed"
+    );
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-real-ip"], serde_json::Value::Null);
+    assert_eq!(h["forwarded"], serde_json::Value::Null);
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    gw.assert_events(1).await;
+}
+
+/// Regression: only the first `X-Forwarded-For` line of a trusted proxy was kept.
+#[tokio::test]
+async fn every_forwarded_for_line_of_a_trusted_proxy_is_kept() {
+    let echo = echo_upstream().await;
+    let cfg = format!("[gateway]\nlisten = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]\n{}", open_route("echo", "/", echo));
+    let gw = start(&cfg).await;
+    let req = "GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 198.51.100.7, 10.0.0.9\r\nConnection: close\r\n\r\n";
+    let answer = raw(gw.gw.addr, req.as_bytes()).await;
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        seen["headers"]["x-forwarded-for"],
+        "6.6.6.6, 198.51.100.7, 10.0.0.9, 127.0.0.1"
+    );
+    let ev = gw.assert_events(1).await;
+    assert_eq!(
+        ev[0].client.ip,
+        Some("198.51.100.7".parse().unwrap()),
+        "the right-most untrusted address"
+    );
+    assert_eq!(
+        ev[0].client.forwarded_for.as_deref(),
+        Some("6.6.6.6, 198.51.100.7, 10.0.0.9")
+    );
+}
