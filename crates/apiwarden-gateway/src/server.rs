@@ -71,6 +71,7 @@ pub struct Gateway {
     reload_lock: Mutex<Option<SystemTime>>,
     stop: watch::Sender<bool>,
     admin_task: JoinHandle<()>,
+    admin_stop: watch::Sender<bool>,
     acceptor_task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
     /// One per worker thread; each resolves when its worker has drained.
@@ -250,7 +251,9 @@ impl Gateway {
             workers.push((thread, done_rx));
         }
         let acceptor_task = tokio::spawn(accept_loop(api, queues, stop_rx.clone()));
-        let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone(), stop_rx.clone()));
+        // The admin listener stops last, so that /readyz answers 503 while requests drain.
+        let (admin_stop, admin_stop_rx) = watch::channel(false);
+        let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone(), admin_stop_rx));
         shared.system_event(
             format!("gateway started on {addr}, admin on {admin_addr}"),
             Outcome::Allow,
@@ -265,6 +268,7 @@ impl Gateway {
             config_path,
             stop,
             admin_task,
+            admin_stop,
             acceptor_task,
             background,
             workers,
@@ -371,7 +375,6 @@ impl Gateway {
     pub async fn shutdown(self) {
         self.shared.shutting_down.store(true, Ordering::Relaxed);
         let _ = self.stop.send(true);
-        let _ = self.admin_task.await;
         let _ = self.acceptor_task.await;
         for (thread, done) in self.workers {
             // Each worker stops accepting, drains within gateway.shutdown_timeout, then ends.
@@ -384,6 +387,8 @@ impl Gateway {
         self.shared
             .system_event("gateway stopped".into(), Outcome::Allow, Reason::Ok);
         let _ = self.shared.sink.flush().await;
+        let _ = self.admin_stop.send(true);
+        let _ = self.admin_task.await;
         tracing::info!("apiwarden gateway stopped");
     }
 }
@@ -531,11 +536,11 @@ where
         service_fn(move |req| handle(shared.clone(), conn.clone(), req))
     };
     let io = TokioIo::new(io);
-    let state = shared.state.load_full();
-    let config = &state.config;
+    // The connection's settings are read from the config in force now; the config itself is
+    // not held for the connection's life (each request loads the current one).
     let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match protocol {
         Protocol::Http1 => {
-            let conn = http1_builder(config)
+            let conn = http1_builder(&shared.state.load().config)
                 .serve_connection(io, svc)
                 .with_upgrades();
             drive(conn, watcher, |c| c.graceful_shutdown())
@@ -543,18 +548,17 @@ where
                 .map_err(Into::into)
         }
         Protocol::Http2 => {
-            let conn = http2_builder(config).serve_connection(io, svc);
+            let conn = http2_builder(&shared.state.load().config).serve_connection(io, svc);
             drive(conn, watcher, |c| c.graceful_shutdown())
                 .await
                 .map_err(Into::into)
         }
         Protocol::Detect => {
-            let builder = auto_builder(config);
-            let conn = builder.serve_connection_with_upgrades(io, svc);
+            let builder = auto_builder(&shared.state.load().config);
+            let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
             drive(conn, watcher, |c| c.graceful_shutdown()).await
         }
     };
-    drop(state);
     if let Err(e) = served {
         // hyper has already answered a request it could not parse; record it.
         if let Some(he) = e.downcast_ref::<hyper::Error>() {

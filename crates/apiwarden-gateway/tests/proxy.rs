@@ -486,7 +486,12 @@ async fn shutdown_lets_a_request_in_flight_finish_and_flushes_its_event() {
     let common::TestGateway { gw: g, sink, .. } = gw;
     let g = std::sync::Arc::try_unwrap(g).ok().expect("sole owner");
     let addr = g.addr;
-    g.shutdown().await;
+    let readyz = format!("http://{}/readyz", g.admin_addr);
+    assert_eq!(get(&readyz).await.0, 200);
+    let stopping = tokio::spawn(g.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get(&readyz).await.0, 503, "not ready while requests drain");
+    stopping.await.unwrap();
     let (status, _, body) = in_flight.await.unwrap();
     assert_eq!((status, body.as_str()), (200, "slow"));
     assert!(
