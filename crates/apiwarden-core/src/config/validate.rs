@@ -161,7 +161,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         cert: rel(&t.cert),
         key: rel(&t.key),
         client_ca: t.client_ca.as_deref().map(rel),
-        reload_interval: duration(
+        reload_interval: positive(
             &mut cx,
             t.reload_interval.as_deref(),
             "5s",
@@ -213,9 +213,19 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         "30s",
         &g("shutdown_timeout"),
     );
+    if gateway.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
+        cx.error(
+            &[name("gateway"), name("tls"), name("client_ca")],
+            "client certificates (mTLS) are not supported in this build yet; remove client_ca",
+        );
+    }
     let worker_threads = match gateway.worker_threads {
         Some(0) => {
             cx.error(&g("worker_threads"), "worker_threads must be at least 1");
+            None
+        }
+        Some(n) if n > 1024 => {
+            cx.error(&g("worker_threads"), "worker_threads must be at most 1024");
             None
         }
         n => n.map(|n| n as usize),
@@ -240,7 +250,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             Durability::Strict
         }
     };
-    let checkpoint_interval = duration(
+    let checkpoint_interval = positive(
         &mut cx,
         audit.checkpoint_interval.as_deref(),
         "1s",
@@ -307,13 +317,13 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         upstreams.push(UpstreamConfig {
             name: u.name.clone(),
             targets,
-            connect_timeout: duration(
+            connect_timeout: positive(
                 &mut cx,
                 u.connect_timeout.as_deref(),
                 "5s",
                 &at("connect_timeout"),
             ),
-            timeout: duration(&mut cx, u.timeout.as_deref(), "30s", &at("timeout")),
+            timeout: positive(&mut cx, u.timeout.as_deref(), "30s", &at("timeout")),
             failure_threshold: failure_threshold.max(1),
             cooldown: duration(&mut cx, u.cooldown.as_deref(), "10s", &at("cooldown")),
         });
@@ -390,6 +400,17 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 format!("route name {:?} is used twice", r.name),
             );
         }
+        if let Some(h) = r.host.as_deref() {
+            let name_part = h.strip_prefix("*.").unwrap_or(h);
+            let ok = !name_part.is_empty()
+                && name_part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+                && !name_part.starts_with('.');
+            if !ok {
+                cx.error(&at("host"), format!("host {h:?} must be a host name such as \"api.example.com\" or \"*.example.com\", without port or path"));
+            }
+        }
         let host = r.host.as_deref().map(|h| {
             let h = h.to_ascii_lowercase();
             match h.strip_prefix('*') {
@@ -418,6 +439,9 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 (PathMatch::Prefix("/".into()), String::new())
             }
         };
+        if r.methods.as_ref().is_some_and(|m| m.is_empty()) {
+            cx.error(&at("methods"), format!("route {:?}: `methods` is empty, so the route never matches; leave it out to match every method", r.name));
+        }
         let methods = r.methods.as_ref().map(|ms| {
             ms.iter()
                 .enumerate()
@@ -556,12 +580,29 @@ fn addr(cx: &mut Ctx<'_>, v: Option<&str>, default: &str, path: &[Key]) -> Socke
 
 fn duration(cx: &mut Ctx<'_>, v: Option<&str>, default: &str, path: &[Key]) -> Duration {
     match HumanDuration::parse(v.unwrap_or(default)) {
+        Ok(d) if d.0 > Duration::from_secs(10 * 365 * 86400) => {
+            cx.error(
+                path,
+                format!("{:?} is longer than ten years", v.unwrap_or(default)),
+            );
+            Duration::from_secs(1)
+        }
         Ok(d) => d.0,
         Err(e) => {
             cx.error(path, e);
             Duration::from_secs(1)
         }
     }
+}
+
+/// A duration that must be above zero (a timeout or an interval).
+fn positive(cx: &mut Ctx<'_>, v: Option<&str>, default: &str, path: &[Key]) -> Duration {
+    let d = duration(cx, v, default, path);
+    if d.is_zero() {
+        cx.error(path, "must be longer than zero");
+        return Duration::from_secs(1);
+    }
+    d
 }
 
 fn size(cx: &mut Ctx<'_>, v: Option<&raw::Size>, default: u64, path: &[Key]) -> u64 {
@@ -576,6 +617,14 @@ fn size(cx: &mut Ctx<'_>, v: Option<&raw::Size>, default: u64, path: &[Key]) -> 
 }
 
 fn target(cx: &mut Ctx<'_>, url: &str, path: &[Key]) -> Option<Target> {
+    if url.contains('@') {
+        // Not echoed: the part before '@' may be a password.
+        cx.error(
+            path,
+            "upstream URLs must not contain credentials (user:password@host)",
+        );
+        return None;
+    }
     let Some(rest) = url.strip_prefix("http://") else {
         let msg = if url.starts_with("https://") {
             format!(
@@ -595,7 +644,11 @@ fn target(cx: &mut Ctx<'_>, url: &str, path: &[Key]) -> Option<Target> {
         && authority
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
-    if !host_ok || base.contains(['?', '#']) {
+    // The base path is prefixed to already-normal paths, so it must be normal itself.
+    let base_ok = base.is_empty()
+        || base.bytes().all(|b| b.is_ascii_graphic())
+            && normalize(base, EncodedSlashes::Keep).is_ok_and(|n| n == base);
+    if !host_ok || base.contains(['?', '#']) || !base_ok {
         cx.error(
             path,
             format!("{url:?} is not an upstream URL such as \"http://127.0.0.1:3000\""),
@@ -650,6 +703,16 @@ fn route_path(cx: &mut Ctx<'_>, p: &str, prefix: bool, path: &[Key]) -> PathMatc
             path,
             format!("{p:?}: templates are allowed in `path`, not `path_prefix`"),
         );
+    }
+    if p.contains(['?', '#']) {
+        cx.error(
+            path,
+            format!("{p:?}: a route path cannot hold a query or fragment"),
+        );
+    }
+    let upper = p.to_ascii_uppercase();
+    if upper.contains("%2F") || upper.contains("%5C") || p.contains('\\') {
+        cx.error(path, format!("{p:?}: encoded slashes and backslashes never match (requests with them are refused unless gateway.encoded_slashes = \"keep\")"));
     }
     match normalize(p, EncodedSlashes::Keep) {
         Ok(n) if n == p => {}
@@ -786,6 +849,36 @@ colour = "blue"
             assert!(g.starts_with(want), "got {g:?}, want prefix {want:?}");
         }
     }
+
+    /// Values that used to be accepted and then failed at run time (a panic, a route that
+    /// never matches, a password on stderr).
+    #[test]
+    fn values_that_would_fail_later_are_refused_now() {
+        let cases: &[(&str, &str)] = &[
+            ("[gateway]\ntls = { cert = \"c\", key = \"k\", reload_interval = \"0s\" }\n", "must be longer than zero"),
+            ("[gateway]\ntls = { cert = \"c\", key = \"k\", client_ca = \"ca\" }\n", "mTLS"),
+            ("[gateway]\nshutdown_timeout = \"300000000000y\"\n", "longer than ten years"),
+            ("[gateway]\nworker_threads = 100000\n", "at most 1024"),
+            ("[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1\"\ntimeout = \"0s\"\n", "must be longer than zero"),
+            ("[[upstreams]]\nname = \"u\"\nurl = \"http://admin:hunter2@127.0.0.1:1\"\n", "must not contain credentials"),
+            ("[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1/a b\"\n", "is not an upstream URL"),
+            ("[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1/a/../b\"\n", "is not an upstream URL"),
+            (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a\"\nmethods = []\nupstream = \"u\"\nauth = [\"none\"]\n"), "`methods` is empty"),
+            (&format!("{U}[[routes]]\nname = \"r\"\nhost = \"a.example.com:8080\"\npath = \"/a\"\nupstream = \"u\"\nauth = [\"none\"]\n"), "without port or path"),
+            (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a%2Fb\"\nupstream = \"u\"\nauth = [\"none\"]\n"), "never match"),
+            (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a?b=1\"\nupstream = \"u\"\nauth = [\"none\"]\n"), "query or fragment"),
+        ];
+        for (text, want) in cases {
+            let errs = parse(text, "v.toml").expect_err(text).to_string();
+            assert!(errs.contains(want), "{text}\n=> {errs}");
+            assert!(
+                !errs.contains("hunter2"),
+                "a password in a URL is never echoed: {errs}"
+            );
+        }
+    }
+
+    const U: &str = "[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1\"\n";
 
     #[test]
     fn a_syntax_error_names_its_position() {
