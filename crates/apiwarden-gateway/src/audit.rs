@@ -80,15 +80,16 @@ impl NdjsonSink {
 }
 
 fn last_seq(file: &mut File) -> std::io::Result<Option<u64>> {
+    // An event is at most a few times gateway.max_header_size; 4 MiB holds the last one.
+    const WINDOW: u64 = 4 << 20;
     let len = file.seek(SeekFrom::End(0))?;
-    let start = len.saturating_sub(64 * 1024);
-    file.seek(SeekFrom::Start(start))?;
-    let mut tail = String::new();
-    file.take(64 * 1024).read_to_string(&mut tail)?;
+    file.seek(SeekFrom::Start(len.saturating_sub(WINDOW)))?;
+    let mut tail = Vec::new();
+    file.take(WINDOW).read_to_end(&mut tail)?;
     let last = tail
-        .lines()
+        .split(|&b| b == b'\n')
         .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+        .find_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok());
     Ok(last.and_then(|v| v["seq"].as_u64()))
 }
 
@@ -138,15 +139,23 @@ fn writer(
     }
 }
 
+/// Writes the batch. On failure the batch is kept and tried again on the next tick (nothing
+/// accepted is dropped), and the sink reports itself unhealthy until a write succeeds.
 fn write_batch(file: &mut File, batch: &mut Vec<u8>, healthy: &std::sync::atomic::AtomicBool) {
     if batch.is_empty() {
         return;
     }
-    if let Err(e) = file.write_all(batch) {
-        healthy.store(false, std::sync::atomic::Ordering::Relaxed);
-        tracing::error!(error = %e, bytes = batch.len(), "cannot write audit events");
+    match file.write_all(batch) {
+        Ok(()) => {
+            batch.clear();
+            healthy.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(e) => {
+            if healthy.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!(error = %e, bytes = batch.len(), "cannot write audit events; keeping them and retrying");
+            }
+        }
     }
-    batch.clear();
 }
 
 impl AuditSink for NdjsonSink {

@@ -21,6 +21,8 @@ use std::task::{ready, Context, Poll};
 pub struct BodyStats {
     pub bytes: AtomicU64,
     pub too_large: AtomicBool,
+    /// Set when reading the body from the client failed.
+    pub client_failed: AtomicBool,
     /// Set once the whole body has been read from the client.
     done: AtomicBool,
     done_signal: tokio::sync::Notify,
@@ -124,7 +126,13 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            Some(Err(e)) => {
+                // The client's side failed (it went away, or sent a broken chunked body).
+                if let Some(s) = &this.stats {
+                    s.client_failed.store(true, Relaxed);
+                }
+                Poll::Ready(Some(Err(e.into())))
+            }
             None => {
                 if let Some(s) = &this.stats {
                     s.mark_done();
@@ -268,12 +276,17 @@ impl Drop for ResponseBody {
             }
         }
         if self.recorder.is_some() {
-            let error = if self.is_end_stream() {
+            // The gateway's own bodies are a few bytes that hyper skips for HEAD; only an
+            // upstream body left unread means the client went away.
+            let complete = match &self.inner {
+                Inner::Full(_) => true,
+                Inner::Upstream(b, _) => b.is_end_stream(),
+            };
+            self.finish(if complete {
                 None
             } else {
                 Some(Reason::ClientDisconnected)
-            };
-            self.finish(error);
+            });
         }
     }
 }

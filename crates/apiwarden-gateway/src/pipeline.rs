@@ -408,6 +408,21 @@ impl Forward {
         }
         h.insert(header::HOST, target.host.clone());
         h.insert(X_REQUEST_ID, request_id.clone());
+        if parts.version == Version::HTTP_2 {
+            // HTTP/2 may split cookies over several fields; HTTP/1.1 wants one (RFC 9113
+            // section 8.2.3).
+            let mut cookies = h.get_all(header::COOKIE).iter();
+            if let (Some(first), Some(_)) = (cookies.next(), cookies.next()) {
+                let mut joined = first.as_bytes().to_vec();
+                for v in h.get_all(header::COOKIE).iter().skip(1) {
+                    joined.extend_from_slice(b"; ");
+                    joined.extend_from_slice(v.as_bytes());
+                }
+                if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                    h.insert(header::COOKIE, v);
+                }
+            }
+        }
         parts.version = Version::HTTP_11;
 
         let (body, stats) = if body.is_end_stream() {
@@ -442,6 +457,13 @@ impl Forward {
                 })
             }
             Ok(Err(e)) => {
+                if stats
+                    .as_ref()
+                    .is_some_and(|s| s.client_failed.load(std::sync::atomic::Ordering::Relaxed))
+                {
+                    // Not the upstream's fault: no error metric, no health penalty.
+                    return Err(Reason::ClientDisconnected);
+                }
                 if stats
                     .as_ref()
                     .is_some_and(|s| s.too_large.load(std::sync::atomic::Ordering::Relaxed))

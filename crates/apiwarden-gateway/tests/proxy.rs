@@ -739,3 +739,21 @@ async fn every_forwarded_for_line_of_a_trusted_proxy_is_kept() {
         Some("6.6.6.6, 198.51.100.7, 10.0.0.9")
     );
 }
+
+/// Regression: the gateway's own error body is skipped for HEAD, which was recorded as the
+/// client going away.
+#[tokio::test]
+async fn a_head_request_refused_by_the_gateway_is_recorded_without_an_error() {
+    let echo = echo_upstream().await;
+    let gw = start(&open_route("echo", "/echo", echo)).await;
+    let (status, headers, _) = send(
+        http::Request::head(gw.url("/nope"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(headers.contains_key("x-request-id"));
+    let ev = gw.assert_events(1).await;
+    assert_eq!((ev[0].response.status, ev[0].error), (404, None));
+}
