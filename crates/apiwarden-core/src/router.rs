@@ -193,6 +193,56 @@ auth = ["none"]
         }
     }
 
+    /// Random paths built from the pieces tricks are made of: whatever a path normalises to is
+    /// stable and is itself a plain path: no dot segment, empty segment, raw backslash, encoded
+    /// slash or encoded dot is left to be decoded differently downstream.
+    #[test]
+    fn random_paths_normalise_to_stable_plain_paths() {
+        let pieces = [
+            "/", "//", "admin", "public", "orders", "new", "42", ".", "..", "%2e", "%2E", "%2e%2e",
+            ".%2e", "%2f", "%2F", "%5c", "\\", ";", "..;", "%61", "%41", "a", "%20", "%zz", "%",
+            "~", "%7e",
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let n = 1 + next() % 8;
+            let mut path = String::from("/");
+            for _ in 0..n {
+                path.push_str(pieces[(next() % pieces.len() as u64) as usize]);
+            }
+            let Ok(norm) = normalize(&path, EncodedSlashes::Reject) else {
+                continue;
+            };
+            assert_eq!(
+                normalize(&norm, EncodedSlashes::Reject).as_deref(),
+                Ok(&*norm),
+                "stable: {path:?}"
+            );
+            let segs: Vec<&str> = norm.split('/').skip(1).collect();
+            for (i, seg) in segs.iter().enumerate() {
+                assert!(*seg != "." && *seg != "..", "{path:?} -> {norm:?}");
+                assert!(
+                    !seg.is_empty() || i == segs.len() - 1,
+                    "{path:?} -> {norm:?}"
+                );
+            }
+            let upper = norm.to_ascii_uppercase();
+            assert!(
+                !upper.contains("%2F") && !upper.contains("%5C") && !norm.contains('\\'),
+                "{path:?} -> {norm:?}"
+            );
+            // A route reached by the normal form is one a plain path can reach: the normal form
+            // is itself a plain path (no encoded dots or slashes left to decode).
+            assert!(!upper.contains("%2E"), "{path:?} -> {norm:?}");
+        }
+    }
+
     /// Path tricks must never reach a route that the plain path would not reach.
     #[test]
     fn path_tricks_cannot_reach_admin() {
