@@ -125,9 +125,18 @@ fn http1_builder(config: &Config) -> hyper::server::conn::http1::Builder {
 fn http2_builder(config: &Config) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(read_buffer(config)).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(read_buffer(config)).unwrap_or(u32::MAX))
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     b
 }
+
+/// HTTP/2: streams per connection, and the pings that find dead peers (a peer that does not
+/// answer a ping within the timeout is disconnected).
+const H2_MAX_STREAMS: u32 = 256;
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn auto_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -138,7 +147,10 @@ fn auto_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(read_buffer(config)).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(read_buffer(config)).unwrap_or(u32::MAX))
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     b
 }
 
