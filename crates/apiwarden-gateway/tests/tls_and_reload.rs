@@ -237,12 +237,7 @@ async fn a_reload_adds_a_route_while_requests_are_in_flight_and_none_fails() {
     );
     let n = done.load(Ordering::Relaxed);
     assert!(n > 20, "traffic ran during the reload ({n} requests)");
-    let system: Vec<_> = gw
-        .sink
-        .events()
-        .into_iter()
-        .filter(|e| e.kind == EventKind::System)
-        .collect();
+    let system = gw.events_of(EventKind::System);
     assert!(
         system.iter().any(|e| e
             .message
@@ -280,12 +275,7 @@ async fn an_invalid_reload_keeps_the_old_routes_and_is_recorded() {
         "old routes keep working"
     );
     assert_eq!(get(&gw.url("/c")).await.0, 404);
-    let system: Vec<_> = gw
-        .sink
-        .events()
-        .into_iter()
-        .filter(|e| e.kind == EventKind::System)
-        .collect();
+    let system = gw.events_of(EventKind::System);
     let refused = system
         .iter()
         .find(|e| {

@@ -30,13 +30,18 @@ impl TestGateway {
         format!("http://{}{}", self.gw.addr, path)
     }
 
-    /// Request events recorded so far.
-    pub fn request_events(&self) -> Vec<AuditEvent> {
+    /// Events of one kind recorded so far.
+    pub fn events_of(&self, kind: EventKind) -> Vec<AuditEvent> {
         self.sink
             .events()
             .into_iter()
-            .filter(|e| e.kind == EventKind::Request)
+            .filter(|e| e.kind == kind)
             .collect()
+    }
+
+    /// Request events recorded so far.
+    pub fn request_events(&self) -> Vec<AuditEvent> {
+        self.events_of(EventKind::Request)
     }
 
     /// Waits until `n` request events are recorded (a response body ends just after the
