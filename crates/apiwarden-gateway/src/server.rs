@@ -430,8 +430,14 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let Ok(std) = stream.into_std() else { continue };
-        let Some((queue, _)) = queues.iter().min_by_key(|(_, live)| live.strong_count()) else {
-            return;
+        // A worker whose thread has ended (its `live` token is gone) takes no connections.
+        let Some((queue, _)) = queues
+            .iter()
+            .filter(|(q, live)| live.strong_count() > 0 && !q.is_closed())
+            .min_by_key(|(_, live)| live.strong_count())
+        else {
+            tracing::error!("no worker is running; refusing connections");
+            continue;
         };
         let _ = queue.send((std, peer));
     }
