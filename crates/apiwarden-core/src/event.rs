@@ -317,30 +317,19 @@ impl AuditEvent {
     }
 }
 
-/// Length of the prefix of `bytes` that JSON can hold unescaped, found eight bytes at a time.
-fn clean_prefix(bytes: &[u8]) -> usize {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    // True where some byte of `w` is zero (the classic "has zero byte" test).
-    let has_zero = |w: u64| w.wrapping_sub(LO) & !w & HI != 0;
+/// Bytes a JSON string cannot hold as they are: control characters, DEL, `"` and `\\`.
+const NEEDS_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
     let mut i = 0;
-    while i + 8 <= bytes.len() {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&bytes[i..i + 8]);
-        let w = u64::from_le_bytes(word);
-        // A byte below 0x20 (with its high bit clear), a quote, a backslash or DEL.
-        let control = w.wrapping_sub(LO * 0x20) & !w & HI != 0;
-        if control
-            || has_zero(w ^ (LO * u64::from(b'"')))
-            || has_zero(w ^ (LO * u64::from(b'\\')))
-            || has_zero(w ^ (LO * 0x7f))
-        {
-            break;
-        }
-        i += 8;
+    while i < 0x20 {
+        t[i] = true;
+        i += 1;
     }
-    i
-}
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t[0x7f] = true;
+    t
+};
 
 thread_local! {
     /// The formatted `YYYY-MM-DDTHH:MM:SS` of the last second written, and that second.
@@ -440,31 +429,33 @@ impl Json<'_> {
     }
 
     fn str(&mut self, s: &str) {
-        self.out.push(b'"');
         let bytes = s.as_bytes();
-        // Skip, eight bytes at a time, the (usual) stretch that needs no escaping.
+        self.out.reserve(bytes.len() + 2);
+        self.out.push(b'"');
+        // Most strings need no escaping: find the first byte that does with a table look-up.
+        let Some(first) = bytes.iter().position(|&b| NEEDS_ESCAPE[usize::from(b)]) else {
+            self.out.extend_from_slice(bytes);
+            self.out.push(b'"');
+            return;
+        };
         let mut start = 0;
-        let clean = clean_prefix(bytes);
-        self.out.extend_from_slice(&bytes[..clean]);
-        start += clean;
-        for (i, &b) in bytes.iter().enumerate().skip(clean) {
-            let escaped: &[u8] = match b {
-                b'"' => b"\\\"",
-                b'\\' => b"\\\\",
-                b'\n' => b"\\n",
-                b'\r' => b"\\r",
-                b'\t' => b"\\t",
-                0..=0x1f | 0x7f => b"",
-                _ => continue,
-            };
+        for (i, &b) in bytes.iter().enumerate().skip(first) {
+            if !NEEDS_ESCAPE[usize::from(b)] {
+                continue;
+            }
             self.out.extend_from_slice(&bytes[start..i]);
-            if escaped.is_empty() {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                self.out.extend_from_slice(b"\\u00");
-                self.out.push(HEX[usize::from(b >> 4)]);
-                self.out.push(HEX[usize::from(b & 0xf)]);
-            } else {
-                self.out.extend_from_slice(escaped);
+            match b {
+                b'"' => self.out.extend_from_slice(b"\\\""),
+                b'\\' => self.out.extend_from_slice(b"\\\\"),
+                b'\n' => self.out.extend_from_slice(b"\\n"),
+                b'\r' => self.out.extend_from_slice(b"\\r"),
+                b'\t' => self.out.extend_from_slice(b"\\t"),
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    self.out.extend_from_slice(b"\\u00");
+                    self.out.push(HEX[usize::from(b >> 4)]);
+                    self.out.push(HEX[usize::from(b & 0xf)]);
+                }
             }
             start = i + 1;
         }
