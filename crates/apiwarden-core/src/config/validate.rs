@@ -880,6 +880,46 @@ colour = "blue"
 
     const U: &str = "[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1\"\n";
 
+    /// Robustness: a valid file with random bytes changed, removed or duplicated is either
+    /// accepted or refused with positioned errors, never a panic.
+    #[test]
+    fn mutated_files_never_panic() {
+        let base = SPEC_EXAMPLE.as_bytes();
+        let alphabet = b"[]{}=\"',.#\n /:-_0123456789abcxyz\\";
+        let mut state = 0x1234_5678_9ABC_DEF1u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..3000 {
+            let mut bytes = base.to_vec();
+            for _ in 0..(1 + next() % 4) {
+                let at = (next() % bytes.len() as u64) as usize;
+                match next() % 3 {
+                    0 => bytes[at] = alphabet[(next() % alphabet.len() as u64) as usize],
+                    1 => {
+                        bytes.remove(at);
+                    }
+                    _ => {
+                        let end = (at + (next() % 40) as usize).min(bytes.len());
+                        let chunk = bytes[at..end].to_vec();
+                        bytes.splice(at..at, chunk);
+                    }
+                }
+            }
+            let Ok(text) = String::from_utf8(bytes) else {
+                continue;
+            };
+            if let Err(errs) = parse(&text, "m.toml") {
+                for e in &errs.0 {
+                    assert!(e.line >= 1 && e.column >= 1 && !e.message.is_empty(), "{e}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_syntax_error_names_its_position() {
         let errs = parse("[gateway]\nlisten = \n", "x.toml").unwrap_err().0;
