@@ -569,16 +569,11 @@ mod tests {
     #[test]
     fn string_escaping_matches_serde_json_on_random_strings() {
         let alphabet: Vec<char> = "ab\"\\\n\r\t\u{0}\u{1f}\u{7f} é€😀/zZ09".chars().collect();
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut rng = crate::XorShift(0x2545_F491_4F6C_DD1D);
         for len in 0..200usize {
             for _ in 0..10 {
                 let text: String = (0..len)
-                    .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        alphabet[(state % alphabet.len() as u64) as usize]
-                    })
+                    .map(|_| alphabet[rng.below(alphabet.len())])
                     .collect();
                 let mut buf = Vec::new();
                 Json {

@@ -11,3 +11,23 @@ pub mod net;
 pub mod path;
 pub mod router;
 pub mod units;
+
+/// A small deterministic generator for the randomised tests (no dependency, same cases on
+/// every run).
+#[cfg(test)]
+pub(crate) struct XorShift(pub u64);
+
+#[cfg(test)]
+impl XorShift {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// An index below `len`.
+    pub(crate) fn below(&mut self, len: usize) -> usize {
+        (self.next() % len as u64) as usize
+    }
+}

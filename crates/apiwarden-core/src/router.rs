@@ -203,18 +203,12 @@ auth = ["none"]
             ".%2e", "%2f", "%2F", "%5c", "\\", ";", "..;", "%61", "%41", "a", "%20", "%zz", "%",
             "~", "%7e",
         ];
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = crate::XorShift(0x9E37_79B9_7F4A_7C15);
         for _ in 0..20_000 {
-            let n = 1 + next() % 8;
+            let n = 1 + rng.below(8);
             let mut path = String::from("/");
             for _ in 0..n {
-                path.push_str(pieces[(next() % pieces.len() as u64) as usize]);
+                path.push_str(pieces[rng.below(pieces.len())]);
             }
             let Ok(norm) = normalize(&path, EncodedSlashes::Reject) else {
                 continue;

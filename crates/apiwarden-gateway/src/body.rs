@@ -213,20 +213,12 @@ impl Body for ResponseBody {
             Inner::Upstream(body, lease) => {
                 let polled = ready!(Pin::new(&mut *body).poll_frame(cx));
                 match &polled {
-                    // Read to its end: the connection can serve another request.
-                    None => {
-                        if let Some(l) = lease.take() {
-                            l.release();
-                        }
-                    }
                     // Broken: the connection closes when the lease is dropped.
                     Some(Err(_)) => drop(lease.take()),
-                    // The last frame of a body of known length: hyper may not poll again.
-                    Some(Ok(_)) if body.is_end_stream() => {
-                        if let Some(l) = lease.take() {
-                            l.release();
-                        }
-                    }
+                    // Read to its end (hyper may not poll again after the last frame of a
+                    // body of known length): the connection can serve another request.
+                    None => release(lease),
+                    Some(Ok(_)) if body.is_end_stream() => release(lease),
                     Some(Ok(_)) => {}
                 }
                 polled
@@ -265,14 +257,19 @@ impl Body for ResponseBody {
     }
 }
 
+/// Returns a connection whose response has been read to its end to its pool.
+fn release(lease: &mut Option<Lease>) {
+    if let Some(l) = lease.take() {
+        l.release();
+    }
+}
+
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // A body read to its end leaves a reusable connection.
         if let Inner::Upstream(body, lease) = &mut self.inner {
             if body.is_end_stream() {
-                if let Some(l) = lease.take() {
-                    l.release();
-                }
+                release(lease);
             }
         }
         if self.recorder.is_some() {

@@ -28,8 +28,8 @@ fn next() -> u64 {
     })
 }
 
-/// A new UUIDv7.
-pub fn uuid_v7() -> uuid::Uuid {
+/// A new UUIDv7, for ids of events and requests.
+pub fn new_id() -> uuid::Uuid {
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -37,11 +37,6 @@ pub fn uuid_v7() -> uuid::Uuid {
     random[..8].copy_from_slice(&next().to_le_bytes());
     random[8..].copy_from_slice(&next().to_le_bytes()[..2]);
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
-}
-
-/// A new UUIDv7 (an alias of [`uuid_v7`], for ids of events and requests).
-pub fn new_id() -> uuid::Uuid {
-    uuid_v7()
 }
 
 /// The hyphenated text of an id as a header value, without going through `fmt`.
@@ -55,13 +50,13 @@ pub fn header_value(id: uuid::Uuid) -> http::HeaderValue {
 mod tests {
     #[test]
     fn ids_are_v7_and_distinct() {
-        let a = super::uuid_v7();
-        let b = super::uuid_v7();
+        let a = super::new_id();
+        let b = super::new_id();
         assert_eq!(a.get_version_num(), 7);
         assert_ne!(a, b);
         let (ta, tb) = (
             a.get_timestamp().unwrap().to_unix(),
-            super::uuid_v7().get_timestamp().unwrap().to_unix(),
+            super::new_id().get_timestamp().unwrap().to_unix(),
         );
         assert!(tb >= ta, "time-ordered");
     }

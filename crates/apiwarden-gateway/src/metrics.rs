@@ -104,8 +104,8 @@ struct Shard {
 
 /// All of the gateway's metrics.
 pub struct Metrics {
-    routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
-    upstreams: Mutex<HashMap<String, Arc<UpstreamMetrics>>>,
+    routes: Registry<RouteMetrics>,
+    upstreams: Registry<UpstreamMetrics>,
     /// Requests that matched no route (label `route=""`).
     pub unrouted: Arc<RouteMetrics>,
     shards: Box<[Shard]>,
@@ -139,22 +139,14 @@ impl Metrics {
 
     /// The counters of a route, kept across reloads by name. Called when a config is compiled.
     pub fn route(&self, name: &str) -> Arc<RouteMetrics> {
-        let mut map = self.routes.lock().expect("metrics poisoned");
-        map.entry(name.to_string())
-            .or_insert_with(|| Arc::new(RouteMetrics::new(self.shards.len())))
-            .clone()
+        entry(&self.routes, name, || RouteMetrics::new(self.shards.len()))
     }
 
     /// The counters of an upstream, kept across reloads by name.
     pub fn upstream(&self, name: &str) -> Arc<UpstreamMetrics> {
-        let mut map = self.upstreams.lock().expect("metrics poisoned");
-        map.entry(name.to_string())
-            .or_insert_with(|| {
-                Arc::new(UpstreamMetrics {
-                    errors: Default::default(),
-                })
-            })
-            .clone()
+        entry(&self.upstreams, name, || UpstreamMetrics {
+            errors: Default::default(),
+        })
     }
 
     pub fn observe_latency(&self, d: Duration) {
@@ -191,14 +183,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP apiwarden_requests_total Requests by route, status and decision.\n# TYPE apiwarden_requests_total counter\n");
-        let mut routes: Vec<(String, Arc<RouteMetrics>)> = self
-            .routes
-            .lock()
-            .expect("metrics poisoned")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        routes.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut routes = sorted(&self.routes);
         routes.insert(0, (String::new(), self.unrouted.clone()));
         for (name, m) in &routes {
             for slot in 0..STATUS_SLOTS {
@@ -235,14 +220,7 @@ impl Metrics {
         let in_flight: i64 = self.shards.iter().map(|s| s.in_flight.load(Relaxed)).sum();
         let _ = writeln!(out, "apiwarden_requests_in_flight {in_flight}");
         out.push_str("# HELP apiwarden_upstream_errors_total Failed upstream requests by upstream and kind.\n# TYPE apiwarden_upstream_errors_total counter\n");
-        let mut ups: Vec<(String, Arc<UpstreamMetrics>)> = self
-            .upstreams
-            .lock()
-            .expect("metrics poisoned")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        ups.sort_by(|a, b| a.0.cmp(&b.0));
+        let ups = sorted(&self.upstreams);
         for (name, m) in &ups {
             for kind in UpstreamErrorKind::ALL {
                 let _ = writeln!(
@@ -273,6 +251,28 @@ impl Metrics {
         );
         out
     }
+}
+
+type Registry<T> = Mutex<HashMap<String, Arc<T>>>;
+
+/// The entry of `name`, made on first use. Only config compilation calls this.
+fn entry<T>(map: &Registry<T>, name: &str, make: impl FnOnce() -> T) -> Arc<T> {
+    let mut map = map.lock().expect("metrics poisoned");
+    map.entry(name.to_string())
+        .or_insert_with(|| Arc::new(make()))
+        .clone()
+}
+
+/// A snapshot of a registry, sorted by name, for rendering.
+fn sorted<T>(map: &Registry<T>) -> Vec<(String, Arc<T>)> {
+    let mut all: Vec<(String, Arc<T>)> = map
+        .lock()
+        .expect("metrics poisoned")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
 }
 
 fn escape(s: &str) -> String {

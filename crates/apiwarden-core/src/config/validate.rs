@@ -886,24 +886,18 @@ colour = "blue"
     fn mutated_files_never_panic() {
         let base = SPEC_EXAMPLE.as_bytes();
         let alphabet = b"[]{}=\"',.#\n /:-_0123456789abcxyz\\";
-        let mut state = 0x1234_5678_9ABC_DEF1u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = crate::XorShift(0x1234_5678_9ABC_DEF1);
         for _ in 0..3000 {
             let mut bytes = base.to_vec();
-            for _ in 0..(1 + next() % 4) {
-                let at = (next() % bytes.len() as u64) as usize;
-                match next() % 3 {
-                    0 => bytes[at] = alphabet[(next() % alphabet.len() as u64) as usize],
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(bytes.len());
+                match rng.below(3) {
+                    0 => bytes[at] = alphabet[rng.below(alphabet.len())],
                     1 => {
                         bytes.remove(at);
                     }
                     _ => {
-                        let end = (at + (next() % 40) as usize).min(bytes.len());
+                        let end = (at + rng.below(40)).min(bytes.len());
                         let chunk = bytes[at..end].to_vec();
                         bytes.splice(at..at, chunk);
                     }
