@@ -148,38 +148,49 @@ start_nginx() {
     PIDS+=("$STARTED_PID")
 }
 
-# ------------------------------------------------------------ 1. upstream --
-UP_DIR="$TMP/nginx-upstream"
-mkdir -p "$UP_DIR/logs" "$UP_DIR/tmp"
-cat >"$UP_DIR/nginx.conf" <<EOF
+# Writes DIR/nginx.conf: what both nginx instances share, then the http-level blocks read
+# from standard input.
+write_nginx_conf() {
+    local dir=$1 workers=$2 access_log=$3
+    mkdir -p "$dir/logs" "$dir/tmp"
+    {
+        cat <<EOF
 daemon off;
-worker_processes 1;
-pid $UP_DIR/nginx.pid;
-error_log $UP_DIR/logs/error.log warn;
+worker_processes $workers;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
 
 events {
     worker_connections 4096;
 }
 
 http {
-    access_log off;
+    access_log $access_log;
     default_type text/plain;
-    client_body_temp_path $UP_DIR/tmp/client_body;
-    proxy_temp_path       $UP_DIR/tmp/proxy;
-    fastcgi_temp_path     $UP_DIR/tmp/fastcgi;
-    uwsgi_temp_path       $UP_DIR/tmp/uwsgi;
-    scgi_temp_path        $UP_DIR/tmp/scgi;
+    client_body_temp_path $dir/tmp/client_body;
+    proxy_temp_path       $dir/tmp/proxy;
+    fastcgi_temp_path     $dir/tmp/fastcgi;
+    uwsgi_temp_path       $dir/tmp/uwsgi;
+    scgi_temp_path        $dir/tmp/scgi;
 
     keepalive_requests 1000000;
     keepalive_timeout  300s;
 
+EOF
+        cat
+        echo "}"
+    } >"$dir/nginx.conf"
+}
+
+# ------------------------------------------------------------ 1. upstream --
+UP_DIR="$TMP/nginx-upstream"
+write_nginx_conf "$UP_DIR" 1 off <<EOF
     server {
         listen 127.0.0.1:$UP_PORT;
         location / {
             return 200 "hello from upstream\n";
         }
     }
-}
 EOF
 log "starting upstream nginx on 127.0.0.1:$UP_PORT"
 start_nginx upstream "$UP_DIR"
@@ -188,29 +199,7 @@ wait_http "upstream nginx" "http://127.0.0.1:$UP_PORT$BENCH_PATH" "$UP_PID" "$UP
 
 # --------------------------------------------------------- 2. nginx proxy --
 NG_DIR="$TMP/nginx-proxy"
-mkdir -p "$NG_DIR/logs" "$NG_DIR/tmp"
-cat >"$NG_DIR/nginx.conf" <<EOF
-daemon off;
-worker_processes 2;
-pid $NG_DIR/nginx.pid;
-error_log $NG_DIR/logs/error.log warn;
-
-events {
-    worker_connections 4096;
-}
-
-http {
-    access_log $NG_DIR/logs/access.log;
-    default_type text/plain;
-    client_body_temp_path $NG_DIR/tmp/client_body;
-    proxy_temp_path       $NG_DIR/tmp/proxy;
-    fastcgi_temp_path     $NG_DIR/tmp/fastcgi;
-    uwsgi_temp_path       $NG_DIR/tmp/uwsgi;
-    scgi_temp_path        $NG_DIR/tmp/scgi;
-
-    keepalive_requests 1000000;
-    keepalive_timeout  300s;
-
+write_nginx_conf "$NG_DIR" 2 "$NG_DIR/logs/access.log" <<EOF
     upstream bench_upstream {
         server 127.0.0.1:$UP_PORT;
         keepalive 64;
@@ -227,7 +216,6 @@ http {
             proxy_set_header Host \$host;
         }
     }
-}
 EOF
 log "starting proxy nginx on 127.0.0.1:$NGINX_PORT"
 start_nginx proxy "$NG_DIR"
