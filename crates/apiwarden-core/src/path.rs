@@ -24,8 +24,7 @@
 use std::fmt;
 
 /// What to do with `%2F` and `%5C` in a path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum EncodedSlashes {
     /// Reject the request with `400` (the default: an upstream that decodes them could otherwise
     /// be tricked into serving a path the gateway never routed).

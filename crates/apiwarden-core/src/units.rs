@@ -1,6 +1,5 @@
 //! Human-readable sizes and durations used in the configuration.
 
-use serde::{Deserialize, Deserializer};
 use std::time::Duration;
 
 /// A byte count written as an integer (`1048576`) or with a unit (`512KiB`, `10MiB`, `1GB`).
@@ -36,21 +35,6 @@ impl ByteSize {
     }
 }
 
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Str(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
-        }
-    }
-}
-
 /// A duration written as `"250ms"`, `"5s"`, `"24h"`, `"90d"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HumanDuration(pub Duration);
@@ -63,13 +47,6 @@ impl HumanDuration {
             .map_err(|e| {
                 format!("invalid duration {s:?} ({e}): expected e.g. \"500ms\", \"30s\", \"24h\"")
             })
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        HumanDuration::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
