@@ -57,6 +57,14 @@ pub enum Reason {
     ShuttingDown,
     /// The client went away before the response was complete.
     ClientDisconnected,
+    /// A rate limit refused the request (`decision.policy` names it).
+    RateLimitExceeded,
+    /// A Redis-backed limit could not be checked; the policy's `failure_mode` decided.
+    RateLimitUnavailable,
+    /// The client IP, key or consumer is on the block list.
+    Blocked,
+    /// An admin action (a block list change, ...), allowed.
+    AdminAction,
 }
 
 impl Reason {
@@ -75,6 +83,10 @@ impl Reason {
             Reason::UpstreamError => "upstream.error",
             Reason::ShuttingDown => "gateway.shutting_down",
             Reason::ClientDisconnected => "client.disconnected",
+            Reason::RateLimitExceeded => "ratelimit.exceeded",
+            Reason::RateLimitUnavailable => "ratelimit.unavailable",
+            Reason::Blocked => "blocked",
+            Reason::AdminAction => "admin.action",
         }
     }
 }
@@ -179,6 +191,8 @@ pub struct AuditEvent {
     pub error: Option<Reason>,
     /// A sentence for `system` and `admin` events.
     pub message: Option<String>,
+    /// Who did an `admin` action (`cli:USER@HOST`, an admin token's name).
+    pub actor: Option<String>,
 }
 
 fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -205,6 +219,7 @@ impl AuditEvent {
             tls: TlsFields::default(),
             error: None,
             message: None,
+            actor: None,
         }
     }
 }
@@ -313,6 +328,7 @@ impl AuditEvent {
         j.close();
         j.key(k!("error")).opt_str(self.error.map(Reason::as_str));
         j.key(k!("message")).opt_str(self.message.as_deref());
+        j.key(k!("actor")).opt_str(self.actor.as_deref());
         j.close();
     }
 }

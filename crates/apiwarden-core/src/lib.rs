@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod event;
+pub mod limit;
 pub mod net;
 pub mod path;
 pub mod router;

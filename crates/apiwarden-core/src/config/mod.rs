@@ -108,6 +108,12 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub database: Option<String>,
     pub redis: Option<String>,
+    /// Prefix of every Redis key apiwarden writes (`PREFIX:rl:...`, `PREFIX:blocks`).
+    pub redis_prefix: String,
+    /// How long one Redis round trip may take before it counts as a failure.
+    pub redis_timeout: Duration,
+    /// The most keys the local limit store tracks at once.
+    pub limit_keys: u64,
 }
 
 /// When an audit record must be on disk.
@@ -222,13 +228,48 @@ pub enum LimitKey {
     Header(String),
 }
 
+impl LimitKey {
+    /// The name as written in the config.
+    pub fn name(&self) -> String {
+        match self {
+            LimitKey::Consumer => "consumer".into(),
+            LimitKey::Key => "key".into(),
+            LimitKey::Ip => "ip".into(),
+            LimitKey::Route => "route".into(),
+            LimitKey::Header(h) => format!("header:{h}"),
+        }
+    }
+}
+
+/// Where a limit's state lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitStore {
+    /// In this process: exact for one node.
+    Local,
+    /// In Redis (`storage.redis`): one budget shared by every node.
+    Redis,
+}
+
+/// What a Redis-backed limit does when Redis cannot answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Let the request through (and record that the limit was not checked).
+    Open,
+    /// Refuse the request with `503`.
+    Closed,
+}
+
 #[derive(Clone, Debug)]
 pub struct LimitConfig {
     /// Requests allowed per `per`.
     pub requests: u64,
     pub per: Duration,
+    /// Requests that may arrive at once after an idle period (at least 1).
     pub burst: u64,
-    pub key: LimitKey,
+    /// What is counted; several parts make one compound key (`["consumer", "route"]`).
+    pub key: Vec<LimitKey>,
+    pub store: LimitStore,
+    pub failure_mode: FailureMode,
 }
 
 #[derive(Clone, Debug)]
@@ -264,7 +305,10 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "admin.listen", default: "\"127.0.0.1:9090\"", example: "\"127.0.0.1:9090\"", doc: "Address of the admin listener (`/healthz`, `/readyz`, `/metrics`)." },
     OptionDoc { key: "storage.data_dir", default: "\"./apiwarden-data\"", example: "\"/var/lib/apiwarden\"", doc: "Where audit records and local state live (relative to the config file)." },
     OptionDoc { key: "storage.database", default: "none", example: "\"postgres://postgres@127.0.0.1/test\"", doc: "Fleet mode: PostgreSQL for shared consumers and keys (used by the identity stage)." },
-    OptionDoc { key: "storage.redis", default: "none", example: "\"redis://127.0.0.1/\"", doc: "Fleet mode: Redis for shared limits and the block list (used by the limit stage)." },
+    OptionDoc { key: "storage.redis", default: "none", example: "\"redis://127.0.0.1/\"", doc: "Fleet mode: Redis for limits shared by every node and for the block list. Limits use it unless they say `store = \"local\"`." },
+    OptionDoc { key: "storage.redis_prefix", default: "\"apiwarden\"", example: "\"gw-eu\"", doc: "Prefix of every Redis key apiwarden writes; fleets that must not share budgets use different prefixes." },
+    OptionDoc { key: "storage.redis_timeout", default: "\"100ms\"", example: "\"50ms\"", doc: "How long one Redis round trip may take; past it the limit's `failure_mode` applies." },
+    OptionDoc { key: "storage.limit_keys", default: "1000000", example: "100000", doc: "The most keys (clients, IPs, ...) the local limit store tracks at once, over all limits. When full, idle keys are dropped first (an idle key has its full budget, so nothing is lost); only then the key closest to a full budget." },
     OptionDoc { key: "audit.durability", default: "\"strict\"", example: "\"batched\"", doc: "`strict`, `batched` or `async`: when an audit record must be on disk (enforced by the ledger)." },
     OptionDoc { key: "audit.checkpoint_interval", default: "\"1s\"", example: "\"5s\"", doc: "How often the ledger writes a signed checkpoint." },
     OptionDoc { key: "upstreams[].name", default: "required", example: "\"orders\"", doc: "Name that routes refer to; unique." },
@@ -283,9 +327,11 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "routes[].auth", default: "required", example: "[\"api_key\"]", doc: "Accepted methods: `api_key`, `jwt`, `introspection`, `mtls`, or `[\"none\"]` for an open route. A route without `auth` is an error, so an open route is always explicit." },
     OptionDoc { key: "routes[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes the caller must all hold (not allowed with `none`)." },
     OptionDoc { key: "routes[].limits", default: "[]", example: "[]", doc: "Names of `[limits.NAME]` tables applied to the route, in order." },
-    OptionDoc { key: "limits.NAME.rate", default: "required", example: "\"100/s\"", doc: "Requests per unit: `N/s`, `N/m`, `N/h`, `N/d`." },
-    OptionDoc { key: "limits.NAME.burst", default: "0", example: "20", doc: "Extra requests allowed at once above the steady rate." },
-    OptionDoc { key: "limits.NAME.key", default: "\"ip\"", example: "\"consumer\"", doc: "What is counted: `consumer`, `key`, `ip`, `route` or `header:NAME`." },
+    OptionDoc { key: "limits.NAME.rate", default: "required", example: "\"100/s\"", doc: "Steady rate (GCRA, no window boundaries): `N/s`, `N/m`, `N/h`, `N/d`. A quota is a rate with a large burst: `rate = \"100000/d\"`." },
+    OptionDoc { key: "limits.NAME.burst", default: "the rate's N", example: "20", doc: "Requests that may arrive at once after an idle period. Over any time T at most `burst + rate × T` requests are admitted. Refused requests use no budget." },
+    OptionDoc { key: "limits.NAME.key", default: "\"ip\"", example: "[\"consumer\", \"route\"]", doc: "What is counted: `consumer`, `key`, `ip`, `route`, `header:NAME`, or a list of them for one compound key. Without an identity (an open route) `consumer` and `key` count by client IP, as does `header:NAME` when the header is absent." },
+    OptionDoc { key: "limits.NAME.store", default: "`redis` if `storage.redis` is set, else `local`", example: "\"local\"", doc: "`local`: exact per node, in memory. `redis`: one budget shared by every node, decided atomically in Redis in one round trip." },
+    OptionDoc { key: "limits.NAME.failure_mode", default: "\"open\"", example: "\"closed\"", doc: "Redis limits only, when Redis cannot answer in `storage.redis_timeout`: `open` lets requests through, `closed` refuses them with `503`. Either way the audit event says `ratelimit.unavailable`." },
     OptionDoc { key: "consumers[].name", default: "required", example: "\"billing\"", doc: "Consumer name; unique." },
     OptionDoc { key: "consumers[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes granted to the consumer." },
     OptionDoc { key: "consumers[].roles", default: "[]", example: "[\"reader\"]", doc: "Roles granted to the consumer." },

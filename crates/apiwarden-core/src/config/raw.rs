@@ -52,6 +52,9 @@ pub(crate) struct Storage {
     pub data_dir: Option<String>,
     pub database: Option<String>,
     pub redis: Option<String>,
+    pub redis_prefix: Option<String>,
+    pub redis_timeout: Option<String>,
+    pub limit_keys: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,7 +97,17 @@ pub(crate) struct Route {
 pub(crate) struct Limit {
     pub rate: String,
     pub burst: Option<u64>,
-    pub key: Option<String>,
+    pub key: Option<OneOrMany>,
+    pub store: Option<String>,
+    pub failure_mode: Option<String>,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]

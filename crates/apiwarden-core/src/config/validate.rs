@@ -329,6 +329,35 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         });
     }
 
+    // [storage] (Redis settings; the limits below depend on them)
+    let st = |k: &'static str| [name("storage"), name(k)];
+    if let Some(url) = &storage.redis {
+        if !url.starts_with("redis://") {
+            cx.error(
+                &st("redis"),
+                format!("redis must be a redis://host[:port][/db] URL, not {url:?}"),
+            );
+        }
+    }
+    let redis_timeout = positive(
+        &mut cx,
+        storage.redis_timeout.as_deref(),
+        "100ms",
+        &st("redis_timeout"),
+    );
+    let limit_keys = match storage.limit_keys {
+        None => 1_000_000,
+        Some(0) => {
+            cx.error(&st("limit_keys"), "limit_keys must be at least 1");
+            1
+        }
+        Some(n) => n,
+    };
+    let redis_prefix = storage
+        .redis_prefix
+        .clone()
+        .unwrap_or_else(|| "apiwarden".into());
+
     // [limits.NAME]
     let mut limits = BTreeMap::new();
     for (lname, l) in &raw_limits {
@@ -341,22 +370,99 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 (1, Duration::from_secs(1))
             }
         };
-        let key = match l.key.as_deref() {
-            None | Some("ip") => LimitKey::Ip,
-            Some("consumer") => LimitKey::Consumer,
-            Some("key") => LimitKey::Key,
-            Some("route") => LimitKey::Route,
-            Some(h) if h.starts_with("header:") && h.len() > 7 => {
-                LimitKey::Header(h[7..].to_ascii_lowercase())
+        let parts: Vec<&str> = match &l.key {
+            None => vec!["ip"],
+            Some(raw::OneOrMany::One(k)) => vec![k.as_str()],
+            Some(raw::OneOrMany::Many(ks)) => ks.iter().map(String::as_str).collect(),
+        };
+        if parts.is_empty() {
+            cx.error(
+                &at("key"),
+                "key must name at least one of consumer, key, ip, route or header:NAME",
+            );
+        }
+        let mut key = Vec::new();
+        for part in parts {
+            let k = match part {
+                "ip" => LimitKey::Ip,
+                "consumer" => LimitKey::Consumer,
+                "key" => LimitKey::Key,
+                "route" => LimitKey::Route,
+                h if h.starts_with("header:") && h.len() > 7 => match http_token(&h[7..]) {
+                    true => LimitKey::Header(h[7..].to_ascii_lowercase()),
+                    false => {
+                        cx.error(
+                            &at("key"),
+                            format!("{h:?}: a header name is letters, digits and -"),
+                        );
+                        continue;
+                    }
+                },
+                other => {
+                    cx.error(
+                        &at("key"),
+                        format!(
+                            "limit key must be consumer, key, ip, route or header:NAME, not {other:?}"
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if key.contains(&k) {
+                cx.error(&at("key"), format!("key part {part:?} is listed twice"));
+                continue;
+            }
+            key.push(k);
+        }
+        let burst = match l.burst {
+            None => requests,
+            Some(0) => {
+                cx.error(
+                    &at("burst"),
+                    "burst must be at least 1 (the number of requests that may arrive at once)",
+                );
+                1
+            }
+            Some(b) => b,
+        };
+        if per.as_nanos() / u128::from(requests) < 1_000 {
+            cx.error(
+                &at("rate"),
+                format!(
+                    "rate {:?} is more than one request per microsecond; that is not a limit",
+                    l.rate
+                ),
+            );
+        }
+        let store = match l.store.as_deref() {
+            None if storage.redis.is_some() => LimitStore::Redis,
+            None | Some("local") => LimitStore::Local,
+            Some("redis") => {
+                if storage.redis.is_none() {
+                    cx.error(
+                        &at("store"),
+                        "store = \"redis\" needs storage.redis (the Redis URL)",
+                    );
+                }
+                LimitStore::Redis
             }
             Some(other) => {
                 cx.error(
-                    &at("key"),
-                    format!(
-                        "limit key must be consumer, key, ip, route or header:NAME, not {other:?}"
-                    ),
+                    &at("store"),
+                    format!("store must be \"local\" or \"redis\", not {other:?}"),
                 );
-                LimitKey::Ip
+                LimitStore::Local
+            }
+        };
+        let failure_mode = match l.failure_mode.as_deref() {
+            None | Some("open") => FailureMode::Open,
+            Some("closed") => FailureMode::Closed,
+            Some(other) => {
+                cx.error(
+                    &at("failure_mode"),
+                    format!("failure_mode must be \"open\" or \"closed\", not {other:?}"),
+                );
+                FailureMode::Open
             }
         };
         limits.insert(
@@ -364,8 +470,10 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             LimitConfig {
                 requests,
                 per,
-                burst: l.burst.unwrap_or(0),
+                burst,
                 key,
+                store,
+                failure_mode,
             },
         );
     }
@@ -555,6 +663,9 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             data_dir: rel(storage.data_dir.as_deref().unwrap_or("./apiwarden-data")),
             database: storage.database.clone(),
             redis: storage.redis.clone(),
+            redis_prefix,
+            redis_timeout,
+            limit_keys,
         },
         audit: AuditConfig {
             durability,
@@ -677,6 +788,13 @@ fn target(cx: &mut Ctx<'_>, url: &str, path: &[Key]) -> Option<Target> {
         authority,
         base_path: base.trim_end_matches('/').to_string(),
     })
+}
+
+/// An HTTP field name: a token (RFC 9110 section 5.6.2), as far as config files need.
+fn http_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn parse_rate(s: &str) -> Result<(u64, Duration), String> {
@@ -805,6 +923,8 @@ scopes = ["orders:read"]
         assert_eq!(c.routes[0].auth, vec![AuthMethod::ApiKey]);
         assert_eq!(c.upstreams[0].targets[0].authority, "127.0.0.1:3000");
         assert_eq!(c.limits["per-consumer"].burst, 20);
+        assert_eq!(c.limits["per-consumer"].key, vec![LimitKey::Consumer]);
+        assert_eq!(c.limits["per-consumer"].store, LimitStore::Local);
         assert_eq!(
             c.storage.data_dir,
             Path::new("/etc/apiwarden/./apiwarden-data")
@@ -867,6 +987,15 @@ colour = "blue"
             (&format!("{U}[[routes]]\nname = \"r\"\nhost = \"a.example.com:8080\"\npath = \"/a\"\nupstream = \"u\"\nauth = [\"none\"]\n"), "without port or path"),
             (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a%2Fb\"\nupstream = \"u\"\nauth = [\"none\"]\n"), "never match"),
             (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a?b=1\"\nupstream = \"u\"\nauth = [\"none\"]\n"), "query or fragment"),
+            ("[limits.l]\nrate = \"10/s\"\nburst = 0\n", "burst must be at least 1"),
+            ("[limits.l]\nrate = \"10/w\"\n", "units s, m, h, d"),
+            ("[limits.l]\nrate = \"10000000/s\"\n", "not a limit"),
+            ("[limits.l]\nrate = \"10/s\"\nstore = \"redis\"\n", "needs storage.redis"),
+            ("[limits.l]\nrate = \"10/s\"\nkey = [\"ip\", \"ip\"]\n", "listed twice"),
+            ("[limits.l]\nrate = \"10/s\"\nkey = \"header:a b\"\n", "header name"),
+            ("[limits.l]\nrate = \"10/s\"\nkey = []\n", "at least one"),
+            ("[limits.l]\nrate = \"10/s\"\nfailure_mode = \"maybe\"\n", "\"open\" or \"closed\""),
+            ("[storage]\nredis = \"http://127.0.0.1\"\n", "redis://"),
         ];
         for (text, want) in cases {
             let errs = parse(text, "v.toml").expect_err(text).to_string();
@@ -912,6 +1041,32 @@ colour = "blue"
                 }
             }
         }
+    }
+
+    #[test]
+    fn limits_take_compound_keys_and_default_to_redis_in_fleet_mode() {
+        let text = "[storage]\nredis = \"redis://127.0.0.1/\"\n[limits.a]\nrate = \"5/m\"\nkey = [\"consumer\", \"header:X-Tenant\"]\n[limits.b]\nrate = \"100000/d\"\nstore = \"local\"\nfailure_mode = \"closed\"\n";
+        let c = parse(text, "l.toml").unwrap();
+        let a = &c.limits["a"];
+        assert_eq!(
+            a.key,
+            vec![LimitKey::Consumer, LimitKey::Header("x-tenant".into())]
+        );
+        assert_eq!(
+            (a.requests, a.per, a.burst),
+            (5, Duration::from_secs(60), 5)
+        );
+        assert_eq!(
+            (a.store, a.failure_mode),
+            (LimitStore::Redis, FailureMode::Open)
+        );
+        let b = &c.limits["b"];
+        assert_eq!(
+            (b.store, b.failure_mode, b.burst),
+            (LimitStore::Local, FailureMode::Closed, 100_000)
+        );
+        assert_eq!(c.storage.redis_prefix, "apiwarden");
+        assert_eq!(c.storage.redis_timeout, Duration::from_millis(100));
     }
 
     #[test]
