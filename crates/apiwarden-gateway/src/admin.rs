@@ -57,7 +57,7 @@ async fn handle(
         "/metrics" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render(),
+            shared.render_metrics(),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,

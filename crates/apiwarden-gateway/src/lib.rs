@@ -10,6 +10,7 @@ pub mod audit;
 pub mod body;
 pub mod echo;
 pub mod ids;
+pub mod limit;
 pub mod metrics;
 pub mod pipeline;
 pub mod respond;

@@ -92,6 +92,28 @@ impl UpstreamMetrics {
     }
 }
 
+/// Decisions of one limit policy by outcome, one shard per worker.
+pub struct PolicyMetrics {
+    shards: Box<[PolicyShard]>,
+}
+
+#[repr(align(128))]
+#[derive(Default)]
+struct PolicyShard([AtomicU64; 4]);
+
+impl PolicyMetrics {
+    pub fn count(&self, outcome: crate::limit::PolicyOutcome) {
+        self.shards[shard_index(self.shards.len())].0[outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn total(&self, outcome: crate::limit::PolicyOutcome) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.0[outcome as usize].load(Relaxed))
+            .sum()
+    }
+}
+
 /// The per-request gauges and histogram of one worker, on cache lines of their own.
 #[repr(align(128))]
 #[derive(Default)]
@@ -106,6 +128,9 @@ struct Shard {
 pub struct Metrics {
     routes: Registry<RouteMetrics>,
     upstreams: Registry<UpstreamMetrics>,
+    policies: Registry<PolicyMetrics>,
+    /// Redis round trips of the limit stage.
+    pub redis: Arc<crate::limit::RedisMetrics>,
     /// Requests that matched no route (label `route=""`).
     pub unrouted: Arc<RouteMetrics>,
     shards: Box<[Shard]>,
@@ -126,6 +151,8 @@ impl Metrics {
         Metrics {
             routes: Mutex::default(),
             upstreams: Mutex::default(),
+            policies: Mutex::default(),
+            redis: Arc::default(),
             unrouted: Arc::new(RouteMetrics::new(workers)),
             shards: (0..workers).map(|_| Shard::default()).collect(),
             reloads_ok: AtomicU64::new(0),
@@ -146,6 +173,15 @@ impl Metrics {
     pub fn upstream(&self, name: &str) -> Arc<UpstreamMetrics> {
         entry(&self.upstreams, name, || UpstreamMetrics {
             errors: Default::default(),
+        })
+    }
+
+    /// The counters of a limit policy, kept across reloads by name.
+    pub fn policy(&self, name: &str) -> Arc<PolicyMetrics> {
+        entry(&self.policies, name, || PolicyMetrics {
+            shards: (0..self.shards.len())
+                .map(|_| PolicyShard::default())
+                .collect(),
         })
     }
 
@@ -238,6 +274,52 @@ impl Metrics {
             "apiwarden_audit_events_total {}",
             self.sum(|s| s.audit_events.load(Relaxed))
         );
+        out.push_str("# HELP apiwarden_limit_decisions_total Limit decisions by policy and outcome (unavailable_*: Redis could not answer and the failure mode decided).\n# TYPE apiwarden_limit_decisions_total counter\n");
+        for (name, m) in &sorted(&self.policies) {
+            for o in crate::limit::PolicyOutcome::ALL {
+                let _ = writeln!(
+                    out,
+                    "apiwarden_limit_decisions_total{{policy=\"{}\",outcome=\"{}\"}} {}",
+                    escape(name),
+                    o.as_str(),
+                    m.total(o)
+                );
+            }
+        }
+        let r = &self.redis;
+        out.push_str("# HELP apiwarden_redis_duration_seconds Redis round trips of the limit stage.\n# TYPE apiwarden_redis_duration_seconds histogram\n");
+        let mut cumulative = 0;
+        for (i, b) in crate::limit::REDIS_BUCKETS_US.iter().enumerate() {
+            cumulative += r.latency[i].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "apiwarden_redis_duration_seconds_bucket{{le=\"{}\"}} {cumulative}",
+                *b as f64 / 1e6
+            );
+        }
+        cumulative += r.latency[crate::limit::REDIS_BUCKETS_US.len()].load(Relaxed);
+        let _ = writeln!(
+            out,
+            "apiwarden_redis_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            out,
+            "apiwarden_redis_duration_seconds_sum {}",
+            r.latency_us_sum.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "apiwarden_redis_duration_seconds_count {cumulative}");
+        out.push_str("# HELP apiwarden_redis_errors_total Failed Redis round trips by kind.\n# TYPE apiwarden_redis_errors_total counter\n");
+        for (kind, n) in [
+            ("connect", &r.errors_connect),
+            ("timeout", &r.errors_timeout),
+            ("reply", &r.errors_reply),
+        ] {
+            let _ = writeln!(
+                out,
+                "apiwarden_redis_errors_total{{kind=\"{kind}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
         out.push_str("# HELP apiwarden_config_reloads_total Configuration reloads by result.\n# TYPE apiwarden_config_reloads_total counter\n");
         let _ = writeln!(
             out,

@@ -14,6 +14,7 @@
 use crate::audit::AuditSink;
 use crate::body::{BodyStats, RequestBody, ResponseBody};
 use crate::ids::new_id;
+use crate::limit::{decide, LocalStore, Policy, RedisStore, RouteLimits, Subject, Verdict};
 use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
 use crate::respond::error_response;
 use crate::upstream::{Lease, SendError, Upstream};
@@ -48,6 +49,8 @@ pub struct Shared {
     pub state: ArcSwap<State>,
     pub sink: Arc<dyn AuditSink>,
     pub metrics: Metrics,
+    /// The local limit store, kept across reloads (its size is read at start).
+    pub local_limits: Arc<LocalStore>,
     pub node: Arc<str>,
     pub shutting_down: AtomicBool,
 }
@@ -57,6 +60,25 @@ impl Shared {
     pub fn record(&self, event: Box<AuditEvent>) {
         self.metrics.audit_event();
         self.sink.record(event);
+    }
+
+    /// `/metrics`: the registry and the local limit store's gauges.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut out = self.metrics.render();
+        let l = &self.local_limits;
+        let _ = write!(
+            out,
+            "# HELP apiwarden_limit_tracked_keys Keys held by the local limit store.\n# TYPE apiwarden_limit_tracked_keys gauge\napiwarden_limit_tracked_keys {}\n\
+             # HELP apiwarden_limit_max_keys Most keys the local limit store holds (storage.limit_keys).\n# TYPE apiwarden_limit_max_keys gauge\napiwarden_limit_max_keys {}\n\
+             # HELP apiwarden_limit_evictions_total Keys dropped from the full local store: idle ones had their whole budget, active ones lost their state.\n# TYPE apiwarden_limit_evictions_total counter\n\
+             apiwarden_limit_evictions_total{{kind=\"idle\"}} {}\napiwarden_limit_evictions_total{{kind=\"active\"}} {}\n",
+            l.tracked.load(std::sync::atomic::Ordering::Relaxed),
+            l.capacity(),
+            l.evicted_idle.load(std::sync::atomic::Ordering::Relaxed),
+            l.evicted_active.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        out
     }
 
     /// Records a `system` event (a reload, a start, a stop).
@@ -75,6 +97,8 @@ pub struct State {
     router: Router,
     upstreams: Vec<Arc<Upstream>>,
     routes: Vec<RouteState>,
+    /// Redis for limits shared by every node, when `storage.redis` is set.
+    redis: Option<Arc<RedisStore>>,
     workers: usize,
 }
 
@@ -82,6 +106,7 @@ struct RouteState {
     name: Arc<str>,
     template: Arc<str>,
     metrics: Arc<RouteMetrics>,
+    limits: RouteLimits,
 }
 
 impl State {
@@ -113,12 +138,18 @@ impl State {
                 name: Arc::from(r.name.as_str()),
                 template: Arc::from(r.path_text.as_str()),
                 metrics: metrics.route(&r.name),
+                limits: RouteLimits::compile(&config, &r.limits, metrics),
             })
             .collect();
+        let redis = match previous.and_then(|p| p.redis.as_ref()) {
+            Some(r) if r.same_as(&config) => Some(r.clone()),
+            _ => RedisStore::new(&config, workers, metrics.redis.clone()).map(Arc::new),
+        };
         State {
             router: Router::new(&config.routes),
             upstreams,
             routes,
+            redis,
             config,
             workers,
         }
@@ -200,14 +231,83 @@ impl Authorize {
 /// Stage: are they within their limits.
 pub struct Limit;
 
+/// What the limit stage adds to the response: `RateLimit-Policy`, `RateLimit` and, on a
+/// refusal, `Retry-After`.
+#[derive(Default)]
+pub struct RateHeaders {
+    policy: Option<HeaderValue>,
+    state: Option<HeaderValue>,
+    retry_after: Option<u64>,
+}
+
+impl RateHeaders {
+    fn apply(self, h: &mut HeaderMap) {
+        if let Some(p) = self.policy {
+            h.insert(RATELIMIT_POLICY, p);
+        }
+        if let Some(s) = self.state {
+            h.insert(RATELIMIT, s);
+        }
+        if let Some(r) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(r));
+        }
+    }
+}
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// `"NAME";r=REMAINING;t=SECONDS` (draft-ietf-httpapi-ratelimit-headers).
+fn ratelimit_value(p: &Policy, remaining: u64, reset: u64) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("{};r={remaining};t={reset}", p.quoted_name)).ok()
+}
+
 impl Limit {
-    pub fn run(
-        _route: &RouteConfig,
-        _identity: &Identity,
-        _client_ip: IpAddr,
-    ) -> Result<(), Reason> {
-        // Rate limits are configured but not yet enforced in this build (see the README).
-        Ok(())
+    /// Ok with the headers for the response, or the refusal with its headers and the name of
+    /// the policy that refused.
+    pub async fn run(
+        limits: &RouteLimits,
+        local: &LocalStore,
+        redis: Option<&RedisStore>,
+        subject: &Subject<'_>,
+    ) -> Result<RateHeaders, (Reason, String, RateHeaders, Outcome)> {
+        if limits.policies.is_empty() {
+            return Ok(RateHeaders::default());
+        }
+        match decide(limits, local, redis, subject).await {
+            Verdict::Allow { tightest } => Ok(RateHeaders {
+                policy: limits.policy_header.clone(),
+                state: tightest.and_then(|(p, r, t)| ratelimit_value(&p, r, t)),
+                retry_after: None,
+            }),
+            Verdict::Deny {
+                policy,
+                retry_after,
+                reset,
+            } => Err((
+                Reason::RateLimitExceeded,
+                policy.name.to_string(),
+                RateHeaders {
+                    policy: limits.policy_header.clone(),
+                    state: ratelimit_value(&policy, 0, reset),
+                    retry_after: Some(retry_after.max(1)),
+                },
+                Outcome::Deny,
+            )),
+            Verdict::Unavailable { policies, closed } => Err((
+                Reason::RateLimitUnavailable,
+                policies,
+                RateHeaders {
+                    retry_after: closed.then_some(1),
+                    ..RateHeaders::default()
+                },
+                if closed {
+                    Outcome::Deny
+                } else {
+                    Outcome::Allow
+                },
+            )),
+        }
     }
 }
 
@@ -744,9 +844,37 @@ pub async fn handle(
     if let Err(reason) = Authorize::run(route, &identity) {
         return deny(recorder, reason);
     }
-    if let Err(reason) = Limit::run(route, &identity, ip) {
-        return deny(recorder, reason);
-    }
+    let subject = Subject {
+        route: &state.routes[ri].name,
+        ip,
+        identity: &identity,
+        headers: req.headers(),
+    };
+    let rate_headers = match Limit::run(
+        &state.routes[ri].limits,
+        &shared.local_limits,
+        state.redis.as_deref(),
+        &subject,
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err((reason, policy, headers, Outcome::Deny)) => {
+            recorder.event.decision.policy = Some(policy);
+            let mut resp = deny(recorder, reason);
+            if let Ok(r) = &mut resp {
+                headers.apply(r.headers_mut());
+            }
+            return resp;
+        }
+        Err((reason, policy, headers, Outcome::Allow)) => {
+            // Failing open: let the request through, and say in its record that its limits
+            // were not checked.
+            recorder.event.decision.reason = reason;
+            recorder.event.decision.policy = Some(policy);
+            headers
+        }
+    };
 
     // Stage: forward. The normalised path is passed on only when it differs from the request's.
     let normalized = match path {
@@ -784,6 +912,7 @@ pub async fn handle(
     let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS && on_upgrade.is_some();
     strip_hop_by_hop(&mut parts.headers, upgraded);
     parts.headers.insert(X_REQUEST_ID, rid);
+    rate_headers.apply(&mut parts.headers);
 
     // Stage: record. An upgrade is recorded when its tunnel closes; anything else when the
     // response body ends.

@@ -41,6 +41,16 @@ pub fn status_and_message(reason: Reason) -> (StatusCode, &'static str) {
             "the gateway is shutting down",
         ),
         Reason::ClientDisconnected => (StatusCode::BAD_REQUEST, "the client went away"),
+        Reason::RateLimitExceeded => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate limit exceeded; retry after the number of seconds in Retry-After",
+        ),
+        Reason::RateLimitUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the rate limit cannot be checked now; retry later",
+        ),
+        Reason::Blocked => (StatusCode::FORBIDDEN, "this client is blocked"),
+        Reason::AdminAction => (StatusCode::OK, "ok"),
     }
 }
 

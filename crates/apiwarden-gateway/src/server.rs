@@ -190,11 +190,13 @@ impl Gateway {
         })?;
 
         let workers_n = worker_count(&config);
+        let local_limits = Arc::new(crate::limit::LocalStore::new(config.storage.limit_keys));
         let state = State::compile(config, &metrics, None, workers_n);
         let shared = Arc::new(Shared {
             state: ArcSwap::from_pointee(state),
             sink,
             metrics,
+            local_limits,
             node: Arc::from(node.as_str()),
             shutting_down: AtomicBool::new(false),
         });

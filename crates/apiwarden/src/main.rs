@@ -188,9 +188,6 @@ fn warn_unenforced(cfg: &Config) {
     if cfg.audit.durability != apiwarden_core::config::Durability::Async {
         tracing::warn!("audit.durability is not enforced by this build: events are written within about 2 ms, without fsync");
     }
-    if cfg.routes.iter().any(|r| !r.limits.is_empty()) {
-        tracing::warn!("rate limits are configured but not enforced by this build");
-    }
     for r in cfg
         .routes
         .iter()

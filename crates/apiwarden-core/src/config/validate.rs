@@ -615,7 +615,23 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 }
             }
         }
+        if r.limits.len() > 8 {
+            cx.error(
+                &[name("routes"), Key::Index(i), name("limits")],
+                format!(
+                    "route {:?} stacks {} limits; at most 8",
+                    r.name,
+                    r.limits.len()
+                ),
+            );
+        }
         for (j, l) in r.limits.iter().enumerate() {
+            if r.limits[..j].contains(l) {
+                cx.error(
+                    &[name("routes"), Key::Index(i), name("limits"), Key::Index(j)],
+                    format!("route {:?}: limit {l:?} is listed twice", r.name),
+                );
+            }
             if !limits.contains_key(l) {
                 cx.error(
                     &[name("routes"), Key::Index(i), name("limits"), Key::Index(j)],
