@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,7 +41,7 @@ impl Drop for Node {
     }
 }
 
-fn start_node(dir: &PathBuf, i: usize, common: &str) -> Node {
+fn start_node(dir: &Path, i: usize, common: &str) -> Node {
     let port = free_port();
     let admin = free_port();
     let path = dir.join(format!("node{i}.toml"));
