@@ -30,6 +30,12 @@ impl IpNet {
         Ok(IpNet { addr, prefix })
     }
 
+    /// The single address this network is, when its prefix is the whole address.
+    pub fn single(&self) -> Option<IpAddr> {
+        let max = if self.addr.is_ipv4() { 32 } else { 128 };
+        (self.prefix == max).then_some(self.addr)
+    }
+
     /// True when `ip` is inside this network. IPv4-mapped IPv6 addresses match IPv4 networks.
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = match ip {
@@ -50,6 +56,16 @@ impl IpNet {
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
+        }
+    }
+}
+
+/// `10.0.0.1` for a single address, `10.0.0.0/8` for a network.
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.single() {
+            Some(a) => write!(f, "{a}"),
+            None => write!(f, "{}/{}", self.addr, self.prefix),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod blocklist;
 pub mod body;
 pub mod echo;
 pub mod ids;

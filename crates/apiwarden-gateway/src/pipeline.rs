@@ -51,6 +51,10 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The local limit store, kept across reloads (its size is read at start).
     pub local_limits: Arc<LocalStore>,
+    /// The block list in force, swapped by `blocklist::follow`.
+    pub blocks: ArcSwap<crate::blocklist::BlockSet>,
+    /// Whether the block list has been read from its store once.
+    pub blocks_loaded: AtomicBool,
     pub node: Arc<str>,
     pub shutting_down: AtomicBool,
 }
@@ -841,6 +845,15 @@ pub async fn handle(
     fields.key_id.clone_from(&identity.key_id);
     fields.subject.clone_from(&identity.subject);
     fields.scopes.clone_from(&identity.scopes);
+    if let Some(kind) =
+        shared
+            .blocks
+            .load()
+            .check(ip, identity.key_id.as_deref(), identity.consumer.as_deref())
+    {
+        recorder.event.decision.policy = Some(format!("blocklist:{}", kind.as_str()));
+        return deny(recorder, Reason::Blocked);
+    }
     if let Err(reason) = Authorize::run(route, &identity) {
         return deny(recorder, reason);
     }

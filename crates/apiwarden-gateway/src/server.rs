@@ -74,6 +74,8 @@ pub struct Gateway {
     admin_stop: watch::Sender<bool>,
     acceptor_task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
+    /// The thread that follows the block list's store.
+    blocklist: (Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>),
     /// One per worker thread; each resolves when its worker has drained.
     workers: Vec<(
         std::thread::JoinHandle<()>,
@@ -197,9 +199,26 @@ impl Gateway {
             sink,
             metrics,
             local_limits,
+            blocks: ArcSwap::from_pointee(crate::blocklist::BlockSet::default()),
+            blocks_loaded: AtomicBool::new(false),
             node: Arc::from(node.as_str()),
             shutting_down: AtomicBool::new(false),
         });
+        // The block list is in force before the first request is accepted.
+        let blocklist = {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (sh, st) = (shared.clone(), stop.clone());
+            let first = tokio::task::spawn_blocking({
+                let sh = shared.clone();
+                move || crate::blocklist::load_once(&sh)
+            });
+            let _ = first.await;
+            let thread = std::thread::Builder::new()
+                .name("apiwarden-blocklist".into())
+                .spawn(move || crate::blocklist::follow(sh, st))
+                .ok();
+            (stop, thread)
+        };
         let (stop, stop_rx) = watch::channel(false);
         let mut background = Vec::new();
         let acceptor = tls.map(|(sc, mut reloader)| {
@@ -285,6 +304,7 @@ impl Gateway {
             admin_stop,
             acceptor_task,
             background,
+            blocklist,
             workers,
         };
         Ok(gw)
@@ -397,6 +417,10 @@ impl Gateway {
         }
         for t in self.background {
             t.abort();
+        }
+        self.blocklist.0.store(true, Ordering::Relaxed);
+        if let Some(t) = self.blocklist.1 {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         self.shared
             .system_event("gateway stopped".into(), Outcome::Allow, Reason::Ok);

@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod block;
+
 /// mimalloc: the request path allocates small objects on worker threads that the audit
 /// writer frees on its own thread; glibc's allocator pays for that with lock and arena
 /// traffic (measured in BENCHMARKS.md), mimalloc's thread-free lists do not.
@@ -50,6 +52,18 @@ enum Command {
         #[arg(long, default_value = "apiwarden.toml")]
         config: PathBuf,
     },
+    /// The block list: client IPs, API keys and consumers refused with 403 (shared through
+    /// Redis when storage.redis is set).
+    Block {
+        /// Configuration file (names the store).
+        #[arg(long, default_value = "apiwarden.toml", global = true)]
+        config: PathBuf,
+        /// Overrides storage.data_dir.
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: block::BlockCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +78,16 @@ fn main() -> ExitCode {
             run(cfg, Some(config), None)
         }),
         Command::Demo { port } => demo(port),
+        Command::Block {
+            config,
+            data_dir,
+            command,
+        } => load(&config).and_then(|mut cfg| {
+            if let Some(d) = data_dir {
+                cfg.storage.data_dir = d;
+            }
+            block::run(command, &cfg)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

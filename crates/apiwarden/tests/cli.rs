@@ -66,6 +66,10 @@ fn every_command_has_help() {
         vec!["demo", "--help"],
         vec!["serve", "--help"],
         vec!["check", "--help"],
+        vec!["block", "--help"],
+        vec!["block", "add", "--help"],
+        vec!["block", "list", "--help"],
+        vec!["block", "remove", "--help"],
     ] {
         let out = bin().args(&args).output().unwrap();
         assert!(out.status.success(), "{args:?}");

@@ -2,115 +2,12 @@
 //!
 //! Without that Redis the test says so loudly and passes, unless `CI` is set, where it fails.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn redis_available() -> bool {
-    if TcpStream::connect("127.0.0.1:6379").is_ok() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("Redis on 127.0.0.1:6379 is required under CI");
-    }
-    eprintln!("\n*** SKIPPED: no Redis on 127.0.0.1:6379; the fleet limit test did not run ***\n");
-    false
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Node {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_node(dir: &Path, i: usize, common: &str) -> Node {
-    let port = free_port();
-    let admin = free_port();
-    let path = dir.join(format!("node{i}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nnode = \"node{i}\"\nworker_threads = 1\n\n\
-             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
-             [storage]\ndata_dir = \"data{i}\"\n{common}"
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_apiwarden"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let node = Node {
-        child,
-        addr: format!("127.0.0.1:{port}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", admin)).is_err() {
-        assert!(Instant::now() < deadline, "node {i} did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    node
-}
-
-/// One keep-alive HTTP/1.1 connection; returns the status of each GET.
-struct Conn {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-}
-
-impl Conn {
-    fn open(addr: &str) -> Conn {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_nodelay(true).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Conn {
-            r: BufReader::new(s.try_clone().unwrap()),
-            w: s,
-        }
-    }
-
-    fn get(&mut self, path: &str) -> u16 {
-        write!(self.w, "GET {path} HTTP/1.1\r\nHost: api\r\n\r\n").unwrap();
-        let mut line = String::new();
-        self.r.read_line(&mut line).unwrap();
-        let status = line[9..12].parse().unwrap();
-        let mut length = 0usize;
-        loop {
-            line.clear();
-            self.r.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
-        self.r.read_exact(&mut body).unwrap();
-        status
-    }
-}
+use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_share_one_budget_within_two_percent() {
