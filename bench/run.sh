@@ -13,6 +13,11 @@ WARMUP="${WARMUP:-2s}"
 BENCH_PATH="${BENCH_PATH:-/bench}"
 SKIP_APIWARDEN="${SKIP_APIWARDEN:-0}"
 READY_TIMEOUT="${READY_TIMEOUT:-30}"
+# The limit runs: the same route with one local limit, and with one Redis limit (skipped when
+# nothing answers at REDIS_HOST:REDIS_PORT). LIMITS=0 skips both.
+LIMITS="${LIMITS:-1}"
+REDIS_HOST="${REDIS_HOST:-127.0.0.1}"
+REDIS_PORT="${REDIS_PORT:-6379}"
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
@@ -228,6 +233,15 @@ if [[ "$SKIP_APIWARDEN" == 1 ]]; then
 else
     AW_DIR="$TMP/apiwarden"
     mkdir -p "$AW_DIR" "$TMP/apiwarden-data"
+    REDIS_OK=0
+    if [[ "$LIMITS" == 1 ]] && (exec 3<>"/dev/tcp/$REDIS_HOST/$REDIS_PORT") 2>/dev/null; then
+        REDIS_OK=1
+    elif [[ "$LIMITS" == 1 ]]; then
+        log "no Redis at $REDIS_HOST:$REDIS_PORT: the Redis limit run is skipped"
+    fi
+    REDIS_LINE=""
+    [[ "$REDIS_OK" == 1 ]] && REDIS_LINE="redis = \"redis://$REDIS_HOST:$REDIS_PORT/\"
+redis_prefix = \"bench-$$\""
     cat >"$TMP/apiwarden.toml" <<EOF
 [gateway]
 listen = "127.0.0.1:$AW_PORT"
@@ -235,6 +249,7 @@ listen = "127.0.0.1:$AW_PORT"
 listen = "127.0.0.1:$AW_ADMIN_PORT"
 [storage]
 data_dir = "$TMP/apiwarden-data"
+$REDIS_LINE
 [audit]
 durability = "async"
 [[upstreams]]
@@ -245,7 +260,33 @@ name = "open"
 path_prefix = "/"
 upstream = "bench"
 auth = ["none"]
+# The same route with one limit high enough never to refuse: what is measured is the cost
+# of deciding.
+[[routes]]
+name = "limited-local"
+path_prefix = "/limited-local"
+upstream = "bench"
+auth = ["none"]
+limits = ["local"]
+[limits.local]
+rate = "1000000/s"
+key = "ip"
+store = "local"
 EOF
+    if [[ "$REDIS_OK" == 1 ]]; then
+        cat >>"$TMP/apiwarden.toml" <<EOF
+[[routes]]
+name = "limited-redis"
+path_prefix = "/limited-redis"
+upstream = "bench"
+auth = ["none"]
+limits = ["shared"]
+[limits.shared]
+rate = "1000000/s"
+key = "ip"
+store = "redis"
+EOF
+    fi
     log "starting apiwarden ($APIWARDEN_BIN) on 127.0.0.1:$AW_PORT (admin $AW_ADMIN_PORT)"
     "$APIWARDEN_BIN" serve --config "$TMP/apiwarden.toml" >"$AW_DIR/apiwarden.log" 2>&1 &
     AW_PID=$!
@@ -311,6 +352,14 @@ run_wrk nginx  "http://127.0.0.1:$NGINX_PORT$BENCH_PATH"
 if [[ "$SKIP_APIWARDEN" != 1 ]]; then
     TARGETS+=(apiwarden)
     run_wrk apiwarden "http://127.0.0.1:$AW_PORT$BENCH_PATH"
+    if [[ "$LIMITS" == 1 ]]; then
+        TARGETS+=(apiwarden-limit-local)
+        run_wrk apiwarden-limit-local "http://127.0.0.1:$AW_PORT/limited-local$BENCH_PATH"
+        if [[ "$REDIS_OK" == 1 ]]; then
+            TARGETS+=(apiwarden-limit-redis)
+            run_wrk apiwarden-limit-redis "http://127.0.0.1:$AW_PORT/limited-redis$BENCH_PATH"
+        fi
+    fi
 fi
 
 # -------------------------------------------------------------- 5. report --
@@ -337,6 +386,11 @@ if [[ "$SKIP_APIWARDEN" != 1 ]]; then
         'BEGIN {printf "apiwarden/nginx throughput ratio: %s\n", (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
     awk -v a="${P99[apiwarden]}" -v n="${P99[nginx]}" \
         'BEGIN {printf "apiwarden/nginx p99 ratio: %s\n", (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
+    for t in apiwarden-limit-local apiwarden-limit-redis; do
+        [[ -n "${RPS[$t]:-}" ]] || continue
+        awk -v a="${RPS[$t]}" -v n="${RPS[apiwarden]}" -v t="$t" \
+            'BEGIN {printf "%s/apiwarden (no limit) throughput ratio: %s\n", t, (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
+    done
 else
     echo "apiwarden/nginx throughput ratio: n/a (SKIP_APIWARDEN=1)"
     echo "apiwarden/nginx p99 ratio: n/a (SKIP_APIWARDEN=1)"
