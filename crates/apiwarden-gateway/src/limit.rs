@@ -157,9 +157,13 @@ impl<'a> Subject<'a> {
         h.write_u64(p.seed);
         for k in &p.key {
             match self.part(k) {
-                Part::Ip(ip) => {
+                Part::Ip(IpAddr::V4(a)) => {
                     h.write_u8(0);
-                    ip.hash(&mut h);
+                    h.write_u32(u32::from(a));
+                }
+                Part::Ip(IpAddr::V6(a)) => {
+                    h.write_u8(5);
+                    h.write_u128(u128::from(a));
                 }
                 Part::Consumer(s) => {
                     h.write_u8(1);
@@ -209,10 +213,8 @@ impl<'a> Subject<'a> {
 /// What the limit stage decided.
 pub enum Verdict {
     /// Admitted by every policy. `tightest` is the policy with the least budget left, for the
-    /// `RateLimit` header: (policy, remaining, seconds until full).
-    Allow {
-        tightest: Option<(Arc<Policy>, u64, u64)>,
-    },
+    /// `RateLimit` header: (index in the route's policies, remaining, seconds until full).
+    Allow { tightest: Option<(usize, u64, u64)> },
     /// Refused by `policy`; retry after `retry_after` seconds.
     Deny {
         policy: Arc<Policy>,
@@ -229,6 +231,7 @@ pub async fn decide(
     local: &LocalStore,
     redis: Option<&RedisStore>,
     subject: &Subject<'_>,
+    at: Instant,
 ) -> Verdict {
     let mut tightest: Option<(usize, u64, u64)> = None;
     let mut keep = |i: usize, remaining: u64, reset: u64| {
@@ -240,7 +243,7 @@ pub async fn decide(
     let mut done: [(u64, Option<u64>, u64); MAX_PER_ROUTE] = [(0, None, 0); MAX_PER_ROUTE];
     let mut n_done = 0;
     let mut remote = false;
-    let now = local.now();
+    let now = local.time(at);
     for (i, (p, m)) in limits.policies.iter().enumerate() {
         if p.store == LimitStore::Redis && redis.is_some() {
             remote = true;
@@ -324,9 +327,7 @@ pub async fn decide(
     for (_, m) in &limits.policies {
         m.count(PolicyOutcome::Allow);
     }
-    Verdict::Allow {
-        tightest: tightest.map(|(i, r, t)| (limits.policies[i].0.clone(), r, t)),
-    }
+    Verdict::Allow { tightest }
 }
 
 /// The label values of `apiwarden_limit_decisions_total`.
@@ -381,10 +382,10 @@ impl Hasher for Identity64 {
 }
 
 struct Shard {
-    /// Key hash → index in `slots`.
-    index: HashMap<u64, u32, BuildHasherDefault<Identity64>>,
-    /// (key hash, TAT), dense so that eviction can sample at random in O(1).
-    slots: Vec<(u64, u64)>,
+    /// Key hash → (TAT, index in `keys`). A decision touches only this map.
+    index: HashMap<u64, (u64, u32), BuildHasherDefault<Identity64>>,
+    /// Every key, dense, so that eviction can sample at random in O(1).
+    keys: Vec<u64>,
     rng: u64,
 }
 
@@ -415,7 +416,7 @@ impl LocalStore {
                 .map(|i| {
                     Mutex::new(Shard {
                         index: HashMap::default(),
-                        slots: Vec::new(),
+                        keys: Vec::new(),
                         rng: 0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1),
                     })
                 })
@@ -434,9 +435,15 @@ impl LocalStore {
         (self.per_shard * SHARDS) as u64
     }
 
-    /// Nanoseconds on this store's monotonic clock (never 0).
+    /// Nanoseconds on this store's monotonic clock (never 0) at `at`: the request's arrival,
+    /// read once for the whole request.
+    pub fn time(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
+    }
+
+    /// Nanoseconds on this store's clock now.
     pub fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64 + 1
+        self.time(Instant::now())
     }
 
     fn shard(&self, key: u64) -> &Mutex<Shard> {
@@ -447,56 +454,48 @@ impl LocalStore {
     /// was there before (for [`LocalStore::undo`]).
     pub fn decide(&self, key: u64, g: &Gcra, now: u64) -> (Decision, Option<u64>) {
         let mut s = self.shard(key).lock().expect("limit shard poisoned");
-        match s.index.get(&key) {
-            Some(&i) => {
-                let prev = s.slots[i as usize].1;
-                let d = g.decide(Some(prev), now);
-                if d.allowed {
-                    s.slots[i as usize].1 = d.tat;
-                }
-                (d, Some(prev))
+        if let Some((tat, _)) = s.index.get_mut(&key) {
+            let prev = *tat;
+            let d = g.decide(Some(prev), now);
+            if d.allowed {
+                *tat = d.tat;
             }
-            None => {
-                let d = g.decide(None, now);
-                if d.allowed {
-                    if s.slots.capacity() == 0 {
-                        // Sized once, on first use: twice the entries, so that deletions are
-                        // always cleaned up in place and the table never grows.
-                        s.index.reserve(2 * self.per_shard);
-                        s.slots.reserve_exact(self.per_shard);
-                    }
-                    if s.slots.len() >= self.per_shard {
-                        self.evict_one(&mut s, now);
-                    } else {
-                        self.tracked.fetch_add(1, Relaxed);
-                    }
-                    let i = s.slots.len() as u32;
-                    s.slots.push((key, d.tat));
-                    s.index.insert(key, i);
-                }
-                (d, None)
-            }
+            return (d, Some(prev));
         }
+        let d = g.decide(None, now);
+        if d.allowed {
+            if s.keys.capacity() == 0 {
+                // Sized once, on first use: twice the entries, so that deletions are cleaned up
+                // in place and the table never grows.
+                s.index.reserve(2 * self.per_shard);
+                s.keys.reserve_exact(self.per_shard);
+            }
+            if s.keys.len() >= self.per_shard {
+                self.evict_one(&mut s, now);
+            } else {
+                self.tracked.fetch_add(1, Relaxed);
+            }
+            let i = s.keys.len() as u32;
+            s.keys.push(key);
+            s.index.insert(key, (d.tat, i));
+        }
+        (d, None)
     }
 
     /// Takes back an admission whose request another policy refused.
     pub fn undo(&self, key: u64, prev: Option<u64>, tat: u64) {
         let mut s = self.shard(key).lock().expect("limit shard poisoned");
-        if let Some(&i) = s.index.get(&key) {
-            let slot = &mut s.slots[i as usize].1;
-            // Only if no other request moved it since; else give back one interval's worth
-            // would need the policy: leaving it is the conservative choice.
+        if let Some((slot, _)) = s.index.get_mut(&key) {
+            // Only if no other request moved it since; otherwise leaving it is the
+            // conservative choice.
             if *slot == tat {
-                match prev {
-                    Some(p) => *slot = p,
-                    None => *slot = 0,
-                }
+                *slot = prev.unwrap_or(0);
             }
         }
     }
 
     fn evict_one(&self, s: &mut Shard, now: u64) {
-        let len = s.slots.len();
+        let len = s.keys.len();
         let mut victim = 0;
         let mut oldest = u64::MAX;
         for n in 0..EVICTION_SAMPLE_MORE {
@@ -507,8 +506,9 @@ impl LocalStore {
             s.rng ^= s.rng >> 7;
             s.rng ^= s.rng << 17;
             let i = (s.rng % len as u64) as usize;
-            if s.slots[i].1 < oldest {
-                oldest = s.slots[i].1;
+            let tat = s.index.get(&s.keys[i]).map_or(0, |e| e.0);
+            if tat < oldest {
+                oldest = tat;
                 victim = i;
             }
         }
@@ -517,11 +517,13 @@ impl LocalStore {
         } else {
             self.evicted_active.fetch_add(1, Relaxed);
         }
-        let (key, _) = s.slots.swap_remove(victim);
+        let key = s.keys.swap_remove(victim);
         s.index.remove(&key);
-        if victim < s.slots.len() {
-            let moved = s.slots[victim].0;
-            s.index.insert(moved, victim as u32);
+        if victim < s.keys.len() {
+            let moved = s.keys[victim];
+            if let Some(e) = s.index.get_mut(&moved) {
+                e.1 = victim as u32;
+            }
         }
     }
 
@@ -529,7 +531,7 @@ impl LocalStore {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().expect("limit shard poisoned").slots.len())
+            .map(|s| s.lock().expect("limit shard poisoned").keys.len())
             .sum()
     }
 
@@ -781,14 +783,15 @@ mod tests {
         assert!(store.capacity() < 10_100);
         assert_eq!(store.tracked.load(Relaxed), store.len() as u64);
         // No shard's table grew past the size reserved on first use: memory is bounded.
-        let mut fresh: HashMap<u64, u32, BuildHasherDefault<Identity64>> = HashMap::default();
+        let mut fresh: HashMap<u64, (u64, u32), BuildHasherDefault<Identity64>> =
+            HashMap::default();
         fresh.reserve(2 * store.per_shard);
         let reserved = fresh.capacity();
         for s in store.shards.iter() {
             let s = s.lock().unwrap();
-            // (hashbrown's capacity() counts deleted slots against it; it can only shrink.)
+            // (hashbrown's capacity() counts deleted entries against it; it can only shrink.)
             assert!(s.index.capacity() <= reserved);
-            assert_eq!(s.slots.capacity(), store.per_shard);
+            assert_eq!(s.keys.capacity(), store.per_shard);
         }
     }
 

@@ -274,14 +274,15 @@ impl Limit {
         local: &LocalStore,
         redis: Option<&RedisStore>,
         subject: &Subject<'_>,
+        at: Instant,
     ) -> Result<RateHeaders, (Reason, String, RateHeaders, Outcome)> {
         if limits.policies.is_empty() {
             return Ok(RateHeaders::default());
         }
-        match decide(limits, local, redis, subject).await {
+        match decide(limits, local, redis, subject, at).await {
             Verdict::Allow { tightest } => Ok(RateHeaders {
                 policy: limits.policy_header.clone(),
-                state: tightest.and_then(|(p, r, t)| ratelimit_value(&p, r, t)),
+                state: tightest.and_then(|(i, r, t)| ratelimit_value(&limits.policies[i].0, r, t)),
                 retry_after: None,
             }),
             Verdict::Deny {
@@ -868,6 +869,7 @@ pub async fn handle(
         &shared.local_limits,
         state.redis.as_deref(),
         &subject,
+        start,
     )
     .await
     {
