@@ -39,7 +39,7 @@ impl BlockKind {
     pub fn normalize(self, value: &str) -> Result<String, String> {
         let value = value.trim();
         match self {
-            BlockKind::Ip => IpNet::parse(value).map(|n| n.to_string()),
+            BlockKind::Ip => IpNet::parse(value).map(|n| n.canonical().to_string()),
             BlockKind::Key | BlockKind::Consumer => {
                 if value.is_empty()
                     || value.len() > 200

@@ -39,9 +39,10 @@ pub struct Decision {
 
 impl Gcra {
     /// The parameters of `limit` with a clock that ticks `units_per_sec` times a second.
+    /// The interval is rounded up to a whole unit, so the rate is never exceeded.
     pub fn new(limit: &LimitConfig, units_per_sec: u64) -> Gcra {
         let period = limit.per.as_nanos() * u128::from(units_per_sec) / 1_000_000_000;
-        let interval = (period / u128::from(limit.requests)).max(1) as u64;
+        let interval = period.div_ceil(u128::from(limit.requests)).max(1) as u64;
         Gcra {
             interval,
             tolerance: interval.saturating_mul(limit.burst.saturating_sub(1)),
@@ -64,10 +65,11 @@ impl Gcra {
         }
         let new_tat = tat + self.interval;
         let ahead = new_tat - now;
-        let remaining = if ahead > self.tolerance + self.interval {
+        let span = self.tolerance.saturating_add(self.interval);
+        let remaining = if ahead > span {
             0
         } else {
-            (self.tolerance + self.interval - ahead) / self.interval
+            (span - ahead) / self.interval
         };
         Decision {
             allowed: true,

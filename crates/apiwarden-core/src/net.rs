@@ -30,6 +30,28 @@ impl IpNet {
         Ok(IpNet { addr, prefix })
     }
 
+    /// The same network written one way: an IPv4-mapped IPv6 network as IPv4, host bits
+    /// cleared (`10.0.0.5/8` is `10.0.0.0/8`).
+    pub fn canonical(self) -> IpNet {
+        let (addr, prefix) = match self.addr {
+            IpAddr::V6(v6) if self.prefix >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => (IpAddr::V4(v4), self.prefix - 96),
+                None => (self.addr, self.prefix),
+            },
+            a => (a, self.prefix),
+        };
+        let addr = match addr {
+            IpAddr::V4(a) => IpAddr::V4(
+                (u32::from(a) & u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)).into(),
+            ),
+            IpAddr::V6(a) => IpAddr::V6(
+                (u128::from(a) & u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0))
+                    .into(),
+            ),
+        };
+        IpNet { addr, prefix }
+    }
+
     /// The single address this network is, when its prefix is the whole address.
     pub fn single(&self) -> Option<IpAddr> {
         let max = if self.addr.is_ipv4() { 32 } else { 128 };

@@ -69,16 +69,11 @@ impl BlockSet {
             && self.consumers.is_empty()
     }
 
-    /// What blocks this request, if anything. Entries past their expiry no longer count, even
-    /// before the store has removed them.
-    pub fn check(
-        &self,
-        ip: IpAddr,
-        key_id: Option<&str>,
-        consumer: Option<&str>,
-    ) -> Option<BlockKind> {
-        if self.is_empty() {
-            return None;
+    /// Whether the client IP (or a network holding it) is blocked. Entries past their expiry no
+    /// longer count, even before the store has removed them.
+    pub fn blocks_ip(&self, ip: IpAddr) -> bool {
+        if self.ips.is_empty() && self.nets.is_empty() {
+            return false;
         }
         let now = now_ms();
         let live = |exp: &Option<u64>| exp.is_none_or(|t| t > now);
@@ -86,11 +81,21 @@ impl BlockSet {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        if self.ips.get(&ip).is_some_and(live)
+        self.ips.get(&ip).is_some_and(live)
             || self.nets.iter().any(|(n, e)| live(e) && n.contains(ip))
-        {
-            return Some(BlockKind::Ip);
+    }
+
+    /// What blocks this identity, if anything.
+    pub fn blocks_identity(
+        &self,
+        key_id: Option<&str>,
+        consumer: Option<&str>,
+    ) -> Option<BlockKind> {
+        if self.keys.is_empty() && self.consumers.is_empty() {
+            return None;
         }
+        let now = now_ms();
+        let live = |exp: &Option<u64>| exp.is_none_or(|t| t > now);
         if key_id.and_then(|k| self.keys.get(k)).is_some_and(live) {
             return Some(BlockKind::Key);
         }
@@ -162,7 +167,7 @@ impl BlockStore {
         match &config.storage.redis {
             Some(url) => {
                 let err = |error| StoreError::Redis {
-                    url: url.clone(),
+                    url: apiwarden_core::config::redact_url(url),
                     error,
                 };
                 let client = redis::Client::open(url.as_str()).map_err(err)?;
@@ -239,57 +244,82 @@ impl BlockStore {
 
     /// Removes an entry; false when there was none.
     pub fn remove(&mut self, kind: BlockKind, value: &str, by: &str) -> Result<bool, StoreError> {
-        self.remove_as(kind, value, by, BlockAction::Remove)
+        self.remove_as(kind, value, by, BlockAction::Remove, None)
     }
 
+    /// Removes an entry and logs the change, in one transaction (SQLite) or one script
+    /// (Redis). With `expired_by`, only if it is still expired at that time (an entry that was
+    /// extended meanwhile stays).
     fn remove_as(
         &mut self,
         kind: BlockKind,
         value: &str,
         by: &str,
         action: BlockAction,
+        expired_by: Option<u64>,
     ) -> Result<bool, StoreError> {
-        let Some(entry) = self.get(kind, value)? else {
-            return Ok(false);
-        };
         match self {
             BlockStore::Sqlite(c) => {
                 let tx = c.transaction().map_err(sq)?;
-                let n = tx
-                    .execute(
-                        "DELETE FROM blocks WHERE kind = ?1 AND value = ?2",
-                        rusqlite::params![kind.as_str(), value],
-                    )
-                    .map_err(sq)?;
-                if n == 1 {
-                    log_sqlite(&tx, (action, &entry, by)).map_err(sq)?;
+                let entry: Option<(String, String, String, i64, Option<i64>)> = {
+                    let mut stmt = tx
+                        .prepare_cached("SELECT reason, actor, kind, created_at, expires_at FROM blocks WHERE kind = ?1 AND value = ?2")
+                        .map_err(sq)?;
+                    let mut rows = stmt
+                        .query(rusqlite::params![kind.as_str(), value])
+                        .map_err(sq)?;
+                    match rows.next().map_err(sq)? {
+                        Some(r) => Some((
+                            r.get(0).map_err(sq)?,
+                            r.get(1).map_err(sq)?,
+                            r.get(2).map_err(sq)?,
+                            r.get(3).map_err(sq)?,
+                            r.get(4).map_err(sq)?,
+                        )),
+                        None => None,
+                    }
+                };
+                let Some((reason, actor, _, created_at, expires_at)) = entry else {
+                    return Ok(false);
+                };
+                if let Some(now) = expired_by {
+                    if expires_at.is_none_or(|t| t as u64 > now) {
+                        return Ok(false);
+                    }
                 }
+                tx.execute(
+                    "DELETE FROM blocks WHERE kind = ?1 AND value = ?2",
+                    rusqlite::params![kind.as_str(), value],
+                )
+                .map_err(sq)?;
+                let entry = BlockEntry {
+                    kind,
+                    value: value.to_string(),
+                    reason,
+                    actor,
+                    created_at: created_at as u64,
+                    expires_at: expires_at.map(|t| t as u64),
+                };
+                log_sqlite(&tx, (action, &entry, by)).map_err(sq)?;
                 tx.commit().map_err(sq)?;
-                Ok(n == 1)
+                Ok(true)
             }
             BlockStore::Redis { conn, prefix } => {
-                // Whoever deletes the field logs the change, so that a change is logged once
-                // even when several nodes expire the same entry.
-                let n: i64 = redis::cmd("HDEL")
-                    .arg(blocks_key(prefix))
+                // Whoever deletes the field logs the change, in the same script, so that a
+                // change is logged exactly once even when several nodes expire the same entry.
+                let n: i64 = redis::Script::new(REMOVE_SCRIPT)
+                    .key(blocks_key(prefix))
+                    .key(changes_key(prefix))
                     .arg(field(kind, value))
-                    .query(conn)
+                    .arg(expired_by.map_or(-1, |t| t as i64))
+                    .arg(now_ms())
+                    .arg(action_str(action))
+                    .arg(by)
+                    .invoke(conn)
                     .map_err(Self::redis_err)?;
-                if n == 1 {
-                    log_redis_cmd(prefix, (action, &entry, by))
-                        .exec(conn)
-                        .map_err(Self::redis_err)?;
-                }
                 Ok(n == 1)
             }
         }
-    }
-
-    fn get(&mut self, kind: BlockKind, value: &str) -> Result<Option<BlockEntry>, StoreError> {
-        Ok(self
-            .all()?
-            .into_iter()
-            .find(|e| e.kind == kind && e.value == value))
     }
 
     /// Every entry, expired ones included, sorted by kind and value.
@@ -319,8 +349,13 @@ impl BlockStore {
                 let mut out = Vec::new();
                 for row in rows {
                     let (kind, mut e) = row.map_err(sq)?;
-                    e.kind = BlockKind::parse(&kind).map_err(StoreError::Damaged)?;
-                    out.push(e);
+                    match BlockKind::parse(&kind) {
+                        Ok(k) => {
+                            e.kind = k;
+                            out.push(e);
+                        }
+                        Err(why) => tracing::warn!(%why, "a damaged block list entry is ignored"),
+                    }
                 }
                 out
             }
@@ -330,10 +365,14 @@ impl BlockStore {
                     .query(conn)
                     .map_err(Self::redis_err)?;
                 map.values()
-                    .map(|v| {
-                        serde_json::from_str(v).map_err(|e| StoreError::Damaged(e.to_string()))
+                    .filter_map(|v| match serde_json::from_str(v) {
+                        Ok(e) => Some(e),
+                        Err(why) => {
+                            tracing::warn!(%why, "a damaged block list entry is ignored");
+                            None
+                        }
                     })
-                    .collect::<Result<_, _>>()?
+                    .collect()
             }
         };
         out.sort_by(|a, b| (a.kind.as_str(), &a.value).cmp(&(b.kind.as_str(), &b.value)));
@@ -345,15 +384,19 @@ impl BlockStore {
         let expired: Vec<BlockEntry> = self.all()?.into_iter().filter(|e| e.expired(now)).collect();
         let mut n = 0;
         for e in expired {
-            if self.remove_as(e.kind, &e.value, "system", BlockAction::Expire)? {
+            if self.remove_as(e.kind, &e.value, "system", BlockAction::Expire, Some(now))? {
                 n += 1;
             }
         }
         Ok(n)
     }
 
-    /// Changes after `cursor` (`""`: from the start), oldest first, at most 1 000.
-    pub fn changes_after(&mut self, cursor: &str) -> Result<Vec<BlockChange>, StoreError> {
+    /// Changes after `cursor` (`""`: from the start), oldest first, at most 1 000, and the
+    /// position of the last one read (damaged ones are skipped with a warning, not stuck on).
+    pub fn changes_after(
+        &mut self,
+        cursor: &str,
+    ) -> Result<(Vec<BlockChange>, Option<String>), StoreError> {
         match self {
             BlockStore::Sqlite(c) => {
                 let after: i64 = cursor.parse().unwrap_or(0);
@@ -372,11 +415,16 @@ impl BlockStore {
                     })
                     .map_err(sq)?;
                 let mut out = Vec::new();
+                let mut last = None;
                 for row in rows {
                     let (id, at, action, entry, by) = row.map_err(sq)?;
-                    out.push(change(id.to_string(), at as u64, &action, &entry, by)?);
+                    last = Some(id.to_string());
+                    keep(
+                        &mut out,
+                        change(id.to_string(), at as u64, &action, &entry, by),
+                    );
                 }
-                Ok(out)
+                Ok((out, last))
             }
             BlockStore::Redis { conn, prefix } => {
                 let start = if cursor.is_empty() {
@@ -393,28 +441,56 @@ impl BlockStore {
                     .query(conn)
                     .map_err(Self::redis_err)?;
                 let mut out = Vec::new();
+                let mut last = None;
                 for id in reply.ids {
+                    last = Some(id.id.clone());
                     let get = |k: &str| -> Result<String, StoreError> {
                         id.get::<String>(k).ok_or_else(|| {
                             StoreError::Damaged(format!("change {} has no {k}", id.id))
                         })
                     };
-                    let at: u64 = get("at")?
-                        .parse()
-                        .map_err(|_| StoreError::Damaged("at".into()))?;
-                    out.push(change(
-                        id.id.clone(),
-                        at,
-                        &get("action")?,
-                        &get("entry")?,
-                        get("by")?,
-                    )?);
+                    let parsed = (|| {
+                        let at: u64 = get("at")?
+                            .parse()
+                            .map_err(|_| StoreError::Damaged("at".into()))?;
+                        change(
+                            id.id.clone(),
+                            at,
+                            &get("action")?,
+                            &get("entry")?,
+                            get("by")?,
+                        )
+                    })();
+                    keep(&mut out, parsed);
                 }
-                Ok(out)
+                Ok((out, last))
             }
         }
     }
 }
+
+fn keep(out: &mut Vec<BlockChange>, c: Result<BlockChange, StoreError>) {
+    match c {
+        Ok(c) => out.push(c),
+        Err(e) => tracing::warn!(error = %e, "a damaged block list change is skipped"),
+    }
+}
+
+/// Removes a block list field and logs the change atomically. KEYS: the hash, the stream.
+/// ARGV: field, expired-by time (-1: remove whatever is there), now, action, by. Logs the
+/// entry as it was stored.
+const REMOVE_SCRIPT: &str = r#"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local by = tonumber(ARGV[2])
+if by >= 0 then
+  local e = cjson.decode(v)
+  if type(e.expires_at) ~= 'number' or e.expires_at > by then return 0 end
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'at', ARGV[3], 'action', ARGV[4], 'entry', v, 'by', ARGV[5])
+return 1
+"#;
 
 fn sq(error: rusqlite::Error) -> StoreError {
     StoreError::Sqlite {
@@ -513,116 +589,123 @@ pub fn cursor_path(data_dir: &Path) -> PathBuf {
 pub fn follow(
     shared: std::sync::Arc<crate::pipeline::Shared>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut follower: Follower,
 ) {
     use std::sync::atomic::Ordering;
-    /// What the store was opened from: Redis URL, prefix, data directory.
-    type Origin = (Option<String>, String, PathBuf);
-    let mut store: Option<(BlockStore, Origin)> = None;
     let mut last_error: Option<std::time::Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         let config = shared.state.load().config.clone();
-        let fingerprint = (
-            config.storage.redis.clone(),
-            config.storage.redis_prefix.clone(),
-            config.storage.data_dir.clone(),
-        );
-        if store.as_ref().is_none_or(|(_, f)| *f != fingerprint) {
-            match BlockStore::open(&config) {
-                Ok(s) => store = Some((s, fingerprint)),
-                Err(e) => {
-                    if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                        tracing::warn!(error = %e, "cannot open the block list store; the list in use stays as it is");
-                        last_error = Some(std::time::Instant::now());
-                    }
-                    store = None;
-                }
-            }
-        }
-        if let Some((s, _)) = store.as_mut() {
-            if let Err(e) = sync_once(s, &shared, &config.storage.data_dir) {
-                if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                    tracing::warn!(error = %e, "cannot read the block list; the list in use stays as it is");
-                    last_error = Some(std::time::Instant::now());
-                }
-                store = None;
+        if let Err(e) = follower.round(&config, &shared) {
+            if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+                tracing::warn!(error = %e, "cannot read the block list; the list in use stays as it is");
+                last_error = Some(std::time::Instant::now());
             }
         }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-/// Reads the block list once (at start, before the first request is accepted).
-pub fn load_once(shared: &crate::pipeline::Shared) {
-    let config = shared.state.load().config.clone();
-    match BlockStore::open(&config) {
-        Ok(mut s) => {
-            if let Err(e) = sync_once(&mut s, shared, &config.storage.data_dir) {
-                tracing::warn!(error = %e, "cannot read the block list at start; it is read again every 200 ms");
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot open the block list store at start; it is tried again every 200 ms")
-        }
-    }
+/// What the store was opened from: Redis URL, prefix, data directory.
+type Origin = (Option<String>, String, PathBuf);
+
+/// A gateway's view of the block list store: the open store and its place in the change log.
+#[derive(Default)]
+pub struct Follower {
+    store: Option<(BlockStore, Origin)>,
+    /// The last change audited; `None` until read from the cursor file.
+    cursor: Option<String>,
+    /// When the whole list was last read (it is read again every 5 s whatever the log says).
+    last_full: Option<std::time::Instant>,
 }
 
-/// One round: expire, audit new changes, reload the list when something changed.
-fn sync_once(
-    store: &mut BlockStore,
-    shared: &crate::pipeline::Shared,
-    data_dir: &Path,
-) -> Result<(), StoreError> {
-    use apiwarden_core::event::{AuditEvent, EventKind, Outcome, Reason};
-    let now = now_ms();
-    store.expire(now)?;
-    let cursor_file = cursor_path(data_dir);
-    let mut cursor = std::fs::read_to_string(&cursor_file)
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let mut changed = false;
-    loop {
-        let changes = store.changes_after(&cursor)?;
-        if changes.is_empty() {
-            break;
+impl Follower {
+    /// One round: (re)open the store, expire, audit new changes, reload the list when something
+    /// changed or 5 s have passed.
+    pub fn round(
+        &mut self,
+        config: &Config,
+        shared: &crate::pipeline::Shared,
+    ) -> Result<(), StoreError> {
+        use apiwarden_core::event::{AuditEvent, EventKind, Outcome, Reason};
+        let origin = (
+            config.storage.redis.clone(),
+            config.storage.redis_prefix.clone(),
+            config.storage.data_dir.clone(),
+        );
+        if self.store.as_ref().is_none_or(|(_, o)| *o != origin) {
+            let switched = self.store.as_ref().is_some_and(|(_, o)| *o != origin);
+            self.store = None;
+            if switched {
+                // Another store: its log has its own positions, its list replaces the old one.
+                self.cursor = None;
+                self.last_full = None;
+            }
+            self.store = Some((BlockStore::open(config)?, origin));
         }
-        for c in &changes {
-            let mut e =
-                AuditEvent::new(EventKind::Admin, crate::ids::new_id(), shared.node.clone());
-            e.decision.outcome = Outcome::Allow;
-            e.decision.reason = Reason::AdminAction;
-            e.decision.policy = Some("blocklist".into());
-            e.actor = Some(c.by.clone());
-            e.message = Some(c.describe());
-            shared.record(Box::new(e));
+        let Some((store, _)) = self.store.as_mut() else {
+            return Ok(());
+        };
+        let result = (|| {
+            let now = now_ms();
+            store.expire(now)?;
+            let cursor_file = cursor_path(&config.storage.data_dir);
+            let cursor = self.cursor.get_or_insert_with(|| {
+                std::fs::read_to_string(&cursor_file)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            });
+            let mut changed = false;
+            loop {
+                let (changes, last) = store.changes_after(cursor)?;
+                let Some(last) = last else { break };
+                for c in &changes {
+                    let mut e = AuditEvent::new(
+                        EventKind::Admin,
+                        crate::ids::new_id(),
+                        shared.node.clone(),
+                    );
+                    e.decision.outcome = Outcome::Allow;
+                    e.decision.reason = Reason::AdminAction;
+                    e.decision.policy = Some("blocklist".into());
+                    e.actor = Some(c.by.clone());
+                    e.message = Some(c.describe());
+                    shared.record(Box::new(e));
+                }
+                // In memory first: what was audited is never audited again by this process.
+                *cursor = last;
+                changed = true;
+            }
+            if changed {
+                let tmp = cursor_file.with_extension("tmp");
+                if std::fs::write(&tmp, cursor.as_bytes())
+                    .and_then(|_| std::fs::rename(&tmp, &cursor_file))
+                    .is_err()
+                {
+                    tracing::warn!(file = %cursor_file.display(), "cannot save the block list cursor; changes may be audited again after a restart");
+                }
+            }
+            if changed
+                || self
+                    .last_full
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(5))
+            {
+                let entries: Vec<BlockEntry> = store
+                    .all()?
+                    .into_iter()
+                    .filter(|e| !e.expired(now))
+                    .collect();
+                shared
+                    .blocks
+                    .store(std::sync::Arc::new(BlockSet::new(&entries)));
+                self.last_full = Some(std::time::Instant::now());
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            // Opened again next round.
+            self.store = None;
         }
-        cursor = changes.last().map(|c| c.id.clone()).unwrap_or_default();
-        changed = true;
+        result
     }
-    let fresh = shared
-        .blocks_loaded
-        .load(std::sync::atomic::Ordering::Relaxed);
-    if changed || !fresh {
-        let entries: Vec<BlockEntry> = store
-            .all()?
-            .into_iter()
-            .filter(|e| !e.expired(now))
-            .collect();
-        shared
-            .blocks
-            .store(std::sync::Arc::new(BlockSet::new(&entries)));
-        shared
-            .blocks_loaded
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    if changed {
-        let tmp = cursor_file.with_extension("tmp");
-        if std::fs::write(&tmp, &cursor)
-            .and_then(|_| std::fs::rename(&tmp, &cursor_file))
-            .is_err()
-        {
-            tracing::warn!(file = %cursor_file.display(), "cannot save the block list cursor; changes may be audited twice after a restart");
-        }
-    }
-    Ok(())
 }

@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 
 const NANOS: u64 = 1_000_000_000;
 const MICROS: u64 = 1_000_000;
+/// An IPv6 client is counted by its /64: one subscriber usually holds a whole /64, and counting
+/// single addresses would give it 2^64 budgets.
+const V6_CLIENT_MASK: u128 = !0u128 << 64;
 /// The most limits one route may stack (checked by the config).
 pub const MAX_PER_ROUTE: usize = 8;
 
@@ -163,7 +166,7 @@ impl<'a> Subject<'a> {
                 }
                 Part::Ip(IpAddr::V6(a)) => {
                     h.write_u8(5);
-                    h.write_u128(u128::from(a));
+                    h.write_u128(u128::from(a) & V6_CLIENT_MASK);
                 }
                 Part::Consumer(s) => {
                     h.write_u8(1);
@@ -195,10 +198,29 @@ impl<'a> Subject<'a> {
         out.extend_from_slice(p.name.as_bytes());
         for k in &p.key {
             let (tag, value): (&str, std::borrow::Cow<'_, [u8]>) = match self.part(k) {
-                Part::Ip(ip) => ("ip", ip.to_string().into_bytes().into()),
+                Part::Ip(IpAddr::V4(a)) => ("ip", a.to_string().into_bytes().into()),
+                Part::Ip(IpAddr::V6(a)) => (
+                    "ip6",
+                    std::net::Ipv6Addr::from(u128::from(a) & V6_CLIENT_MASK)
+                        .to_string()
+                        .into_bytes()
+                        .into(),
+                ),
                 Part::Consumer(s) => ("consumer", s.as_bytes().into()),
                 Part::Key(s) => ("key", s.as_bytes().into()),
                 Part::Route(s) => ("route", s.as_bytes().into()),
+                // A long value becomes a digest, so a client cannot make Redis keys as long as
+                // its headers. (SipHash with fixed keys: the same on every node.)
+                Part::Header(b) if b.len() > 64 => {
+                    let mut h = std::hash::DefaultHasher::new();
+                    b.hash(&mut h);
+                    let lo = h.finish();
+                    0xA5u8.hash(&mut h);
+                    (
+                        "header-digest",
+                        format!("{lo:016x}{:016x}", h.finish()).into_bytes().into(),
+                    )
+                }
                 Part::Header(b) => ("header", b.into()),
             };
             out.push(b':');
@@ -240,7 +262,7 @@ pub async fn decide(
         }
     };
     // Local policies first: a request refused here costs no Redis round trip.
-    let mut done: [(u64, Option<u64>, u64); MAX_PER_ROUTE] = [(0, None, 0); MAX_PER_ROUTE];
+    let mut done: [(u64, Option<u64>, u64, u64); MAX_PER_ROUTE] = [(0, None, 0, 0); MAX_PER_ROUTE];
     let mut n_done = 0;
     let mut remote = false;
     let now = local.time(at);
@@ -252,8 +274,8 @@ pub async fn decide(
         let key = subject.local_key(p, &local.hasher);
         let (d, prev) = local.decide(key, &p.local, now);
         if !d.allowed {
-            for &(key, prev, tat) in &done[..n_done] {
-                local.undo(key, prev, tat);
+            for &(key, prev, tat, interval) in &done[..n_done] {
+                local.undo(key, prev, tat, interval);
             }
             m.count(PolicyOutcome::Deny);
             return Verdict::Deny {
@@ -263,14 +285,14 @@ pub async fn decide(
             };
         }
         if n_done < MAX_PER_ROUTE {
-            done[n_done] = (key, prev, d.tat);
+            done[n_done] = (key, prev, d.tat, p.local.interval);
             n_done += 1;
         }
         keep(i, d.remaining, ceil_secs(d.reset, NANOS));
     }
     let undo_local = || {
-        for &(key, prev, tat) in &done[..n_done] {
-            local.undo(key, prev, tat);
+        for &(key, prev, tat, interval) in &done[..n_done] {
+            local.undo(key, prev, tat, interval);
         }
     };
     if let (true, Some(redis)) = (remote, redis) {
@@ -447,7 +469,8 @@ impl LocalStore {
     }
 
     fn shard(&self, key: u64) -> &Mutex<Shard> {
-        &self.shards[(key >> 58) as usize % SHARDS]
+        // Middle bits: hashbrown uses the top bits for its control tags.
+        &self.shards[(key >> 32) as usize % SHARDS]
     }
 
     /// Decides and, when admitted, stores the new TAT. Returns the decision and the TAT that
@@ -482,14 +505,16 @@ impl LocalStore {
         (d, None)
     }
 
-    /// Takes back an admission whose request another policy refused.
-    pub fn undo(&self, key: u64, prev: Option<u64>, tat: u64) {
+    /// Takes back an admission whose request another policy refused: the TAT goes back by one
+    /// interval (to where it was, when no other request moved it since), never below `prev`'s
+    /// point of view of a full budget.
+    pub fn undo(&self, key: u64, prev: Option<u64>, tat: u64, interval: u64) {
         let mut s = self.shard(key).lock().expect("limit shard poisoned");
         if let Some((slot, _)) = s.index.get_mut(&key) {
-            // Only if no other request moved it since; otherwise leaving it is the
-            // conservative choice.
             if *slot == tat {
                 *slot = prev.unwrap_or(0);
+            } else if *slot >= interval {
+                *slot -= interval;
             }
         }
     }
@@ -592,6 +617,8 @@ pub struct RedisStore {
 #[derive(Default)]
 struct Slot {
     conn: Option<redis::aio::MultiplexedConnection>,
+    /// Counts connections, so that a failure on an old one never drops a newer one.
+    generation: u64,
     retry_at: Option<Instant>,
 }
 
@@ -605,6 +632,8 @@ pub struct RedisMetrics {
     pub errors_connect: AtomicU64,
     pub errors_timeout: AtomicU64,
     pub errors_reply: AtomicU64,
+    /// Decisions not even tried: Redis was down a moment ago (reconnects wait 200 ms).
+    pub errors_unavailable: AtomicU64,
 }
 
 pub const REDIS_BUCKETS_US: [u64; 8] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000];
@@ -639,72 +668,88 @@ impl RedisStore {
             && config.storage.redis_timeout == self.timeout
     }
 
-    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, ()> {
+    async fn connection(&self) -> Result<(redis::aio::MultiplexedConnection, u64), ()> {
         let slot = &self.slots[worker_index() % self.slots.len()];
-        let mut s = tokio::time::timeout(self.timeout, slot.lock())
-            .await
-            .map_err(|_| ())?;
+        let mut s = slot.lock().await;
         if let Some(c) = &s.conn {
-            return Ok(c.clone());
+            return Ok((c.clone(), s.generation));
         }
         if s.retry_at.is_some_and(|t| Instant::now() < t) {
+            self.metrics.errors_unavailable.fetch_add(1, Relaxed);
             return Err(());
         }
-        let connect = self.client.get_multiplexed_async_connection();
-        match tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), connect).await {
-            Ok(Ok(c)) => {
+        // Whoever finds no connection opens one; the others wait for it (all of it within the
+        // caller's overall timeout).
+        s.retry_at = Some(Instant::now() + RECONNECT_FLOOR);
+        match self.client.get_multiplexed_async_connection().await {
+            Ok(c) => {
                 s.conn = Some(c.clone());
+                s.generation += 1;
                 s.retry_at = None;
-                Ok(c)
+                Ok((c, s.generation))
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 self.metrics.errors_connect.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, "cannot connect to Redis");
-                s.retry_at = Some(Instant::now() + RECONNECT_FLOOR);
-                Err(())
-            }
-            Err(_) => {
-                self.metrics.errors_connect.fetch_add(1, Relaxed);
-                tracing::warn!("connecting to Redis timed out");
-                s.retry_at = Some(Instant::now() + RECONNECT_FLOOR);
                 Err(())
             }
         }
     }
 
-    async fn drop_connection(&self) {
+    fn drop_connection(&self, generation: u64) {
         let slot = &self.slots[worker_index() % self.slots.len()];
-        slot.lock().await.conn = None;
+        // Never waits: if the slot is busy, someone is connecting anew anyway.
+        if let Ok(mut s) = slot.try_lock() {
+            if s.generation == generation {
+                s.conn = None;
+            }
+        }
     }
 
-    /// Decides the policies `which` of `all` in one round trip.
+    /// Decides the policies `which` of `all` in one round trip, within `storage.redis_timeout`
+    /// in all (waiting for a connection included).
     async fn decide(
         &self,
         all: &[(Arc<Policy>, Arc<PolicyMetrics>)],
         which: &[usize],
         subject: &Subject<'_>,
     ) -> Result<Vec<Decision>, ()> {
-        let mut conn = self.connection().await?;
-        let mut inv = self.script.prepare_invoke();
-        for &i in which {
-            let p = &all[i].0;
-            inv.key(subject.redis_key(&self.prefix, p));
-            inv.arg(p.remote.interval).arg(p.remote.tolerance);
-        }
         let started = Instant::now();
-        let reply =
-            tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<Vec<i64>>>(&mut conn)).await;
-        let us = started.elapsed().as_micros() as u64;
+        let mut generation = None;
+        let call = async {
+            let (mut conn, g) = self.connection().await.map_err(|_| None)?;
+            generation = Some(g);
+            let mut inv = self.script.prepare_invoke();
+            for &i in which {
+                let p = &all[i].0;
+                inv.key(subject.redis_key(&self.prefix, p));
+                inv.arg(p.remote.interval).arg(p.remote.tolerance);
+            }
+            inv.invoke_async::<Vec<Vec<i64>>>(&mut conn)
+                .await
+                .map_err(Some)
+        };
+        let reply = tokio::time::timeout(self.timeout, call).await;
         let m = &self.metrics;
-        m.calls.fetch_add(1, Relaxed);
-        m.latency_us_sum.fetch_add(us, Relaxed);
-        let b = REDIS_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(REDIS_BUCKETS_US.len());
-        m.latency[b].fetch_add(1, Relaxed);
+        let failed = |counter: &AtomicU64| {
+            counter.fetch_add(1, Relaxed);
+            if let Some(g) = generation {
+                // Any failure on a connection ends it: after a failover a connection may still
+                // be open to a server that is no longer the primary.
+                self.drop_connection(g);
+            }
+            Err(())
+        };
         match reply {
             Ok(Ok(rows)) if rows.len() == which.len() && rows.iter().all(|r| r.len() == 4) => {
+                let us = started.elapsed().as_micros() as u64;
+                m.calls.fetch_add(1, Relaxed);
+                m.latency_us_sum.fetch_add(us, Relaxed);
+                let b = REDIS_BUCKETS_US
+                    .iter()
+                    .position(|&b| us <= b)
+                    .unwrap_or(REDIS_BUCKETS_US.len());
+                m.latency[b].fetch_add(1, Relaxed);
                 Ok(rows
                     .iter()
                     .map(|r| Decision {
@@ -716,23 +761,18 @@ impl RedisStore {
                     })
                     .collect())
             }
-            Ok(Ok(_)) => {
-                m.errors_reply.fetch_add(1, Relaxed);
-                Err(())
-            }
-            Ok(Err(e)) => {
-                m.errors_reply.fetch_add(1, Relaxed);
+            Ok(Ok(_)) => failed(&m.errors_reply),
+            // Counted where it happened (connect, or not tried during the back-off).
+            Ok(Err(None)) => Err(()),
+            Ok(Err(Some(e))) => {
                 tracing::warn!(error = %e, "Redis limit script failed");
-                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
-                    self.drop_connection().await;
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                    failed(&m.errors_connect)
+                } else {
+                    failed(&m.errors_reply)
                 }
-                Err(())
             }
-            Err(_) => {
-                m.errors_timeout.fetch_add(1, Relaxed);
-                self.drop_connection().await;
-                Err(())
-            }
+            Err(_) => failed(&m.errors_timeout),
         }
     }
 }
@@ -828,8 +868,19 @@ mod tests {
         let (d, prev) = store.decide(7, &g, now);
         assert!(d.allowed);
         assert!(!store.decide(7, &g, now).0.allowed);
-        store.undo(7, prev, d.tat);
+        store.undo(7, prev, d.tat, g.interval);
         assert!(store.decide(7, &g, now).0.allowed);
+        // When another request moved the TAT meanwhile, one interval still comes back.
+        let g2 = policy("2/m", 2, "ip").local;
+        let (a, pa) = store.decide(8, &g2, now);
+        let (b, _) = store.decide(8, &g2, now);
+        assert!(a.allowed && b.allowed);
+        store.undo(8, pa, a.tat, g2.interval);
+        assert!(
+            store.decide(8, &g2, now).0.allowed,
+            "the undone admission is usable again"
+        );
+        assert!(!store.decide(8, &g2, now).0.allowed);
     }
 
     #[test]

@@ -313,6 +313,7 @@ impl Metrics {
             ("connect", &r.errors_connect),
             ("timeout", &r.errors_timeout),
             ("reply", &r.errors_reply),
+            ("unavailable", &r.errors_unavailable),
         ] {
             let _ = writeln!(
                 out,

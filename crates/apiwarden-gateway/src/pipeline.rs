@@ -53,8 +53,6 @@ pub struct Shared {
     pub local_limits: Arc<LocalStore>,
     /// The block list in force, swapped by `blocklist::follow`.
     pub blocks: ArcSwap<crate::blocklist::BlockSet>,
-    /// Whether the block list has been read from its store once.
-    pub blocks_loaded: AtomicBool,
     pub node: Arc<str>,
     pub shutting_down: AtomicBool,
 }
@@ -261,9 +259,30 @@ impl RateHeaders {
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// `"NAME";r=REMAINING;t=SECONDS` (draft-ietf-httpapi-ratelimit-headers).
+/// `"NAME";r=REMAINING;t=SECONDS` (draft-ietf-httpapi-ratelimit-headers). Written by hand: on
+/// a limited route this runs for every response, and `format!` cost four times as much.
 fn ratelimit_value(p: &Policy, remaining: u64, reset: u64) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!("{};r={remaining};t={reset}", p.quoted_name)).ok()
+    let mut v = Vec::with_capacity(p.quoted_name.len() + 48);
+    v.extend_from_slice(p.quoted_name.as_bytes());
+    v.extend_from_slice(b";r=");
+    push_decimal(&mut v, remaining);
+    v.extend_from_slice(b";t=");
+    push_decimal(&mut v, reset);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+}
+
+fn push_decimal(v: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    v.extend_from_slice(&digits[i..]);
 }
 
 impl Limit {
@@ -835,6 +854,12 @@ pub async fn handle(
     recorder.event.request.route = Some(state.routes[ri].template.clone());
     recorder.event.request.route_name = Some(state.routes[ri].name.clone());
 
+    // A blocked address is refused before anything looks at its credentials.
+    if shared.blocks.load().blocks_ip(ip) {
+        recorder.event.decision.policy = Some("blocklist:ip".into());
+        return deny(recorder, Reason::Blocked);
+    }
+
     // Stages: identify, authorize, limit.
     let identity = match Identify::run(route, req.headers()) {
         Ok(id) => id,
@@ -846,11 +871,10 @@ pub async fn handle(
     fields.key_id.clone_from(&identity.key_id);
     fields.subject.clone_from(&identity.subject);
     fields.scopes.clone_from(&identity.scopes);
-    if let Some(kind) =
-        shared
-            .blocks
-            .load()
-            .check(ip, identity.key_id.as_deref(), identity.consumer.as_deref())
+    if let Some(kind) = shared
+        .blocks
+        .load()
+        .blocks_identity(identity.key_id.as_deref(), identity.consumer.as_deref())
     {
         recorder.event.decision.policy = Some(format!("blocklist:{}", kind.as_str()));
         return deny(recorder, Reason::Blocked);
@@ -1016,6 +1040,15 @@ pub fn record_unparsed(shared: &Shared, conn: &ConnInfo, reason: Reason) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimal_numbers_are_written_like_display() {
+        for n in [0, 1, 9, 10, 99, 100, 12_345, u64::MAX] {
+            let mut v = Vec::new();
+            push_decimal(&mut v, n);
+            assert_eq!(v, n.to_string().into_bytes());
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

@@ -200,7 +200,6 @@ impl Gateway {
             metrics,
             local_limits,
             blocks: ArcSwap::from_pointee(crate::blocklist::BlockSet::default()),
-            blocks_loaded: AtomicBool::new(false),
             node: Arc::from(node.as_str()),
             shutting_down: AtomicBool::new(false),
         });
@@ -210,12 +209,19 @@ impl Gateway {
             let (sh, st) = (shared.clone(), stop.clone());
             let first = tokio::task::spawn_blocking({
                 let sh = shared.clone();
-                move || crate::blocklist::load_once(&sh)
+                move || {
+                    let mut f = crate::blocklist::Follower::default();
+                    let config = sh.state.load().config.clone();
+                    if let Err(e) = f.round(&config, &sh) {
+                        tracing::warn!(error = %e, "cannot read the block list at start; serving without it and trying again every 200 ms");
+                    }
+                    f
+                }
             });
-            let _ = first.await;
+            let follower = first.await.unwrap_or_default();
             let thread = std::thread::Builder::new()
                 .name("apiwarden-blocklist".into())
-                .spawn(move || crate::blocklist::follow(sh, st))
+                .spawn(move || crate::blocklist::follow(sh, st, follower))
                 .ok();
             (stop, thread)
         };

@@ -97,7 +97,11 @@ pub fn run(cmd: BlockCommand, cfg: &Config) -> Result<()> {
                 created_at: now,
                 expires_at: ttl.map(|d| now + d.as_millis() as u64),
             };
-            open(cfg)?.add(&entry)?;
+            let mut store = open(cfg)?;
+            // Expired entries go first, so the audit trail shows them expiring before any
+            // new entry (and `add` replacing one never races its expiry).
+            store.expire(now)?;
+            store.add(&entry)?;
             if json {
                 println!("{}", serde_json::to_string(&entry)?);
             } else {
@@ -110,7 +114,9 @@ pub fn run(cmd: BlockCommand, cfg: &Config) -> Result<()> {
         }
         BlockCommand::List { json } => {
             let now = now_ms();
-            let entries: Vec<BlockEntry> = open(cfg)?
+            let mut store = open(cfg)?;
+            store.expire(now)?;
+            let entries: Vec<BlockEntry> = store
                 .all()?
                 .into_iter()
                 .filter(|e| !e.expired(now))

@@ -289,10 +289,22 @@ upstream = "echo"
 auth = ["none"]
 
 [[routes]]
+name = "limited"
+path_prefix = "/limited"
+upstream = "echo"
+auth = ["none"]
+limits = ["five-per-10s"]
+
+[[routes]]
 name = "admin-api"
 path_prefix = "/admin"
 upstream = "echo"
 auth = ["api_key"]
+
+[limits.five-per-10s]
+rate = "30/m"
+burst = 5
+key = "ip"
 "#,
         data = dir.join("data").display()
     );
@@ -321,6 +333,9 @@ Try:
   curl -i http://{a}/nope                      # 404, audited
   curl -i http://{a}/admin/users               # 401: this route needs an API key
   curl -i http://{a}/echo/%2e%2e/admin         # normalised to /admin before routing
+  for i in $(seq 7); do curl -s -o /dev/null -w '%{{http_code}} ' http://{a}/limited; done; echo
+                                               # 5 pass, then 429 with Retry-After (30/m, burst 5)
+  apiwarden block add ip 127.0.0.1 --for 1m --reason demo --config {cfg}   # then: 403
   curl -s http://{m}/metrics | grep apiwarden_requests_total
   tail -f {audit}
 

@@ -162,6 +162,14 @@ fn demo_serves_a_curl_and_stops_on_sigterm() {
     assert!(answer.to_ascii_lowercase().contains("x-request-id: "));
     let (status, _) = http_get(&api, "/nope");
     assert_eq!(status, 404);
+    // The demo's limited route: a burst of 5, then 429 with Retry-After, as it prints.
+    let statuses: Vec<u16> = (0..6).map(|_| http_get(&api, "/limited").0).collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+    let (_, answer) = http_get(&api, "/limited");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: "),
+        "{answer}"
+    );
     // The events are on disk as NDJSON before the demo exits.
     let audit = audit.expect("the demo prints where audit events go");
     let mut lines_written = 0;
@@ -173,12 +181,12 @@ fn demo_serves_a_curl_and_stops_on_sigterm() {
                     .count()
             })
             .unwrap_or(0);
-        if lines_written == 2 {
+        if lines_written == 9 {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(lines_written, 2);
+    assert_eq!(lines_written, 9);
     signal(&child, "-TERM");
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }

@@ -27,10 +27,10 @@ async fn three_nodes_share_one_budget_within_two_percent() {
     let prefix = format!("test-{}", apiwarden_gateway::ids::new_id());
     let (rate, burst) = (200.0, 20.0);
     let common = format!(
-        "redis = \"redis://127.0.0.1:6379/\"\nredis_prefix = \"{prefix}\"\n\n\
+        "redis = \"redis://127.0.0.1:6379/\"\nredis_prefix = \"{prefix}\"\nredis_timeout = \"1s\"\n\n\
          [[upstreams]]\nname = \"echo\"\nurl = \"http://{up}\"\n\n\
          [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"echo\"\nauth = [\"none\"]\nlimits = [\"global\"]\n\n\
-         [limits.global]\nrate = \"200/s\"\nburst = 20\nkey = \"route\"\n"
+         [limits.global]\nrate = \"200/s\"\nburst = 20\nkey = \"route\"\nfailure_mode = \"closed\"\n"
     );
     let nodes: Vec<Node> = (0..3).map(|i| start_node(&dir, i, &common)).collect();
 

@@ -279,6 +279,20 @@ pub struct ConsumerConfig {
     pub roles: Vec<String>,
 }
 
+/// A URL with any `user:password@` part replaced by `***@`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..end].rfind('@') {
+                Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
 /// One documented option: the README's configuration reference is generated from this table,
 /// and a test checks that every example value here is accepted.
 pub struct OptionDoc {

@@ -335,7 +335,10 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         if !url.starts_with("redis://") {
             cx.error(
                 &st("redis"),
-                format!("redis must be a redis://host[:port][/db] URL, not {url:?}"),
+                format!(
+                    "redis must be a redis://host[:port][/db] URL, not {:?}",
+                    redact_url(url)
+                ),
             );
         }
     }
@@ -350,6 +353,13 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         Some(0) => {
             cx.error(&st("limit_keys"), "limit_keys must be at least 1");
             1
+        }
+        Some(n) if n > 100_000_000 => {
+            cx.error(
+                &st("limit_keys"),
+                "limit_keys must be at most 100000000 (about 4 GB)",
+            );
+            100_000_000
         }
         Some(n) => n,
     };
@@ -425,6 +435,17 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             }
             Some(b) => b,
         };
+        if per.as_nanos() / u128::from(requests) * u128::from(burst)
+            > 10 * 365 * 86_400 * 1_000_000_000
+        {
+            cx.error(
+                &at("burst"),
+                format!(
+                    "burst {burst} at {:?} takes more than ten years to refill; lower it",
+                    l.rate
+                ),
+            );
+        }
         if per.as_nanos() / u128::from(requests) < 1_000 {
             cx.error(
                 &at("rate"),
@@ -1012,6 +1033,9 @@ colour = "blue"
             ("[limits.l]\nrate = \"10/s\"\nkey = []\n", "at least one"),
             ("[limits.l]\nrate = \"10/s\"\nfailure_mode = \"maybe\"\n", "\"open\" or \"closed\""),
             ("[storage]\nredis = \"http://127.0.0.1\"\n", "redis://"),
+            ("[storage]\nredis = \"http://admin:hunter2@127.0.0.1\"\n", "***@127.0.0.1"),
+            ("[storage]\nlimit_keys = 1000000000000\n", "at most"),
+            ("[limits.l]\nrate = \"1/d\"\nburst = 100000\n", "ten years"),
         ];
         for (text, want) in cases {
             let errs = parse(text, "v.toml").expect_err(text).to_string();
