@@ -13,6 +13,9 @@ WARMUP="${WARMUP:-2s}"
 BENCH_PATH="${BENCH_PATH:-/bench}"
 SKIP_APIWARDEN="${SKIP_APIWARDEN:-0}"
 READY_TIMEOUT="${READY_TIMEOUT:-30}"
+# Each target is measured ROUNDS times, the targets taking turns, and the median is reported:
+# on a shared machine, drift then hits every target alike.
+ROUNDS="${ROUNDS:-1}"
 # The limit runs: the same route with one local limit, and with one Redis limit (skipped when
 # nothing answers at REDIS_HOST:REDIS_PORT). LIMITS=0 skips both.
 LIMITS="${LIMITS:-1}"
@@ -43,7 +46,7 @@ command -v wrk     >/dev/null 2>&1 || die "wrk not found (apt-get install -y wrk
 command -v curl    >/dev/null 2>&1 || die "curl not found"
 command -v python3 >/dev/null 2>&1 || die "python3 not found (used to pick free ports)"
 
-for v in THREADS CONNECTIONS; do
+for v in THREADS CONNECTIONS ROUNDS; do
     [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -gt 0 ]] || die "$v must be a positive integer (got '${!v}')"
 done
 (( CONNECTIONS >= THREADS )) || die "CONNECTIONS ($CONNECTIONS) must be >= THREADS ($THREADS) for wrk"
@@ -311,7 +314,7 @@ to_ms() {
     }'
 }
 
-declare -A RPS P50 P99
+declare -A RPS P50 P99 RPS_ALL P50_ALL P99_ALL
 ERRORS=""
 
 run_wrk() {
@@ -335,6 +338,9 @@ run_wrk() {
     RPS[$name]="$(awk -v r="$rps" 'BEGIN {printf "%.0f", r}')"
     P50[$name]="$(to_ms "$p50")" || die "unknown latency unit in '$p50' for $name"
     P99[$name]="$(to_ms "$p99")" || die "unknown latency unit in '$p99' for $name"
+    RPS_ALL[$name]+="${RPS[$name]} "
+    P50_ALL[$name]+="${P50[$name]} "
+    P99_ALL[$name]+="${P99[$name]} "
 
     local errs
     errs="$(grep -E 'Socket errors:|Non-2xx or 3xx responses:' "$out" || true)"
@@ -346,21 +352,34 @@ run_wrk() {
     log "[$name] ${RPS[$name]} req/s, p50 ${P50[$name]} ms, p99 ${P99[$name]} ms"
 }
 
+declare -A URL
 TARGETS=(direct nginx)
-run_wrk direct "http://127.0.0.1:$UP_PORT$BENCH_PATH"
-run_wrk nginx  "http://127.0.0.1:$NGINX_PORT$BENCH_PATH"
+URL[direct]="http://127.0.0.1:$UP_PORT$BENCH_PATH"
+URL[nginx]="http://127.0.0.1:$NGINX_PORT$BENCH_PATH"
 if [[ "$SKIP_APIWARDEN" != 1 ]]; then
     TARGETS+=(apiwarden)
-    run_wrk apiwarden "http://127.0.0.1:$AW_PORT$BENCH_PATH"
+    URL[apiwarden]="http://127.0.0.1:$AW_PORT$BENCH_PATH"
     if [[ "$LIMITS" == 1 ]]; then
         TARGETS+=(apiwarden-limit-local)
-        run_wrk apiwarden-limit-local "http://127.0.0.1:$AW_PORT/limited-local$BENCH_PATH"
+        URL[apiwarden-limit-local]="http://127.0.0.1:$AW_PORT/limited-local$BENCH_PATH"
         if [[ "$REDIS_OK" == 1 ]]; then
             TARGETS+=(apiwarden-limit-redis)
-            run_wrk apiwarden-limit-redis "http://127.0.0.1:$AW_PORT/limited-redis$BENCH_PATH"
+            URL[apiwarden-limit-redis]="http://127.0.0.1:$AW_PORT/limited-redis$BENCH_PATH"
         fi
     fi
 fi
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+for round in $(seq 1 "$ROUNDS"); do
+    (( ROUNDS > 1 )) && log "round $round of $ROUNDS"
+    for t in "${TARGETS[@]}"; do
+        run_wrk "$t" "${URL[$t]}"
+    done
+done
+for t in "${TARGETS[@]}"; do
+    RPS[$t]="$(printf '%s' "${RPS_ALL[$t]}" | median)"
+    P50[$t]="$(printf '%s' "${P50_ALL[$t]}" | median)"
+    P99[$t]="$(printf '%s' "${P99_ALL[$t]}" | median)"
+done
 
 # -------------------------------------------------------------- 5. report --
 CPU_MODEL="$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null || true)"
@@ -372,13 +391,13 @@ WRK_VERSION="$({ wrk -v 2>&1 || true; } | awk 'NR == 1 {print $2}')"
 echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 echo "- nproc: $(nproc)"
 echo "- cpu: $CPU_MODEL"
-echo "- wrk ${WRK_VERSION:-?}: -t$THREADS -c$CONNECTIONS -d$DURATION --latency (after ${WARMUP} warm-up), GET $BENCH_PATH"
+echo "- wrk ${WRK_VERSION:-?}: -t$THREADS -c$CONNECTIONS -d$DURATION --latency (after ${WARMUP} warm-up), GET $BENCH_PATH; $ROUNDS round(s), targets in turn, medians"
 echo "- upstream: $NGINX_VERSION, 1 worker, return 200; nginx proxy: 2 workers, access log on, upstream keepalive 64"
 echo
-echo "| target | req/s | p50 ms | p99 ms |"
-echo "|---|---:|---:|---:|"
+echo "| target | req/s | p50 ms | p99 ms | req/s of each round |"
+echo "|---|---:|---:|---:|---|"
 for t in "${TARGETS[@]}"; do
-    printf '| %s | %s | %.2f | %.2f |\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}"
+    printf '| %s | %.0f | %.2f | %.2f | %s |\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "${RPS_ALL[$t]% }"
 done
 echo
 if [[ "$SKIP_APIWARDEN" != 1 ]]; then
