@@ -90,11 +90,25 @@ async fn redis_down_fails_open_or_closed_as_configured_and_recovers_without_rest
          [[upstreams]]\nname = \"echo\"\nurl = \"http://{up}\"\n\n\
          [[routes]]\nname = \"open\"\npath_prefix = \"/open\"\nupstream = \"echo\"\nauth = [\"none\"]\nlimits = [\"soft\"]\n\n\
          [[routes]]\nname = \"closed\"\npath_prefix = \"/closed\"\nupstream = \"echo\"\nauth = [\"none\"]\nlimits = [\"hard\"]\n\n\
+         [[routes]]\nname = \"mixed\"\npath_prefix = \"/mixed\"\nupstream = \"echo\"\nauth = [\"none\"]\nlimits = [\"loc\", \"rem\"]\n\n\
+         [[routes]]\nname = \"loc-only\"\npath_prefix = \"/loc-only\"\nupstream = \"echo\"\nauth = [\"none\"]\nlimits = [\"loc\"]\n\n\
+         [limits.loc]\nrate = \"5/m\"\nstore = \"local\"\n\n\
+         [limits.rem]\nrate = \"1/m\"\nkey = \"route\"\n\n\
          [limits.soft]\nrate = \"100/s\"\nfailure_mode = \"open\"\n\n\
          [limits.hard]\nrate = \"3/m\"\nkey = \"route\"\nfailure_mode = \"closed\"\n",
         redis.port
     );
     let gw = start(&text).await;
+
+    // A local and a Redis limit stacked: when Redis refuses, the local limit gives back what
+    // it had admitted (5 a minute: 1 used by the admitted request, none by the refused one).
+    assert_eq!(get(&gw.url("/mixed")).await.0, 200);
+    let (s, _, _) = get(&gw.url("/mixed")).await;
+    assert_eq!(s, 429);
+    for i in 0..4 {
+        assert_eq!(get(&gw.url("/loc-only")).await.0, 200, "request {i}");
+    }
+    assert_eq!(get(&gw.url("/loc-only")).await.0, 429);
 
     // Redis up: limits are decided there.
     // The script's arithmetic is the local one: the same remaining budget and Retry-After.
@@ -123,7 +137,7 @@ async fn redis_down_fails_open_or_closed_as_configured_and_recovers_without_rest
     assert!(body.contains("rate limit cannot be checked"), "{body}");
     assert!(h.contains_key("x-request-id"));
 
-    let events = gw.wait_for_events(7).await;
+    let events = gw.wait_for_events(14).await;
     let last_open = events
         .iter()
         .rev()
