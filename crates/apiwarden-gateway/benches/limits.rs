@@ -4,7 +4,7 @@
 //! `cargo bench -p apiwarden-gateway --bench limits`. The Redis group needs the Redis on
 //! 127.0.0.1:6379 (or `BENCH_REDIS=redis://...`) and is skipped with a message without it.
 
-use apiwarden_core::config::{parse, AuthMethod, Config};
+use apiwarden_core::config::{parse, Config};
 use apiwarden_gateway::limit::{decide, LocalStore, RedisStore, RouteLimits, Subject, Verdict};
 use apiwarden_gateway::metrics::Metrics;
 use apiwarden_gateway::pipeline::Identity;
@@ -30,16 +30,6 @@ fn config(redis: Option<&str>) -> Config {
     parse(&text, "bench.toml").unwrap()
 }
 
-fn anonymous() -> Identity {
-    Identity {
-        method: AuthMethod::None,
-        consumer: None,
-        key_id: None,
-        subject: None,
-        scopes: Vec::new(),
-    }
-}
-
 /// Runs a future that completes without waiting (a local decision never waits).
 fn now<F: Future>(f: F) -> F::Output {
     let mut f = pin!(f);
@@ -55,7 +45,7 @@ fn local(c: &mut Criterion) {
     let store = LocalStore::new(1_000_000);
     let fast = RouteLimits::compile(&cfg, &["fast".into()], &metrics);
     let slow = RouteLimits::compile(&cfg, &["slow".into()], &metrics);
-    let id = anonymous();
+    let id = Identity::anonymous();
     let headers = HeaderMap::new();
     let subject = |ip: IpAddr| Subject {
         route: "api",
@@ -126,7 +116,7 @@ fn redis(c: &mut Criterion) {
     let store = LocalStore::new(1000);
     let redis = RedisStore::new(&cfg, 1, metrics.redis.clone()).unwrap();
     let limits = RouteLimits::compile(&cfg, &["fast".into()], &metrics);
-    let id = anonymous();
+    let id = Identity::anonymous();
     let headers = HeaderMap::new();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -780,7 +780,6 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use apiwarden_core::config::AuthMethod;
 
     fn policy(rate: &str, burst: u64, key: &str) -> Policy {
         let text = format!("[limits.p]\nrate = \"{rate}\"\nburst = {burst}\nkey = \"{key}\"\n");
@@ -788,21 +787,11 @@ mod tests {
         Policy::new("p", &c.limits["p"])
     }
 
-    fn anonymous() -> Identity {
-        Identity {
-            method: AuthMethod::None,
-            consumer: None,
-            key_id: None,
-            subject: None,
-            scopes: Vec::new(),
-        }
-    }
-
     #[test]
     fn a_million_source_ips_stay_within_the_bound() {
         let store = LocalStore::new(10_000);
         let p = policy("10/s", 10, "ip");
-        let id = anonymous();
+        let id = Identity::anonymous();
         let h = HeaderMap::new();
         let now = store.now();
         for i in 0..1_000_000u32 {
@@ -888,8 +877,8 @@ mod tests {
         let store = LocalStore::new(100);
         let p = policy("1/s", 1, "consumer");
         let h = HeaderMap::new();
-        let anon = anonymous();
-        let mut named = anonymous();
+        let anon = Identity::anonymous();
+        let mut named = Identity::anonymous();
         named.consumer = Some("10.0.0.1".into());
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let key = |id: &Identity| {

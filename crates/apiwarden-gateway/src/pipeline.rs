@@ -194,19 +194,26 @@ pub struct Identity {
     pub scopes: Vec<String>,
 }
 
+impl Identity {
+    /// Nobody in particular: the identity on an open route (`auth = ["none"]`).
+    pub fn anonymous() -> Identity {
+        Identity {
+            method: AuthMethod::None,
+            consumer: None,
+            key_id: None,
+            subject: None,
+            scopes: Vec::new(),
+        }
+    }
+}
+
 /// Stage: who is calling.
 pub struct Identify;
 
 impl Identify {
     pub fn run(route: &RouteConfig, headers: &HeaderMap) -> Result<Identity, Reason> {
         if route.auth == [AuthMethod::None] {
-            return Ok(Identity {
-                method: AuthMethod::None,
-                consumer: None,
-                key_id: None,
-                subject: None,
-                scopes: Vec::new(),
-            });
+            return Ok(Identity::anonymous());
         }
         // Credential checks (API keys, JWT, introspection, mTLS) are not in this build yet: a
         // route that needs one refuses every request, so nothing is let through unchecked.
@@ -855,7 +862,8 @@ pub async fn handle(
     recorder.event.request.route_name = Some(state.routes[ri].name.clone());
 
     // A blocked address is refused before anything looks at its credentials.
-    if shared.blocks.load().blocks_ip(ip) {
+    let blocks = shared.blocks.load();
+    if blocks.blocks_ip(ip) {
         recorder.event.decision.policy = Some("blocklist:ip".into());
         return deny(recorder, Reason::Blocked);
     }
@@ -871,10 +879,8 @@ pub async fn handle(
     fields.key_id.clone_from(&identity.key_id);
     fields.subject.clone_from(&identity.subject);
     fields.scopes.clone_from(&identity.scopes);
-    if let Some(kind) = shared
-        .blocks
-        .load()
-        .blocks_identity(identity.key_id.as_deref(), identity.consumer.as_deref())
+    if let Some(kind) =
+        blocks.blocks_identity(identity.key_id.as_deref(), identity.consumer.as_deref())
     {
         recorder.event.decision.policy = Some(format!("blocklist:{}", kind.as_str()));
         return deny(recorder, Reason::Blocked);
