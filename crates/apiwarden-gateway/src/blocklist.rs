@@ -212,7 +212,11 @@ impl BlockStore {
         let change = (BlockAction::Add, entry, entry.actor.as_str());
         match self {
             BlockStore::Sqlite(c) => {
-                let tx = c.transaction().map_err(sq)?;
+                // IMMEDIATE: take the write lock first, so a concurrent writer makes this wait (busy
+                // timeout) instead of failing when a read would have to become a write.
+                let tx = c
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(sq)?;
                 tx.execute(
                     "INSERT OR REPLACE INTO blocks (kind, value, reason, actor, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     rusqlite::params![
@@ -260,7 +264,11 @@ impl BlockStore {
     ) -> Result<bool, StoreError> {
         match self {
             BlockStore::Sqlite(c) => {
-                let tx = c.transaction().map_err(sq)?;
+                // IMMEDIATE: take the write lock first, so a concurrent writer makes this wait (busy
+                // timeout) instead of failing when a read would have to become a write.
+                let tx = c
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(sq)?;
                 let entry: Option<(String, String, String, i64, Option<i64>)> = {
                     let mut stmt = tx
                         .prepare_cached("SELECT reason, actor, kind, created_at, expires_at FROM blocks WHERE kind = ?1 AND value = ?2")

@@ -112,7 +112,8 @@ async fn blocks_from_the_command_line_are_enforced_audited_and_expire() {
     // The block expires by itself.
     std::thread::sleep(Duration::from_secs(3));
     within_a_second(&node.addr, "/api/a", 200);
-    let (_, out, _) = block(&config, &["list"]);
+    let (ok, out, err) = block(&config, &["list"]);
+    assert!(ok, "{err}");
     assert!(out.contains("empty"), "{out}");
 
     // A network, until removed; then removed.
