@@ -47,6 +47,16 @@ pub enum Reason {
     AuthnMissing,
     /// The route's authentication method is not available in this build.
     AuthnUnavailable,
+    /// A credential was sent but is not in the expected form.
+    AuthnMalformed,
+    /// An API key that does not exist, or whose secret is wrong.
+    AuthnInvalidKey,
+    /// An API key past its expiry (or past the grace period of its rotation).
+    AuthnExpiredKey,
+    /// An API key that was revoked.
+    AuthnRevokedKey,
+    /// Authenticated, but the route needs a scope the caller does not hold.
+    AuthzMissingScope,
     /// The upstream could not be reached.
     UpstreamUnavailable,
     /// The upstream did not answer in time.
@@ -78,6 +88,11 @@ impl Reason {
             Reason::RouteNotFound => "route.not_found",
             Reason::AuthnMissing => "authn.missing",
             Reason::AuthnUnavailable => "authn.unavailable",
+            Reason::AuthnMalformed => "authn.malformed",
+            Reason::AuthnInvalidKey => "authn.invalid_key",
+            Reason::AuthnExpiredKey => "authn.expired_key",
+            Reason::AuthnRevokedKey => "authn.revoked_key",
+            Reason::AuthzMissingScope => "authz.missing_scope",
             Reason::UpstreamUnavailable => "upstream.unavailable",
             Reason::UpstreamTimeout => "upstream.timeout",
             Reason::UpstreamError => "upstream.error",

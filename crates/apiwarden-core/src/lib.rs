@@ -5,6 +5,7 @@
 //! everything here is a pure function of its inputs, so it can be tested and fuzzed alone.
 #![forbid(unsafe_code)]
 
+pub mod apikey;
 pub mod block;
 pub mod config;
 pub mod event;

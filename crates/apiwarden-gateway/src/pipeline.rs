@@ -51,6 +51,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The local limit store, kept across reloads (its size is read at start).
     pub local_limits: Arc<LocalStore>,
+    /// The API keys in force, swapped by `keystore::follow`.
+    pub keys: ArcSwap<crate::keystore::KeyRing>,
     /// The block list in force, swapped by `blocklist::follow`.
     pub blocks: ArcSwap<crate::blocklist::BlockSet>,
     pub node: Arc<str>,
@@ -210,18 +212,64 @@ impl Identity {
 /// Stage: who is calling.
 pub struct Identify;
 
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 impl Identify {
-    pub fn run(route: &RouteConfig, headers: &HeaderMap) -> Result<Identity, Reason> {
+    pub fn run(
+        route: &RouteConfig,
+        config: &Config,
+        headers: &HeaderMap,
+        keys: &crate::keystore::KeyRing,
+    ) -> Result<Identity, Reason> {
         if route.auth == [AuthMethod::None] {
             return Ok(Identity::anonymous());
         }
-        // Credential checks (API keys, JWT, introspection, mTLS) are not in this build yet: a
-        // route that needs one refuses every request, so nothing is let through unchecked.
-        if headers.contains_key(header::AUTHORIZATION) || headers.contains_key("x-api-key") {
-            Err(Reason::AuthnUnavailable)
-        } else {
-            Err(Reason::AuthnMissing)
+        // The credential: `X-API-Key`, or `Authorization: Bearer`. Never the query string.
+        let credential = match (headers.get(&X_API_KEY), headers.get(header::AUTHORIZATION)) {
+            (Some(v), _) => v.to_str().map_err(|_| Reason::AuthnMalformed)?,
+            (None, Some(v)) => {
+                let v = v.to_str().map_err(|_| Reason::AuthnMalformed)?;
+                match v.split_once(' ') {
+                    Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+                    _ => return Err(Reason::AuthnMalformed),
+                }
+            }
+            (None, None) => return Err(Reason::AuthnMissing),
+        };
+        let is_api_key = credential.starts_with("aw_");
+        if !route.auth.contains(&AuthMethod::ApiKey) || !is_api_key {
+            // JWT, introspection and mTLS are not in this build yet: such a credential is
+            // refused, so nothing is let through unchecked.
+            return Err(
+                if route.auth.contains(&AuthMethod::ApiKey) && route.auth.len() == 1 {
+                    Reason::AuthnMalformed
+                } else {
+                    Reason::AuthnUnavailable
+                },
+            );
         }
+        let now = crate::blocklist::now_ms();
+        let key = keys.check(credential, now)?;
+        let r = &key.record;
+        // A key narrows its consumer: scopes the consumer no longer holds are gone from its
+        // keys too, and a key whose consumer left the config is no longer valid.
+        let consumer = config
+            .consumers
+            .iter()
+            .find(|c| c.name == r.consumer)
+            .ok_or(Reason::AuthnInvalidKey)?;
+        Ok(Identity {
+            method: AuthMethod::ApiKey,
+            consumer: Some(r.consumer.clone()),
+            key_id: Some(r.key_id.clone()),
+            subject: Some(r.consumer.clone()),
+            scopes: r
+                .scopes
+                .iter()
+                .filter(|s| consumer.scopes.contains(s))
+                .cloned()
+                .collect(),
+        })
     }
 }
 
@@ -229,11 +277,13 @@ impl Identify {
 pub struct Authorize;
 
 impl Authorize {
+    /// Deny by default: every scope the route names must be held.
     pub fn run(route: &RouteConfig, identity: &Identity) -> Result<(), Reason> {
-        // Routes open to anyone carry no scopes (the config refuses that combination); scope
-        // checks come with the identity stage.
-        debug_assert!(identity.method != AuthMethod::None || route.scopes.is_empty());
-        Ok(())
+        if route.scopes.iter().all(|s| identity.scopes.contains(s)) {
+            Ok(())
+        } else {
+            Err(Reason::AuthzMissingScope)
+        }
     }
 }
 
@@ -869,7 +919,7 @@ pub async fn handle(
     }
 
     // Stages: identify, authorize, limit.
-    let identity = match Identify::run(route, req.headers()) {
+    let identity = match Identify::run(route, cfg, req.headers(), &shared.keys.load()) {
         Ok(id) => id,
         Err(reason) => return deny(recorder, reason),
     };

@@ -27,6 +27,15 @@ pub fn status_and_message(reason: Reason) -> (StatusCode, &'static str) {
             StatusCode::UNAUTHORIZED,
             "this route's authentication method is not available",
         ),
+        Reason::AuthnMalformed => (StatusCode::UNAUTHORIZED, "the credential is malformed"),
+        Reason::AuthnInvalidKey | Reason::AuthnExpiredKey | Reason::AuthnRevokedKey => {
+            // One message for all three: the client learns nothing about which keys exist.
+            (StatusCode::UNAUTHORIZED, "the credential is not valid")
+        }
+        Reason::AuthzMissingScope => (
+            StatusCode::FORBIDDEN,
+            "the credential does not grant access to this route",
+        ),
         Reason::UpstreamUnavailable => (
             StatusCode::BAD_GATEWAY,
             "the upstream service could not be reached",

@@ -74,8 +74,9 @@ pub struct Gateway {
     admin_stop: watch::Sender<bool>,
     acceptor_task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
-    /// The thread that follows the block list's store.
+    /// The threads that follow the block list's store and the API keys.
     blocklist: (Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>),
+    keys: (Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>),
     /// One per worker thread; each resolves when its worker has drained.
     workers: Vec<(
         std::thread::JoinHandle<()>,
@@ -200,6 +201,7 @@ impl Gateway {
             metrics,
             local_limits,
             blocks: ArcSwap::from_pointee(crate::blocklist::BlockSet::default()),
+            keys: ArcSwap::from_pointee(crate::keystore::KeyRing::default()),
             node: Arc::from(node.as_str()),
             shutting_down: AtomicBool::new(false),
         });
@@ -222,6 +224,25 @@ impl Gateway {
             let thread = std::thread::Builder::new()
                 .name("apiwarden-blocklist".into())
                 .spawn(move || crate::blocklist::follow(sh, st, follower))
+                .ok();
+            (stop, thread)
+        };
+        // The API keys too: read once before the first request, then followed.
+        let keys = {
+            let stop = Arc::new(AtomicBool::new(false));
+            let sh = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let config = sh.state.load().config.clone();
+                match crate::keystore::KeyStore::open(&config).and_then(|mut s| s.ring()) {
+                    Ok(ring) => sh.keys.store(Arc::new(ring)),
+                    Err(e) => tracing::warn!(error = %e, "cannot read the API keys at start; routes with api_key refuse every request until they can be read"),
+                }
+            })
+            .await;
+            let (sh, st) = (shared.clone(), stop.clone());
+            let thread = std::thread::Builder::new()
+                .name("apiwarden-keys".into())
+                .spawn(move || crate::keystore::follow(sh, st))
                 .ok();
             (stop, thread)
         };
@@ -311,6 +332,7 @@ impl Gateway {
             acceptor_task,
             background,
             blocklist,
+            keys,
             workers,
         };
         Ok(gw)
@@ -424,9 +446,12 @@ impl Gateway {
         for t in self.background {
             t.abort();
         }
-        self.blocklist.0.store(true, Ordering::Relaxed);
-        if let Some(t) = self.blocklist.1 {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        for (stop, thread) in [self.blocklist, self.keys] {
+            stop.store(true, Ordering::Relaxed);
+            if let Some(t) = thread {
+                // The key thread writes `last_used` back one last time.
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
         }
         self.shared
             .system_event("gateway stopped".into(), Outcome::Allow, Reason::Ok);

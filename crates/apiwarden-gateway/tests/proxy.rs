@@ -531,7 +531,7 @@ async fn errors_never_echo_credentials() {
     .await;
     assert_eq!(status, 401);
     let ev = gw.assert_events(2).await;
-    assert_eq!(ev[0].decision.reason, Reason::AuthnUnavailable);
+    assert_eq!(ev[0].decision.reason, Reason::AuthnMalformed);
     assert_eq!(ev[1].decision.reason, Reason::AuthnMissing);
     let all = format!("{body}{body2}{}", serde_json::to_string(&ev).unwrap());
     assert!(!all.contains("supersecret"));

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod block;
+mod keys;
 
 /// mimalloc: the request path allocates small objects on worker threads that the audit
 /// writer frees on its own thread; glibc's allocator pays for that with lock and arena
@@ -52,6 +53,17 @@ enum Command {
         #[arg(long, default_value = "apiwarden.toml")]
         config: PathBuf,
     },
+    /// API keys: issue, list, rotate, revoke (stored as keyed hashes in the data directory).
+    Keys {
+        /// Configuration file (names the data directory, the pepper and the consumers).
+        #[arg(long, default_value = "apiwarden.toml", global = true)]
+        config: PathBuf,
+        /// Overrides storage.data_dir.
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
     /// The block list: client IPs, API keys and consumers refused with 403 (shared through
     /// Redis when storage.redis is set).
     Block {
@@ -78,6 +90,16 @@ fn main() -> ExitCode {
             run(cfg, Some(config), None)
         }),
         Command::Demo { port } => demo(port),
+        Command::Keys {
+            config,
+            data_dir,
+            command,
+        } => load(&config).and_then(|mut cfg| {
+            if let Some(d) = data_dir {
+                cfg.storage.data_dir = d;
+            }
+            keys::run(command, &cfg)
+        }),
         Command::Block {
             config,
             data_dir,
@@ -212,12 +234,16 @@ fn warn_unenforced(cfg: &Config) {
     if cfg.audit.durability != apiwarden_core::config::Durability::Async {
         tracing::warn!("audit.durability is not enforced by this build: events are written within about 2 ms, without fsync");
     }
-    for r in cfg
-        .routes
-        .iter()
-        .filter(|r| r.auth != [apiwarden_core::config::AuthMethod::None])
-    {
-        tracing::warn!(route = %r.name, "this build has no credential checks yet: the route refuses every request with 401");
+    for r in cfg.routes.iter().filter(|r| {
+        r.auth.iter().any(|m| {
+            !matches!(
+                m,
+                apiwarden_core::config::AuthMethod::None
+                    | apiwarden_core::config::AuthMethod::ApiKey
+            )
+        })
+    }) {
+        tracing::warn!(route = %r.name, "this build checks API keys only: JWT, introspection and mTLS credentials are refused with 401");
     }
 }
 

@@ -70,6 +70,11 @@ fn every_command_has_help() {
         vec!["block", "add", "--help"],
         vec!["block", "list", "--help"],
         vec!["block", "remove", "--help"],
+        vec!["keys", "--help"],
+        vec!["keys", "create", "--help"],
+        vec!["keys", "list", "--help"],
+        vec!["keys", "rotate", "--help"],
+        vec!["keys", "revoke", "--help"],
     ] {
         let out = bin().args(&args).output().unwrap();
         assert!(out.status.success(), "{args:?}");

@@ -114,6 +114,23 @@ pub struct StorageConfig {
     pub redis_timeout: Duration,
     /// The most keys the local limit store tracks at once.
     pub limit_keys: u64,
+    /// Where the API key pepper comes from.
+    pub pepper: SecretSource,
+    /// `keys list` warns about keys older than this.
+    pub key_max_age: Duration,
+    /// `keys list` warns about keys unused for this long.
+    pub key_unused_after: Duration,
+}
+
+/// Where a secret the config needs comes from: never the config file itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `env:NAME`
+    Env(String),
+    /// `file:PATH` (relative to the config file)
+    File(PathBuf),
+    /// `file:<data_dir>/pepper`, created with a random value on first use.
+    Generated(PathBuf),
 }
 
 /// When an audit record must be on disk.
@@ -323,6 +340,9 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "storage.redis_prefix", default: "\"apiwarden\"", example: "\"gw-eu\"", doc: "Prefix of every Redis key apiwarden writes; fleets that must not share budgets use different prefixes." },
     OptionDoc { key: "storage.redis_timeout", default: "\"100ms\"", example: "\"50ms\"", doc: "How long one Redis round trip may take; past it the limit's `failure_mode` applies." },
     OptionDoc { key: "storage.limit_keys", default: "1000000", example: "100000", doc: "The most keys (clients, IPs, ...) the local limit store tracks at once, over all limits. When full, idle keys are dropped first (an idle key has its full budget, so nothing is lost); only then the key closest to a full budget." },
+    OptionDoc { key: "storage.pepper", default: "a random pepper in `<data_dir>/pepper`, made on first use", example: "\"env:APIWARDEN_PEPPER\"", doc: "The server-side secret API keys are hashed with (HMAC-SHA256): `env:NAME` or `file:PATH`, never the value itself. Every node of a fleet needs the same one. Changing it invalidates every key." },
+    OptionDoc { key: "storage.key_max_age", default: "\"90d\"", example: "\"30d\"", doc: "`keys list` warns about keys older than this (rotate them)." },
+    OptionDoc { key: "storage.key_unused_after", default: "\"30d\"", example: "\"14d\"", doc: "`keys list` warns about keys not used for this long (revoke them)." },
     OptionDoc { key: "audit.durability", default: "\"strict\"", example: "\"batched\"", doc: "`strict`, `batched` or `async`: when an audit record must be on disk (enforced by the ledger)." },
     OptionDoc { key: "audit.checkpoint_interval", default: "\"1s\"", example: "\"5s\"", doc: "How often the ledger writes a signed checkpoint." },
     OptionDoc { key: "upstreams[].name", default: "required", example: "\"orders\"", doc: "Name that routes refer to; unique." },

@@ -55,6 +55,9 @@ pub(crate) struct Storage {
     pub redis_prefix: Option<String>,
     pub redis_timeout: Option<String>,
     pub limit_keys: Option<u64>,
+    pub pepper: Option<String>,
+    pub key_max_age: Option<String>,
+    pub key_unused_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -367,6 +367,34 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         .redis_prefix
         .clone()
         .unwrap_or_else(|| "apiwarden".into());
+    let data_dir = rel(storage.data_dir.as_deref().unwrap_or("./apiwarden-data"));
+    let pepper = match storage.pepper.as_deref() {
+        None => SecretSource::Generated(data_dir.join("pepper")),
+        Some(v) => match v.split_once(':') {
+            Some(("env", name)) if !name.is_empty() => SecretSource::Env(name.to_string()),
+            Some(("file", path)) if !path.is_empty() => SecretSource::File(rel(path)),
+            _ => {
+                // The value is a secret: it is not repeated in the error.
+                cx.error(
+                    &st("pepper"),
+                    "pepper must be \"env:NAME\" or \"file:PATH\"; the secret itself never goes in the config file",
+                );
+                SecretSource::Generated(data_dir.join("pepper"))
+            }
+        },
+    };
+    let key_max_age = positive(
+        &mut cx,
+        storage.key_max_age.as_deref(),
+        "90d",
+        &st("key_max_age"),
+    );
+    let key_unused_after = positive(
+        &mut cx,
+        storage.key_unused_after.as_deref(),
+        "30d",
+        &st("key_unused_after"),
+    );
 
     // [limits.NAME]
     let mut limits = BTreeMap::new();
@@ -697,12 +725,15 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             listen: admin_listen,
         },
         storage: StorageConfig {
-            data_dir: rel(storage.data_dir.as_deref().unwrap_or("./apiwarden-data")),
+            data_dir,
             database: storage.database.clone(),
             redis: storage.redis.clone(),
             redis_prefix,
             redis_timeout,
             limit_keys,
+            pepper,
+            key_max_age,
+            key_unused_after,
         },
         audit: AuditConfig {
             durability,
@@ -1035,6 +1066,7 @@ colour = "blue"
             ("[storage]\nredis = \"http://127.0.0.1\"\n", "redis://"),
             ("[storage]\nredis = \"http://admin:hunter2@127.0.0.1\"\n", "***@127.0.0.1"),
             ("[storage]\nlimit_keys = 1000000000000\n", "at most"),
+            ("[storage]\npepper = \"hunter2\"\n", "never goes in the config"),
             ("[limits.l]\nrate = \"1/d\"\nburst = 100000\n", "ten years"),
         ];
         for (text, want) in cases {

@@ -1,0 +1,270 @@
+//! API keys against a real gateway: the whole decision space, each case asserting the status
+//! the client sees, the reason code and the audit fields; and no secret anywhere.
+
+mod common;
+
+use apiwarden_core::event::{AuditEvent, Outcome, Reason};
+use apiwarden_gateway::keystore::KeyStore;
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use std::time::{Duration, Instant};
+
+fn config(up: std::net::SocketAddr) -> String {
+    format!(
+        "[[upstreams]]\nname = \"echo\"\nurl = \"http://{up}\"\n\n\
+         [[routes]]\nname = \"read\"\npath_prefix = \"/orders\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:read\"]\n\n\
+         [[routes]]\nname = \"write\"\npath_prefix = \"/write\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:write\"]\n\n\
+         [[routes]]\nname = \"jwt\"\npath_prefix = \"/jwt\"\nupstream = \"echo\"\nauth = [\"jwt\"]\n\n\
+         [[consumers]]\nname = \"billing\"\nscopes = [\"orders:read\", \"orders:write\"]\n"
+    )
+}
+
+async fn call(gw: &TestGateway, path: &str, header: Option<(&str, String)>) -> (u16, String) {
+    let mut req = http::Request::get(gw.url(path));
+    if let Some((k, v)) = header {
+        req = req.header(k, v);
+    }
+    let (status, _, body) = send(req.body(Full::new(Bytes::new())).unwrap()).await;
+    (status, body)
+}
+
+fn bearer(key: &str) -> Option<(&'static str, String)> {
+    Some(("authorization", format!("Bearer {key}")))
+}
+
+/// Waits until the gateway has read the keys written by another connection.
+async fn until_known(gw: &TestGateway, key: &str) {
+    let start = Instant::now();
+    while call(gw, "/orders", bearer(key)).await.0 != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the gateway did not pick up new keys"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_decision_space_of_api_keys() {
+    let up = echo_upstream().await;
+    let gw = start(&config(up)).await;
+    let cfg = gw.gw.shared.state.load().config.clone();
+    let mut store = KeyStore::open(&cfg).unwrap();
+    let now = apiwarden_gateway::blocklist::now_ms();
+
+    let (good, good_text) = store.create(&cfg, "billing", None, None).unwrap();
+    let (_, read_only) = store
+        .create(&cfg, "billing", Some(vec!["orders:read".into()]), None)
+        .unwrap();
+    let (_, expired) = store.create(&cfg, "billing", None, Some(now - 1)).unwrap();
+    let (revoked_rec, revoked) = store.create(&cfg, "billing", None, None).unwrap();
+    store.revoke(&revoked_rec.key_id).unwrap();
+    let (in_grace_rec, in_grace) = store.create(&cfg, "billing", None, None).unwrap();
+    let (_, rotated_new) = store
+        .rotate(&cfg, &in_grace_rec.key_id, Duration::from_secs(3600))
+        .unwrap();
+    let (past_grace_rec, past_grace) = store.create(&cfg, "billing", None, None).unwrap();
+    store
+        .rotate(&cfg, &past_grace_rec.key_id, Duration::ZERO)
+        .unwrap();
+    let wrong_secret = format!("aw_{}_{}", good.key_id, "0".repeat(64));
+    let unknown = format!("aw_{}_{}", "0".repeat(12), "1".repeat(64));
+    until_known(&gw, &good_text).await;
+    let before = gw.request_events().len();
+
+    struct Case {
+        name: &'static str,
+        path: &'static str,
+        header: Option<(&'static str, String)>,
+        status: u16,
+        reason: Reason,
+    }
+    let cases = [
+        Case {
+            name: "missing",
+            path: "/orders",
+            header: None,
+            status: 401,
+            reason: Reason::AuthnMissing,
+        },
+        Case {
+            name: "malformed bearer",
+            path: "/orders",
+            header: bearer("not-a-key"),
+            status: 401,
+            reason: Reason::AuthnMalformed,
+        },
+        Case {
+            name: "other scheme",
+            path: "/orders",
+            header: Some(("authorization", format!("Basic {good_text}"))),
+            status: 401,
+            reason: Reason::AuthnMalformed,
+        },
+        Case {
+            name: "unknown key",
+            path: "/orders",
+            header: bearer(&unknown),
+            status: 401,
+            reason: Reason::AuthnInvalidKey,
+        },
+        Case {
+            name: "wrong secret",
+            path: "/orders",
+            header: bearer(&wrong_secret),
+            status: 401,
+            reason: Reason::AuthnInvalidKey,
+        },
+        Case {
+            name: "expired",
+            path: "/orders",
+            header: bearer(&expired),
+            status: 401,
+            reason: Reason::AuthnExpiredKey,
+        },
+        Case {
+            name: "revoked",
+            path: "/orders",
+            header: bearer(&revoked),
+            status: 401,
+            reason: Reason::AuthnRevokedKey,
+        },
+        Case {
+            name: "rotated, within grace",
+            path: "/orders",
+            header: bearer(&in_grace),
+            status: 200,
+            reason: Reason::Ok,
+        },
+        Case {
+            name: "rotated, the new key",
+            path: "/orders",
+            header: bearer(&rotated_new),
+            status: 200,
+            reason: Reason::Ok,
+        },
+        Case {
+            name: "rotated, after grace",
+            path: "/orders",
+            header: bearer(&past_grace),
+            status: 401,
+            reason: Reason::AuthnExpiredKey,
+        },
+        Case {
+            name: "wrong scope",
+            path: "/write",
+            header: bearer(&read_only),
+            status: 403,
+            reason: Reason::AuthzMissingScope,
+        },
+        Case {
+            name: "right everything",
+            path: "/write",
+            header: bearer(&good_text),
+            status: 200,
+            reason: Reason::Ok,
+        },
+        Case {
+            name: "X-API-Key",
+            path: "/orders",
+            header: Some(("x-api-key", good_text.clone())),
+            status: 200,
+            reason: Reason::Ok,
+        },
+        Case {
+            name: "a method this build lacks",
+            path: "/jwt",
+            header: bearer("eyJhbGciOi.x.y"),
+            status: 401,
+            reason: Reason::AuthnUnavailable,
+        },
+    ];
+    let mut bodies = String::new();
+    for (i, c) in cases.iter().enumerate() {
+        let (status, body) = call(&gw, c.path, c.header.clone()).await;
+        assert_eq!(status, c.status, "{}: {body}", c.name);
+        if status != 200 {
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(json["request_id"].is_string(), "{}", c.name);
+        }
+        bodies.push_str(&body);
+        let events = gw.wait_for_events(before + i + 1).await;
+        let e: &AuditEvent = &events[before + i];
+        assert_eq!(e.decision.reason, c.reason, "{}", c.name);
+        assert_eq!(e.response.status, c.status, "{}", c.name);
+        assert_eq!(
+            e.decision.outcome,
+            if c.status == 200 {
+                Outcome::Allow
+            } else {
+                Outcome::Deny
+            },
+            "{}",
+            c.name
+        );
+        match c.name {
+            "right everything" => {
+                assert_eq!(e.identity.method, Some("api_key"));
+                assert_eq!(e.identity.consumer.as_deref(), Some("billing"));
+                assert_eq!(e.identity.key_id.as_deref(), Some(good.key_id.as_str()));
+                assert_eq!(e.identity.scopes, ["orders:read", "orders:write"]);
+            }
+            "wrong scope" => {
+                assert_eq!(e.identity.consumer.as_deref(), Some("billing"));
+                assert_eq!(e.identity.scopes, ["orders:read"]);
+            }
+            _ => {}
+        }
+    }
+
+    // No secret in any answer or event.
+    let events = serde_json::to_string(&gw.request_events()).unwrap();
+    for secret in [
+        &good_text,
+        &read_only,
+        &expired,
+        &revoked,
+        &in_grace,
+        &rotated_new,
+        &past_grace,
+    ] {
+        let s = &secret[16..];
+        assert!(!events.contains(s), "a secret reached the audit events");
+        assert!(!bodies.contains(s), "a secret reached a response body");
+    }
+
+    // last_used is written back (every 10 s, and when the gateway stops).
+    let gw = std::sync::Arc::try_unwrap(gw.gw)
+        .ok()
+        .expect("no other handle");
+    gw.shutdown().await;
+    let keys = store.list().unwrap();
+    let k = keys.iter().find(|k| k.key_id == good.key_id).unwrap();
+    assert!(k.last_used.is_some_and(|t| t >= now), "{k:?}");
+    assert!(keys.iter().all(|k| k.hash.len() == 32));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_is_refused_within_a_second() {
+    let up = echo_upstream().await;
+    let gw = start(&config(up)).await;
+    let cfg = gw.gw.shared.state.load().config.clone();
+    let mut store = KeyStore::open(&cfg).unwrap();
+    let (k, text) = store.create(&cfg, "billing", None, None).unwrap();
+    until_known(&gw, &text).await;
+    store.revoke(&k.key_id).unwrap();
+    let start = Instant::now();
+    loop {
+        let (status, _) = call(&gw, "/orders", bearer(&text)).await;
+        if status == 401 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "still accepted after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("revocation in force after {:?}", start.elapsed());
+}

@@ -1,0 +1,141 @@
+//! `apiwarden keys ...` against a running `apiwarden serve`, as an operator uses them.
+
+mod support;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn keys(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = bin()
+        .arg("keys")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// GET with a bearer key on a fresh connection: the status.
+fn get_with(addr: &str, path: &str, key: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+    out[9..12].parse().unwrap()
+}
+
+fn until(addr: &str, key: &str, status: u16) {
+    let start = Instant::now();
+    while get_with(addr, "/orders", key) != status {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "not {status} within 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_use_rotate_revoke_from_the_command_line() {
+    let up = apiwarden_gateway::echo::spawn(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let dir = temp_dir("keys");
+    let common = format!(
+        "\n[[upstreams]]\nname = \"echo\"\nurl = \"http://{up}\"\n\n\
+         [[routes]]\nname = \"read\"\npath_prefix = \"/orders\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:read\"]\n\n\
+         [[consumers]]\nname = \"billing\"\nscopes = [\"orders:read\"]\n"
+    );
+    let mut node = start_node(&dir, 0, &common);
+    let config = dir.join("node0.toml");
+
+    let (ok, _, err) = keys(&config, &["create", "--consumer", "nobody"]);
+    assert!(!ok && err.contains("no consumer named"), "{err}");
+    let (ok, _, err) = keys(
+        &config,
+        &["create", "--consumer", "billing", "--scopes", "admin"],
+    );
+    assert!(!ok && err.contains("does not hold scope"), "{err}");
+
+    let (ok, out, err) = keys(
+        &config,
+        &[
+            "create",
+            "--consumer",
+            "billing",
+            "--expires-in",
+            "90d",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let created: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let key = created["secret"].as_str().unwrap().to_string();
+    let key_id = created["key_id"].as_str().unwrap().to_string();
+    assert!(key.starts_with(&format!("aw_{key_id}_")));
+    assert_eq!(created["status"], "active");
+    until(&node.addr, &key, 200);
+
+    // Rotation: both work during the grace period.
+    let (ok, out, err) = keys(&config, &["rotate", &key_id, "--grace", "1h", "--json"]);
+    assert!(ok, "{err}");
+    let rotated: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let new_key = rotated["secret"].as_str().unwrap().to_string();
+    until(&node.addr, &new_key, 200);
+    assert_eq!(get_with(&node.addr, "/orders", &key), 200);
+
+    let (ok, out, _) = keys(&config, &["list", "--json"]);
+    assert!(ok);
+    let listed: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["status"], "rotating");
+    assert_eq!(listed[1]["status"], "active");
+    assert!(!out.contains(&key[16..]), "keys list never shows a secret");
+    let (ok, out, _) = keys(&config, &["list"]);
+    assert!(
+        ok && out.contains(&key_id) && out.contains("rotating"),
+        "{out}"
+    );
+
+    // Revocation: refused within a second.
+    let (ok, out, _) = keys(&config, &["revoke", &key_id]);
+    assert!(ok && out.contains("revoked"), "{out}");
+    until(&node.addr, &key, 401);
+    assert_eq!(get_with(&node.addr, "/orders", &new_key), 200);
+
+    // No secret in the audit trail or the gateway's log.
+    let _ = node.child.kill();
+    let _ = node.child.wait();
+    let audit = std::fs::read_to_string(dir.join("data0/audit.ndjson")).unwrap();
+    assert!(audit.contains(&key_id), "events name the key by id");
+    for secret in [&key, &new_key] {
+        assert!(!audit.contains(&secret[16..]));
+    }
+    let pepper = std::fs::read_to_string(dir.join("data0/pepper")).unwrap();
+    assert!(!audit.contains(pepper.trim()));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.join("data0/pepper"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the pepper is readable by its owner only"
+    );
+}
