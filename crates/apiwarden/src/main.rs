@@ -312,7 +312,8 @@ name = "order"
 path = "/orders/{{id}}"
 methods = ["GET"]
 upstream = "echo"
-auth = ["none"]
+auth = ["api_key"]
+scopes = ["orders:read"]
 
 [[routes]]
 name = "limited"
@@ -326,6 +327,15 @@ name = "admin-api"
 path_prefix = "/admin"
 upstream = "echo"
 auth = ["api_key"]
+scopes = ["admin"]
+
+[[consumers]]
+name = "billing"
+scopes = ["orders:read"]
+
+[[consumers]]
+name = "ops"
+scopes = ["orders:read", "admin"]
 
 [limits.five-per-10s]
 rate = "30/m"
@@ -338,6 +348,12 @@ key = "ip"
     std::fs::write(&config_path, &text)?;
     let cfg = parse(&text, &config_path.display().to_string())
         .map_err(|e| anyhow::anyhow!("the demo config is invalid: {e}"))?;
+    // Two consumers with a key each, issued now and shown once below.
+    let mut store = apiwarden_gateway::keystore::KeyStore::open(&cfg)
+        .context("cannot open the demo's key store")?;
+    let (_, billing_key) = store.create(&cfg, "billing", None, None)?;
+    let (_, ops_key) = store.create(&cfg, "ops", None, None)?;
+    drop(store);
     let shown_dir = dir.clone();
     let on_ready: OnReady = Box::new(move |gw: &Gateway| {
         let a = gw.addr;
@@ -352,16 +368,22 @@ apiwarden demo is running.
   config          {cfg}   (edit it: the gateway reloads on save)
   audit events    {audit}
 
+  billing key     {billing_key}   (scopes: orders:read)
+  ops key         {ops_key}   (scopes: orders:read, admin)
+
 Try:
   curl -i http://{a}/echo/hello?name=ada
-  curl -i http://{a}/orders/42
+  curl -i -H "Authorization: Bearer {billing_key}" http://{a}/orders/42
+  curl -i -H "X-API-Key: {billing_key}" http://{a}/admin/users     # 403: billing lacks scope admin
+  curl -i -H "X-API-Key: {ops_key}" http://{a}/admin/users         # 200
+  curl -i http://{a}/orders/42                 # 401: no key
   curl -i -X POST --data-binary 'hello body' http://{a}/echo/upload
   curl -i http://{a}/nope                      # 404, audited
-  curl -i http://{a}/admin/users               # 401: this route needs an API key
   curl -i http://{a}/echo/%2e%2e/admin         # normalised to /admin before routing
   for i in $(seq 7); do curl -s -o /dev/null -w '%{{http_code}} ' http://{a}/limited; done; echo
                                                # 5 pass, then 429 with Retry-After (30/m, burst 5)
   apiwarden block add ip 127.0.0.1 --for 1m --reason demo --config {cfg}   # then: 403
+  apiwarden keys list --config {cfg}
   curl -s http://{m}/metrics | grep apiwarden_requests_total
   tail -f {audit}
 

@@ -148,6 +148,7 @@ fn demo_serves_a_curl_and_stops_on_sigterm() {
     let mut lines = BufReader::new(stdout).lines();
     let mut api = None;
     let mut audit = None;
+    let mut billing_key = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
         if let Some(rest) = line.trim().strip_prefix("API listener") {
@@ -155,6 +156,9 @@ fn demo_serves_a_curl_and_stops_on_sigterm() {
         }
         if let Some(rest) = line.trim().strip_prefix("audit events") {
             audit = Some(PathBuf::from(rest.trim()));
+        }
+        if let Some(rest) = line.trim().strip_prefix("billing key") {
+            billing_key = rest.split_whitespace().next().map(str::to_string);
         }
         if line.contains("Ctrl-C stops it") {
             break;
@@ -175,6 +179,20 @@ fn demo_serves_a_curl_and_stops_on_sigterm() {
         answer.to_ascii_lowercase().contains("retry-after: "),
         "{answer}"
     );
+    // The demo's consumers have keys: one opens /orders/{id}, none gets 401.
+    let key = billing_key.expect("the demo prints a key for billing");
+    assert!(key.starts_with("aw_"), "{key}");
+    let mut s = TcpStream::connect(&api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /orders/42 HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(http_get(&api, "/orders/42").0, 401);
     // The events are on disk as NDJSON before the demo exits.
     let audit = audit.expect("the demo prints where audit events go");
     let mut lines_written = 0;
@@ -186,12 +204,12 @@ fn demo_serves_a_curl_and_stops_on_sigterm() {
                     .count()
             })
             .unwrap_or(0);
-        if lines_written == 9 {
+        if lines_written == 11 {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(lines_written, 9);
+    assert_eq!(lines_written, 11);
     signal(&child, "-TERM");
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }
