@@ -263,6 +263,14 @@ name = "open"
 path_prefix = "/"
 upstream = "bench"
 auth = ["none"]
+# The same route behind an API key (issue 3: at least 0.95x the open route).
+[[routes]]
+name = "keyed"
+path_prefix = "/keyed"
+upstream = "bench"
+auth = ["api_key"]
+[[consumers]]
+name = "bench"
 # The same route with one limit high enough never to refuse: what is measured is the cost
 # of deciding.
 [[routes]]
@@ -290,6 +298,9 @@ key = "ip"
 store = "redis"
 EOF
     fi
+    API_KEY="$("$APIWARDEN_BIN" keys create --consumer bench --json --config "$TMP/apiwarden.toml" \
+        | python3 -c 'import json, sys; print(json.load(sys.stdin)["secret"])')" \
+        || die "could not issue an API key for the keyed route"
     log "starting apiwarden ($APIWARDEN_BIN) on 127.0.0.1:$AW_PORT (admin $AW_ADMIN_PORT)"
     "$APIWARDEN_BIN" serve --config "$TMP/apiwarden.toml" >"$AW_DIR/apiwarden.log" 2>&1 &
     AW_PID=$!
@@ -317,14 +328,17 @@ to_ms() {
 declare -A RPS P50 P99 RPS_ALL P50_ALL P99_ALL
 ERRORS=""
 
+declare -A HEADER
 run_wrk() {
     local name="$1" url="$2"
     local out="$TMP/wrk-$name.txt"
+    local hdr=()
+    [[ -n "${HEADER[$name]:-}" ]] && hdr=(-H "${HEADER[$name]}")
     log "[$name] warm-up ${WARMUP}: $url"
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >"$TMP/wrk-$name-warmup.txt" 2>&1 \
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "${hdr[@]}" "$url" >"$TMP/wrk-$name-warmup.txt" 2>&1 \
         || { cat "$TMP/wrk-$name-warmup.txt" >&2; die "wrk warm-up failed for $name"; }
     log "[$name] measuring ${DURATION} (-t$THREADS -c$CONNECTIONS --latency)"
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url" >"$out" 2>&1 \
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${hdr[@]}" "$url" >"$out" 2>&1 \
         || { cat "$out" >&2; die "wrk failed for $name"; }
 
     local rps p50 p99
@@ -359,6 +373,9 @@ URL[nginx]="http://127.0.0.1:$NGINX_PORT$BENCH_PATH"
 if [[ "$SKIP_APIWARDEN" != 1 ]]; then
     TARGETS+=(apiwarden)
     URL[apiwarden]="http://127.0.0.1:$AW_PORT$BENCH_PATH"
+    TARGETS+=(apiwarden-apikey)
+    URL[apiwarden-apikey]="http://127.0.0.1:$AW_PORT/keyed$BENCH_PATH"
+    HEADER[apiwarden-apikey]="Authorization: Bearer $API_KEY"
     if [[ "$LIMITS" == 1 ]]; then
         TARGETS+=(apiwarden-limit-local)
         URL[apiwarden-limit-local]="http://127.0.0.1:$AW_PORT/limited-local$BENCH_PATH"
@@ -405,10 +422,10 @@ if [[ "$SKIP_APIWARDEN" != 1 ]]; then
         'BEGIN {printf "apiwarden/nginx throughput ratio: %s\n", (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
     awk -v a="${P99[apiwarden]}" -v n="${P99[nginx]}" \
         'BEGIN {printf "apiwarden/nginx p99 ratio: %s\n", (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
-    for t in apiwarden-limit-local apiwarden-limit-redis; do
+    for t in apiwarden-apikey apiwarden-limit-local apiwarden-limit-redis; do
         [[ -n "${RPS[$t]:-}" ]] || continue
         awk -v a="${RPS[$t]}" -v n="${RPS[apiwarden]}" -v t="$t" \
-            'BEGIN {printf "%s/apiwarden (no limit) throughput ratio: %s\n", t, (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
+            'BEGIN {printf "%s/apiwarden (open route) throughput ratio: %s\n", t, (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
     done
 else
     echo "apiwarden/nginx throughput ratio: n/a (SKIP_APIWARDEN=1)"

@@ -388,6 +388,7 @@ impl KeyStore {
                     Arc::new(LiveKey {
                         record: r,
                         last_used: AtomicU64::new(used),
+                        verified: [AtomicU64::new(0), AtomicU64::new(0)],
                     }),
                 )
             })
@@ -404,6 +405,23 @@ pub struct LiveKey {
     pub record: KeyRecord,
     /// When it was last used, updated on the request path and written back every 10 s.
     pub last_used: AtomicU64,
+    /// A fast 128-bit tag of the secret under per-process random keys, set once the secret
+    /// has passed the HMAC check: later requests with the same key compare this instead of
+    /// computing the HMAC again (like a verified-token cache). 0 = not yet verified.
+    verified: [AtomicU64; 2],
+}
+
+/// Per-process random keys of the verified-secret tags.
+fn tag_keys() -> &'static [std::hash::RandomState; 2] {
+    static KEYS: std::sync::OnceLock<[std::hash::RandomState; 2]> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| [std::hash::RandomState::new(), std::hash::RandomState::new()])
+}
+
+fn tag(secret: &str) -> [u64; 2] {
+    use std::hash::BuildHasher;
+    let [a, b] = tag_keys();
+    // Never 0, so that 0 can mean "none".
+    [a.hash_one(secret) | 1, b.hash_one(secret) | 1]
 }
 
 /// The keys in force, immutable; swapped whole when the store changes.
@@ -426,8 +444,14 @@ impl KeyRing {
             let _ = hmac::verify(pepper, parsed.secret.as_bytes(), &[0u8; 32]);
             return Err(Reason::AuthnInvalidKey);
         };
-        hmac::verify(pepper, parsed.secret.as_bytes(), &key.record.hash)
-            .map_err(|_| Reason::AuthnInvalidKey)?;
+        let t = tag(parsed.secret);
+        let known = key.verified[0].load(Relaxed) == t[0] && key.verified[1].load(Relaxed) == t[1];
+        if !known {
+            hmac::verify(pepper, parsed.secret.as_bytes(), &key.record.hash)
+                .map_err(|_| Reason::AuthnInvalidKey)?;
+            key.verified[0].store(t[0], Relaxed);
+            key.verified[1].store(t[1], Relaxed);
+        }
         match key.record.status(now) {
             KeyStatus::Active | KeyStatus::Rotating => {
                 key.last_used.fetch_max(now, Relaxed);
