@@ -7,7 +7,6 @@
 use apiwarden_core::config::{parse, Config};
 use apiwarden_gateway::limit::{decide, LocalStore, RedisStore, RouteLimits, Subject, Verdict};
 use apiwarden_gateway::metrics::Metrics;
-use apiwarden_gateway::pipeline::Identity;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::HeaderMap;
 use std::future::Future;
@@ -45,12 +44,12 @@ fn local(c: &mut Criterion) {
     let store = LocalStore::new(1_000_000);
     let fast = RouteLimits::compile(&cfg, &["fast".into()], &metrics);
     let slow = RouteLimits::compile(&cfg, &["slow".into()], &metrics);
-    let id = Identity::anonymous();
     let headers = HeaderMap::new();
     let subject = |ip: IpAddr| Subject {
         route: "api",
         ip,
-        identity: &id,
+        consumer: None,
+        key_id: None,
         headers: &headers,
     };
     let mut g = c.benchmark_group("local_decision");
@@ -116,7 +115,6 @@ fn redis(c: &mut Criterion) {
     let store = LocalStore::new(1000);
     let redis = RedisStore::new(&cfg, 1, metrics.redis.clone()).unwrap();
     let limits = RouteLimits::compile(&cfg, &["fast".into()], &metrics);
-    let id = Identity::anonymous();
     let headers = HeaderMap::new();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -129,7 +127,8 @@ fn redis(c: &mut Criterion) {
                 let subject = Subject {
                     route: "api",
                     ip: "10.0.0.1".parse().unwrap(),
-                    identity: &id,
+                    consumer: None,
+                    key_id: None,
                     headers: &headers,
                 };
                 let start = Instant::now();
@@ -149,13 +148,13 @@ fn redis(c: &mut Criterion) {
                 let start = Instant::now();
                 let per = iters.div_ceil(64);
                 let tasks = (0..64u32).map(|t| {
-                    let (limits, store, redis, id, headers) =
-                        (&limits, &store, &redis, &id, &headers);
+                    let (limits, store, redis, headers) = (&limits, &store, &redis, &headers);
                     async move {
                         let subject = Subject {
                             route: "api",
                             ip: IpAddr::from((0x0a00_0000 | t).to_be_bytes()),
-                            identity: id,
+                            consumer: None,
+                            key_id: None,
                             headers,
                         };
                         for _ in 0..per {

@@ -7,7 +7,6 @@
 //! decided in one script call, whatever their number.
 
 use crate::metrics::{Metrics, PolicyMetrics};
-use crate::pipeline::Identity;
 use crate::server::worker_index;
 use apiwarden_core::config::{Config, FailureMode, LimitConfig, LimitKey, LimitStore};
 use apiwarden_core::limit::{ceil_secs, Decision, Gcra};
@@ -118,7 +117,9 @@ impl RouteLimits {
 pub struct Subject<'a> {
     pub route: &'a str,
     pub ip: IpAddr,
-    pub identity: &'a Identity,
+    /// From the identify stage (`None` on open routes).
+    pub consumer: Option<&'a str>,
+    pub key_id: Option<&'a str>,
     pub headers: &'a HeaderMap,
 }
 
@@ -138,16 +139,8 @@ impl<'a> Subject<'a> {
         match k {
             LimitKey::Ip => Part::Ip(self.ip),
             LimitKey::Route => Part::Route(self.route),
-            LimitKey::Consumer => self
-                .identity
-                .consumer
-                .as_deref()
-                .map_or(Part::Ip(self.ip), Part::Consumer),
-            LimitKey::Key => self
-                .identity
-                .key_id
-                .as_deref()
-                .map_or(Part::Ip(self.ip), Part::Key),
+            LimitKey::Consumer => self.consumer.map_or(Part::Ip(self.ip), Part::Consumer),
+            LimitKey::Key => self.key_id.map_or(Part::Ip(self.ip), Part::Key),
             LimitKey::Header(name) => self
                 .headers
                 .get(name.as_str())
@@ -780,6 +773,7 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::Identity;
 
     fn policy(rate: &str, burst: u64, key: &str) -> Policy {
         let text = format!("[limits.p]\nrate = \"{rate}\"\nburst = {burst}\nkey = \"{key}\"\n");
@@ -798,7 +792,8 @@ mod tests {
             let s = Subject {
                 route: "r",
                 ip: IpAddr::from(i.to_be_bytes()),
-                identity: &id,
+                consumer: id.consumer.as_deref(),
+                key_id: id.key_id.as_deref(),
                 headers: &h,
             };
             let key = s.local_key(&p, &store.hasher);
@@ -885,7 +880,8 @@ mod tests {
             Subject {
                 route: "r",
                 ip,
-                identity: id,
+                consumer: id.consumer.as_deref(),
+                key_id: id.key_id.as_deref(),
                 headers: &h,
             }
             .local_key(&p, &store.hasher)
@@ -894,7 +890,8 @@ mod tests {
         let s = Subject {
             route: "r",
             ip,
-            identity: &named,
+            consumer: named.consumer.as_deref(),
+            key_id: named.key_id.as_deref(),
             headers: &h,
         };
         assert_eq!(

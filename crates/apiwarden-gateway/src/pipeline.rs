@@ -278,8 +278,8 @@ pub struct Authorize;
 
 impl Authorize {
     /// Deny by default: every scope the route names must be held.
-    pub fn run(route: &RouteConfig, identity: &Identity) -> Result<(), Reason> {
-        if route.scopes.iter().all(|s| identity.scopes.contains(s)) {
+    pub fn run(route: &RouteConfig, held: &[String]) -> Result<(), Reason> {
+        if route.scopes.iter().all(|s| held.contains(s)) {
             Ok(())
         } else {
             Err(Reason::AuthzMissingScope)
@@ -923,25 +923,26 @@ pub async fn handle(
         Ok(id) => id,
         Err(reason) => return deny(recorder, reason),
     };
+    // The identity moves into the event; the stages below read it from there.
     let fields = &mut recorder.event.identity;
     fields.method = Some(identity.method.as_str());
-    fields.consumer.clone_from(&identity.consumer);
-    fields.key_id.clone_from(&identity.key_id);
-    fields.subject.clone_from(&identity.subject);
-    fields.scopes.clone_from(&identity.scopes);
-    if let Some(kind) =
-        blocks.blocks_identity(identity.key_id.as_deref(), identity.consumer.as_deref())
+    fields.consumer = identity.consumer;
+    fields.key_id = identity.key_id;
+    fields.subject = identity.subject;
+    fields.scopes = identity.scopes;
+    if let Some(kind) = blocks.blocks_identity(fields.key_id.as_deref(), fields.consumer.as_deref())
     {
         recorder.event.decision.policy = Some(format!("blocklist:{}", kind.as_str()));
         return deny(recorder, Reason::Blocked);
     }
-    if let Err(reason) = Authorize::run(route, &identity) {
+    if let Err(reason) = Authorize::run(route, &recorder.event.identity.scopes) {
         return deny(recorder, reason);
     }
     let subject = Subject {
         route: &state.routes[ri].name,
         ip,
-        identity: &identity,
+        consumer: recorder.event.identity.consumer.as_deref(),
+        key_id: recorder.event.identity.key_id.as_deref(),
         headers: req.headers(),
     };
     let rate_headers = match Limit::run(
