@@ -57,6 +57,8 @@ pub enum Reason {
     AuthnRevokedKey,
     /// Authenticated, but the route needs a scope the caller does not hold.
     AuthzMissingScope,
+    /// Authenticated, but not from an address the consumer's `allow_ips` lists.
+    AuthzIpNotAllowed,
     /// The upstream could not be reached.
     UpstreamUnavailable,
     /// The upstream did not answer in time.
@@ -93,6 +95,7 @@ impl Reason {
             Reason::AuthnExpiredKey => "authn.expired_key",
             Reason::AuthnRevokedKey => "authn.revoked_key",
             Reason::AuthzMissingScope => "authz.missing_scope",
+            Reason::AuthzIpNotAllowed => "authz.ip_not_allowed",
             Reason::UpstreamUnavailable => "upstream.unavailable",
             Reason::UpstreamTimeout => "upstream.timeout",
             Reason::UpstreamError => "upstream.error",

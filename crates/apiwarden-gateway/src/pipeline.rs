@@ -277,9 +277,25 @@ impl Identify {
 pub struct Authorize;
 
 impl Authorize {
-    /// Deny by default: every scope the route names must be held.
-    pub fn run(route: &RouteConfig, held: &[String]) -> Result<(), Reason> {
-        if route.scopes.iter().all(|s| held.contains(s)) {
+    /// Deny by default: the consumer's address allowlist, then every scope the route names
+    /// must be held.
+    pub fn run(
+        route: &RouteConfig,
+        config: &Config,
+        identity: &apiwarden_core::event::IdentityFields,
+        ip: IpAddr,
+    ) -> Result<(), Reason> {
+        if let Some(name) = &identity.consumer {
+            let allow = config
+                .consumers
+                .iter()
+                .find(|c| &c.name == name)
+                .and_then(|c| c.allow_ips.as_ref());
+            if allow.is_some_and(|nets| !nets.iter().any(|n| n.contains(ip))) {
+                return Err(Reason::AuthzIpNotAllowed);
+            }
+        }
+        if route.scopes.iter().all(|s| identity.scopes.contains(s)) {
             Ok(())
         } else {
             Err(Reason::AuthzMissingScope)
@@ -935,7 +951,7 @@ pub async fn handle(
         recorder.event.decision.policy = Some(format!("blocklist:{}", kind.as_str()));
         return deny(recorder, Reason::Blocked);
     }
-    if let Err(reason) = Authorize::run(route, &recorder.event.identity.scopes) {
+    if let Err(reason) = Authorize::run(route, cfg, &recorder.event.identity, ip) {
         return deny(recorder, reason);
     }
     let subject = Subject {

@@ -32,6 +32,10 @@ pub fn status_and_message(reason: Reason) -> (StatusCode, &'static str) {
             // One message for all three: the client learns nothing about which keys exist.
             (StatusCode::UNAUTHORIZED, "the credential is not valid")
         }
+        Reason::AuthzIpNotAllowed => (
+            StatusCode::FORBIDDEN,
+            "the credential is not accepted from this address",
+        ),
         Reason::AuthzMissingScope => (
             StatusCode::FORBIDDEN,
             "the credential does not grant access to this route",

@@ -16,7 +16,8 @@ fn config(up: std::net::SocketAddr) -> String {
          [[routes]]\nname = \"read\"\npath_prefix = \"/orders\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:read\"]\n\n\
          [[routes]]\nname = \"write\"\npath_prefix = \"/write\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:write\"]\n\n\
          [[routes]]\nname = \"jwt\"\npath_prefix = \"/jwt\"\nupstream = \"echo\"\nauth = [\"jwt\"]\n\n\
-         [[consumers]]\nname = \"billing\"\nscopes = [\"orders:read\", \"orders:write\"]\n"
+         [[consumers]]\nname = \"billing\"\nscopes = [\"orders:read\", \"orders:write\"]\n\n\
+         [[consumers]]\nname = \"remote\"\nscopes = [\"orders:read\"]\nallow_ips = [\"10.0.0.0/8\"]\n"
     )
 }
 
@@ -68,9 +69,12 @@ async fn the_whole_decision_space_of_api_keys() {
     store
         .rotate(&cfg, &past_grace_rec.key_id, Duration::ZERO)
         .unwrap();
+    let (_, wrong_ip) = store.create(&cfg, "remote", None, None).unwrap();
     let wrong_secret = format!("aw_{}_{}", good.key_id, "0".repeat(64));
     let unknown = format!("aw_{}_{}", "0".repeat(12), "1".repeat(64));
-    until_known(&gw, &good_text).await;
+    // Made last: once the gateway knows it, it knows every key above.
+    let (_, sentinel) = store.create(&cfg, "billing", None, None).unwrap();
+    until_known(&gw, &sentinel).await;
     let before = gw.request_events().len();
 
     struct Case {
@@ -152,6 +156,13 @@ async fn the_whole_decision_space_of_api_keys() {
             reason: Reason::AuthnExpiredKey,
         },
         Case {
+            name: "wrong IP",
+            path: "/orders",
+            header: bearer(&wrong_ip),
+            status: 403,
+            reason: Reason::AuthzIpNotAllowed,
+        },
+        Case {
             name: "wrong scope",
             path: "/write",
             header: bearer(&read_only),
@@ -210,6 +221,7 @@ async fn the_whole_decision_space_of_api_keys() {
                 assert_eq!(e.identity.key_id.as_deref(), Some(good.key_id.as_str()));
                 assert_eq!(e.identity.scopes, ["orders:read", "orders:write"]);
             }
+            "wrong IP" => assert_eq!(e.identity.consumer.as_deref(), Some("remote")),
             "wrong scope" => {
                 assert_eq!(e.identity.consumer.as_deref(), Some("billing"));
                 assert_eq!(e.identity.scopes, ["orders:read"]);
@@ -223,6 +235,7 @@ async fn the_whole_decision_space_of_api_keys() {
     for secret in [
         &good_text,
         &read_only,
+        &wrong_ip,
         &expired,
         &revoked,
         &in_grace,

@@ -294,6 +294,8 @@ pub struct ConsumerConfig {
     pub name: String,
     pub scopes: Vec<String>,
     pub roles: Vec<String>,
+    /// When set, the consumer's credentials are accepted only from these networks.
+    pub allow_ips: Option<Vec<IpNet>>,
 }
 
 /// A URL with any `user:password@` part replaced by `***@`, for logs and errors.
@@ -369,6 +371,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "consumers[].name", default: "required", example: "\"billing\"", doc: "Consumer name; unique." },
     OptionDoc { key: "consumers[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes granted to the consumer." },
     OptionDoc { key: "consumers[].roles", default: "[]", example: "[\"reader\"]", doc: "Roles granted to the consumer." },
+    OptionDoc { key: "consumers[].allow_ips", default: "any address", example: "[\"10.0.0.0/8\", \"192.0.2.7\"]", doc: "Client addresses or CIDR networks the consumer's credentials are accepted from (the client IP after `trusted_proxies`); from anywhere else: `403 authz.ip_not_allowed`." },
 ];
 
 /// The configuration reference as a Markdown table (what the README shows).

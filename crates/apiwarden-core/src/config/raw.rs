@@ -121,4 +121,5 @@ pub(crate) struct Consumer {
     pub scopes: Vec<String>,
     #[serde(default)]
     pub roles: Vec<String>,
+    pub allow_ips: Option<Vec<String>>,
 }

@@ -538,10 +538,31 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 format!("consumer name {:?} is used twice", c.name),
             );
         }
+        let allow_ips = c.allow_ips.as_ref().map(|list| {
+            list.iter()
+                .enumerate()
+                .filter_map(|(j, v)| match IpNet::parse(v) {
+                    Ok(n) => Some(n.canonical()),
+                    Err(e) => {
+                        cx.error(
+                            &[
+                                name("consumers"),
+                                Key::Index(i),
+                                name("allow_ips"),
+                                Key::Index(j),
+                            ],
+                            e,
+                        );
+                        None
+                    }
+                })
+                .collect()
+        });
         consumers.push(ConsumerConfig {
             name: c.name.clone(),
             scopes: c.scopes.clone(),
             roles: c.roles.clone(),
+            allow_ips,
         });
     }
 
