@@ -83,33 +83,20 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Check { config } => return check(&config),
-        Command::Serve { config, data_dir } => load(&config).and_then(|mut cfg| {
-            if let Some(d) = data_dir {
-                cfg.storage.data_dir = d;
-            }
-            run(cfg, Some(config), None)
-        }),
+        Command::Serve { config, data_dir } => {
+            load_with(&config, data_dir).and_then(|cfg| run(cfg, Some(config), None))
+        }
         Command::Demo { port } => demo(port),
         Command::Keys {
             config,
             data_dir,
             command,
-        } => load(&config).and_then(|mut cfg| {
-            if let Some(d) = data_dir {
-                cfg.storage.data_dir = d;
-            }
-            keys::run(command, &cfg)
-        }),
+        } => load_with(&config, data_dir).and_then(|cfg| keys::run(command, &cfg)),
         Command::Block {
             config,
             data_dir,
             command,
-        } => load(&config).and_then(|mut cfg| {
-            if let Some(d) = data_dir {
-                cfg.storage.data_dir = d;
-            }
-            block::run(command, &cfg)
-        }),
+        } => load_with(&config, data_dir).and_then(|cfg| block::run(command, &cfg)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -148,6 +135,15 @@ fn read(path: &Path) -> Result<String> {
 fn load(path: &Path) -> Result<Config> {
     let text = read(path)?;
     parse(&text, &path.display().to_string()).map_err(|e| anyhow::anyhow!("{e}\nthe configuration is invalid; `apiwarden check --config {}` lists the same errors", path.display()))
+}
+
+/// `load`, with `--data-dir` overriding `storage.data_dir`.
+fn load_with(path: &Path, data_dir: Option<PathBuf>) -> Result<Config> {
+    let mut cfg = load(path)?;
+    if let Some(d) = data_dir {
+        cfg.storage.data_dir = d;
+    }
+    Ok(cfg)
 }
 
 fn check(path: &Path) -> ExitCode {

@@ -15,18 +15,7 @@ fn route(up: std::net::SocketAddr) -> String {
 
 /// Runs `apiwarden block ARGS --config CONFIG`: (success, stdout, stderr).
 fn block(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = bin()
-        .arg("block")
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    cli("block", config, args)
 }
 
 /// Polls until `path` answers `status` on `addr`, within 1 s (what the README promises).

@@ -8,18 +8,7 @@ use std::time::{Duration, Instant};
 use support::*;
 
 fn keys(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = bin()
-        .arg("keys")
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    cli("keys", config, args)
 }
 
 /// GET with a bearer key on a fresh connection: the status.

@@ -11,6 +11,22 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_apiwarden"))
 }
 
+/// Runs `apiwarden SUBCOMMAND ARGS --config CONFIG`: (success, stdout, stderr).
+pub fn cli(subcommand: &str, config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = bin()
+        .arg(subcommand)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A fresh temporary directory.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
