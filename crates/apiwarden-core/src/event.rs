@@ -59,6 +59,8 @@ pub enum Reason {
     AuthzMissingScope,
     /// Authenticated, but not from an address the consumer's `allow_ips` lists.
     AuthzIpNotAllowed,
+    /// Authenticated, but the route needs a role the consumer does not hold.
+    AuthzMissingRole,
     /// The upstream could not be reached.
     UpstreamUnavailable,
     /// The upstream did not answer in time.
@@ -96,6 +98,7 @@ impl Reason {
             Reason::AuthnRevokedKey => "authn.revoked_key",
             Reason::AuthzMissingScope => "authz.missing_scope",
             Reason::AuthzIpNotAllowed => "authz.ip_not_allowed",
+            Reason::AuthzMissingRole => "authz.missing_role",
             Reason::UpstreamUnavailable => "upstream.unavailable",
             Reason::UpstreamTimeout => "upstream.timeout",
             Reason::UpstreamError => "upstream.error",

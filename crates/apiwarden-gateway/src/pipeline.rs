@@ -277,23 +277,27 @@ impl Identify {
 pub struct Authorize;
 
 impl Authorize {
-    /// Deny by default: the consumer's address allowlist, then every scope the route names
-    /// must be held.
+    /// Deny by default: the consumer's address allowlist, then every role and every scope the
+    /// route names must be held.
     pub fn run(
         route: &RouteConfig,
         config: &Config,
         identity: &apiwarden_core::event::IdentityFields,
         ip: IpAddr,
     ) -> Result<(), Reason> {
-        if let Some(name) = &identity.consumer {
-            let allow = config
-                .consumers
-                .iter()
-                .find(|c| &c.name == name)
-                .and_then(|c| c.allow_ips.as_ref());
-            if allow.is_some_and(|nets| !nets.iter().any(|n| n.contains(ip))) {
+        let consumer = identity
+            .consumer
+            .as_ref()
+            .and_then(|name| config.consumers.iter().find(|c| &c.name == name));
+        if let Some(nets) = consumer.and_then(|c| c.allow_ips.as_ref()) {
+            if !nets.iter().any(|n| n.contains(ip)) {
                 return Err(Reason::AuthzIpNotAllowed);
             }
+        }
+        if !route.roles.is_empty()
+            && !consumer.is_some_and(|c| route.roles.iter().all(|r| c.roles.contains(r)))
+        {
+            return Err(Reason::AuthzMissingRole);
         }
         if route.scopes.iter().all(|s| identity.scopes.contains(s)) {
             Ok(())

@@ -36,6 +36,10 @@ pub fn status_and_message(reason: Reason) -> (StatusCode, &'static str) {
             StatusCode::FORBIDDEN,
             "the credential is not accepted from this address",
         ),
+        Reason::AuthzMissingRole => (
+            StatusCode::FORBIDDEN,
+            "the caller does not hold a role this route requires",
+        ),
         Reason::AuthzMissingScope => (
             StatusCode::FORBIDDEN,
             "the credential does not grant access to this route",

@@ -15,8 +15,10 @@ fn config(up: std::net::SocketAddr) -> String {
         "[[upstreams]]\nname = \"echo\"\nurl = \"http://{up}\"\n\n\
          [[routes]]\nname = \"read\"\npath_prefix = \"/orders\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:read\"]\n\n\
          [[routes]]\nname = \"write\"\npath_prefix = \"/write\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:write\"]\n\n\
+         [[routes]]\nname = \"ops\"\npath_prefix = \"/ops\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nroles = [\"operator\"]\n\n\
          [[routes]]\nname = \"jwt\"\npath_prefix = \"/jwt\"\nupstream = \"echo\"\nauth = [\"jwt\"]\n\n\
          [[consumers]]\nname = \"billing\"\nscopes = [\"orders:read\", \"orders:write\"]\n\n\
+         [[consumers]]\nname = \"operator\"\nroles = [\"operator\"]\n\n\
          [[consumers]]\nname = \"remote\"\nscopes = [\"orders:read\"]\nallow_ips = [\"10.0.0.0/8\"]\n"
     )
 }
@@ -70,6 +72,7 @@ async fn the_whole_decision_space_of_api_keys() {
         .rotate(&cfg, &past_grace_rec.key_id, Duration::ZERO)
         .unwrap();
     let (_, wrong_ip) = store.create(&cfg, "remote", None, None).unwrap();
+    let (_, operator_key) = store.create(&cfg, "operator", None, None).unwrap();
     let wrong_secret = format!("aw_{}_{}", good.key_id, "0".repeat(64));
     let unknown = format!("aw_{}_{}", "0".repeat(12), "1".repeat(64));
     // Made last: once the gateway knows it, it knows every key above.
@@ -163,6 +166,20 @@ async fn the_whole_decision_space_of_api_keys() {
             reason: Reason::AuthzIpNotAllowed,
         },
         Case {
+            name: "missing role",
+            path: "/ops",
+            header: bearer(&good_text),
+            status: 403,
+            reason: Reason::AuthzMissingRole,
+        },
+        Case {
+            name: "right role",
+            path: "/ops",
+            header: bearer(&operator_key),
+            status: 200,
+            reason: Reason::Ok,
+        },
+        Case {
             name: "wrong scope",
             path: "/write",
             header: bearer(&read_only),
@@ -236,6 +253,7 @@ async fn the_whole_decision_space_of_api_keys() {
         &good_text,
         &read_only,
         &wrong_ip,
+        &operator_key,
         &expired,
         &revoked,
         &in_grace,

@@ -232,6 +232,8 @@ pub struct RouteConfig {
     pub upstream: usize,
     pub auth: Vec<AuthMethod>,
     pub scopes: Vec<String>,
+    /// Roles the caller's consumer must all hold.
+    pub roles: Vec<String>,
     pub limits: Vec<String>,
 }
 
@@ -362,6 +364,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "routes[].upstream", default: "required", example: "\"orders\"", doc: "Name of the upstream that receives the requests." },
     OptionDoc { key: "routes[].auth", default: "required", example: "[\"api_key\"]", doc: "Accepted methods: `api_key`, `jwt`, `introspection`, `mtls`, or `[\"none\"]` for an open route. A route without `auth` is an error, so an open route is always explicit." },
     OptionDoc { key: "routes[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes the caller must all hold (not allowed with `none`)." },
+    OptionDoc { key: "routes[].roles", default: "[]", example: "[\"operator\"]", doc: "Roles the caller's consumer must all hold (`consumers[].roles`); otherwise `403 authz.missing_role`. Not allowed with `none`." },
     OptionDoc { key: "routes[].limits", default: "[]", example: "[]", doc: "Names of `[limits.NAME]` tables applied to the route, in order." },
     OptionDoc { key: "limits.NAME.rate", default: "required", example: "\"100/s\"", doc: "Steady rate (GCRA, no window boundaries): `N/s`, `N/m`, `N/h`, `N/d`. A quota is a rate with a large burst: `rate = \"100000/d\"`." },
     OptionDoc { key: "limits.NAME.burst", default: "the rate's N", example: "20", doc: "Requests that may arrive at once after an idle period. Over any time T at most `burst + rate × T` requests are admitted. Refused requests use no budget." },

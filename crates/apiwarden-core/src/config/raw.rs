@@ -92,6 +92,8 @@ pub(crate) struct Route {
     #[serde(default)]
     pub scopes: Vec<String>,
     #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
     pub limits: Vec<String>,
 }
 

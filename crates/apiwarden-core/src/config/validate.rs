@@ -683,6 +683,9 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 if auth == [AuthMethod::None] && !r.scopes.is_empty() {
                     cx.error(&at("scopes"), format!("route {:?}: scopes need an authenticated caller, but auth is [\"none\"]", r.name));
                 }
+                if auth == [AuthMethod::None] && !r.roles.is_empty() {
+                    cx.error(&at("roles"), format!("route {:?}: roles need an authenticated caller, but auth is [\"none\"]", r.name));
+                }
             }
         }
         if r.limits.len() > 8 {
@@ -721,6 +724,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             upstream,
             auth,
             scopes: r.scopes.clone(),
+            roles: r.roles.clone(),
             limits: r.limits.clone(),
         });
     }
@@ -1088,6 +1092,7 @@ colour = "blue"
             ("[storage]\nredis = \"http://admin:hunter2@127.0.0.1\"\n", "***@127.0.0.1"),
             ("[storage]\nlimit_keys = 1000000000000\n", "at most"),
             ("[storage]\npepper = \"hunter2\"\n", "never goes in the config"),
+            (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a\"\nupstream = \"u\"\nauth = [\"none\"]\nroles = [\"x\"]\n"), "roles need an authenticated caller"),
             ("[limits.l]\nrate = \"1/d\"\nburst = 100000\n", "ten years"),
         ];
         for (text, want) in cases {
