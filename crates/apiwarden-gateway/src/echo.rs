@@ -45,6 +45,8 @@ async fn echo(req: Request<Incoming>) -> Result<Response<EchoBody>, Infallible> 
             "forwarded": pick("forwarded"),
             "traceparent": pick("traceparent"),
             "user-agent": pick("user-agent"),
+            "authorization": pick("authorization"),
+            "x-api-key": pick("x-api-key"),
         }
     });
     let mut body = serde_json::to_string_pretty(&description).unwrap_or_default();

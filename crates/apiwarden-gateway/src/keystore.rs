@@ -100,6 +100,21 @@ impl KeyRecord {
     }
 }
 
+fn insert(conn: &rusqlite::Connection, r: &KeyRecord) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO api_keys (key_id, consumer, hash, scopes, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        rusqlite::params![
+            r.key_id,
+            r.consumer,
+            r.hash,
+            r.scopes.join(" "),
+            r.created_at as i64,
+            r.expires_at.map(|t| t as i64)
+        ],
+    )
+    .map(|_| ())
+}
+
 fn sq(path: &std::path::Path) -> impl Fn(rusqlite::Error) -> KeyError + '_ {
     move |error| KeyError::Sqlite {
         path: path.to_path_buf(),
@@ -124,11 +139,25 @@ CREATE TABLE IF NOT EXISTS api_keys (
 ";
 
 /// Reads (or, for the default, creates) the pepper.
-pub fn load_pepper(source: &SecretSource) -> Result<hmac::Key, KeyError> {
+pub fn load_pepper(
+    source: &SecretSource,
+    data_dir: &std::path::Path,
+) -> Result<hmac::Key, KeyError> {
+    // The default pepper follows the data directory, also when `--data-dir` moved it.
+    let default_path;
+    let source = match source {
+        SecretSource::Generated(_) => {
+            default_path = SecretSource::Generated(data_dir.join("pepper"));
+            &default_path
+        }
+        other => other,
+    };
     let bytes = match source {
-        SecretSource::Env(name) => std::env::var(name)
-            .map_err(|e| KeyError::Pepper(format!("env:{name}"), e.to_string()))?
-            .into_bytes(),
+        // As bytes, and with a fixed message: the value itself must never reach an error.
+        SecretSource::Env(name) => std::os::unix::ffi::OsStringExt::into_vec(
+            std::env::var_os(name)
+                .ok_or_else(|| KeyError::Pepper(format!("env:{name}"), "it is not set".into()))?,
+        ),
         SecretSource::File(path) => std::fs::read(path)
             .map_err(|e| KeyError::Pepper(format!("file:{}", path.display()), e.to_string()))?,
         SecretSource::Generated(path) => match std::fs::read(path) {
@@ -193,7 +222,7 @@ pub struct KeyStore {
 
 impl KeyStore {
     pub fn open(config: &Config) -> Result<KeyStore, KeyError> {
-        let pepper = load_pepper(&config.storage.pepper)?;
+        let pepper = load_pepper(&config.storage.pepper, &config.storage.data_dir)?;
         let path = crate::blocklist::database_path(&config.storage.data_dir);
         let _ = std::fs::create_dir_all(&config.storage.data_dir);
         let conn = rusqlite::Connection::open(&path).map_err(sq(&path))?;
@@ -214,6 +243,19 @@ impl KeyStore {
     /// Issues a key: returns its record and the key text (shown once, never stored).
     pub fn create(
         &mut self,
+        config: &Config,
+        consumer: &str,
+        scopes: Option<Vec<String>>,
+        expires_at: Option<u64>,
+    ) -> Result<(KeyRecord, String), KeyError> {
+        let (record, text) = self.new_key(config, consumer, scopes, expires_at)?;
+        insert(&self.conn, &record).map_err(sq(&self.path))?;
+        Ok((record, text))
+    }
+
+    /// A new key record and its text, not yet stored.
+    fn new_key(
+        &self,
         config: &Config,
         consumer: &str,
         scopes: Option<Vec<String>>,
@@ -248,25 +290,7 @@ impl KeyStore {
             replaced_by: None,
             last_used: None,
         };
-        self.insert(&record)?;
         Ok((record, apikey::format(&key_id, &secret)))
-    }
-
-    fn insert(&mut self, r: &KeyRecord) -> Result<(), KeyError> {
-        self.conn
-            .execute(
-                "INSERT INTO api_keys (key_id, consumer, hash, scopes, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                rusqlite::params![
-                    r.key_id,
-                    r.consumer,
-                    r.hash,
-                    r.scopes.join(" "),
-                    r.created_at as i64,
-                    r.expires_at.map(|t| t as i64)
-                ],
-            )
-            .map(|_| ())
-            .map_err(sq(&self.path))
     }
 
     /// Every key, oldest first.
@@ -321,7 +345,8 @@ impl KeyStore {
     }
 
     /// Issues a new secret for the same consumer and scopes (a new key id), and lets the old
-    /// key work until `grace` has passed.
+    /// key work until `grace` has passed. One transaction: a key revoked or rotated meanwhile
+    /// is not rotated.
     pub fn rotate(
         &mut self,
         config: &Config,
@@ -329,26 +354,43 @@ impl KeyStore {
         grace: Duration,
     ) -> Result<(KeyRecord, String), KeyError> {
         let old = self.get(key_id)?;
-        let status = old.status(now_ms());
+        let now = now_ms();
+        let status = old.status(now);
         if status != KeyStatus::Active {
             return Err(KeyError::NotActive(key_id.to_string(), status.as_str()));
         }
-        let (new, text) = self.create(
-            config,
-            &old.consumer,
-            Some(old.scopes.clone()),
-            old.expires_at,
-        )?;
-        self.conn
+        // Scopes the consumer lost since are not carried over.
+        let held = config
+            .consumers
+            .iter()
+            .find(|c| c.name == old.consumer)
+            .ok_or_else(|| KeyError::NoSuchConsumer(old.consumer.clone()))?;
+        let scopes = old
+            .scopes
+            .iter()
+            .filter(|s| held.scopes.contains(s))
+            .cloned()
+            .collect();
+        let grace_until = now
+            .checked_add(grace.as_millis().try_into().unwrap_or(u64::MAX))
+            .ok_or(KeyError::NotActive(key_id.to_string(), "beyond any grace"))?;
+        let (new, text) = self.new_key(config, &old.consumer, Some(scopes), old.expires_at)?;
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sq(&path))?;
+        let n = tx
             .execute(
-                "UPDATE api_keys SET grace_until = ?2, replaced_by = ?3 WHERE key_id = ?1",
-                rusqlite::params![
-                    key_id,
-                    (now_ms() + grace.as_millis() as u64) as i64,
-                    new.key_id
-                ],
+                "UPDATE api_keys SET grace_until = ?2, replaced_by = ?3 WHERE key_id = ?1 AND revoked_at IS NULL AND grace_until IS NULL",
+                rusqlite::params![key_id, grace_until as i64, new.key_id],
             )
-            .map_err(sq(&self.path))?;
+            .map_err(sq(&path))?;
+        if n != 1 {
+            return Err(KeyError::NotActive(key_id.to_string(), "changed meanwhile"));
+        }
+        insert(&tx, &new).map_err(sq(&path))?;
+        tx.commit().map_err(sq(&path))?;
         Ok((new, text))
     }
 
@@ -439,12 +481,13 @@ impl KeyRing {
             return Err(Reason::AuthnUnavailable);
         };
         let parsed = apikey::parse(text).ok_or(Reason::AuthnMalformed)?;
+        // Before the lookup, so an unknown key id costs the same.
+        let t = tag(parsed.secret);
         let Some(key) = self.keys.get(parsed.key_id) else {
             // Same work as for a known key, so timing does not tell whether an id exists.
             let _ = hmac::verify(pepper, parsed.secret.as_bytes(), &[0u8; 32]);
             return Err(Reason::AuthnInvalidKey);
         };
-        let t = tag(parsed.secret);
         let known = key.verified[0].load(Relaxed) == t[0] && key.verified[1].load(Relaxed) == t[1];
         if !known {
             hmac::verify(pepper, parsed.secret.as_bytes(), &key.record.hash)
@@ -454,11 +497,28 @@ impl KeyRing {
         }
         match key.record.status(now) {
             KeyStatus::Active | KeyStatus::Rotating => {
-                key.last_used.fetch_max(now, Relaxed);
+                // At most one write a second per key: a busy key's cache line is not written
+                // by every worker on every request.
+                if now > key.last_used.load(Relaxed) + 1_000 {
+                    key.last_used.fetch_max(now, Relaxed);
+                }
                 Ok(key)
             }
             KeyStatus::Revoked => Err(Reason::AuthnRevokedKey),
             KeyStatus::Expired => Err(Reason::AuthnExpiredKey),
+        }
+    }
+
+    /// Carries what the request path learned (last use, verified tags) over from the ring this
+    /// one replaces, for keys that did not change.
+    pub fn inherit(&self, old: &KeyRing) {
+        for (id, k) in &self.keys {
+            if let Some(o) = old.keys.get(id).filter(|o| o.record.hash == k.record.hash) {
+                k.last_used.fetch_max(o.last_used.load(Relaxed), Relaxed);
+                for i in 0..2 {
+                    k.verified[i].store(o.verified[i].load(Relaxed), Relaxed);
+                }
+            }
         }
     }
 
@@ -489,10 +549,20 @@ pub fn follow(shared: Arc<crate::pipeline::Shared>, stop: Arc<std::sync::atomic:
             if store.is_none() {
                 let mut s = KeyStore::open(&config)?;
                 let v = s.data_version()?;
-                shared.keys.store(Arc::new(s.ring()?));
+                let ring = s.ring()?;
+                ring.inherit(&shared.keys.load());
+                shared.keys.store(Arc::new(ring));
                 store = Some((s, v));
             }
             let (s, version) = store.as_mut().expect("opened above");
+            // Changes first (a revocation must not wait behind our own writes), then usage.
+            let v = s.data_version()?;
+            if v != *version {
+                *version = v;
+                let ring = s.ring()?;
+                ring.inherit(&shared.keys.load());
+                shared.keys.store(Arc::new(ring));
+            }
             if last_flush.elapsed() >= Duration::from_secs(10) || stopping {
                 let used = shared.keys.load().used_since(&written);
                 if !used.is_empty() {
@@ -500,11 +570,6 @@ pub fn follow(shared: Arc<crate::pipeline::Shared>, stop: Arc<std::sync::atomic:
                     written.extend(used);
                 }
                 last_flush = std::time::Instant::now();
-            }
-            let v = s.data_version()?;
-            if v != *version {
-                *version = v;
-                shared.keys.store(Arc::new(s.ring()?));
             }
             Ok(())
         })();

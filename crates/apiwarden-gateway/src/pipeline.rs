@@ -829,6 +829,22 @@ fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> (IpAddr, boo
     (ip, true)
 }
 
+/// Removes the header that carried an API key: `X-API-Key`, or `Authorization` when it is a
+/// bearer `aw_` key (another kind of `Authorization` stays, for upstreams that need it).
+fn strip_api_key(h: &mut HeaderMap) {
+    h.remove(&X_API_KEY);
+    let is_key = h
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .is_some_and(|(scheme, token)| {
+            scheme.eq_ignore_ascii_case("bearer") && token.trim().starts_with("aw_")
+        });
+    if is_key {
+        h.remove(header::AUTHORIZATION);
+    }
+}
+
 /// Size of the request head as it came on the wire (near enough for HTTP/2).
 fn head_size<B>(req: &Request<B>) -> usize {
     let line = req.method().as_str().len()
@@ -856,7 +872,7 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
     shared.metrics.request_started();
@@ -997,6 +1013,11 @@ pub async fn handle(
         Cow::Borrowed(_) => None,
         Cow::Owned(p) => Some(p),
     };
+    // The API key has done its work here: it is not passed on, so no upstream (or its logs)
+    // ever holds a client's key.
+    if recorder.event.identity.method == Some(AuthMethod::ApiKey.as_str()) {
+        strip_api_key(req.headers_mut());
+    }
     let upstream = &state.upstreams[route.upstream];
     let forwarded = Forward::run(
         upstream,

@@ -19,6 +19,7 @@ fn config(up: std::net::SocketAddr) -> String {
          [[routes]]\nname = \"jwt\"\npath_prefix = \"/jwt\"\nupstream = \"echo\"\nauth = [\"jwt\"]\n\n\
          [[consumers]]\nname = \"billing\"\nscopes = [\"orders:read\", \"orders:write\"]\n\n\
          [[consumers]]\nname = \"operator\"\nroles = [\"operator\"]\n\n\
+         [[consumers]]\nname = \"local\"\nscopes = [\"orders:read\"]\nallow_ips = [\"127.0.0.0/8\"]\n\n\
          [[consumers]]\nname = \"remote\"\nscopes = [\"orders:read\"]\nallow_ips = [\"10.0.0.0/8\"]\n"
     )
 }
@@ -72,13 +73,23 @@ async fn the_whole_decision_space_of_api_keys() {
         .rotate(&cfg, &past_grace_rec.key_id, Duration::ZERO)
         .unwrap();
     let (_, wrong_ip) = store.create(&cfg, "remote", None, None).unwrap();
+    let (_, right_ip) = store.create(&cfg, "local", None, None).unwrap();
     let (_, operator_key) = store.create(&cfg, "operator", None, None).unwrap();
     let wrong_secret = format!("aw_{}_{}", good.key_id, "0".repeat(64));
     let unknown = format!("aw_{}_{}", "0".repeat(12), "1".repeat(64));
     // Made last: once the gateway knows it, it knows every key above.
     let (_, sentinel) = store.create(&cfg, "billing", None, None).unwrap();
     until_known(&gw, &sentinel).await;
-    let before = gw.request_events().len();
+    // The sentinel's own events are recorded as their bodies end: wait until no more arrive.
+    let mut before = gw.request_events().len();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = gw.request_events().len();
+        if now == before {
+            break;
+        }
+        before = now;
+    }
 
     struct Case {
         name: &'static str,
@@ -159,6 +170,13 @@ async fn the_whole_decision_space_of_api_keys() {
             reason: Reason::AuthnExpiredKey,
         },
         Case {
+            name: "right IP",
+            path: "/orders",
+            header: bearer(&right_ip),
+            status: 200,
+            reason: Reason::Ok,
+        },
+        Case {
             name: "wrong IP",
             path: "/orders",
             header: bearer(&wrong_ip),
@@ -194,6 +212,13 @@ async fn the_whole_decision_space_of_api_keys() {
             reason: Reason::Ok,
         },
         Case {
+            name: "wrong secret of a key in use",
+            path: "/orders",
+            header: bearer(&wrong_secret),
+            status: 401,
+            reason: Reason::AuthnInvalidKey,
+        },
+        Case {
             name: "X-API-Key",
             path: "/orders",
             header: Some(("x-api-key", good_text.clone())),
@@ -215,6 +240,20 @@ async fn the_whole_decision_space_of_api_keys() {
         if status != 200 {
             let json: serde_json::Value = serde_json::from_str(&body).unwrap();
             assert!(json["request_id"].is_string(), "{}", c.name);
+        }
+        if c.status == 200 {
+            // The key is not passed on: the echo upstream shows what it received.
+            let echoed: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                echoed["headers"]["authorization"].is_null(),
+                "{}: {body}",
+                c.name
+            );
+            assert!(
+                echoed["headers"]["x-api-key"].is_null(),
+                "{}: {body}",
+                c.name
+            );
         }
         bodies.push_str(&body);
         let events = gw.wait_for_events(before + i + 1).await;
@@ -253,6 +292,7 @@ async fn the_whole_decision_space_of_api_keys() {
         &good_text,
         &read_only,
         &wrong_ip,
+        &right_ip,
         &operator_key,
         &expired,
         &revoked,

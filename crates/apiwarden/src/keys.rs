@@ -105,7 +105,12 @@ pub fn run(cmd: KeysCommand, cfg: &Config) -> Result<()> {
             json,
         } => {
             let expires_at = match expires_in {
-                Some(d) => Some(now + duration("--expires-in", &d)?.as_millis() as u64),
+                Some(d) => Some(
+                    u64::try_from(duration("--expires-in", &d)?.as_millis())
+                        .ok()
+                        .and_then(|ms| now.checked_add(ms))
+                        .context("--expires-in is too far in the future")?,
+                ),
                 None => None,
             };
             let (k, secret) = store.create(cfg, &consumer, scopes, expires_at)?;

@@ -107,7 +107,7 @@ async fn create_use_rotate_revoke_from_the_command_line() {
     until(&node.addr, &key, 401);
     assert_eq!(get_with(&node.addr, "/orders", &new_key), 200);
 
-    // No secret in the audit trail or the gateway's log.
+    // No secret in the audit trail.
     let _ = node.child.kill();
     let _ = node.child.wait();
     let audit = std::fs::read_to_string(dir.join("data0/audit.ndjson")).unwrap();

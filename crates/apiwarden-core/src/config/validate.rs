@@ -538,6 +538,19 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 format!("consumer name {:?} is used twice", c.name),
             );
         }
+        for (j, sc) in c.scopes.iter().enumerate() {
+            if !scope_name(sc) {
+                cx.error(
+                    &[
+                        name("consumers"),
+                        Key::Index(i),
+                        name("scopes"),
+                        Key::Index(j),
+                    ],
+                    format!("scope {sc:?} must be printable and without spaces"),
+                );
+            }
+        }
         let allow_ips = c.allow_ips.as_ref().map(|list| {
             list.iter()
                 .enumerate()
@@ -883,6 +896,11 @@ fn target(cx: &mut Ctx<'_>, url: &str, path: &[Key]) -> Option<Target> {
     })
 }
 
+/// A scope or role name: printable, no spaces (keys store them space-separated).
+fn scope_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// An HTTP field name: a token (RFC 9110 section 5.6.2), as far as config files need.
 fn http_token(s: &str) -> bool {
     !s.is_empty()
@@ -1092,6 +1110,7 @@ colour = "blue"
             ("[storage]\nredis = \"http://admin:hunter2@127.0.0.1\"\n", "***@127.0.0.1"),
             ("[storage]\nlimit_keys = 1000000000000\n", "at most"),
             ("[storage]\npepper = \"hunter2\"\n", "never goes in the config"),
+            ("[[consumers]]\nname = \"c\"\nscopes = [\"orders read\"]\n", "without spaces"),
             (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a\"\nupstream = \"u\"\nauth = [\"none\"]\nroles = [\"x\"]\n"), "roles need an authenticated caller"),
             ("[limits.l]\nrate = \"1/d\"\nburst = 100000\n", "ten years"),
         ];
