@@ -158,10 +158,16 @@ pub fn load_pepper(
             std::env::var_os(name)
                 .ok_or_else(|| KeyError::Pepper(format!("env:{name}"), "it is not set".into()))?,
         ),
-        SecretSource::File(path) => std::fs::read(path)
-            .map_err(|e| KeyError::Pepper(format!("file:{}", path.display()), e.to_string()))?,
+        SecretSource::File(path) => {
+            warn_if_readable_by_others(path);
+            std::fs::read(path)
+                .map_err(|e| KeyError::Pepper(format!("file:{}", path.display()), e.to_string()))?
+        }
         SecretSource::Generated(path) => match std::fs::read(path) {
-            Ok(b) => b,
+            Ok(b) => {
+                warn_if_readable_by_others(path);
+                b
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut raw = [0u8; 32];
                 SystemRandom::new()
@@ -197,17 +203,39 @@ pub fn load_pepper(
     Ok(hmac::Key::new(hmac::HMAC_SHA256, trimmed))
 }
 
-/// Creates `path` readable by its owner only; an existing file is left alone.
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(file = %path.display(), "the pepper file can be read by others than its owner; chmod 600 it");
+        }
+    }
+}
+
+/// Creates `path` readable by its owner only, whole or not at all: the bytes go to a private
+/// temporary file, are synced, and the file is then linked to `path` (which fails if another
+/// process got there first: its pepper wins). An existing file is left alone.
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
+    // A name of its own per attempt (threads of one process race too).
+    let tmp = path.with_extension(format!("tmp-{}", crate::ids::new_id()));
+    let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-    {
-        Ok(mut f) => f.write_all(bytes),
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
     }
@@ -584,5 +612,46 @@ pub fn follow(shared: Arc<crate::pipeline::Shared>, stop: Arc<std::sync::atomic:
             return;
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_racing_to_make_the_pepper_all_get_the_same_one() {
+        let dir = std::env::temp_dir().join(format!("aw-pepper-{}", crate::ids::new_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = SecretSource::Generated(dir.join("ignored"));
+        let tags: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        let key = load_pepper(&source, &dir).unwrap();
+                        hmac::sign(&key, b"probe").as_ref().to_vec()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(tags.windows(2).all(|w| w[0] == w[1]), "one pepper for all");
+        let text = std::fs::read_to_string(dir.join("pepper")).unwrap();
+        assert_eq!(text.len(), 64, "a whole pepper, never a partial one");
+        let leftovers = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary files left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_pepper_from_the_environment_is_never_quoted_in_errors() {
+        let err = load_pepper(
+            &SecretSource::Env("APIWARDEN_TEST_PEPPER_THAT_IS_NOT_SET".into()),
+            std::path::Path::new("/nonexistent"),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("not set"), "{err}");
     }
 }
