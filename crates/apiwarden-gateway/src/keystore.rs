@@ -41,6 +41,8 @@ pub enum KeyError {
     ScopeNotGranted { consumer: String, scope: String },
     #[error("the system random number generator failed")]
     Random,
+    #[error("the pepper ({0}) is not the one the keys in {1} were made with: every key would be refused; restore the original pepper (or move the database away to start over)")]
+    PepperMismatch(String, PathBuf),
 }
 
 /// Where a key stands.
@@ -135,6 +137,10 @@ CREATE TABLE IF NOT EXISTS api_keys (
     grace_until INTEGER,
     replaced_by TEXT,
     last_used INTEGER
+);
+CREATE TABLE IF NOT EXISTS key_meta (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
 );
 ";
 
@@ -257,6 +263,32 @@ impl KeyStore {
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(sq(&path))?;
         conn.execute_batch(SCHEMA).map_err(sq(&path))?;
+        // A fingerprint of the pepper (an HMAC of a fixed text, which reveals nothing of it):
+        // recorded by the first user of the database, checked by every later one, so a changed
+        // or mismatched pepper is an error at once rather than every key failing.
+        let print = hmac::sign(&pepper, b"apiwarden pepper fingerprint v1");
+        conn.execute(
+            "INSERT OR IGNORE INTO key_meta (name, value) VALUES ('pepper_fingerprint', ?1)",
+            [print.as_ref()],
+        )
+        .map_err(sq(&path))?;
+        let stored: Vec<u8> = conn
+            .query_row(
+                "SELECT value FROM key_meta WHERE name = 'pepper_fingerprint'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sq(&path))?;
+        if stored != print.as_ref() {
+            let source = match &config.storage.pepper {
+                SecretSource::Env(n) => format!("env:{n}"),
+                SecretSource::File(p) => format!("file:{}", p.display()),
+                SecretSource::Generated(_) => {
+                    format!("file:{}", config.storage.data_dir.join("pepper").display())
+                }
+            };
+            return Err(KeyError::PepperMismatch(source, path));
+        }
         Ok(KeyStore { conn, path, pepper })
     }
 
@@ -640,6 +672,23 @@ mod tests {
         assert_eq!(text.len(), 64, "a whole pepper, never a partial one");
         let leftovers = std::fs::read_dir(&dir).unwrap().count();
         assert_eq!(leftovers, 1, "no temporary files left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_changed_pepper_is_refused_at_open() {
+        let dir = std::env::temp_dir().join(format!("aw-pepper-fp-{}", crate::ids::new_id()));
+        let text = format!("[storage]\ndata_dir = \"{}\"\n", dir.display());
+        let cfg = apiwarden_core::config::parse(&text, "t.toml").unwrap();
+        KeyStore::open(&cfg).unwrap();
+        KeyStore::open(&cfg).expect("the same pepper opens again");
+        std::fs::write(dir.join("pepper"), "another pepper, long enough to count").unwrap();
+        let err = KeyStore::open(&cfg)
+            .err()
+            .expect("a changed pepper is refused")
+            .to_string();
+        assert!(err.contains("not the one the keys"), "{err}");
+        assert!(!err.contains("another pepper"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
