@@ -50,6 +50,12 @@ async fn handle(
                     JSON,
                     "{\"status\":\"audit sink unhealthy\"}\n".into(),
                 )
+            } else if !shared.keys.load().usable() && needs_keys(&shared) {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    JSON,
+                    "{\"status\":\"API keys cannot be read (see the log)\"}\n".into(),
+                )
             } else {
                 reply(StatusCode::OK, JSON, "{\"status\":\"ready\"}\n".into())
             }
@@ -68,6 +74,17 @@ async fn handle(
 }
 
 /// Serves the admin listener until `stop` turns true.
+/// Whether a route of the config in force checks API keys.
+fn needs_keys(shared: &Shared) -> bool {
+    shared
+        .state
+        .load()
+        .config
+        .routes
+        .iter()
+        .any(|r| r.auth.contains(&apiwarden_core::config::AuthMethod::ApiKey))
+}
+
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         let stream = tokio::select! {

@@ -535,6 +535,11 @@ pub struct KeyRing {
 }
 
 impl KeyRing {
+    /// Whether keys can be checked at all (the pepper and the store could be read).
+    pub fn usable(&self) -> bool {
+        self.pepper.is_some()
+    }
+
     /// Checks a credential as sent. `Err(reason)` says why it is refused.
     pub fn check(&self, text: &str, now: u64) -> Result<&Arc<LiveKey>, Reason> {
         let Some(pepper) = &self.pepper else {

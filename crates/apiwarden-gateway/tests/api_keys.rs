@@ -339,3 +339,25 @@ async fn a_revoked_key_is_refused_within_a_second() {
     }
     println!("revocation in force after {:?}", start.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_pepper_the_gateway_refuses_keys_and_is_not_ready() {
+    let up = echo_upstream().await;
+    let text = format!(
+        "[storage]\npepper = \"env:APIWARDEN_TEST_PEPPER_NEVER_SET\"\n\n{}",
+        config(up)
+    );
+    let gw = start(&text).await;
+    let (status, body) = call(
+        &gw,
+        "/orders",
+        bearer(&format!("aw_{}_{}", "a".repeat(12), "b".repeat(64))),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    let events = gw.wait_for_events(1).await;
+    assert_eq!(events[0].decision.reason, Reason::AuthnUnavailable);
+    let (status, _, body) = get(&format!("http://{}/readyz", gw.gw.admin_addr)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("API keys"), "{body}");
+}
