@@ -604,15 +604,27 @@ impl KeyRing {
 /// changed the database, writes `last_used` back every 10 s. Runs until `stop` is set.
 pub fn follow(shared: Arc<crate::pipeline::Shared>, stop: Arc<std::sync::atomic::AtomicBool>) {
     let mut store: Option<(KeyStore, i64)> = None;
+    // What the store was opened from; a reload that changes it opens the store again.
+    let mut origin: Option<(PathBuf, SecretSource)> = None;
     let mut written: HashMap<String, u64> = HashMap::new();
     let mut last_flush = std::time::Instant::now();
     let mut last_error: Option<std::time::Instant> = None;
     loop {
         let stopping = stop.load(std::sync::atomic::Ordering::Relaxed);
-        let config = shared.state.load().config.clone();
+        // An `Arc`, not a guard: this thread holds it across its sleep.
+        let state = shared.state.load_full();
+        let config = &state.config;
+        let now_from = (
+            config.storage.data_dir.clone(),
+            config.storage.pepper.clone(),
+        );
+        if origin.as_ref() != Some(&now_from) {
+            store = None;
+            origin = Some(now_from);
+        }
         let result = (|| -> Result<(), KeyError> {
             if store.is_none() {
-                let mut s = KeyStore::open(&config)?;
+                let mut s = KeyStore::open(config)?;
                 let v = s.data_version()?;
                 let ring = s.ring()?;
                 ring.inherit(&shared.keys.load());
