@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod access;
 mod block;
 mod keys;
 
@@ -64,6 +65,12 @@ enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// Access review: per consumer, scopes granted but unused in the window (from the audit
+    /// trail), keys never used, keys overdue for rotation.
+    Access {
+        #[command(subcommand)]
+        command: AccessCommand,
+    },
     /// The block list: client IPs, API keys and consumers refused with 403 (shared through
     /// Redis when storage.redis is set).
     Block {
@@ -75,6 +82,25 @@ enum Command {
         data_dir: Option<PathBuf>,
         #[command(subcommand)]
         command: block::BlockCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccessCommand {
+    /// Review least privilege per consumer (a table, or JSON lines with --json).
+    Review {
+        /// The window, in days.
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        /// One JSON object per consumer.
+        #[arg(long)]
+        json: bool,
+        /// Configuration file.
+        #[arg(long, default_value = "apiwarden.toml")]
+        config: PathBuf,
+        /// Overrides storage.data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -92,6 +118,15 @@ fn main() -> ExitCode {
             data_dir,
             command,
         } => load_with(&config, data_dir).and_then(|cfg| keys::run(command, &cfg)),
+        Command::Access {
+            command:
+                AccessCommand::Review {
+                    days,
+                    json,
+                    config,
+                    data_dir,
+                },
+        } => load_with(&config, data_dir).and_then(|cfg| access::run(&cfg, days, json)),
         Command::Block {
             config,
             data_dir,

@@ -75,6 +75,8 @@ fn every_command_has_help() {
         vec!["keys", "list", "--help"],
         vec!["keys", "rotate", "--help"],
         vec!["keys", "revoke", "--help"],
+        vec!["access", "--help"],
+        vec!["access", "review", "--help"],
     ] {
         let out = bin().args(&args).output().unwrap();
         assert!(out.status.success(), "{args:?}");

@@ -128,3 +128,71 @@ async fn create_use_rotate_revoke_from_the_command_line() {
         "the pepper is readable by its owner only"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_review_names_unused_scopes_and_idle_keys() {
+    let up = apiwarden_gateway::echo::spawn(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let dir = temp_dir("access");
+    let common = format!(
+        "\n[[upstreams]]\nname = \"echo\"\nurl = \"http://{up}\"\n\n\
+         [[routes]]\nname = \"read\"\npath_prefix = \"/orders\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:read\"]\n\n\
+         [[routes]]\nname = \"write\"\npath_prefix = \"/write\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:write\"]\n\n\
+         [[consumers]]\nname = \"billing\"\nscopes = [\"orders:read\", \"orders:write\"]\n\n\
+         [[consumers]]\nname = \"ops\"\nscopes = [\"orders:read\"]\n"
+    );
+    let mut node = start_node(&dir, 0, &common);
+    let config = dir.join("node0.toml");
+    let create = |consumer: &str| -> (String, String) {
+        let (ok, out, err) = keys(&config, &["create", "--consumer", consumer, "--json"]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        (
+            v["key_id"].as_str().unwrap().into(),
+            v["secret"].as_str().unwrap().into(),
+        )
+    };
+    let (_, billing) = create("billing");
+    let (ops_id, _) = create("ops");
+    until(&node.addr, &billing, 200);
+    for _ in 0..3 {
+        assert_eq!(get_with(&node.addr, "/orders", &billing), 200);
+    }
+    // Stopping the gateway writes last_used back and flushes the audit trail.
+    signal_term(&mut node);
+
+    let (ok, out, err) = cli("access", &config, &["review", "--days", "30", "--json"]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let billing_row = rows.iter().find(|r| r["consumer"] == "billing").unwrap();
+    assert_eq!(
+        billing_row["scopes_unused"],
+        serde_json::json!(["orders:write"])
+    );
+    assert_eq!(billing_row["keys_never_used"], serde_json::json!([]));
+    assert!(billing_row["requests_allowed"].as_u64().unwrap() >= 4);
+    let ops_row = rows.iter().find(|r| r["consumer"] == "ops").unwrap();
+    assert_eq!(ops_row["scopes_unused"], serde_json::json!(["orders:read"]));
+    assert_eq!(ops_row["keys_never_used"], serde_json::json!([ops_id]));
+    let (ok, out, _) = cli("access", &config, &["review"]);
+    assert!(
+        ok && out.contains("orders:write") && out.contains(&ops_id),
+        "{out}"
+    );
+}
+
+/// SIGTERM, then wait for a graceful exit.
+fn signal_term(node: &mut Node) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status();
+    let start = Instant::now();
+    while node.child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
