@@ -2,8 +2,8 @@
 //! hot (a key already verified: its keyed tag). `cargo bench -p apiwarden-gateway --bench keys`.
 
 use apiwarden_core::config::parse;
-use apiwarden_gateway::blocklist::now_ms;
 use apiwarden_gateway::keystore::KeyStore;
+use apiwarden_gateway::now_ms;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use std::hint::black_box;
 use std::time::Duration;

@@ -11,20 +11,14 @@
 //! On the request path the list is an immutable [`BlockSet`] behind an `ArcSwap`: an empty
 //! list costs one pointer load.
 
+use crate::now_ms;
 use apiwarden_core::block::{BlockAction, BlockChange, BlockEntry, BlockKind};
 use apiwarden_core::config::Config;
 use apiwarden_core::net::IpNet;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use std::time::Duration;
 
 /// The block list as the request path reads it.
 #[derive(Default)]

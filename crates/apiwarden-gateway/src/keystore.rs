@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::blocklist::now_ms;
+use crate::now_ms;
 
 /// Why the key store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -607,6 +607,18 @@ pub fn follow(shared: Arc<crate::pipeline::Shared>, stop: Arc<std::sync::atomic:
     // What the store was opened from; a reload that changes it opens the store again.
     let mut origin: Option<(PathBuf, SecretSource)> = None;
     let mut written: HashMap<String, u64> = HashMap::new();
+    // A ring read from the store takes over what the old one learned; what the store already
+    // holds as last use needs no writing back.
+    let install = |ring: KeyRing, written: &mut HashMap<String, u64>| {
+        ring.inherit(&shared.keys.load());
+        for (id, k) in &ring.keys {
+            if let Some(t) = k.record.last_used {
+                let w = written.entry(id.clone()).or_default();
+                *w = (*w).max(t);
+            }
+        }
+        shared.keys.store(Arc::new(ring));
+    };
     let mut last_flush = std::time::Instant::now();
     let mut last_error: Option<std::time::Instant> = None;
     loop {
@@ -626,9 +638,7 @@ pub fn follow(shared: Arc<crate::pipeline::Shared>, stop: Arc<std::sync::atomic:
             if store.is_none() {
                 let mut s = KeyStore::open(config)?;
                 let v = s.data_version()?;
-                let ring = s.ring()?;
-                ring.inherit(&shared.keys.load());
-                shared.keys.store(Arc::new(ring));
+                install(s.ring()?, &mut written);
                 store = Some((s, v));
             }
             let (s, version) = store.as_mut().expect("opened above");
@@ -636,9 +646,7 @@ pub fn follow(shared: Arc<crate::pipeline::Shared>, stop: Arc<std::sync::atomic:
             let v = s.data_version()?;
             if v != *version {
                 *version = v;
-                let ring = s.ring()?;
-                ring.inherit(&shared.keys.load());
-                shared.keys.store(Arc::new(ring));
+                install(s.ring()?, &mut written);
             }
             if last_flush.elapsed() >= Duration::from_secs(10) || stopping {
                 let used = shared.keys.load().used_since(&written);

@@ -21,3 +21,10 @@ pub mod tls;
 pub mod upstream;
 
 pub use server::{Gateway, Options, ReloadError, StartError};
+
+/// Unix time in milliseconds: the time stored with keys and block list entries.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -194,6 +194,8 @@ pub struct Identity {
     pub key_id: Option<String>,
     pub subject: Option<String>,
     pub scopes: Vec<String>,
+    /// Index of the consumer in the config's `consumers`, found once by the identify stage.
+    pub consumer_index: Option<usize>,
 }
 
 impl Identity {
@@ -205,6 +207,7 @@ impl Identity {
             key_id: None,
             subject: None,
             scopes: Vec::new(),
+            consumer_index: None,
         }
     }
 }
@@ -248,16 +251,17 @@ impl Identify {
                 },
             );
         }
-        let now = crate::blocklist::now_ms();
+        let now = crate::now_ms();
         let key = keys.check(credential, now)?;
         let r = &key.record;
         // A key narrows its consumer: scopes the consumer no longer holds are gone from its
         // keys too, and a key whose consumer left the config is no longer valid.
-        let consumer = config
+        let consumer_index = config
             .consumers
             .iter()
-            .find(|c| c.name == r.consumer)
+            .position(|c| c.name == r.consumer)
             .ok_or(Reason::AuthnInvalidKey)?;
+        let consumer = &config.consumers[consumer_index];
         Ok(Identity {
             method: AuthMethod::ApiKey,
             consumer: Some(r.consumer.clone()),
@@ -269,6 +273,7 @@ impl Identify {
                 .filter(|s| consumer.scopes.contains(s))
                 .cloned()
                 .collect(),
+            consumer_index: Some(consumer_index),
         })
     }
 }
@@ -281,14 +286,10 @@ impl Authorize {
     /// route names must be held.
     pub fn run(
         route: &RouteConfig,
-        config: &Config,
-        identity: &apiwarden_core::event::IdentityFields,
+        consumer: Option<&apiwarden_core::config::ConsumerConfig>,
+        scopes: &[String],
         ip: IpAddr,
     ) -> Result<(), Reason> {
-        let consumer = identity
-            .consumer
-            .as_ref()
-            .and_then(|name| config.consumers.iter().find(|c| &c.name == name));
         if let Some(nets) = consumer.and_then(|c| c.allow_ips.as_ref()) {
             if !nets.iter().any(|n| n.contains(ip)) {
                 return Err(Reason::AuthzIpNotAllowed);
@@ -299,7 +300,7 @@ impl Authorize {
         {
             return Err(Reason::AuthzMissingRole);
         }
-        if route.scopes.iter().all(|s| identity.scopes.contains(s)) {
+        if route.scopes.iter().all(|s| scopes.contains(s)) {
             Ok(())
         } else {
             Err(Reason::AuthzMissingScope)
@@ -960,6 +961,7 @@ pub async fn handle(
         Err(reason) => return deny(recorder, reason),
     };
     // The identity moves into the event; the stages below read it from there.
+    let consumer = identity.consumer_index.map(|i| &cfg.consumers[i]);
     let fields = &mut recorder.event.identity;
     fields.method = Some(identity.method.as_str());
     fields.consumer = identity.consumer;
@@ -971,7 +973,7 @@ pub async fn handle(
         recorder.event.decision.policy = Some(format!("blocklist:{}", kind.as_str()));
         return deny(recorder, Reason::Blocked);
     }
-    if let Err(reason) = Authorize::run(route, cfg, &recorder.event.identity, ip) {
+    if let Err(reason) = Authorize::run(route, consumer, &recorder.event.identity.scopes, ip) {
         return deny(recorder, reason);
     }
     let subject = Subject {

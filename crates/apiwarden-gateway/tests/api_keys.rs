@@ -55,7 +55,7 @@ async fn the_whole_decision_space_of_api_keys() {
     let gw = start(&config(up)).await;
     let cfg = gw.gw.shared.state.load().config.clone();
     let mut store = KeyStore::open(&cfg).unwrap();
-    let now = apiwarden_gateway::blocklist::now_ms();
+    let now = apiwarden_gateway::now_ms();
 
     let (good, good_text) = store.create(&cfg, "billing", None, None).unwrap();
     let (_, read_only) = store

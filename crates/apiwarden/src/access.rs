@@ -3,8 +3,8 @@
 
 use anyhow::{Context, Result};
 use apiwarden_core::config::Config;
-use apiwarden_gateway::blocklist::now_ms;
 use apiwarden_gateway::keystore::{KeyStatus, KeyStore};
+use apiwarden_gateway::now_ms;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::BufRead;
 use std::time::{Duration, SystemTime};

@@ -3,7 +3,8 @@
 use anyhow::{Context, Result};
 use apiwarden_core::block::{BlockEntry, BlockKind};
 use apiwarden_core::config::Config;
-use apiwarden_gateway::blocklist::{now_ms, BlockStore};
+use apiwarden_gateway::blocklist::BlockStore;
+use apiwarden_gateway::now_ms;
 use clap::Subcommand;
 use std::time::Duration;
 

@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result};
 use apiwarden_core::config::Config;
-use apiwarden_gateway::blocklist::now_ms;
 use apiwarden_gateway::keystore::{KeyRecord, KeyStatus, KeyStore};
+use apiwarden_gateway::now_ms;
 use clap::Subcommand;
 use std::time::Duration;
 
