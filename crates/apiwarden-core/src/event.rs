@@ -55,6 +55,27 @@ pub enum Reason {
     AuthnExpiredKey,
     /// An API key that was revoked.
     AuthnRevokedKey,
+    /// A token whose header says `alg: none` (unsigned).
+    AuthnAlgNone,
+    /// A token whose `alg` does not fit the key it names: an HMAC `alg` against an issuer's
+    /// public keys, or an RSA `alg` with an EC key, and so on (algorithm confusion).
+    AuthnAlgConfusion,
+    /// A token signed with an algorithm the issuer's `algorithms` does not list.
+    AuthnAlgNotAllowed,
+    /// A token whose `kid` is not in the issuer's key set, even after fetching it again.
+    AuthnUnknownKid,
+    /// A token whose signature does not verify.
+    AuthnBadSignature,
+    /// A validly signed token whose `iss` is not the route's issuer.
+    AuthnWrongIssuer,
+    /// A validly signed token whose `aud` names none of the issuer's `audiences`.
+    AuthnWrongAudience,
+    /// A token past its `exp` (plus leeway).
+    AuthnTokenExpired,
+    /// A token before its `nbf` (minus leeway).
+    AuthnTokenNotYetValid,
+    /// The issuer's keys could not be fetched yet, so no token can be checked.
+    AuthnKeysUnavailable,
     /// Authenticated, but the route needs a scope the caller does not hold.
     AuthzMissingScope,
     /// Authenticated, but not from an address the consumer's `allow_ips` lists.
@@ -96,6 +117,16 @@ impl Reason {
             Reason::AuthnInvalidKey => "authn.invalid_key",
             Reason::AuthnExpiredKey => "authn.expired_key",
             Reason::AuthnRevokedKey => "authn.revoked_key",
+            Reason::AuthnAlgNone => "authn.alg_none",
+            Reason::AuthnAlgConfusion => "authn.alg_confusion",
+            Reason::AuthnAlgNotAllowed => "authn.alg_not_allowed",
+            Reason::AuthnUnknownKid => "authn.unknown_kid",
+            Reason::AuthnBadSignature => "authn.bad_signature",
+            Reason::AuthnWrongIssuer => "authn.wrong_issuer",
+            Reason::AuthnWrongAudience => "authn.wrong_audience",
+            Reason::AuthnTokenExpired => "authn.token_expired",
+            Reason::AuthnTokenNotYetValid => "authn.token_not_yet_valid",
+            Reason::AuthnKeysUnavailable => "authn.keys_unavailable",
             Reason::AuthzMissingScope => "authz.missing_scope",
             Reason::AuthzIpNotAllowed => "authz.ip_not_allowed",
             Reason::AuthzMissingRole => "authz.missing_role",

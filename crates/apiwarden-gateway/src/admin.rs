@@ -56,6 +56,12 @@ async fn handle(
                     JSON,
                     "{\"status\":\"API keys cannot be read (see the log)\"}\n".into(),
                 )
+            } else if let Some(issuer) = unready_issuer(&shared) {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    JSON,
+                    serde_json::json!({ "status": format!("the keys of token issuer {issuer} are not fetched yet (see the log)") }).to_string() + "\n",
+                )
             } else {
                 reply(StatusCode::OK, JSON, "{\"status\":\"ready\"}\n".into())
             }
@@ -74,6 +80,22 @@ async fn handle(
 }
 
 /// Serves the admin listener until `stop` turns true.
+/// A token issuer that a route relies on and whose keys are not there yet (its fetch is
+/// started again if the floor allows).
+fn unready_issuer(shared: &Shared) -> Option<String> {
+    let state = shared.state.load();
+    let issuer = state.issuers.iter().find(|i| {
+        !i.ready()
+            && state
+                .config
+                .routes
+                .iter()
+                .any(|r| r.jwt.as_deref() == Some(i.name.as_str()))
+    })?;
+    issuer.prefetch();
+    Some(issuer.name.clone())
+}
+
 /// Whether a route of the config in force checks API keys.
 fn needs_keys(shared: &Shared) -> bool {
     shared

@@ -11,6 +11,7 @@ pub mod blocklist;
 pub mod body;
 pub mod echo;
 pub mod ids;
+pub mod jwt;
 pub mod keystore;
 pub mod limit;
 pub mod metrics;

@@ -129,6 +129,7 @@ pub struct Metrics {
     routes: Registry<RouteMetrics>,
     upstreams: Registry<UpstreamMetrics>,
     policies: Registry<PolicyMetrics>,
+    issuers: Registry<crate::jwt::JwtMetrics>,
     /// Redis round trips of the limit stage.
     pub redis: Arc<crate::limit::RedisMetrics>,
     /// Requests that matched no route (label `route=""`).
@@ -152,6 +153,7 @@ impl Metrics {
             routes: Mutex::default(),
             upstreams: Mutex::default(),
             policies: Mutex::default(),
+            issuers: Mutex::default(),
             redis: Arc::default(),
             unrouted: Arc::new(RouteMetrics::new(workers)),
             shards: (0..workers).map(|_| Shard::default()).collect(),
@@ -183,6 +185,11 @@ impl Metrics {
                 .map(|_| PolicyShard::default())
                 .collect(),
         })
+    }
+
+    /// The counters of a token issuer, kept across reloads by name.
+    pub fn jwt(&self, name: &str) -> Arc<crate::jwt::JwtMetrics> {
+        entry(&self.issuers, name, Default::default)
     }
 
     pub fn observe_latency(&self, d: Duration) {
@@ -283,6 +290,33 @@ impl Metrics {
                     escape(name),
                     o.as_str(),
                     m.total(o)
+                );
+            }
+        }
+        let issuers = sorted(&self.issuers);
+        out.push_str("# HELP apiwarden_jwt_tokens_total Bearer tokens checked, by issuer and result (verified: signature checked; cached: accepted from the verified-token cache).\n# TYPE apiwarden_jwt_tokens_total counter\n");
+        for (name, m) in &issuers {
+            for (result, n) in [
+                ("verified", &m.verified),
+                ("cached", &m.cached),
+                ("refused", &m.refused),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "apiwarden_jwt_tokens_total{{issuer=\"{}\",result=\"{result}\"}} {}",
+                    escape(name),
+                    n.load(Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP apiwarden_jwt_key_fetches_total Fetches of an issuer's keys (discovery and JWKS), by outcome.\n# TYPE apiwarden_jwt_key_fetches_total counter\n");
+        for (name, m) in &issuers {
+            for (outcome, n) in [("ok", &m.fetch_ok), ("failed", &m.fetch_failed)] {
+                let _ = writeln!(
+                    out,
+                    "apiwarden_jwt_key_fetches_total{{issuer=\"{}\",outcome=\"{outcome}\"}} {}",
+                    escape(name),
+                    n.load(Relaxed)
                 );
             }
         }

@@ -103,6 +103,8 @@ pub struct State {
     routes: Vec<RouteState>,
     /// Redis for limits shared by every node, when `storage.redis` is set.
     redis: Option<Arc<RedisStore>>,
+    /// Token issuers (`[jwt.NAME]`), by name.
+    pub issuers: Vec<Arc<crate::jwt::Issuer>>,
     workers: usize,
 }
 
@@ -111,6 +113,8 @@ struct RouteState {
     template: Arc<str>,
     metrics: Arc<RouteMetrics>,
     limits: RouteLimits,
+    /// The issuer of the tokens the route accepts (`auth` has `jwt`).
+    jwt: Option<Arc<crate::jwt::Issuer>>,
 }
 
 impl State {
@@ -135,6 +139,21 @@ impl State {
                     })
             })
             .collect();
+        // Issuers whose settings did not change keep their keys and verified tokens.
+        let issuers: Vec<Arc<crate::jwt::Issuer>> = config
+            .jwt
+            .iter()
+            .map(|(name, j)| {
+                previous
+                    .and_then(|p| {
+                        p.issuers
+                            .iter()
+                            .find(|old| &old.name == name && &old.config == j)
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| crate::jwt::Issuer::new(name, j.clone(), metrics.jwt(name)))
+            })
+            .collect();
         let routes = config
             .routes
             .iter()
@@ -143,6 +162,10 @@ impl State {
                 template: Arc::from(r.path_text.as_str()),
                 metrics: metrics.route(&r.name),
                 limits: RouteLimits::compile(&config, &r.limits, metrics),
+                jwt: r
+                    .jwt
+                    .as_ref()
+                    .and_then(|n| issuers.iter().find(|i| &i.name == n).cloned()),
             })
             .collect();
         let redis = match previous.and_then(|p| p.redis.as_ref()) {
@@ -154,6 +177,7 @@ impl State {
             upstreams,
             routes,
             redis,
+            issuers,
             config,
             workers,
         }
@@ -218,39 +242,62 @@ pub struct Identify;
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 impl Identify {
-    pub fn run(
+    pub async fn run(
         route: &RouteConfig,
         config: &Config,
         headers: &HeaderMap,
         keys: &crate::keystore::KeyRing,
+        issuer: Option<&Arc<crate::jwt::Issuer>>,
     ) -> Result<Identity, Reason> {
         if route.auth == [AuthMethod::None] {
             return Ok(Identity::anonymous());
         }
-        // The credential: `X-API-Key`, or `Authorization: Bearer`. Never the query string.
-        let credential = match (headers.get(&X_API_KEY), headers.get(header::AUTHORIZATION)) {
-            (Some(v), _) => v.to_str().map_err(|_| Reason::AuthnMalformed)?,
-            (None, Some(v)) => {
-                let v = v.to_str().map_err(|_| Reason::AuthnMalformed)?;
-                match v.split_once(' ') {
-                    Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-                    _ => return Err(Reason::AuthnMalformed),
+        // The credential: `X-API-Key` (API keys only), or `Authorization: Bearer`. Never the
+        // query string.
+        let (credential, from_x_api_key) =
+            match (headers.get(&X_API_KEY), headers.get(header::AUTHORIZATION)) {
+                (Some(v), _) => (v.to_str().map_err(|_| Reason::AuthnMalformed)?, true),
+                (None, Some(v)) => {
+                    let v = v.to_str().map_err(|_| Reason::AuthnMalformed)?;
+                    match v.split_once(' ') {
+                        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                            (token.trim(), false)
+                        }
+                        _ => return Err(Reason::AuthnMalformed),
+                    }
                 }
+                (None, None) => return Err(Reason::AuthnMissing),
+            };
+        if credential.starts_with("aw_") {
+            if !route.auth.contains(&AuthMethod::ApiKey) {
+                return Err(Reason::AuthnMalformed);
             }
-            (None, None) => return Err(Reason::AuthnMissing),
-        };
-        let is_api_key = credential.starts_with("aw_");
-        if !route.auth.contains(&AuthMethod::ApiKey) || !is_api_key {
-            // JWT, introspection and mTLS are not in this build yet: such a credential is
-            // refused, so nothing is let through unchecked.
-            return Err(
-                if route.auth.contains(&AuthMethod::ApiKey) && route.auth.len() == 1 {
-                    Reason::AuthnMalformed
-                } else {
-                    Reason::AuthnUnavailable
-                },
-            );
+            return Identify::api_key(config, keys, credential);
         }
+        if route.auth.contains(&AuthMethod::Jwt) && !from_x_api_key {
+            let Some(issuer) = issuer else {
+                return Err(Reason::AuthnUnavailable);
+            };
+            return Identify::jwt(config, issuer, credential).await;
+        }
+        // Introspection and mTLS are not in this build yet: such a credential is refused, so
+        // nothing is let through unchecked.
+        Err(
+            if route.auth.contains(&AuthMethod::Introspection)
+                || route.auth.contains(&AuthMethod::Mtls)
+            {
+                Reason::AuthnUnavailable
+            } else {
+                Reason::AuthnMalformed
+            },
+        )
+    }
+
+    fn api_key(
+        config: &Config,
+        keys: &crate::keystore::KeyRing,
+        credential: &str,
+    ) -> Result<Identity, Reason> {
         let now = crate::now_ms();
         let key = keys.check(credential, now)?;
         let r = &key.record;
@@ -274,6 +321,28 @@ impl Identify {
                 .cloned()
                 .collect(),
             consumer_index: Some(consumer_index),
+        })
+    }
+
+    /// A token's scopes are what its issuer granted; its client (`client_id` or `azp`) is the
+    /// consumer, whose `roles` and `allow_ips` apply when `[[consumers]]` names it.
+    async fn jwt(
+        config: &Config,
+        issuer: &Arc<crate::jwt::Issuer>,
+        token: &str,
+    ) -> Result<Identity, Reason> {
+        let id = issuer.check(token).await?;
+        let consumer_index = id
+            .client
+            .as_ref()
+            .and_then(|c| config.consumers.iter().position(|k| &k.name == c));
+        Ok(Identity {
+            method: AuthMethod::Jwt,
+            consumer: id.client.clone(),
+            key_id: None,
+            subject: id.subject.clone(),
+            scopes: id.scopes.clone(),
+            consumer_index,
         })
     }
 }
@@ -956,7 +1025,15 @@ pub async fn handle(
     }
 
     // Stages: identify, authorize, limit.
-    let identity = match Identify::run(route, cfg, req.headers(), &shared.keys.load()) {
+    let identity = match Identify::run(
+        route,
+        cfg,
+        req.headers(),
+        &shared.keys.load(),
+        state.routes[ri].jwt.as_ref(),
+    )
+    .await
+    {
         Ok(id) => id,
         Err(reason) => return deny(recorder, reason),
     };
@@ -1015,10 +1092,14 @@ pub async fn handle(
         Cow::Borrowed(_) => None,
         Cow::Owned(p) => Some(p),
     };
-    // The API key has done its work here: it is not passed on, so no upstream (or its logs)
-    // ever holds a client's key.
-    if recorder.event.identity.method == Some(AuthMethod::ApiKey.as_str()) {
-        strip_api_key(req.headers_mut());
+    // The credential has done its work here: it is not passed on, so no upstream (or its
+    // logs) ever holds a client's key or token (as Envoy's `forward: false`, its default).
+    match recorder.event.identity.method {
+        Some(m) if m == AuthMethod::ApiKey.as_str() => strip_api_key(req.headers_mut()),
+        Some(m) if m == AuthMethod::Jwt.as_str() => {
+            req.headers_mut().remove(header::AUTHORIZATION);
+        }
+        _ => {}
     }
     let upstream = &state.upstreams[route.upstream];
     let forwarded = Forward::run(

@@ -28,7 +28,22 @@ pub fn status_and_message(reason: Reason) -> (StatusCode, &'static str) {
             "this route's authentication method is not available",
         ),
         Reason::AuthnMalformed => (StatusCode::UNAUTHORIZED, "the credential is malformed"),
-        Reason::AuthnInvalidKey | Reason::AuthnExpiredKey | Reason::AuthnRevokedKey => {
+        Reason::AuthnTokenExpired => (StatusCode::UNAUTHORIZED, "the token has expired"),
+        Reason::AuthnTokenNotYetValid => (StatusCode::UNAUTHORIZED, "the token is not valid yet"),
+        Reason::AuthnKeysUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the token issuer's keys cannot be fetched now; retry later",
+        ),
+        Reason::AuthnAlgNone
+        | Reason::AuthnAlgConfusion
+        | Reason::AuthnAlgNotAllowed
+        | Reason::AuthnUnknownKid
+        | Reason::AuthnBadSignature
+        | Reason::AuthnWrongIssuer
+        | Reason::AuthnWrongAudience
+        | Reason::AuthnInvalidKey
+        | Reason::AuthnExpiredKey
+        | Reason::AuthnRevokedKey => {
             // One message for all three: the client learns nothing about which keys exist.
             (StatusCode::UNAUTHORIZED, "the credential is not valid")
         }

@@ -195,6 +195,10 @@ impl Gateway {
         let workers_n = worker_count(&config);
         let local_limits = Arc::new(crate::limit::LocalStore::new(config.storage.limit_keys));
         let state = State::compile(config, &metrics, None, workers_n);
+        // Token issuers' keys are fetched in the background; `/readyz` waits for them.
+        for issuer in &state.issuers {
+            issuer.prefetch();
+        }
         let shared = Arc::new(Shared {
             state: ArcSwap::from_pointee(state),
             sink,
@@ -403,6 +407,9 @@ impl Gateway {
                 }
                 let routes = config.routes.len();
                 let state = State::compile(config, &self.shared.metrics, Some(&old), old.workers());
+                for issuer in &state.issuers {
+                    issuer.prefetch();
+                }
                 self.shared.state.store(Arc::new(state));
                 self.shared
                     .metrics

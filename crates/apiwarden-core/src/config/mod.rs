@@ -71,6 +71,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub limits: BTreeMap<String, LimitConfig>,
     pub consumers: Vec<ConsumerConfig>,
+    /// Token issuers (`[jwt.NAME]`) that `auth = ["jwt"]` routes accept.
+    pub jwt: BTreeMap<String, JwtConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -235,6 +237,8 @@ pub struct RouteConfig {
     /// Roles the caller's consumer must all hold.
     pub roles: Vec<String>,
     pub limits: Vec<String>,
+    /// The `[jwt.NAME]` issuer whose tokens the route accepts (set when `auth` has `jwt`).
+    pub jwt: Option<String>,
 }
 
 /// What a rate limit is counted by.
@@ -300,6 +304,75 @@ pub struct ConsumerConfig {
     pub allow_ips: Option<Vec<IpNet>>,
 }
 
+/// A JWS signature algorithm apiwarden verifies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JwtAlg {
+    Rs256,
+    Ps256,
+    Es256,
+    EdDsa,
+    Hs256,
+}
+
+impl JwtAlg {
+    /// Every algorithm, by its JOSE name.
+    pub const ALL: [JwtAlg; 5] = [
+        JwtAlg::Rs256,
+        JwtAlg::Ps256,
+        JwtAlg::Es256,
+        JwtAlg::EdDsa,
+        JwtAlg::Hs256,
+    ];
+
+    /// The `alg` value of a JOSE header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JwtAlg::Rs256 => "RS256",
+            JwtAlg::Ps256 => "PS256",
+            JwtAlg::Es256 => "ES256",
+            JwtAlg::EdDsa => "EdDSA",
+            JwtAlg::Hs256 => "HS256",
+        }
+    }
+
+    /// Parses a JOSE `alg` value (exact, case-sensitive, as RFC 7515 says).
+    pub fn parse(s: &str) -> Option<JwtAlg> {
+        JwtAlg::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+}
+
+/// Where an issuer's verification keys come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JwtKeySource {
+    /// `{issuer}/.well-known/openid-configuration` names the JWKS.
+    Discovery,
+    /// A JWKS URL given directly.
+    JwksUrl(String),
+    /// An HS256 shared secret (the only way HS256 is ever accepted).
+    Secret(SecretSource),
+}
+
+/// A token issuer: `[jwt.NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JwtConfig {
+    /// The exact `iss` every token must carry.
+    pub issuer: String,
+    pub keys: JwtKeySource,
+    /// A token's `aud` must name at least one of these.
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<JwtAlg>,
+    /// Allowed clock difference for `exp` and `nbf`.
+    pub leeway: Duration,
+    /// Keys older than this are fetched again in the background.
+    pub refresh: Duration,
+    /// At most one fetch per this interval, however many unknown `kid`s arrive.
+    pub min_refresh: Duration,
+    /// Bound on one discovery or JWKS fetch.
+    pub timeout: Duration,
+    /// Extra CA certificate (PEM) trusted for the issuer's HTTPS endpoints.
+    pub ca: Option<PathBuf>,
+}
+
 /// A URL with any `user:password@` part replaced by `***@`, for logs and errors.
 pub fn redact_url(url: &str) -> String {
     match url.split_once("://") {
@@ -362,15 +435,26 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "routes[].path_prefix", default: "one of `path`, `path_prefix`", example: "\"/orders\"", doc: "Matches the prefix and everything below it, at a segment boundary (`/orders` matches `/orders/7`, not `/ordersX`)." },
     OptionDoc { key: "routes[].methods", default: "all methods", example: "[\"GET\", \"HEAD\"]", doc: "Methods the route accepts." },
     OptionDoc { key: "routes[].upstream", default: "required", example: "\"orders\"", doc: "Name of the upstream that receives the requests." },
-    OptionDoc { key: "routes[].auth", default: "required", example: "[\"api_key\"]", doc: "Accepted methods: `api_key`, `jwt`, `introspection`, `mtls`, or `[\"none\"]` for an open route. A route without `auth` is an error, so an open route is always explicit." },
+    OptionDoc { key: "routes[].auth", default: "required", example: "[\"api_key\", \"jwt\"]", doc: "Accepted methods: `api_key`, `jwt`, `introspection`, `mtls`, or `[\"none\"]` for an open route. A route without `auth` is an error, so an open route is always explicit." },
     OptionDoc { key: "routes[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes the caller must all hold (not allowed with `none`)." },
     OptionDoc { key: "routes[].roles", default: "[]", example: "[\"operator\"]", doc: "Roles the caller's consumer must all hold (`consumers[].roles`); otherwise `403 authz.missing_role`. Not allowed with `none`." },
     OptionDoc { key: "routes[].limits", default: "[]", example: "[]", doc: "Names of `[limits.NAME]` tables applied to the route, in order." },
+    OptionDoc { key: "routes[].jwt", default: "the only `[jwt.NAME]`, if there is one", example: "\"corp\"", doc: "With `auth = [\"jwt\"]`: the issuer whose tokens the route accepts." },
     OptionDoc { key: "limits.NAME.rate", default: "required", example: "\"100/s\"", doc: "Steady rate (GCRA, no window boundaries): `N/s`, `N/m`, `N/h`, `N/d`. A quota is a rate with a large burst: `rate = \"100000/d\"`." },
     OptionDoc { key: "limits.NAME.burst", default: "the rate's N", example: "20", doc: "Requests that may arrive at once after an idle period. Over any time T at most `burst + rate × T` requests are admitted. Refused requests use no budget." },
     OptionDoc { key: "limits.NAME.key", default: "\"ip\"", example: "[\"consumer\", \"route\"]", doc: "What is counted: `consumer`, `key`, `ip`, `route`, `header:NAME`, or a list of them for one compound key. Without an identity (an open route) `consumer` and `key` count by client IP, as does `header:NAME` when the header is absent." },
     OptionDoc { key: "limits.NAME.store", default: "`redis` if `storage.redis` is set, else `local`", example: "\"local\"", doc: "`local`: exact per node, in memory. `redis`: one budget shared by every node, decided atomically in Redis in one round trip." },
     OptionDoc { key: "limits.NAME.failure_mode", default: "\"open\"", example: "\"closed\"", doc: "Redis limits only, when Redis cannot answer in `storage.redis_timeout`: `open` lets requests through, `closed` refuses them with `503`. Either way the audit event says `ratelimit.unavailable`." },
+    OptionDoc { key: "jwt.NAME.issuer", default: "required", example: "\"http://127.0.0.1:8081\"", doc: "The exact `iss` every token must carry (else `authn.wrong_issuer`). Without `jwks_url` or `secret`, keys are found by OIDC discovery at `{issuer}/.well-known/openid-configuration`." },
+    OptionDoc { key: "jwt.NAME.jwks_url", default: "from discovery", example: "\"https://idp.example.com/keys\"", doc: "The issuer's JWKS. `https://` (plain `http://` only on loopback addresses). Keys are cached, fetched again after `refresh` in the background, and at once when a token names an unknown `kid` (at most once per `min_refresh`). If a fetch fails, the keys held stay in use." },
+    OptionDoc { key: "jwt.NAME.secret", default: "none", example: "\"env:JWT_HS256_SECRET\"", doc: "HS256 only: the shared secret (`env:NAME` or `file:PATH`, at least 32 bytes). An issuer with `secret` accepts HS256 and nothing else; an issuer with public keys never accepts HS256." },
+    OptionDoc { key: "jwt.NAME.audiences", default: "required", example: "[\"orders-api\"]", doc: "A token's `aud` must name one of these (else `authn.wrong_audience`)." },
+    OptionDoc { key: "jwt.NAME.algorithms", default: "`[\"RS256\", \"PS256\", \"ES256\", \"EdDSA\"]`, or `[\"HS256\"]` with `secret`", example: "[\"ES256\"]", doc: "Accepted `alg` values. `none` is never accepted (`authn.alg_none`); an `alg` that does not fit the key named by `kid` is `authn.alg_confusion`." },
+    OptionDoc { key: "jwt.NAME.leeway", default: "\"30s\"", example: "\"10s\"", doc: "Allowed clock difference when checking `exp` and `nbf` (at most 5m)." },
+    OptionDoc { key: "jwt.NAME.refresh", default: "\"15m\"", example: "\"5m\"", doc: "Keys older than this are fetched again in the background (the request that notices does not wait)." },
+    OptionDoc { key: "jwt.NAME.min_refresh", default: "\"10s\"", example: "\"1s\"", doc: "Floor between two fetches, so tokens with made-up `kid`s cannot make the gateway fetch once per request." },
+    OptionDoc { key: "jwt.NAME.timeout", default: "\"5s\"", example: "\"2s\"", doc: "Bound on one discovery or JWKS fetch." },
+    OptionDoc { key: "jwt.NAME.ca", default: "the Mozilla root certificates", example: "\"idp-ca.pem\"", doc: "A CA certificate (PEM) trusted for the issuer's HTTPS endpoints, in addition to the public roots." },
     OptionDoc { key: "consumers[].name", default: "required", example: "\"billing\"", doc: "Consumer name; unique." },
     OptionDoc { key: "consumers[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes granted to the consumer." },
     OptionDoc { key: "consumers[].roles", default: "[]", example: "[\"reader\"]", doc: "Roles granted to the consumer." },

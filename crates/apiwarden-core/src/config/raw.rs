@@ -95,6 +95,23 @@ pub(crate) struct Route {
     pub roles: Vec<String>,
     #[serde(default)]
     pub limits: Vec<String>,
+    pub jwt: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Jwt {
+    pub issuer: String,
+    pub jwks_url: Option<String>,
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub algorithms: Option<Vec<String>>,
+    pub leeway: Option<String>,
+    pub refresh: Option<String>,
+    pub min_refresh: Option<String>,
+    pub timeout: Option<String>,
+    pub ca: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

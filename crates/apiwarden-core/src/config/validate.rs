@@ -104,6 +104,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
     let mut raw_routes: Vec<Option<raw::Route>> = Vec::new();
     let mut raw_limits: Vec<(String, Option<raw::Limit>)> = Vec::new();
     let mut raw_consumers: Vec<Option<raw::Consumer>> = Vec::new();
+    let mut raw_jwt: Vec<(String, Option<raw::Jwt>)> = Vec::new();
 
     for (key, value) in table {
         match key.as_str() {
@@ -142,9 +143,20 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                     raw_limits.push((lname, parsed));
                 }
             }
+            "jwt" => {
+                let toml::Value::Table(items) = value else {
+                    cx.error(&[name("jwt")], "`jwt` must be a table of named issuers: write [jwt.NAME]");
+                    continue;
+                };
+                for (jname, item) in items {
+                    let path = [name("jwt"), Key::Owned(jname.clone())];
+                    let parsed = cx.section(item, &path, &format!("[jwt.{jname}]"));
+                    raw_jwt.push((jname, parsed));
+                }
+            }
             other => cx.error(
                 &[Key::Owned(other.to_string())],
-                format!("unknown section `{other}`: expected gateway, admin, storage, audit, upstreams, routes, limits or consumers"),
+                format!("unknown section `{other}`: expected gateway, admin, storage, audit, upstreams, routes, limits, consumers or jwt"),
             ),
         }
     }
@@ -370,18 +382,8 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
     let data_dir = rel(storage.data_dir.as_deref().unwrap_or("./apiwarden-data"));
     let pepper = match storage.pepper.as_deref() {
         None => SecretSource::Generated(data_dir.join("pepper")),
-        Some(v) => match v.split_once(':') {
-            Some(("env", name)) if !name.is_empty() => SecretSource::Env(name.to_string()),
-            Some(("file", path)) if !path.is_empty() => SecretSource::File(rel(path)),
-            _ => {
-                // The value is a secret: it is not repeated in the error.
-                cx.error(
-                    &st("pepper"),
-                    "pepper must be \"env:NAME\" or \"file:PATH\"; the secret itself never goes in the config file",
-                );
-                SecretSource::Generated(data_dir.join("pepper"))
-            }
-        },
+        Some(v) => secret_source(&mut cx, v, &rel, &st("pepper"))
+            .unwrap_or_else(|| SecretSource::Generated(data_dir.join("pepper"))),
     };
     let key_max_age = positive(
         &mut cx,
@@ -579,6 +581,109 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         });
     }
 
+    // [jwt.NAME]
+    let mut jwt = BTreeMap::new();
+    for (jname, j) in &raw_jwt {
+        let Some(j) = j else { continue };
+        let at = |k: &'static str| [name("jwt"), Key::Owned(jname.clone()), name(k)];
+        let keys = match (&j.jwks_url, &j.secret) {
+            (Some(_), Some(_)) => {
+                cx.error(&at("secret"), format!("[jwt.{jname}]: give `jwks_url` (or neither, for OIDC discovery) or `secret` (HS256), not both"));
+                JwtKeySource::Discovery
+            }
+            (Some(url), None) => {
+                if let Err(e) = fetch_url(url) {
+                    cx.error(&at("jwks_url"), e);
+                }
+                JwtKeySource::JwksUrl(url.clone())
+            }
+            (None, Some(v)) => secret_source(&mut cx, v, &rel, &at("secret"))
+                .map_or(JwtKeySource::Discovery, JwtKeySource::Secret),
+            (None, None) => {
+                if let Err(e) = fetch_url(&j.issuer) {
+                    cx.error(&at("issuer"), format!("{e} (OIDC discovery fetches {}/.well-known/openid-configuration; give `jwks_url` or `secret` otherwise)", j.issuer.trim_end_matches('/')));
+                }
+                JwtKeySource::Discovery
+            }
+        };
+        if j.issuer.is_empty() {
+            cx.error(
+                &at("issuer"),
+                "issuer must be the exact `iss` value of the tokens",
+            );
+        }
+        if j.audiences.is_empty() {
+            cx.error(&[name("jwt"), Key::Owned(jname.clone())], format!("[jwt.{jname}] needs `audiences`: the `aud` values this gateway accepts, so that a token made for another service is refused"));
+        }
+        let hmac = matches!(keys, JwtKeySource::Secret(_));
+        let algorithms = match &j.algorithms {
+            None if hmac => vec![JwtAlg::Hs256],
+            None => vec![JwtAlg::Rs256, JwtAlg::Ps256, JwtAlg::Es256, JwtAlg::EdDsa],
+            Some(list) => {
+                if list.is_empty() {
+                    cx.error(
+                        &at("algorithms"),
+                        "algorithms is empty: no token could ever be accepted",
+                    );
+                }
+                list.iter()
+                    .enumerate()
+                    .filter_map(|(k, a)| {
+                        let path = [name("jwt"), Key::Owned(jname.clone()), name("algorithms"), Key::Index(k)];
+                        match JwtAlg::parse(a) {
+                            None => {
+                                cx.error(&path, format!("{a:?} is not supported: use RS256, PS256, ES256, EdDSA or (with `secret`) HS256"));
+                                None
+                            }
+                            Some(JwtAlg::Hs256) if !hmac => {
+                                cx.error(&path, "HS256 needs a shared secret: it is accepted only from an issuer that names one with `secret`, never with a JWKS (an RSA or EC public key must not double as an HMAC key)");
+                                None
+                            }
+                            Some(alg) if hmac && alg != JwtAlg::Hs256 => {
+                                cx.error(&path, format!("{a} needs the issuer's public keys (`jwks_url` or discovery); an issuer with `secret` accepts HS256 only"));
+                                None
+                            }
+                            Some(alg) => Some(alg),
+                        }
+                    })
+                    .collect()
+            }
+        };
+        let leeway = duration(&mut cx, j.leeway.as_deref(), "30s", &at("leeway"));
+        if leeway > Duration::from_secs(300) {
+            cx.error(
+                &at("leeway"),
+                "leeway must be at most 5m: it lets expired tokens through for that long",
+            );
+        }
+        let refresh = positive(&mut cx, j.refresh.as_deref(), "15m", &at("refresh"));
+        let min_refresh = positive(&mut cx, j.min_refresh.as_deref(), "10s", &at("min_refresh"));
+        if min_refresh > refresh {
+            cx.error(
+                &at("min_refresh"),
+                "min_refresh must not be longer than refresh",
+            );
+        }
+        let timeout = positive(&mut cx, j.timeout.as_deref(), "5s", &at("timeout"));
+        if hmac && (j.ca.is_some() || j.refresh.is_some() || j.min_refresh.is_some()) {
+            cx.error(&[name("jwt"), Key::Owned(jname.clone())], format!("[jwt.{jname}]: `ca`, `refresh` and `min_refresh` are about fetching keys; an issuer with `secret` fetches none"));
+        }
+        jwt.insert(
+            jname.clone(),
+            JwtConfig {
+                issuer: j.issuer.clone(),
+                keys,
+                audiences: j.audiences.clone(),
+                algorithms,
+                leeway,
+                refresh,
+                min_refresh,
+                timeout,
+                ca: j.ca.as_deref().map(rel),
+            },
+        );
+    }
+
     // [[routes]]
     let mut routes = Vec::new();
     let mut route_names = HashSet::new();
@@ -711,6 +816,49 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 ),
             );
         }
+        let route_jwt = match (&r.jwt, auth.contains(&AuthMethod::Jwt)) {
+            (Some(j), true) if jwt.contains_key(j) => Some(j.clone()),
+            (Some(j), true) => {
+                cx.error(
+                    &at("jwt"),
+                    format!(
+                        "route {:?}: issuer {j:?} is not defined; add a [jwt.{j}] table",
+                        r.name
+                    ),
+                );
+                None
+            }
+            (Some(_), false) => {
+                cx.error(
+                    &at("jwt"),
+                    format!(
+                        "route {:?}: `jwt` names an issuer, but `auth` does not list \"jwt\"",
+                        r.name
+                    ),
+                );
+                None
+            }
+            (None, true) if jwt.len() == 1 => jwt.keys().next().cloned(),
+            (None, true) => {
+                cx.error(
+                    &at("auth"),
+                    format!(
+                        "route {:?} accepts jwt: name the issuer with jwt = \"NAME\" ({})",
+                        r.name,
+                        if jwt.is_empty() {
+                            "and define it in a [jwt.NAME] table".to_string()
+                        } else {
+                            format!(
+                                "one of {}",
+                                jwt.keys().cloned().collect::<Vec<_>>().join(", ")
+                            )
+                        }
+                    ),
+                );
+                None
+            }
+            (None, false) => None,
+        };
         for (j, l) in r.limits.iter().enumerate() {
             if r.limits[..j].contains(l) {
                 cx.error(
@@ -739,6 +887,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             scopes: r.scopes.clone(),
             roles: r.roles.clone(),
             limits: r.limits.clone(),
+            jwt: route_jwt,
         });
     }
 
@@ -781,7 +930,57 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         routes,
         limits,
         consumers,
+        jwt,
     })
+}
+
+/// A secret the config refers to: `env:NAME` or `file:PATH`, never the value itself.
+fn secret_source(
+    cx: &mut Ctx<'_>,
+    v: &str,
+    rel: &dyn Fn(&str) -> std::path::PathBuf,
+    path: &[Key],
+) -> Option<SecretSource> {
+    match v.split_once(':') {
+        Some(("env", name)) if !name.is_empty() => Some(SecretSource::Env(name.to_string())),
+        Some(("file", p)) if !p.is_empty() => Some(SecretSource::File(rel(p))),
+        _ => {
+            // The value may be the secret itself: it is not repeated in the error.
+            cx.error(
+                path,
+                "must be \"env:NAME\" or \"file:PATH\"; the secret itself never goes in the config file",
+            );
+            None
+        }
+    }
+}
+
+/// A URL keys may be fetched from: HTTPS, or plain HTTP on a loopback address only (a key set
+/// fetched in the clear could be swapped by anyone on the path).
+fn fetch_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!("{:?} must be an https:// URL", redact_url(url)));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} must be an https:// URL (plain http is accepted for loopback addresses only)",
+            redact_url(url)
+        ))
+    }
 }
 
 fn addr(cx: &mut Ctx<'_>, v: Option<&str>, default: &str, path: &[Key]) -> SocketAddr {
@@ -1102,6 +1301,14 @@ colour = "blue"
             ("[limits.l]\nrate = \"10/w\"\n", "units s, m, h, d"),
             ("[limits.l]\nrate = \"10000000/s\"\n", "not a limit"),
             ("[limits.l]\nrate = \"10/s\"\nstore = \"redis\"\n", "needs storage.redis"),
+            ("[jwt.j]\nissuer = \"http://idp.example.com\"\naudiences = [\"a\"]\n", "must be an https:// URL"),
+            ("[jwt.j]\nissuer = \"https://idp.example.com\"\n", "needs `audiences`"),
+            ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nalgorithms = [\"HS256\"]\n", "HS256 needs a shared secret"),
+            ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nalgorithms = [\"none\"]\n", "not supported"),
+            ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nsecret = \"hunter2hunter2\"\n", "env:NAME"),
+            ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nsecret = \"env:S\"\nalgorithms = [\"RS256\"]\n", "accepts HS256 only"),
+            ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nleeway = \"1h\"\n", "at most 5m"),
+            ("[[routes]]\nname = \"r\"\npath = \"/\"\nupstream = \"u\"\nauth = [\"jwt\"]\n", "define it in a [jwt.NAME] table"),
             ("[limits.l]\nrate = \"10/s\"\nkey = [\"ip\", \"ip\"]\n", "listed twice"),
             ("[limits.l]\nrate = \"10/s\"\nkey = \"header:a b\"\n", "header name"),
             ("[limits.l]\nrate = \"10/s\"\nkey = []\n", "at least one"),
@@ -1245,10 +1452,12 @@ auth = ["none"]
                 "routes[]" => "[[routes]]".to_string(),
                 "consumers[]" => "[[consumers]]".to_string(),
                 "limits.NAME" => "[limits.l]".to_string(),
+                "jwt.NAME" => "[jwt.corp]".to_string(),
                 s => format!("[{s}]"),
             };
             // `url` and `targets` exclude each other, and so do `path` and `path_prefix`.
-            if key == "targets" || key == "path_prefix" {
+            // And a JWKS and a shared secret.
+            if key == "targets" || key == "path_prefix" || key == "secret" {
                 continue;
             }
             sections
