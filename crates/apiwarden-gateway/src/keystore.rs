@@ -1,5 +1,6 @@
-//! API keys: the store (SQLite in the data directory, `<data_dir>/apiwarden.db`), and the key
-//! ring the identify stage checks against.
+//! API keys: the store (SQLite in the data directory, `<data_dir>/apiwarden.db`, or, in fleet
+//! mode, the PostgreSQL database of `storage.database`), and the key ring the identify stage
+//! checks against.
 //!
 //! A key's secret is never stored: only HMAC-SHA256(pepper, secret), where the pepper is a
 //! server-side secret kept outside the database (`storage.pepper`). Checking a key is one map
@@ -7,14 +8,20 @@
 //! [`KeyRing`], read again whenever another process changes the database (checked every
 //! 250 ms, so a revocation is in force within a second); `last_used` is written back every
 //! 10 s, not once per request.
+//!
+//! Both backends have the same tables and run the same statements (written with `?N`
+//! placeholders, which PostgreSQL spells `$N`) through [`Tx`]; only opening, the schema and
+//! change detection differ. SQLite tells of other connections' commits by itself
+//! (`PRAGMA data_version`); in PostgreSQL every transaction that changes keys also writes a
+//! new random change mark (the `key_meta` row `change`), which each gateway polls.
 
 use apiwarden_core::apikey;
-use apiwarden_core::config::{Config, SecretSource};
+use apiwarden_core::config::{redact_url, Config, SecretSource};
 use apiwarden_core::event::Reason;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +36,14 @@ pub enum KeyError {
         path: PathBuf,
         error: rusqlite::Error,
     },
+    /// `url_redacted` never holds the password.
+    #[error("the key database {url_redacted}: {}; is PostgreSQL running there, reachable from here, and do its user, password, database and schema exist? check storage.database", with_causes(.error))]
+    Postgres {
+        url_redacted: String,
+        error: postgres::Error,
+    },
+    #[error("storage.database must be a postgres://user@host[:port]/database URL")]
+    NotAPostgresUrl,
     #[error("the pepper ({0}) cannot be read: {1}; set storage.pepper to env:NAME or file:PATH")]
     Pepper(String, String),
     #[error("no key with id {0}; `apiwarden keys list` shows the keys")]
@@ -41,8 +56,8 @@ pub enum KeyError {
     ScopeNotGranted { consumer: String, scope: String },
     #[error("the system random number generator failed")]
     Random,
-    #[error("the pepper ({0}) is not the one the keys in {1} were made with: every key would be refused; restore the original pepper (or move the database away to start over)")]
-    PepperMismatch(String, PathBuf),
+    #[error("the pepper ({0}) is not the one the keys in {1} were made with: every key would be refused; restore the original pepper (every gateway sharing the keys needs the same one, so set storage.pepper to the same env: or file: on each), or start over with an empty key database")]
+    PepperMismatch(String, String),
 }
 
 /// Where a key stands.
@@ -102,25 +117,53 @@ impl KeyRecord {
     }
 }
 
-fn insert(conn: &rusqlite::Connection, r: &KeyRecord) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO api_keys (key_id, consumer, hash, scopes, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        rusqlite::params![
-            r.key_id,
-            r.consumer,
-            r.hash,
-            r.scopes.join(" "),
-            r.created_at as i64,
-            r.expires_at.map(|t| t as i64)
-        ],
-    )
-    .map(|_| ())
+/// An error with its causes: the postgres crate's own message is only the kind ("error
+/// connecting to server"). None of them holds the password: connection settings are only
+/// named, never quoted, and only a URL reaches the parser (see `Backend::open`).
+fn with_causes(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
-fn sq(path: &std::path::Path) -> impl Fn(rusqlite::Error) -> KeyError + '_ {
+fn sq(path: &Path) -> impl Fn(rusqlite::Error) -> KeyError + '_ {
     move |error| KeyError::Sqlite {
         path: path.to_path_buf(),
         error,
+    }
+}
+
+fn pg(url_redacted: &str) -> impl Fn(postgres::Error) -> KeyError + '_ {
+    move |error| KeyError::Postgres {
+        url_redacted: url_redacted.to_string(),
+        error,
+    }
+}
+
+/// `storage.database` as it may be shown: no password, neither before the host nor as a
+/// `password=` parameter.
+fn shown_url(url: &str) -> String {
+    let url = redact_url(url);
+    match url.split_once('?') {
+        Some((base, query)) => {
+            let query: Vec<&str> = query
+                .split('&')
+                .map(|kv| {
+                    if kv.to_ascii_lowercase().starts_with("password=") {
+                        "password=***"
+                    } else {
+                        kv
+                    }
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
+        }
+        None => url,
     }
 }
 
@@ -143,6 +186,341 @@ CREATE TABLE IF NOT EXISTS key_meta (
     value BLOB NOT NULL
 );
 ";
+
+/// The same tables in PostgreSQL, in the first schema of the connection's `search_path`.
+/// Gateways starting together take an advisory lock first: concurrent `CREATE TABLE IF NOT
+/// EXISTS` of one table can fail in PostgreSQL.
+const PG_SCHEMA: &str = "
+BEGIN;
+SELECT pg_advisory_xact_lock(6148254117034640425);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    consumer TEXT NOT NULL,
+    hash BYTEA NOT NULL,
+    scopes TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT,
+    revoked_at BIGINT,
+    grace_until BIGINT,
+    replaced_by TEXT,
+    last_used BIGINT
+);
+CREATE TABLE IF NOT EXISTS key_meta (
+    name TEXT PRIMARY KEY,
+    value BYTEA NOT NULL
+);
+INSERT INTO key_meta (name, value) VALUES ('change', decode('00', 'hex')) ON CONFLICT (name) DO NOTHING;
+COMMIT;
+";
+
+/// The columns of a key record, in the order `key_record!` reads them.
+const COLUMNS: &str = "key_id, consumer, hash, scopes, created_at, expires_at, revoked_at, grace_until, replaced_by, last_used";
+
+/// A `KeyRecord` from a row of `COLUMNS`; `$get` is the row's fallible getter (`get` for
+/// SQLite, `try_get` for PostgreSQL).
+macro_rules! key_record {
+    ($row:ident . $get:ident) => {{
+        let opt = |v: Option<i64>| v.map(|t| t as u64);
+        KeyRecord {
+            key_id: $row.$get(0)?,
+            consumer: $row.$get(1)?,
+            hash: $row.$get(2)?,
+            scopes: $row
+                .$get::<_, String>(3)?
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+            created_at: $row.$get::<_, i64>(4)? as u64,
+            expires_at: opt($row.$get(5)?),
+            revoked_at: opt($row.$get(6)?),
+            grace_until: opt($row.$get(7)?),
+            replaced_by: $row.$get(8)?,
+            last_used: opt($row.$get(9)?),
+        }
+    }};
+}
+
+/// A value bound to a statement, for either backend.
+#[derive(Clone, Copy, Debug)]
+enum Val<'a> {
+    Text(&'a str),
+    Int(Option<i64>),
+    Bytes(&'a [u8]),
+}
+
+impl rusqlite::ToSql for Val<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Val::Text(s) => s.to_sql(),
+            Val::Int(i) => i.to_sql(),
+            Val::Bytes(b) => b.to_sql(),
+        }
+    }
+}
+
+impl postgres::types::ToSql for Val<'_> {
+    fn to_sql(
+        &self,
+        ty: &postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Val::Text(s) => s.to_sql_checked(ty, out),
+            Val::Int(i) => i.to_sql_checked(ty, out),
+            Val::Bytes(b) => b.to_sql_checked(ty, out),
+        }
+    }
+
+    fn accepts(ty: &postgres::types::Type) -> bool {
+        use postgres::types::ToSql;
+        <&str as ToSql>::accepts(ty) || <i64 as ToSql>::accepts(ty) || <&[u8]>::accepts(ty)
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+/// PostgreSQL's spelling of a statement written for SQLite: `?N` becomes `$N`.
+fn pg_sql(sql: &str) -> String {
+    sql.replace('?', "$")
+}
+
+fn pg_params<'a>(params: &'a [Val<'a>]) -> Vec<&'a (dyn postgres::types::ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+        .collect()
+}
+
+/// One transaction on either backend: everything the store does goes through one.
+enum Tx<'a> {
+    Sqlite(rusqlite::Transaction<'a>, &'a Path),
+    Postgres(postgres::Transaction<'a>, &'a str),
+}
+
+impl Tx<'_> {
+    /// Runs a statement; the number of rows it changed.
+    fn execute(&mut self, sql: &str, params: &[Val<'_>]) -> Result<u64, KeyError> {
+        match self {
+            Tx::Sqlite(tx, path) => tx
+                .prepare_cached(sql)
+                .and_then(|mut s| s.execute(rusqlite::params_from_iter(params)))
+                .map(|n| n as u64)
+                .map_err(sq(path)),
+            Tx::Postgres(tx, url) => tx
+                .execute(&pg_sql(sql), &pg_params(params))
+                .map_err(pg(url)),
+        }
+    }
+
+    /// The keys `filter` (a `WHERE` clause, or nothing) selects, oldest first.
+    fn keys(&mut self, filter: &str, params: &[Val<'_>]) -> Result<Vec<KeyRecord>, KeyError> {
+        let sql = format!("SELECT {COLUMNS} FROM api_keys {filter} ORDER BY created_at, key_id");
+        match self {
+            Tx::Sqlite(tx, path) => {
+                let mut stmt = tx.prepare_cached(&sql).map_err(sq(path))?;
+                let rows = stmt
+                    .query_map(rusqlite::params_from_iter(params), |r| {
+                        Ok(key_record!(r.get))
+                    })
+                    .map_err(sq(path))?;
+                rows.collect::<Result<_, _>>().map_err(sq(path))
+            }
+            Tx::Postgres(tx, url) => tx
+                .query(&pg_sql(&sql), &pg_params(params))
+                .map_err(pg(url))?
+                .iter()
+                .map(|r| Ok(key_record!(r.try_get)))
+                .collect::<Result<_, postgres::Error>>()
+                .map_err(pg(url)),
+        }
+    }
+
+    /// A `key_meta` value.
+    fn meta(&mut self, name: &str) -> Result<Option<Vec<u8>>, KeyError> {
+        let sql = "SELECT value FROM key_meta WHERE name = ?1";
+        match self {
+            Tx::Sqlite(tx, path) => {
+                use rusqlite::OptionalExtension;
+                tx.query_row(sql, [name], |r| r.get(0))
+                    .optional()
+                    .map_err(sq(path))
+            }
+            Tx::Postgres(tx, url) => tx
+                .query_opt(&pg_sql(sql), &[&name])
+                .and_then(|row| row.map(|r| r.try_get(0)).transpose())
+                .map_err(pg(url)),
+        }
+    }
+
+    /// Tells the other gateways that the keys changed, once this commits. SQLite needs nothing
+    /// (`PRAGMA data_version` moves by itself); PostgreSQL gets a new random change mark. It is
+    /// written last in each transaction, after the key rows, so writers take their row locks in
+    /// one order and cannot deadlock on it; readers see the new mark only with the change.
+    fn mark_changed(&mut self) -> Result<(), KeyError> {
+        if let Tx::Postgres(..) = self {
+            let mut mark = [0u8; 8];
+            SystemRandom::new()
+                .fill(&mut mark)
+                .map_err(|_| KeyError::Random)?;
+            self.execute(
+                "UPDATE key_meta SET value = ?1 WHERE name = 'change'",
+                &[Val::Bytes(&mark)],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn commit(self) -> Result<(), KeyError> {
+        match self {
+            Tx::Sqlite(tx, path) => tx.commit().map_err(sq(path)),
+            Tx::Postgres(tx, url) => tx.commit().map_err(pg(url)),
+        }
+    }
+}
+
+fn insert(tx: &mut Tx<'_>, r: &KeyRecord) -> Result<(), KeyError> {
+    tx.execute(
+        "INSERT INTO api_keys (key_id, consumer, hash, scopes, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        &[
+            Val::Text(&r.key_id),
+            Val::Text(&r.consumer),
+            Val::Bytes(&r.hash),
+            Val::Text(&r.scopes.join(" ")),
+            Val::Int(Some(r.created_at as i64)),
+            Val::Int(r.expires_at.map(|t| t as i64)),
+        ],
+    )
+    .map(|_| ())
+}
+
+/// Where the keys live.
+enum Backend {
+    /// `<data_dir>/apiwarden.db`.
+    Sqlite {
+        conn: rusqlite::Connection,
+        path: PathBuf,
+    },
+    /// `storage.database` (fleet mode). A synchronous client: it runs a small runtime of its
+    /// own and must never be used on a tokio runtime's thread.
+    Postgres {
+        client: postgres::Client,
+        url_redacted: String,
+        /// Reads the change mark (prepared once: it is polled every 250 ms).
+        read_mark: postgres::Statement,
+    },
+}
+
+impl Backend {
+    /// Connects and creates the tables when they are missing.
+    fn open(config: &Config) -> Result<Backend, KeyError> {
+        let Some(url) = &config.storage.database else {
+            let path = crate::blocklist::database_path(&config.storage.data_dir);
+            let _ = std::fs::create_dir_all(&config.storage.data_dir);
+            let conn = rusqlite::Connection::open(&path).map_err(sq(&path))?;
+            conn.busy_timeout(Duration::from_secs(5))
+                .map_err(sq(&path))?;
+            conn.execute_batch(SCHEMA).map_err(sq(&path))?;
+            return Ok(Backend::Sqlite { conn, path });
+        };
+        // Only the URL form: `redact_url` cannot hide a password in `key=value` settings.
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(KeyError::NotAPostgresUrl);
+        }
+        let url_redacted = shown_url(url);
+        let err = pg(&url_redacted);
+        let mut pc: postgres::Config = url.parse().map_err(&err)?;
+        if pc.get_connect_timeout().is_none() {
+            pc.connect_timeout(Duration::from_secs(5));
+        }
+        // A database gone silent (no reset) fails the next poll within 10 s instead of
+        // hanging the key thread: it then reconnects and says so in the log.
+        if pc.get_tcp_user_timeout().is_none() {
+            pc.tcp_user_timeout(Duration::from_secs(10));
+        }
+        if pc.get_application_name().is_none() {
+            pc.application_name("apiwarden");
+        }
+        let mut client = pc.connect(postgres::NoTls).map_err(&err)?;
+        client.batch_execute(PG_SCHEMA).map_err(&err)?;
+        let read_mark = client
+            .prepare("SELECT value FROM key_meta WHERE name = 'change'")
+            .map_err(&err)?;
+        drop(err);
+        Ok(Backend::Postgres {
+            client,
+            url_redacted,
+            read_mark,
+        })
+    }
+
+    /// Where the keys are, for messages (never with a password).
+    fn location(&self) -> String {
+        match self {
+            Backend::Sqlite { path, .. } => path.display().to_string(),
+            Backend::Postgres { url_redacted, .. } => url_redacted.clone(),
+        }
+    }
+
+    /// Runs `f` in one transaction and commits if it succeeds (a failure rolls back). A
+    /// transaction that `changes` keys tells the other gateways so.
+    fn transaction<T>(
+        &mut self,
+        write: bool,
+        changes: bool,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
+        let mut tx = match self {
+            Backend::Sqlite { conn, path } => {
+                let path: &Path = path;
+                let behavior = if write {
+                    rusqlite::TransactionBehavior::Immediate
+                } else {
+                    rusqlite::TransactionBehavior::Deferred
+                };
+                Tx::Sqlite(
+                    conn.transaction_with_behavior(behavior).map_err(sq(path))?,
+                    path,
+                )
+            }
+            Backend::Postgres {
+                client,
+                url_redacted,
+                ..
+            } => {
+                let url: &str = url_redacted;
+                Tx::Postgres(client.transaction().map_err(pg(url))?, url)
+            }
+        };
+        let out = f(&mut tx)?;
+        if changes {
+            tx.mark_changed()?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Changes when another connection has committed a change of the keys.
+    fn change_version(&mut self) -> Result<u64, KeyError> {
+        match self {
+            Backend::Sqlite { conn, path } => conn
+                .query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+                .map(|v| v as u64)
+                .map_err(sq(path)),
+            Backend::Postgres {
+                client,
+                url_redacted,
+                read_mark,
+            } => {
+                let err = pg(url_redacted);
+                let mark: Vec<u8> = client
+                    .query_one(&*read_mark, &[])
+                    .and_then(|r| r.try_get(0))
+                    .map_err(err)?;
+                Ok(mark.iter().fold(0u64, |v, b| v << 8 | u64::from(*b)))
+            }
+        }
+    }
+}
 
 /// Reads (or, for the default, creates) the pepper.
 pub fn load_pepper(
@@ -247,39 +625,78 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// The key table in the data directory's database.
+/// The key table: in the data directory's database, or in PostgreSQL when `storage.database`
+/// is set.
 pub struct KeyStore {
-    conn: rusqlite::Connection,
-    path: PathBuf,
+    db: Backend,
     pepper: hmac::Key,
 }
 
+fn random_hex(n_bytes: usize) -> Result<String, KeyError> {
+    let mut raw = vec![0u8; n_bytes];
+    SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| KeyError::Random)?;
+    Ok(apikey::hex(&raw))
+}
+
+/// A new key record and its text, not yet stored.
+fn new_key(
+    pepper: &hmac::Key,
+    config: &Config,
+    consumer: &str,
+    scopes: Option<Vec<String>>,
+    expires_at: Option<u64>,
+) -> Result<(KeyRecord, String), KeyError> {
+    let c = config
+        .consumers
+        .iter()
+        .find(|c| c.name == consumer)
+        .ok_or_else(|| KeyError::NoSuchConsumer(consumer.to_string()))?;
+    let scopes = scopes.unwrap_or_else(|| c.scopes.clone());
+    if let Some(s) = scopes.iter().find(|s| !c.scopes.contains(s)) {
+        return Err(KeyError::ScopeNotGranted {
+            consumer: consumer.to_string(),
+            scope: s.clone(),
+        });
+    }
+    let key_id = random_hex(apikey::KEY_ID_LEN / 2)?;
+    let secret = random_hex(apikey::SECRET_LEN / 2)?;
+    let hash = hmac::sign(pepper, secret.as_bytes()).as_ref().to_vec();
+    let record = KeyRecord {
+        key_id: key_id.clone(),
+        consumer: consumer.to_string(),
+        hash,
+        scopes,
+        created_at: now_ms(),
+        expires_at,
+        revoked_at: None,
+        grace_until: None,
+        replaced_by: None,
+        last_used: None,
+    };
+    Ok((record, apikey::format(&key_id, &secret)))
+}
+
 impl KeyStore {
+    /// Opens the store of `config` (PostgreSQL when `storage.database` is set). Never call it
+    /// on a tokio runtime's thread: the PostgreSQL client blocks on a runtime of its own.
     pub fn open(config: &Config) -> Result<KeyStore, KeyError> {
         let pepper = load_pepper(&config.storage.pepper, &config.storage.data_dir)?;
-        let path = crate::blocklist::database_path(&config.storage.data_dir);
-        let _ = std::fs::create_dir_all(&config.storage.data_dir);
-        let conn = rusqlite::Connection::open(&path).map_err(sq(&path))?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(sq(&path))?;
-        conn.execute_batch(SCHEMA).map_err(sq(&path))?;
+        let mut db = Backend::open(config)?;
         // A fingerprint of the pepper (an HMAC of a fixed text, which reveals nothing of it):
         // recorded by the first user of the database, checked by every later one, so a changed
-        // or mismatched pepper is an error at once rather than every key failing.
+        // or mismatched pepper (another gateway of the fleet with another one) is an error at
+        // once rather than every key failing.
         let print = hmac::sign(&pepper, b"apiwarden pepper fingerprint v1");
-        conn.execute(
-            "INSERT OR IGNORE INTO key_meta (name, value) VALUES ('pepper_fingerprint', ?1)",
-            [print.as_ref()],
-        )
-        .map_err(sq(&path))?;
-        let stored: Vec<u8> = conn
-            .query_row(
-                "SELECT value FROM key_meta WHERE name = 'pepper_fingerprint'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(sq(&path))?;
-        if stored != print.as_ref() {
+        let stored = db.transaction(true, false, |tx| {
+            tx.execute(
+                "INSERT INTO key_meta (name, value) VALUES ('pepper_fingerprint', ?1) ON CONFLICT (name) DO NOTHING",
+                &[Val::Bytes(print.as_ref())],
+            )?;
+            tx.meta("pepper_fingerprint")
+        })?;
+        if stored.as_deref() != Some(print.as_ref()) {
             let source = match &config.storage.pepper {
                 SecretSource::Env(n) => format!("env:{n}"),
                 SecretSource::File(p) => format!("file:{}", p.display()),
@@ -287,17 +704,9 @@ impl KeyStore {
                     format!("file:{}", config.storage.data_dir.join("pepper").display())
                 }
             };
-            return Err(KeyError::PepperMismatch(source, path));
+            return Err(KeyError::PepperMismatch(source, db.location()));
         }
-        Ok(KeyStore { conn, path, pepper })
-    }
-
-    fn random_hex(n_bytes: usize) -> Result<String, KeyError> {
-        let mut raw = vec![0u8; n_bytes];
-        SystemRandom::new()
-            .fill(&mut raw)
-            .map_err(|_| KeyError::Random)?;
-        Ok(apikey::hex(&raw))
+        Ok(KeyStore { db, pepper })
     }
 
     /// Issues a key: returns its record and the key text (shown once, never stored).
@@ -308,100 +717,33 @@ impl KeyStore {
         scopes: Option<Vec<String>>,
         expires_at: Option<u64>,
     ) -> Result<(KeyRecord, String), KeyError> {
-        let (record, text) = self.new_key(config, consumer, scopes, expires_at)?;
-        insert(&self.conn, &record).map_err(sq(&self.path))?;
+        let (record, text) = new_key(&self.pepper, config, consumer, scopes, expires_at)?;
+        self.db.transaction(true, true, |tx| insert(tx, &record))?;
         Ok((record, text))
-    }
-
-    /// A new key record and its text, not yet stored.
-    fn new_key(
-        &self,
-        config: &Config,
-        consumer: &str,
-        scopes: Option<Vec<String>>,
-        expires_at: Option<u64>,
-    ) -> Result<(KeyRecord, String), KeyError> {
-        let c = config
-            .consumers
-            .iter()
-            .find(|c| c.name == consumer)
-            .ok_or_else(|| KeyError::NoSuchConsumer(consumer.to_string()))?;
-        let scopes = scopes.unwrap_or_else(|| c.scopes.clone());
-        if let Some(s) = scopes.iter().find(|s| !c.scopes.contains(s)) {
-            return Err(KeyError::ScopeNotGranted {
-                consumer: consumer.to_string(),
-                scope: s.clone(),
-            });
-        }
-        let key_id = Self::random_hex(apikey::KEY_ID_LEN / 2)?;
-        let secret = Self::random_hex(apikey::SECRET_LEN / 2)?;
-        let hash = hmac::sign(&self.pepper, secret.as_bytes())
-            .as_ref()
-            .to_vec();
-        let record = KeyRecord {
-            key_id: key_id.clone(),
-            consumer: consumer.to_string(),
-            hash,
-            scopes,
-            created_at: now_ms(),
-            expires_at,
-            revoked_at: None,
-            grace_until: None,
-            replaced_by: None,
-            last_used: None,
-        };
-        Ok((record, apikey::format(&key_id, &secret)))
     }
 
     /// Every key, oldest first.
     pub fn list(&mut self) -> Result<Vec<KeyRecord>, KeyError> {
-        let path = self.path.clone();
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT key_id, consumer, hash, scopes, created_at, expires_at, revoked_at, grace_until, replaced_by, last_used FROM api_keys ORDER BY created_at, key_id")
-            .map_err(sq(&path))?;
-        let opt = |v: Option<i64>| v.map(|t| t as u64);
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(KeyRecord {
-                    key_id: r.get(0)?,
-                    consumer: r.get(1)?,
-                    hash: r.get(2)?,
-                    scopes: r
-                        .get::<_, String>(3)?
-                        .split_whitespace()
-                        .map(str::to_string)
-                        .collect(),
-                    created_at: r.get::<_, i64>(4)? as u64,
-                    expires_at: opt(r.get(5)?),
-                    revoked_at: opt(r.get(6)?),
-                    grace_until: opt(r.get(7)?),
-                    replaced_by: r.get(8)?,
-                    last_used: opt(r.get(9)?),
-                })
-            })
-            .map_err(sq(&path))?;
-        rows.collect::<Result<_, _>>().map_err(sq(&path))
-    }
-
-    fn get(&mut self, key_id: &str) -> Result<KeyRecord, KeyError> {
-        self.list()?
-            .into_iter()
-            .find(|k| k.key_id == key_id)
-            .ok_or_else(|| KeyError::NoSuchKey(key_id.to_string()))
+        self.db.transaction(false, false, |tx| tx.keys("", &[]))
     }
 
     /// Revokes a key at once; false when it was already revoked.
     pub fn revoke(&mut self, key_id: &str) -> Result<bool, KeyError> {
-        self.get(key_id)?;
-        let n = self
-            .conn
-            .execute(
+        let now = now_ms() as i64;
+        self.db.transaction(true, true, |tx| {
+            let n = tx.execute(
                 "UPDATE api_keys SET revoked_at = ?2 WHERE key_id = ?1 AND revoked_at IS NULL",
-                rusqlite::params![key_id, now_ms() as i64],
-            )
-            .map_err(sq(&self.path))?;
-        Ok(n == 1)
+                &[Val::Text(key_id), Val::Int(Some(now))],
+            )?;
+            if n == 0
+                && tx
+                    .keys("WHERE key_id = ?1", &[Val::Text(key_id)])?
+                    .is_empty()
+            {
+                return Err(KeyError::NoSuchKey(key_id.to_string()));
+            }
+            Ok(n == 1)
+        })
     }
 
     /// Issues a new secret for the same consumer and scopes (a new key id), and lets the old
@@ -413,69 +755,68 @@ impl KeyStore {
         key_id: &str,
         grace: Duration,
     ) -> Result<(KeyRecord, String), KeyError> {
-        let old = self.get(key_id)?;
-        let now = now_ms();
-        let status = old.status(now);
-        if status != KeyStatus::Active {
-            return Err(KeyError::NotActive(key_id.to_string(), status.as_str()));
-        }
-        // Scopes the consumer lost since are not carried over.
-        let held = config
-            .consumers
-            .iter()
-            .find(|c| c.name == old.consumer)
-            .ok_or_else(|| KeyError::NoSuchConsumer(old.consumer.clone()))?;
-        let scopes = old
-            .scopes
-            .iter()
-            .filter(|s| held.scopes.contains(s))
-            .cloned()
-            .collect();
-        let grace_until = now
-            .checked_add(grace.as_millis().try_into().unwrap_or(u64::MAX))
-            .ok_or(KeyError::NotActive(key_id.to_string(), "beyond any grace"))?;
-        let (new, text) = self.new_key(config, &old.consumer, Some(scopes), old.expires_at)?;
-        let path = self.path.clone();
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(sq(&path))?;
-        let n = tx
-            .execute(
+        let pepper = &self.pepper;
+        self.db.transaction(true, true, |tx| {
+            let old = tx
+                .keys("WHERE key_id = ?1", &[Val::Text(key_id)])?
+                .pop()
+                .ok_or_else(|| KeyError::NoSuchKey(key_id.to_string()))?;
+            let now = now_ms();
+            let status = old.status(now);
+            if status != KeyStatus::Active {
+                return Err(KeyError::NotActive(key_id.to_string(), status.as_str()));
+            }
+            // Scopes the consumer lost since are not carried over.
+            let held = config
+                .consumers
+                .iter()
+                .find(|c| c.name == old.consumer)
+                .ok_or_else(|| KeyError::NoSuchConsumer(old.consumer.clone()))?;
+            let scopes = old
+                .scopes
+                .iter()
+                .filter(|s| held.scopes.contains(s))
+                .cloned()
+                .collect();
+            let grace_until = now
+                .checked_add(grace.as_millis().try_into().unwrap_or(u64::MAX))
+                .and_then(|t| i64::try_from(t).ok())
+                .ok_or(KeyError::NotActive(key_id.to_string(), "beyond any grace"))?;
+            let (new, text) = new_key(pepper, config, &old.consumer, Some(scopes), old.expires_at)?;
+            // Only if no other writer revoked or rotated it since it was read (PostgreSQL
+            // evaluates this again on the row as a concurrent writer left it).
+            let n = tx.execute(
                 "UPDATE api_keys SET grace_until = ?2, replaced_by = ?3 WHERE key_id = ?1 AND revoked_at IS NULL AND grace_until IS NULL",
-                rusqlite::params![key_id, grace_until as i64, new.key_id],
-            )
-            .map_err(sq(&path))?;
-        if n != 1 {
-            return Err(KeyError::NotActive(key_id.to_string(), "changed meanwhile"));
-        }
-        insert(&tx, &new).map_err(sq(&path))?;
-        tx.commit().map_err(sq(&path))?;
-        Ok((new, text))
+                &[Val::Text(key_id), Val::Int(Some(grace_until)), Val::Text(&new.key_id)],
+            )?;
+            if n != 1 {
+                return Err(KeyError::NotActive(key_id.to_string(), "changed meanwhile"));
+            }
+            insert(tx, &new)?;
+            Ok((new, text))
+        })
     }
 
-    /// Changes when another connection commits: the gateway's cue to read the keys again.
-    pub fn data_version(&self) -> Result<i64, KeyError> {
-        self.conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))
-            .map_err(sq(&self.path))
+    /// Changes when another process committed a change of the keys: the gateway's cue to read
+    /// them again.
+    pub fn change_version(&mut self) -> Result<u64, KeyError> {
+        self.db.change_version()
     }
 
-    /// Writes back `last_used` times (never moving one backwards).
+    /// Writes back `last_used` times (never moving one backwards). In key id order, so that
+    /// gateways writing the same keys at once cannot deadlock.
     pub fn touch(&mut self, used: &[(String, u64)]) -> Result<(), KeyError> {
-        let path = self.path.clone();
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(sq(&path))?;
-        for (key_id, at) in used {
-            tx.execute(
-                "UPDATE api_keys SET last_used = ?2 WHERE key_id = ?1 AND (last_used IS NULL OR last_used < ?2)",
-                rusqlite::params![key_id, *at as i64],
-            )
-            .map_err(sq(&path))?;
-        }
-        tx.commit().map_err(sq(&path))
+        let mut used: Vec<&(String, u64)> = used.iter().collect();
+        used.sort();
+        self.db.transaction(true, false, |tx| {
+            for (key_id, at) in used {
+                tx.execute(
+                    "UPDATE api_keys SET last_used = ?2 WHERE key_id = ?1 AND (last_used IS NULL OR last_used < ?2)",
+                    &[Val::Text(key_id), Val::Int(Some(*at as i64))],
+                )?;
+            }
+            Ok(())
+        })
     }
 
     /// The key ring the gateway checks against.
@@ -601,11 +942,17 @@ impl KeyRing {
 }
 
 /// Keeps `shared.keys` in step with the store: reads the keys again when another process
-/// changed the database, writes `last_used` back every 10 s. Runs until `stop` is set.
-pub fn follow(shared: Arc<crate::pipeline::Shared>, stop: Arc<std::sync::atomic::AtomicBool>) {
-    let mut store: Option<(KeyStore, i64)> = None;
+/// changed the database, writes `last_used` back every 10 s. Runs until `stop` is set; `ready`
+/// hears when the first attempt to read the keys is over (read or not). It runs on a plain
+/// thread of its own, where the PostgreSQL client may block.
+pub fn follow(
+    shared: Arc<crate::pipeline::Shared>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    mut ready: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    let mut store: Option<(KeyStore, u64)> = None;
     // What the store was opened from; a reload that changes it opens the store again.
-    let mut origin: Option<(PathBuf, SecretSource)> = None;
+    let mut origin: Option<(PathBuf, Option<String>, SecretSource)> = None;
     let mut written: HashMap<String, u64> = HashMap::new();
     // A ring read from the store takes over what the old one learned; what the store already
     // holds as last use needs no writing back.
@@ -628,6 +975,7 @@ pub fn follow(shared: Arc<crate::pipeline::Shared>, stop: Arc<std::sync::atomic:
         let config = &state.config;
         let now_from = (
             config.storage.data_dir.clone(),
+            config.storage.database.clone(),
             config.storage.pepper.clone(),
         );
         if origin.as_ref() != Some(&now_from) {
@@ -637,13 +985,13 @@ pub fn follow(shared: Arc<crate::pipeline::Shared>, stop: Arc<std::sync::atomic:
         let result = (|| -> Result<(), KeyError> {
             if store.is_none() {
                 let mut s = KeyStore::open(config)?;
-                let v = s.data_version()?;
+                let v = s.change_version()?;
                 install(s.ring()?, &mut written);
                 store = Some((s, v));
             }
             let (s, version) = store.as_mut().expect("opened above");
             // Changes first (a revocation must not wait behind our own writes), then usage.
-            let v = s.data_version()?;
+            let v = s.change_version()?;
             if v != *version {
                 *version = v;
                 install(s.ring()?, &mut written);
@@ -660,10 +1008,16 @@ pub fn follow(shared: Arc<crate::pipeline::Shared>, stop: Arc<std::sync::atomic:
         })();
         if let Err(e) = result {
             store = None;
-            if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+            if ready.is_some() {
+                tracing::warn!(error = %e, "cannot read the API keys at start; routes with api_key refuse every request until they can be read (trying again every 250 ms)");
+                last_error = Some(std::time::Instant::now());
+            } else if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                 tracing::warn!(error = %e, "cannot read the API keys; the keys in force stay as they are");
                 last_error = Some(std::time::Instant::now());
             }
+        }
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(());
         }
         if stopping {
             return;
@@ -727,5 +1081,251 @@ mod tests {
         .unwrap()
         .to_string();
         assert!(err.contains("not set"), "{err}");
+    }
+
+    /// A fresh schema of its own in the PostgreSQL at 127.0.0.1:5432 (trust auth, user
+    /// `postgres`, database `test`), dropped at the end. `None`, said loudly, when that server
+    /// is not there; under CI (env `CI` set) that fails the test instead.
+    struct PgSchema {
+        name: String,
+        url: String,
+    }
+
+    const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+    fn pg_admin() -> Result<postgres::Client, postgres::Error> {
+        let mut c: postgres::Config = PG_BASE.parse()?;
+        c.connect_timeout(Duration::from_secs(3));
+        c.connect(postgres::NoTls)
+    }
+
+    impl PgSchema {
+        fn new() -> Option<PgSchema> {
+            let mut admin = match pg_admin() {
+                Ok(c) => c,
+                Err(e) if std::env::var_os("CI").is_some() => {
+                    panic!("PostgreSQL at 127.0.0.1:5432 is required under CI: {e}")
+                }
+                Err(e) => {
+                    eprintln!("\n*** SKIPPED: PostgreSQL not reachable at 127.0.0.1:5432 ({e}); the PostgreSQL key store test did not run ***\n");
+                    return None;
+                }
+            };
+            let name = format!("aw_test_{}", uuid::Uuid::new_v4().simple());
+            admin
+                .batch_execute(&format!("CREATE SCHEMA {name}"))
+                .unwrap();
+            // The postgres crate passes `options` on to the server: the schema is the only one
+            // on the search path, so the store's tables land in it.
+            let url = format!("{PG_BASE}?options=-csearch_path%3D{name}");
+            Some(PgSchema { name, url })
+        }
+
+        /// A config of a gateway using this schema, with a pepper file of `pepper`.
+        fn config(&self, dir: &Path, pepper: &str) -> Config {
+            std::fs::create_dir_all(dir).unwrap();
+            let file = dir.join(format!("pepper-{}", crate::ids::new_id()));
+            std::fs::write(&file, pepper).unwrap();
+            let text = format!(
+                "[storage]\ndata_dir = \"{}\"\ndatabase = \"{}\"\npepper = \"file:{}\"\n\n\
+                 [[consumers]]\nname = \"billing\"\nscopes = [\"orders:read\", \"orders:write\"]\n",
+                dir.display(),
+                self.url,
+                file.display()
+            );
+            apiwarden_core::config::parse(&text, "t.toml").unwrap()
+        }
+    }
+
+    impl Drop for PgSchema {
+        fn drop(&mut self) {
+            if let Ok(mut admin) = pg_admin() {
+                let _ = admin.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+            }
+        }
+    }
+
+    const PEPPER: &str = "a fleet pepper, the same on every node";
+
+    #[test]
+    fn postgres_keys_live_in_their_schema_and_other_gateways_see_changes() {
+        let Some(schema) = PgSchema::new() else {
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("aw-pg-{}", crate::ids::new_id()));
+        let cfg = schema.config(&dir, PEPPER);
+        let mut a = KeyStore::open(&cfg).unwrap();
+        let mut b = KeyStore::open(&cfg).expect("a second gateway with the same pepper");
+
+        // The same tables, in the schema the URL's search_path names, with PostgreSQL types.
+        let mut admin = pg_admin().unwrap();
+        let types: HashMap<String, String> = admin
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'api_keys'",
+                &[&schema.name],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(types.len(), 10, "{types:?}");
+        assert_eq!(types["hash"], "bytea");
+        assert_eq!(types["created_at"], "bigint");
+        assert_eq!(types["last_used"], "bigint");
+
+        let v0 = b.change_version().unwrap();
+        assert_eq!(b.change_version().unwrap(), v0, "no change, no new version");
+        let (old, old_text) = a.create(&cfg, "billing", None, None).unwrap();
+        let v1 = b.change_version().unwrap();
+        assert_ne!(v1, v0, "a created key is a change");
+        let now = now_ms();
+        assert!(b.ring().unwrap().check(&old_text, now).is_ok());
+
+        // Last use is not a change: gateways do not read every key again for it.
+        a.touch(&[(old.key_id.clone(), now)]).unwrap();
+        a.touch(&[(old.key_id.clone(), now - 5_000)]).unwrap();
+        assert_eq!(b.change_version().unwrap(), v1);
+        assert_eq!(b.list().unwrap()[0].last_used, Some(now), "never backwards");
+
+        let (new, new_text) = a
+            .rotate(&cfg, &old.key_id, Duration::from_secs(3600))
+            .unwrap();
+        let v2 = b.change_version().unwrap();
+        assert_ne!(v2, v1);
+        let ring = b.ring().unwrap();
+        assert!(
+            ring.check(&old_text, now).is_ok(),
+            "the old key works in its grace"
+        );
+        assert!(ring.check(&new_text, now).is_ok());
+        let listed = b.list().unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].status(now_ms()), KeyStatus::Rotating);
+        assert_eq!(listed[0].replaced_by.as_deref(), Some(new.key_id.as_str()));
+        assert_eq!(listed[1].hash.len(), 32);
+        assert!(matches!(
+            a.rotate(&cfg, &old.key_id, Duration::ZERO),
+            Err(KeyError::NotActive(..))
+        ));
+
+        assert!(a.revoke(&old.key_id).unwrap());
+        assert!(!a.revoke(&old.key_id).unwrap(), "already revoked");
+        assert!(matches!(a.revoke("nope"), Err(KeyError::NoSuchKey(_))));
+        assert_ne!(b.change_version().unwrap(), v2);
+        let ring = b.ring().unwrap();
+        assert_eq!(
+            ring.check(&old_text, now_ms()).err(),
+            Some(Reason::AuthnRevokedKey)
+        );
+        assert!(ring.check(&new_text, now_ms()).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn postgres_a_fleet_with_different_peppers_fails_at_open() {
+        let Some(schema) = PgSchema::new() else {
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("aw-pg-{}", crate::ids::new_id()));
+        KeyStore::open(&schema.config(&dir, PEPPER)).unwrap();
+        let other = "another pepper, long enough to count";
+        let err = KeyStore::open(&schema.config(&dir, other)).err().unwrap();
+        assert!(matches!(err, KeyError::PepperMismatch(..)), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("not the one the keys"), "{text}");
+        assert!(text.contains("127.0.0.1:5432/test"), "{text}");
+        assert!(!text.contains(other) && !text.contains(PEPPER), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn postgres_concurrent_rotations_of_one_key_let_exactly_one_win() {
+        let Some(schema) = PgSchema::new() else {
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("aw-pg-{}", crate::ids::new_id()));
+        let cfg = schema.config(&dir, PEPPER);
+        let (key, _) = KeyStore::open(&cfg)
+            .unwrap()
+            .create(&cfg, "billing", None, None)
+            .unwrap();
+        let barrier = std::sync::Barrier::new(4);
+        let results: Vec<Result<(KeyRecord, String), KeyError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut store = KeyStore::open(&cfg).unwrap();
+                        barrier.wait();
+                        store.rotate(&cfg, &key.key_id, Duration::from_secs(60))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "{results:?}");
+        assert!(results
+            .iter()
+            .all(|r| r.is_ok() || matches!(r, Err(KeyError::NotActive(..)))));
+        assert_eq!(KeyStore::open(&cfg).unwrap().list().unwrap().len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn postgres_gateways_starting_together_on_a_new_schema_all_open_it() {
+        let Some(schema) = PgSchema::new() else {
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("aw-pg-{}", crate::ids::new_id()));
+        let cfg = schema.config(&dir, PEPPER);
+        let barrier = std::sync::Barrier::new(6);
+        std::thread::scope(|s| {
+            for _ in 0..6 {
+                s.spawn(|| {
+                    barrier.wait();
+                    KeyStore::open(&cfg).unwrap();
+                });
+            }
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn postgres_errors_name_the_database_but_never_its_password() {
+        let dir = std::env::temp_dir().join(format!("aw-pg-{}", crate::ids::new_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pepper"), PEPPER).unwrap();
+        let config = |url: &str| {
+            let text = format!(
+                "[storage]\ndata_dir = \"{}\"\ndatabase = \"{url}\"\npepper = \"file:{}\"\n",
+                dir.display(),
+                dir.join("pepper").display()
+            );
+            apiwarden_core::config::parse(&text, "t.toml").unwrap()
+        };
+        // Nothing listens on port 1.
+        let err = KeyStore::open(&config(
+            "postgres://apiwarden:s3cret-pw@127.0.0.1:1/keys?password=other-pw&connect_timeout=2",
+        ))
+        .err()
+        .unwrap();
+        assert!(matches!(err, KeyError::Postgres { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("127.0.0.1:1/keys"), "{text}");
+        assert!(text.contains("is PostgreSQL running"), "{text}");
+        assert!(text.contains("storage.database"), "{text}");
+        assert!(
+            !text.contains("s3cret-pw") && !text.contains("other-pw"),
+            "{text}"
+        );
+        assert!(
+            !format!("{err:?}").contains("s3cret-pw"),
+            "not even in Debug"
+        );
+        let err = KeyStore::open(&config("host=127.0.0.1 password=s3cret-pw"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, KeyError::NotAPostgresUrl), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

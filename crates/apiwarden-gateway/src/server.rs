@@ -231,23 +231,19 @@ impl Gateway {
                 .ok();
             (stop, thread)
         };
-        // The API keys too: read once before the first request, then followed.
+        // The API keys too: read before the first request, then followed. The key thread reads
+        // them (a plain thread: the PostgreSQL client must never block a runtime's thread);
+        // this waits for its first attempt without blocking, and at most 10 s (an unreachable
+        // database: `/readyz` stays 503 until the keys could be read).
         let keys = {
             let stop = Arc::new(AtomicBool::new(false));
-            let sh = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let config = sh.state.load().config.clone();
-                match crate::keystore::KeyStore::open(&config).and_then(|mut s| s.ring()) {
-                    Ok(ring) => sh.keys.store(Arc::new(ring)),
-                    Err(e) => tracing::warn!(error = %e, "cannot read the API keys at start; routes with api_key refuse every request until they can be read"),
-                }
-            })
-            .await;
+            let (ready, first) = tokio::sync::oneshot::channel();
             let (sh, st) = (shared.clone(), stop.clone());
             let thread = std::thread::Builder::new()
                 .name("apiwarden-keys".into())
-                .spawn(move || crate::keystore::follow(sh, st))
+                .spawn(move || crate::keystore::follow(sh, st, Some(ready)))
                 .ok();
+            let _ = tokio::time::timeout(Duration::from_secs(10), first).await;
             (stop, thread)
         };
         let (stop, stop_rx) = watch::channel(false);

@@ -65,7 +65,7 @@ pub fn run(cfg: &Config, days: u64, json: bool) -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
     let keys = KeyStore::open(cfg)
-        .context("cannot open the key store; check storage.data_dir and storage.pepper")?
+        .context("cannot open the key store; check storage.data_dir (or storage.database) and storage.pepper")?
         .list()?;
     let now = now_ms();
     let max_age = cfg.storage.key_max_age.as_millis() as u64;

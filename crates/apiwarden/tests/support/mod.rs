@@ -13,11 +13,22 @@ pub fn bin() -> Command {
 
 /// Runs `apiwarden SUBCOMMAND ARGS --config CONFIG`: (success, stdout, stderr).
 pub fn cli(subcommand: &str, config: &Path, args: &[&str]) -> (bool, String, String) {
+    cli_env(subcommand, config, args, &[])
+}
+
+/// `cli` with these environment variables set.
+pub fn cli_env(
+    subcommand: &str,
+    config: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     let out = bin()
         .arg(subcommand)
         .args(args)
         .arg("--config")
         .arg(config)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -49,6 +60,66 @@ pub fn redis_available() -> bool {
     false
 }
 
+const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn pg_admin() -> Result<postgres::Client, postgres::Error> {
+    let mut c: postgres::Config = PG_BASE.parse()?;
+    c.connect_timeout(Duration::from_secs(3));
+    c.connect(postgres::NoTls)
+}
+
+/// Whether the PostgreSQL at 127.0.0.1:5432 (trust auth, user `postgres`, database `test`) can
+/// be used; under CI it must.
+pub fn postgres_available() -> bool {
+    match pg_admin() {
+        Ok(_) => true,
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("PostgreSQL at 127.0.0.1:5432 is required under CI: {e}")
+        }
+        Err(e) => {
+            eprintln!("\n*** SKIPPED: PostgreSQL not reachable at 127.0.0.1:5432 ({e}); the fleet key test did not run ***\n");
+            false
+        }
+    }
+}
+
+/// A fresh schema in that PostgreSQL, dropped with everything in it at the end; `url` points
+/// at it (through the `search_path` option), for `storage.database`.
+pub struct PgSchema {
+    pub name: String,
+    pub url: String,
+}
+
+impl PgSchema {
+    pub fn create() -> PgSchema {
+        let schema = PgSchema::planned();
+        schema.make();
+        schema
+    }
+
+    /// The name and URL of a fresh schema that does not exist yet (`make` creates it).
+    pub fn planned() -> PgSchema {
+        let name = format!("aw_test_{}", apiwarden_gateway::ids::new_id().simple());
+        let url = format!("{PG_BASE}?options=-csearch_path%3D{name}");
+        PgSchema { name, url }
+    }
+
+    pub fn make(&self) {
+        pg_admin()
+            .unwrap()
+            .batch_execute(&format!("CREATE SCHEMA {}", self.name))
+            .unwrap();
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = pg_admin() {
+            let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -71,6 +142,11 @@ impl Drop for Node {
 }
 
 pub fn start_node(dir: &Path, i: usize, common: &str) -> Node {
+    start_node_env(dir, i, common, &[])
+}
+
+/// `start_node` with these environment variables set for the node.
+pub fn start_node_env(dir: &Path, i: usize, common: &str, env: &[(&str, &str)]) -> Node {
     let port = free_port();
     let admin = free_port();
     let path = dir.join(format!("node{i}.toml"));
@@ -86,6 +162,7 @@ pub fn start_node(dir: &Path, i: usize, common: &str) -> Node {
     let child = Command::new(env!("CARGO_BIN_EXE_apiwarden"))
         .args(["serve", "--config"])
         .arg(&path)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -101,6 +178,20 @@ pub fn start_node(dir: &Path, i: usize, common: &str) -> Node {
         std::thread::sleep(Duration::from_millis(50));
     }
     node
+}
+
+/// A GET with a bearer key on a fresh connection: the status.
+pub fn get_with_key(addr: &str, path: &str, key: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out[9..12].parse().unwrap()
 }
 
 /// One keep-alive HTTP/1.1 connection; returns the status of each GET.
