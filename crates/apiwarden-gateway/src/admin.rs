@@ -1,4 +1,4 @@
-//! The admin listener: `/healthz`, `/readyz` and `/metrics`.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, and the admin API (`admin_api.rs`).
 
 use crate::body::ResponseBody;
 use crate::pipeline::Shared;
@@ -25,9 +25,13 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 
 async fn handle(
     shared: Arc<Shared>,
+    peer: std::net::IpAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     const JSON: &str = "application/json";
+    if req.uri().path().starts_with("/admin/v1/") {
+        return Ok(crate::admin_api::handle(shared, peer, req).await);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -74,7 +78,7 @@ async fn handle(
         _ => reply(
             StatusCode::NOT_FOUND,
             JSON,
-            "{\"error\":\"not found: try /healthz, /readyz or /metrics\"}\n".into(),
+            "{\"error\":\"not found: try /healthz, /readyz, /metrics or /admin/v1/...\"}\n".into(),
         ),
     })
 }
@@ -111,7 +115,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok((s, peer)) => (s, peer.ip()),
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -119,9 +123,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
             },
             _ = stop.changed() => return,
         };
+        let (stream, peer) = stream;
         let shared = shared.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(shared.clone(), req));
+            let svc = service_fn(move |req| handle(shared.clone(), peer, req));
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))

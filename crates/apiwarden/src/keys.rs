@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result};
 use apiwarden_core::config::Config;
-use apiwarden_gateway::keystore::{KeyRecord, KeyStatus, KeyStore};
+use apiwarden_gateway::admin_api::{key_json as record_json, key_warnings as warnings};
+use apiwarden_gateway::keystore::KeyStore;
 use apiwarden_gateway::now_ms;
 use clap::Subcommand;
 use std::time::Duration;
@@ -53,49 +54,9 @@ fn when(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// What `keys list` warns about.
-fn warnings(k: &KeyRecord, cfg: &Config, now: u64) -> Vec<String> {
-    let mut w = Vec::new();
-    let status = k.status(now);
-    if status != KeyStatus::Active && status != KeyStatus::Rotating {
-        return w;
-    }
-    let day = 86_400_000;
-    let age = now.saturating_sub(k.created_at);
-    if age > cfg.storage.key_max_age.as_millis() as u64 {
-        w.push(format!(
-            "older than {} days: rotate it",
-            cfg.storage.key_max_age.as_secs() / 86_400
-        ));
-    }
-    let idle_since = k.last_used.unwrap_or(k.created_at);
-    if now.saturating_sub(idle_since) > cfg.storage.key_unused_after.as_millis() as u64 {
-        w.push(match k.last_used {
-            Some(_) => format!("unused for {} days: revoke it?", (now - idle_since) / day),
-            None => format!(
-                "never used in {} days: revoke it?",
-                (now - idle_since) / day
-            ),
-        });
-    }
-    if let Some(t) = k.expires_at {
-        if t > now && t - now < 7 * day {
-            w.push(format!("expires in {} days", (t - now).div_ceil(day)));
-        }
-    }
-    w
-}
-
-fn record_json(k: &KeyRecord, cfg: &Config, now: u64) -> serde_json::Value {
-    let mut v = serde_json::to_value(k).expect("a key record serialises");
-    v["status"] = k.status(now).as_str().into();
-    v["warnings"] = warnings(k, cfg, now).into();
-    v
-}
-
 pub fn run(cmd: KeysCommand, cfg: &Config) -> Result<()> {
     let mut store = KeyStore::open(cfg)
-        .context("cannot open the key store; check storage.data_dir and storage.pepper")?;
+        .context("cannot open the key store; check storage.data_dir (or storage.database) and storage.pepper")?;
     let now = now_ms();
     match cmd {
         KeysCommand::Create {

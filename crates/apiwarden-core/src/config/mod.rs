@@ -103,6 +103,34 @@ pub struct TlsConfig {
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Tokens of the admin API (`[admin.tokens.NAME]`); none: the API answers `401`.
+    pub tokens: Vec<AdminToken>,
+}
+
+/// What an admin token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminRole {
+    /// Read and write.
+    Admin,
+    /// Read only.
+    Auditor,
+}
+
+impl AdminRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRole::Admin => "admin",
+            AdminRole::Auditor => "auditor",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminToken {
+    /// Recorded as the actor of admin events (`admin-token:NAME`).
+    pub name: String,
+    pub role: AdminRole,
+    pub secret: SecretSource,
 }
 
 #[derive(Clone, Debug)]
@@ -411,6 +439,8 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "gateway.worker_threads", default: "one per core", example: "2", doc: "Worker threads, each with its own event loop, connections and upstream pools (read at start only)." },
     OptionDoc { key: "gateway.h2c", default: "false", example: "true", doc: "Plain-TCP listener only: also accept HTTP/2 with prior knowledge (h2c). Over TLS, HTTP/2 is always offered through ALPN." },
     OptionDoc { key: "admin.listen", default: "\"127.0.0.1:9090\"", example: "\"127.0.0.1:9090\"", doc: "Address of the admin listener (`/healthz`, `/readyz`, `/metrics`)." },
+    OptionDoc { key: "admin.tokens.NAME.role", default: "required", example: "\"auditor\"", doc: "`admin` (read and write) or `auditor` (read only) for the admin API (`/admin/v1/...`). The token's name is the actor of its audit events (`admin-token:NAME`)." },
+    OptionDoc { key: "admin.tokens.NAME.secret", default: "required", example: "\"env:APIWARDEN_AUDITOR_TOKEN\"", doc: "The bearer token: `env:NAME` or `file:PATH`, read at each request (so it can be replaced without a reload), at least 32 bytes." },
     OptionDoc { key: "storage.data_dir", default: "\"./apiwarden-data\"", example: "\"/var/lib/apiwarden\"", doc: "Where audit records and local state live (relative to the config file)." },
     OptionDoc { key: "storage.database", default: "none", example: "\"postgres://postgres@127.0.0.1/test\"", doc: "Fleet mode: PostgreSQL for shared consumers and keys (used by the identity stage)." },
     OptionDoc { key: "storage.redis", default: "none", example: "\"redis://127.0.0.1/\"", doc: "Fleet mode: Redis for limits shared by every node and for the block list. Limits use it unless they say `store = \"local\"`." },

@@ -44,6 +44,14 @@ pub(crate) enum Size {
 #[serde(deny_unknown_fields)]
 pub(crate) struct Admin {
     pub listen: Option<String>,
+    pub tokens: Option<std::collections::BTreeMap<String, AdminToken>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminToken {
+    pub role: String,
+    pub secret: String,
 }
 
 #[derive(Debug, Default, Deserialize)]

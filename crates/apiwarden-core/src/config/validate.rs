@@ -250,6 +250,37 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         "127.0.0.1:9090",
         &[name("admin"), name("listen")],
     );
+    let mut admin_tokens = Vec::new();
+    for (tname, t) in admin.tokens.iter().flatten() {
+        let at = |k: &'static str| {
+            [
+                name("admin"),
+                name("tokens"),
+                Key::Owned(tname.clone()),
+                name(k),
+            ]
+        };
+        let role = match t.role.as_str() {
+            "admin" => AdminRole::Admin,
+            "auditor" => AdminRole::Auditor,
+            other => {
+                cx.error(
+                    &at("role"),
+                    format!(
+                        "role {other:?}: use \"admin\" (read and write) or \"auditor\" (read only)"
+                    ),
+                );
+                AdminRole::Auditor
+            }
+        };
+        if let Some(secret) = secret_source(&mut cx, &t.secret, &rel, &at("secret")) {
+            admin_tokens.push(AdminToken {
+                name: tname.clone(),
+                role,
+                secret,
+            });
+        }
+    }
     let durability = match audit.durability.as_deref() {
         None | Some("strict") => Durability::Strict,
         Some("batched") => Durability::Batched,
@@ -910,6 +941,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         },
         admin: AdminConfig {
             listen: admin_listen,
+            tokens: admin_tokens,
         },
         storage: StorageConfig {
             data_dir,
@@ -1303,6 +1335,8 @@ colour = "blue"
             ("[limits.l]\nrate = \"10/s\"\nstore = \"redis\"\n", "needs storage.redis"),
             ("[jwt.j]\nissuer = \"http://idp.example.com\"\naudiences = [\"a\"]\n", "must be an https:// URL"),
             ("[jwt.j]\nissuer = \"https://idp.example.com\"\n", "needs `audiences`"),
+            ("[admin.tokens.ops]\nrole = \"root\"\nsecret = \"env:T\"\n", "\"auditor\" (read only)"),
+            ("[admin.tokens.ops]\nrole = \"admin\"\nsecret = \"hunter2\"\n", "never goes in the config"),
             ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nalgorithms = [\"HS256\"]\n", "HS256 needs a shared secret"),
             ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nalgorithms = [\"none\"]\n", "not supported"),
             ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nsecret = \"hunter2hunter2\"\n", "env:NAME"),
@@ -1453,11 +1487,13 @@ auth = ["none"]
                 "consumers[]" => "[[consumers]]".to_string(),
                 "limits.NAME" => "[limits.l]".to_string(),
                 "jwt.NAME" => "[jwt.corp]".to_string(),
+                "admin.tokens.NAME" => "[admin.tokens.ops]".to_string(),
                 s => format!("[{s}]"),
             };
             // `url` and `targets` exclude each other, and so do `path` and `path_prefix`.
             // And a JWKS and a shared secret.
-            if key == "targets" || key == "path_prefix" || key == "secret" {
+            if key == "targets" || key == "path_prefix" || (section, key) == ("jwt.NAME", "secret")
+            {
                 continue;
             }
             sections

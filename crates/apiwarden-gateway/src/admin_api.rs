@@ -1,0 +1,428 @@
+//! The admin API on the admin listener (`/admin/v1/...`): keys and consumers, as the command
+//! line manages them, for tokens with a role (`[admin.tokens.NAME]`): `admin` reads and
+//! writes, `auditor` reads.
+//!
+//! Every call, allowed or refused, is an `admin` audit event with its actor
+//! (`admin-token:NAME`, or none when no token matched), the method and path, the status and a
+//! sentence; never a token or a key's secret.
+//!
+//! | method and path | role | does |
+//! | --- | --- | --- |
+//! | `GET /admin/v1/consumers` | auditor | the consumers of the config in force |
+//! | `GET /admin/v1/keys` | auditor | every key, as `keys list --json` |
+//! | `POST /admin/v1/keys` `{"consumer", "scopes"?, "expires_in"?}` | admin | issues a key; the secret is in this answer only |
+//! | `POST /admin/v1/keys/{id}/rotate` `{"grace"?}` | admin | as `keys rotate` (default grace 24h) |
+//! | `POST /admin/v1/keys/{id}/revoke` | admin | as `keys revoke` |
+
+use crate::body::ResponseBody;
+use crate::keystore::{KeyError, KeyRecord, KeyStatus, KeyStore};
+use crate::pipeline::Shared;
+use apiwarden_core::config::{AdminRole, Config};
+use apiwarden_core::event::{AuditEvent, EventKind, Outcome, Reason};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use ring::hmac;
+use serde_json::{json, Value};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The largest request body the admin API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What `keys list` warns about: old, unused or soon-expiring keys.
+pub fn key_warnings(k: &KeyRecord, cfg: &Config, now: u64) -> Vec<String> {
+    let mut w = Vec::new();
+    let status = k.status(now);
+    if status != KeyStatus::Active && status != KeyStatus::Rotating {
+        return w;
+    }
+    let day = 86_400_000;
+    let age = now.saturating_sub(k.created_at);
+    if age > cfg.storage.key_max_age.as_millis() as u64 {
+        w.push(format!(
+            "older than {} days: rotate it",
+            cfg.storage.key_max_age.as_secs() / 86_400
+        ));
+    }
+    let idle_since = k.last_used.unwrap_or(k.created_at);
+    if now.saturating_sub(idle_since) > cfg.storage.key_unused_after.as_millis() as u64 {
+        w.push(match k.last_used {
+            Some(_) => format!("unused for {} days: revoke it?", (now - idle_since) / day),
+            None => format!(
+                "never used in {} days: revoke it?",
+                (now - idle_since) / day
+            ),
+        });
+    }
+    if let Some(t) = k.expires_at {
+        if t > now && t - now < 7 * day {
+            w.push(format!("expires in {} days", (t - now).div_ceil(day)));
+        }
+    }
+    w
+}
+
+/// A key record as `keys list --json` and the admin API show it: never its hash.
+pub fn key_json(k: &KeyRecord, cfg: &Config, now: u64) -> Value {
+    let mut v = serde_json::to_value(k).expect("a key record serialises");
+    v["status"] = k.status(now).as_str().into();
+    v["warnings"] = key_warnings(k, cfg, now).into();
+    v
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::full(body.to_string() + "\n"));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Per-process key under which presented and configured tokens are compared (as HMACs, in
+/// constant time, whatever their lengths).
+fn compare_key() -> &'static hmac::Key {
+    static KEY: std::sync::OnceLock<hmac::Key> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+            .expect("the system random generator works")
+    })
+}
+
+/// The token a request presents, matched against the configured ones.
+fn authenticate(cfg: &Config, req: &Request<Incoming>) -> Result<(String, AdminRole), Reason> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or(Reason::AuthnMissing)?
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .ok_or(Reason::AuthnMalformed)?;
+    let tag = hmac::sign(compare_key(), presented.as_bytes());
+    let mut found = None;
+    // Every configured token is compared, so the time taken does not say which one matched.
+    for t in &cfg.admin.tokens {
+        match crate::jwt::read_secret(&t.secret) {
+            Ok(secret) if secret.len() >= 32 => {
+                if hmac::verify(compare_key(), &secret, tag.as_ref()).is_ok() {
+                    found = Some((t.name.clone(), t.role));
+                }
+            }
+            Ok(_) => {
+                tracing::warn!(token = %t.name, "admin token shorter than 32 bytes: refused")
+            }
+            Err(e) => {
+                tracing::warn!(token = %t.name, error = %e, "admin token cannot be read")
+            }
+        }
+    }
+    found.ok_or(Reason::AuthnInvalidKey)
+}
+
+/// Runs a key store operation on a thread of its own (the store's clients block).
+async fn with_store<T: Send + 'static>(
+    cfg: Config,
+    op: impl FnOnce(&mut KeyStore, &Config) -> Result<T, KeyError> + Send + 'static,
+) -> Result<T, KeyError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let r = KeyStore::open(&cfg).and_then(|mut s| op(&mut s, &cfg));
+        let _ = tx.send(r);
+    });
+    rx.await.unwrap_or(Err(KeyError::Random))
+}
+
+fn parse_duration(
+    v: Option<&Value>,
+    name: &str,
+    default: Option<&str>,
+) -> Result<Option<Duration>, String> {
+    match v.and_then(Value::as_str).or(default) {
+        None => Ok(None),
+        Some(t) => humantime::parse_duration(t)
+            .map(Some)
+            .map_err(|e| format!("{name} {t:?}: {e}; write a duration such as 12h or 90d")),
+    }
+}
+
+/// What a call did, for its audit event and its answer.
+struct Done {
+    status: StatusCode,
+    body: Value,
+    message: String,
+    reason: Reason,
+}
+
+fn refused(status: StatusCode, reason: Reason, error: &str, message: String) -> Done {
+    Done {
+        status,
+        body: json!({ "error": error }),
+        message,
+        reason,
+    }
+}
+
+fn store_error(e: KeyError, what: &str) -> Done {
+    let status = match e {
+        KeyError::NoSuchKey(_) => StatusCode::NOT_FOUND,
+        KeyError::NoSuchConsumer(_)
+        | KeyError::ScopeNotGranted { .. }
+        | KeyError::NotActive(..) => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    // Store errors name ids, consumers and paths, never a secret (the pepper's value is never
+    // in them).
+    let text = e.to_string();
+    Done {
+        status,
+        body: json!({ "error": text }),
+        message: format!("{what} failed: {text}"),
+        reason: Reason::AdminAction,
+    }
+}
+
+/// Serves `/admin/v1/...`.
+pub async fn handle(
+    shared: Arc<Shared>,
+    peer: IpAddr,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let cfg = shared.state.load().config.clone();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut event = AuditEvent::new(EventKind::Admin, crate::ids::new_id(), shared.node.clone());
+    event.client.ip = Some(peer);
+    event.request.method = Some(method.as_str().to_string());
+    event.request.path = Some(path.clone());
+    let auth = authenticate(&cfg, &req);
+    let outcome = match auth {
+        Err(reason) => refused(
+            StatusCode::UNAUTHORIZED,
+            reason,
+            "an admin token is required: Authorization: Bearer <token> ([admin.tokens.NAME])",
+            format!("admin API {method} {path} refused: no valid admin token"),
+        ),
+        Ok((name, role)) => {
+            event.actor = Some(format!("admin-token:{name}"));
+            event.identity.method = Some("admin_token");
+            event.identity.subject = Some(name.clone());
+            event.identity.scopes = vec![role.as_str().to_string()];
+            route(&cfg, role, &method, &path, req).await
+        }
+    };
+    let allowed = outcome.reason == Reason::AdminAction && outcome.status.is_success();
+    event.decision.outcome = if allowed {
+        Outcome::Allow
+    } else {
+        Outcome::Deny
+    };
+    event.decision.reason = outcome.reason;
+    event.decision.policy = Some("admin_api".into());
+    event.response.status = outcome.status.as_u16();
+    event.message = Some(outcome.message);
+    shared.record(Box::new(event));
+    reply(outcome.status, outcome.body)
+}
+
+// A request body is read whole, but never more than `MAX_BODY` bytes.
+#[allow(clippy::disallowed_methods)]
+async fn route(
+    cfg: &Config,
+    role: AdminRole,
+    method: &Method,
+    path: &str,
+    req: Request<Incoming>,
+) -> Done {
+    let parts: Vec<&str> = path
+        .trim_start_matches("/admin/v1/")
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let write = *method != Method::GET && *method != Method::HEAD;
+    let known = matches!(
+        (method.as_str(), parts.as_slice()),
+        ("GET", ["consumers"])
+            | ("GET", ["keys"])
+            | ("POST", ["keys"])
+            | ("POST", ["keys", _, "rotate" | "revoke"])
+    );
+    if !known {
+        return refused(
+            StatusCode::NOT_FOUND,
+            Reason::RouteNotFound,
+            "no such admin call: GET /admin/v1/consumers, GET|POST /admin/v1/keys, POST /admin/v1/keys/{id}/rotate|revoke",
+            format!("admin API {method} {path}: no such call"),
+        );
+    }
+    if write && role != AdminRole::Admin {
+        return refused(
+            StatusCode::FORBIDDEN,
+            Reason::AuthzMissingRole,
+            "this call changes state and needs a token with role \"admin\"; this one is \"auditor\"",
+            format!("admin API {method} {path} refused: role auditor may only read"),
+        );
+    }
+    let body: Value = if write {
+        let bytes = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return refused(
+                    StatusCode::BAD_REQUEST,
+                    Reason::RequestMalformed,
+                    "the body could not be read (at most 64 KiB)",
+                    format!("admin API {method} {path}: unreadable body"),
+                )
+            }
+        };
+        if bytes.is_empty() {
+            json!({})
+        } else {
+            match serde_json::from_slice(&bytes) {
+                Ok(v @ Value::Object(_)) => v,
+                _ => {
+                    return refused(
+                        StatusCode::BAD_REQUEST,
+                        Reason::RequestMalformed,
+                        "the body must be a JSON object",
+                        format!("admin API {method} {path}: the body is not a JSON object"),
+                    )
+                }
+            }
+        }
+    } else {
+        Value::Null
+    };
+    let now = crate::now_ms();
+    let ok = |status: StatusCode, body: Value, message: String| Done {
+        status,
+        body,
+        message,
+        reason: Reason::AdminAction,
+    };
+    let bad = |e: String| {
+        refused(
+            StatusCode::BAD_REQUEST,
+            Reason::RequestMalformed,
+            &e,
+            format!("admin API {method} {path}: {e}"),
+        )
+    };
+    match parts.as_slice() {
+        ["consumers"] => {
+            let list: Vec<Value> = cfg
+                .consumers
+                .iter()
+                .map(|c| {
+                    json!({
+                        "name": c.name, "scopes": c.scopes, "roles": c.roles,
+                        "allow_ips": c.allow_ips.as_ref().map(|n| n.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
+                    })
+                })
+                .collect();
+            ok(
+                StatusCode::OK,
+                json!({ "consumers": list }),
+                "listed consumers".into(),
+            )
+        }
+        ["keys"] if *method == Method::GET => {
+            match with_store(cfg.clone(), |s, _| s.list()).await {
+                Ok(keys) => {
+                    let list: Vec<Value> = keys.iter().map(|k| key_json(k, cfg, now)).collect();
+                    ok(
+                        StatusCode::OK,
+                        json!({ "keys": list }),
+                        "listed keys".into(),
+                    )
+                }
+                Err(e) => store_error(e, "listing keys"),
+            }
+        }
+        ["keys"] => {
+            let Some(consumer) = body
+                .get("consumer")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+            else {
+                return bad("\"consumer\" is required".into());
+            };
+            let scopes = match body.get("scopes") {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(a)) if a.iter().all(Value::is_string) => Some(
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect::<Vec<_>>(),
+                ),
+                Some(_) => return bad("\"scopes\" must be a list of strings".into()),
+            };
+            let expires_at = match parse_duration(body.get("expires_in"), "expires_in", None) {
+                Ok(d) => d.map(|d| now.saturating_add(d.as_millis() as u64)),
+                Err(e) => return bad(e),
+            };
+            let who = consumer.clone();
+            match with_store(cfg.clone(), move |s, c| {
+                s.create(c, &who, scopes, expires_at)
+            })
+            .await
+            {
+                Ok((k, secret)) => {
+                    let mut v = key_json(&k, cfg, now);
+                    v["secret"] = secret.into();
+                    ok(
+                        StatusCode::CREATED,
+                        v,
+                        format!("issued key {} for consumer {}", k.key_id, k.consumer),
+                    )
+                }
+                Err(e) => store_error(e, &format!("issuing a key for {consumer}")),
+            }
+        }
+        ["keys", id, "rotate"] => {
+            let grace = match parse_duration(body.get("grace"), "grace", Some("24h")) {
+                Ok(d) => d.unwrap_or_default(),
+                Err(e) => return bad(e),
+            };
+            let key_id = id.to_string();
+            match with_store(cfg.clone(), move |s, c| s.rotate(c, &key_id, grace)).await {
+                Ok((k, secret)) => {
+                    let mut v = key_json(&k, cfg, now);
+                    v["secret"] = secret.into();
+                    ok(
+                        StatusCode::OK,
+                        v,
+                        format!(
+                            "rotated key {id}: new key {}, the old one works for {}",
+                            k.key_id,
+                            humantime::format_duration(grace)
+                        ),
+                    )
+                }
+                Err(e) => store_error(e, &format!("rotating key {id}")),
+            }
+        }
+        ["keys", id, "revoke"] => {
+            let key_id = id.to_string();
+            match with_store(cfg.clone(), move |s, _| s.revoke(&key_id)).await {
+                Ok(changed) => ok(
+                    StatusCode::OK,
+                    json!({ "key_id": id, "revoked": true, "already_revoked": !changed }),
+                    format!("revoked key {id}"),
+                ),
+                Err(e) => store_error(e, &format!("revoking key {id}")),
+            }
+        }
+        _ => bad("no such call".into()),
+    }
+}

@@ -1,0 +1,257 @@
+//! The admin API on a real admin listener: tokens with roles, keys managed through it as
+//! through the command line (and in force on the gateway within a second), and an `admin`
+//! audit event with the actor for every call, allowed or refused, holding no secret.
+
+mod common;
+
+use apiwarden_core::event::{AuditEvent, EventKind, Outcome, Reason};
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef0123456789abcdef";
+const AUDITOR_TOKEN: &str = "auditor-token-0123456789abcdef0123456789abcdef";
+
+async fn admin(
+    gw: &TestGateway,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", gw.gw.admin_addr));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (status, _, text) = send(req.body(Full::new(Bytes::from(body))).unwrap()).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn status_with_key(gw: &TestGateway, key: &str) -> u16 {
+    let req = http::Request::get(gw.url("/orders"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(req).await.0
+}
+
+/// Waits until the gateway answers `want` for `key`; returns how long that took.
+async fn until_status(gw: &TestGateway, key: &str, want: u16) -> Duration {
+    let start = Instant::now();
+    loop {
+        if status_with_key(gw, key).await == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the gateway did not answer {want} within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_managed_through_the_admin_api_with_roles_and_audit() {
+    let dir = temp_dir("admin-api");
+    std::fs::write(dir.join("admin.token"), format!("{ADMIN_TOKEN}\n")).unwrap();
+    std::fs::write(dir.join("auditor.token"), AUDITOR_TOKEN).unwrap();
+    let up = echo_upstream().await;
+    let gw = start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [admin.tokens.ops]\nrole = \"admin\"\nsecret = \"file:{dir}/admin.token\"\n\
+         [admin.tokens.audit]\nrole = \"auditor\"\nsecret = \"file:{dir}/auditor.token\"\n\n\
+         [[upstreams]]\nname = \"echo\"\nurl = \"http://{up}\"\n\n\
+         [[routes]]\nname = \"orders\"\npath_prefix = \"/orders\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:read\"]\n\n\
+         [[consumers]]\nname = \"billing\"\nscopes = [\"orders:read\"]\n",
+        dir = dir.display()
+    ))
+    .await;
+
+    // Refused: no token, a wrong token, an auditor writing, an unknown call.
+    let (s, body) = admin(&gw, "GET", "/admin/v1/keys", None, None).await;
+    assert_eq!(s, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("admin token"));
+    let (s, _) = admin(
+        &gw,
+        "GET",
+        "/admin/v1/keys",
+        Some("not-the-token-but-long-enough-to-count"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 401);
+    let (s, body) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/keys",
+        Some(AUDITOR_TOKEN),
+        Some(json!({"consumer": "billing"})),
+    )
+    .await;
+    assert_eq!(s, 403, "{body}");
+    let (s, _) = admin(&gw, "POST", "/admin/v1/everything", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(s, 404);
+
+    // Reading: an auditor may.
+    let (s, body) = admin(&gw, "GET", "/admin/v1/keys", Some(AUDITOR_TOKEN), None).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["keys"], json!([]));
+    let (s, body) = admin(&gw, "GET", "/admin/v1/consumers", Some(AUDITOR_TOKEN), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(body["consumers"][0]["name"], "billing");
+
+    // Issuing: the key works on the gateway.
+    let (s, created) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/keys",
+        Some(ADMIN_TOKEN),
+        Some(json!({"consumer": "billing", "expires_in": "30d"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    let first = created["secret"].as_str().unwrap().to_string();
+    let first_id = created["key_id"].as_str().unwrap().to_string();
+    assert_eq!(created["status"], "active");
+    assert!(
+        created.get("hash").is_none(),
+        "the hash is never shown: {created}"
+    );
+    until_status(&gw, &first, 200).await;
+    let (s, body) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/keys",
+        Some(ADMIN_TOKEN),
+        Some(json!({"consumer": "nobody"})),
+    )
+    .await;
+    assert_eq!(s, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("nobody"));
+    let (s, _) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/keys",
+        Some(ADMIN_TOKEN),
+        Some(json!({"consumer": "billing", "expires_in": "soon"})),
+    )
+    .await;
+    assert_eq!(s, 400);
+
+    // Rotating without grace: the old key stops, the new one works.
+    let (s, rotated) = admin(
+        &gw,
+        "POST",
+        &format!("/admin/v1/keys/{first_id}/rotate"),
+        Some(ADMIN_TOKEN),
+        Some(json!({"grace": "0s"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{rotated}");
+    let second = rotated["secret"].as_str().unwrap().to_string();
+    let second_id = rotated["key_id"].as_str().unwrap().to_string();
+    until_status(&gw, &second, 200).await;
+    until_status(&gw, &first, 401).await;
+
+    // Revoking: refused within a second.
+    let (s, body) = admin(
+        &gw,
+        "POST",
+        &format!("/admin/v1/keys/{second_id}/revoke"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let took = until_status(&gw, &second, 401).await;
+    assert!(took < Duration::from_secs(1), "revocation took {took:?}");
+    let (s, _) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/keys/000000000000/revoke",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, body) = admin(&gw, "GET", "/admin/v1/keys", Some(AUDITOR_TOKEN), None).await;
+    assert_eq!(s, 200);
+    let statuses: Vec<&str> = body["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.len(), 2);
+    assert!(
+        statuses.contains(&"revoked") && statuses.contains(&"expired"),
+        "{statuses:?}"
+    );
+
+    // One admin event per call, with the actor; refusals with their reason; no secret.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let events: Vec<AuditEvent> = gw
+        .events_of(EventKind::Admin)
+        .into_iter()
+        .filter(|e| e.decision.policy.as_deref() == Some("admin_api"))
+        .collect();
+    assert_eq!(
+        events.len(),
+        13,
+        "{:#?}",
+        events.iter().map(|e| &e.message).collect::<Vec<_>>()
+    );
+    let reasons: Vec<(Reason, Outcome, Option<&str>, u16)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.decision.reason,
+                e.decision.outcome,
+                e.actor.as_deref(),
+                e.response.status,
+            )
+        })
+        .collect();
+    assert_eq!(reasons[0], (Reason::AuthnMissing, Outcome::Deny, None, 401));
+    assert_eq!(
+        reasons[1],
+        (Reason::AuthnInvalidKey, Outcome::Deny, None, 401)
+    );
+    assert_eq!(
+        reasons[2],
+        (
+            Reason::AuthzMissingRole,
+            Outcome::Deny,
+            Some("admin-token:audit"),
+            403
+        )
+    );
+    assert_eq!(
+        reasons[3],
+        (
+            Reason::RouteNotFound,
+            Outcome::Deny,
+            Some("admin-token:ops"),
+            404
+        )
+    );
+    assert_eq!(
+        reasons[6],
+        (
+            Reason::AdminAction,
+            Outcome::Allow,
+            Some("admin-token:ops"),
+            201
+        )
+    );
+    assert!(events[6].message.as_deref().unwrap().contains(&first_id));
+    let all = serde_json::to_string(&gw.sink.events()).unwrap();
+    for secret in [ADMIN_TOKEN, AUDITOR_TOKEN, &first, &second] {
+        assert!(!all.contains(secret), "a secret reached the audit trail");
+    }
+}
