@@ -21,6 +21,9 @@ ROUNDS="${ROUNDS:-1}"
 LIMITS="${LIMITS:-1}"
 REDIS_HOST="${REDIS_HOST:-127.0.0.1}"
 REDIS_PORT="${REDIS_PORT:-6379}"
+# The JWT run: the open route behind an ES256 JWT (a key and token made with Python's
+# `cryptography`, the JWKS served on loopback). JWT=0 skips it.
+JWT="${JWT:-1}"
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
@@ -103,10 +106,10 @@ trap 'log "interrupted"; exit 130' INT TERM
 
 # --------------------------------------------------------------- free ports --
 # Bind all sockets at once so the ports are distinct, then release them.
-read -r UP_PORT NGINX_PORT AW_PORT AW_ADMIN_PORT < <(python3 - <<'EOF'
+read -r UP_PORT NGINX_PORT AW_PORT AW_ADMIN_PORT JWKS_PORT < <(python3 - <<'EOF'
 import socket
 socks = []
-for _ in range(4):
+for _ in range(5):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -245,6 +248,32 @@ else
     REDIS_LINE=""
     [[ "$REDIS_OK" == 1 ]] && REDIS_LINE="redis = \"redis://$REDIS_HOST:$REDIS_PORT/\"
 redis_prefix = \"bench-$$\""
+    JWT_OK=0
+    if [[ "$JWT" == 1 ]] && python3 -c 'import cryptography' 2>/dev/null; then
+        mkdir -p "$TMP/jwks"
+        JWT_TOKEN="$(python3 - "$TMP/jwks/jwks.json" <<'PY'
+import base64, json, sys, time
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+b = lambda v: base64.urlsafe_b64encode(v).rstrip(b"=").decode()
+key = ec.generate_private_key(ec.SECP256R1())
+n = key.public_key().public_numbers()
+jwk = {"kty": "EC", "crv": "P-256", "kid": "bench", "x": b(n.x.to_bytes(32, "big")), "y": b(n.y.to_bytes(32, "big"))}
+open(sys.argv[1], "w").write(json.dumps({"keys": [jwk]}))
+head = b(json.dumps({"alg": "ES256", "kid": "bench", "typ": "JWT"}).encode())
+claims = b(json.dumps({"iss": "bench", "aud": "bench", "sub": "bench-user", "client_id": "bench",
+                       "scope": "orders:read", "exp": int(time.time()) + 86400}).encode())
+r, s = decode_dss_signature(key.sign(f"{head}.{claims}".encode(), ec.ECDSA(hashes.SHA256())))
+print(f"{head}.{claims}.{b(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}")
+PY
+)" || die "could not make a JWT for the jwt route"
+        (cd "$TMP/jwks" && exec python3 -m http.server --bind 127.0.0.1 "$JWKS_PORT") >"$TMP/jwks.log" 2>&1 &
+        PIDS+=("$!")
+        JWT_OK=1
+    elif [[ "$JWT" == 1 ]]; then
+        log "python3 has no cryptography module: the JWT run is skipped"
+    fi
     cat >"$TMP/apiwarden.toml" <<EOF
 [gateway]
 listen = "127.0.0.1:$AW_PORT"
@@ -296,6 +325,20 @@ limits = ["shared"]
 rate = "1000000/s"
 key = "ip"
 store = "redis"
+EOF
+    fi
+    if [[ "$JWT_OK" == 1 ]]; then
+        cat >>"$TMP/apiwarden.toml" <<EOF
+# The same route behind an ES256 JWT, verified once and then cached (issue 3: at least 0.9x).
+[jwt.bench]
+issuer = "bench"
+jwks_url = "http://127.0.0.1:$JWKS_PORT/jwks.json"
+audiences = ["bench"]
+[[routes]]
+name = "jwt"
+path_prefix = "/jwt"
+upstream = "bench"
+auth = ["jwt"]
 EOF
     fi
     API_KEY="$("$APIWARDEN_BIN" keys create --consumer bench --json --config "$TMP/apiwarden.toml" \
@@ -376,6 +419,11 @@ if [[ "$SKIP_APIWARDEN" != 1 ]]; then
     TARGETS+=(apiwarden-apikey)
     URL[apiwarden-apikey]="http://127.0.0.1:$AW_PORT/keyed$BENCH_PATH"
     HEADER[apiwarden-apikey]="Authorization: Bearer $API_KEY"
+    if [[ "$JWT_OK" == 1 ]]; then
+        TARGETS+=(apiwarden-jwt)
+        URL[apiwarden-jwt]="http://127.0.0.1:$AW_PORT/jwt$BENCH_PATH"
+        HEADER[apiwarden-jwt]="Authorization: Bearer $JWT_TOKEN"
+    fi
     if [[ "$LIMITS" == 1 ]]; then
         TARGETS+=(apiwarden-limit-local)
         URL[apiwarden-limit-local]="http://127.0.0.1:$AW_PORT/limited-local$BENCH_PATH"
@@ -422,7 +470,7 @@ if [[ "$SKIP_APIWARDEN" != 1 ]]; then
         'BEGIN {printf "apiwarden/nginx throughput ratio: %s\n", (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
     awk -v a="${P99[apiwarden]}" -v n="${P99[nginx]}" \
         'BEGIN {printf "apiwarden/nginx p99 ratio: %s\n", (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
-    for t in apiwarden-apikey apiwarden-limit-local apiwarden-limit-redis; do
+    for t in apiwarden-apikey apiwarden-jwt apiwarden-limit-local apiwarden-limit-redis; do
         [[ -n "${RPS[$t]:-}" ]] || continue
         awk -v a="${RPS[$t]}" -v n="${RPS[apiwarden]}" -v t="$t" \
             'BEGIN {printf "%s/apiwarden (open route) throughput ratio: %s\n", t, (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
