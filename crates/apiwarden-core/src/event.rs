@@ -76,6 +76,12 @@ pub enum Reason {
     AuthnTokenNotYetValid,
     /// The issuer's keys could not be fetched yet, so no token can be checked.
     AuthnKeysUnavailable,
+    /// The introspection endpoint says the token is not active (unknown, revoked, expired or
+    /// never issued).
+    AuthnTokenInactive,
+    /// The introspection endpoint could not answer (unreachable, timeout, a status other than
+    /// 200, or an answer that is not an introspection response).
+    AuthnIntrospectionUnavailable,
     /// Authenticated, but the route needs a scope the caller does not hold.
     AuthzMissingScope,
     /// Authenticated, but not from an address the consumer's `allow_ips` lists.
@@ -127,6 +133,8 @@ impl Reason {
             Reason::AuthnTokenExpired => "authn.token_expired",
             Reason::AuthnTokenNotYetValid => "authn.token_not_yet_valid",
             Reason::AuthnKeysUnavailable => "authn.keys_unavailable",
+            Reason::AuthnTokenInactive => "authn.token_inactive",
+            Reason::AuthnIntrospectionUnavailable => "authn.introspection_unavailable",
             Reason::AuthzMissingScope => "authz.missing_scope",
             Reason::AuthzIpNotAllowed => "authz.ip_not_allowed",
             Reason::AuthzMissingRole => "authz.missing_role",

@@ -255,30 +255,38 @@ const CACHE_SHARDS: usize = 16;
 /// Tokens remembered per shard; a full shard drops its expired tokens, then everything.
 const CACHE_PER_SHARD: usize = 4096;
 
-struct Cached {
-    /// `exp` plus leeway, in Unix ms.
+pub(crate) struct Cached<V> {
+    /// Until when the entry holds, in Unix ms (for a verified JWT: `exp` plus leeway).
     until: u64,
-    identity: Arc<TokenIdentity>,
+    value: V,
 }
 
-/// Verified tokens by a keyed 128-bit tag of their text, until they expire.
-#[derive(Default)]
-struct TokenCache {
-    shards: [Mutex<HashMap<[u64; 2], Cached>>; CACHE_SHARDS],
+/// Answers about tokens by a keyed 128-bit tag of their text (never the text), each until its
+/// own time. Bounded: a full shard drops its expired entries, then everything.
+pub(crate) struct TokenCache<V = Arc<TokenIdentity>> {
+    shards: [Mutex<HashMap<[u64; 2], Cached<V>>>; CACHE_SHARDS],
 }
 
-impl TokenCache {
-    fn get(&self, tag: [u64; 2], now: u64) -> Option<Arc<TokenIdentity>> {
+impl<V> Default for TokenCache<V> {
+    fn default() -> Self {
+        TokenCache {
+            shards: std::array::from_fn(|_| Mutex::default()),
+        }
+    }
+}
+
+impl<V: Clone> TokenCache<V> {
+    pub(crate) fn get(&self, tag: [u64; 2], now: u64) -> Option<V> {
         let shard = self.shards[tag[0] as usize % CACHE_SHARDS]
             .lock()
             .expect("token cache poisoned");
         shard
             .get(&tag)
             .filter(|c| now <= c.until)
-            .map(|c| c.identity.clone())
+            .map(|c| c.value.clone())
     }
 
-    fn put(&self, tag: [u64; 2], until: u64, identity: Arc<TokenIdentity>, now: u64) {
+    pub(crate) fn put(&self, tag: [u64; 2], until: u64, value: V, now: u64) {
         let mut shard = self.shards[tag[0] as usize % CACHE_SHARDS]
             .lock()
             .expect("token cache poisoned");
@@ -288,7 +296,7 @@ impl TokenCache {
                 shard.clear();
             }
         }
-        shard.insert(tag, Cached { until, identity });
+        shard.insert(tag, Cached { until, value });
     }
 }
 
@@ -335,13 +343,13 @@ struct Header {
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum OneOrMany {
+pub(crate) enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
 
 impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
+    pub(crate) fn into_vec(self) -> Vec<String> {
         match self {
             OneOrMany::One(s) => vec![s],
             OneOrMany::Many(v) => v,
@@ -378,8 +386,9 @@ fn parse(token: &str) -> Result<Parsed<'_>, Reason> {
     })
 }
 
-/// Per-process random keys of the token tags.
-fn tag(token: &str) -> [u64; 2] {
+/// A keyed 128-bit tag of a token, under per-process random keys: what caches hold instead
+/// of the token.
+pub(crate) fn tag(token: &str) -> [u64; 2] {
     use std::hash::BuildHasher;
     static KEYS: std::sync::OnceLock<[std::hash::RandomState; 2]> = std::sync::OnceLock::new();
     let [a, b] =
@@ -642,6 +651,11 @@ impl Issuer {
 /// The largest discovery document or JWKS accepted.
 const MAX_DOCUMENT: usize = 1 << 20;
 
+/// GET a discovery document or JWKS, bounded by the issuer's `timeout` and `MAX_DOCUMENT`.
+async fn get_json(url: &str, config: &JwtConfig) -> Result<serde_json::Value, String> {
+    crate::http_client::get_json(url, config.ca.as_deref(), config.timeout, MAX_DOCUMENT).await
+}
+
 /// Discovery (when configured), then the JWKS.
 async fn fetch_keys(config: &JwtConfig) -> Result<Vec<Key>, String> {
     let jwks_url = match &config.keys {
@@ -676,105 +690,6 @@ async fn fetch_keys(config: &JwtConfig) -> Result<Vec<Key>, String> {
         ));
     }
     Ok(keys)
-}
-
-/// GET a JSON document over HTTPS (or HTTP on loopback, as the config allows), bounded in time
-/// and size.
-async fn get_json(url: &str, config: &JwtConfig) -> Result<serde_json::Value, String> {
-    let fail = |what: String| format!("{url}: {what}");
-    tokio::time::timeout(config.timeout, get_json_unbounded(url, config))
-        .await
-        .map_err(|_| fail(format!("no answer within {:?}", config.timeout)))?
-        .map_err(fail)
-}
-
-// A discovery document or JWKS is read whole, but never more than `MAX_DOCUMENT` bytes.
-#[allow(clippy::disallowed_methods)]
-async fn get_json_unbounded(url: &str, config: &JwtConfig) -> Result<serde_json::Value, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    use hyper_util::rt::TokioIo;
-
-    let uri: http::Uri = url.parse().map_err(|_| "not a URL".to_string())?;
-    let https = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") => false,
-        _ => return Err("only http and https URLs".into()),
-    };
-    let host = uri.host().ok_or("no host")?.to_string();
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let bare_host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let tcp = tokio::net::TcpStream::connect((bare_host.as_str(), port))
-        .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let request = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(
-            http::header::HOST,
-            uri.authority().map_or("", |a| a.as_str()),
-        )
-        .header(http::header::ACCEPT, "application/json")
-        .header(http::header::USER_AGENT, "apiwarden")
-        .body(Empty::<bytes::Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let response = if https {
-        let tls = tls_connector(config)?;
-        let name = rustls_pki_types::ServerName::try_from(bare_host.clone())
-            .map_err(|_| "not a valid TLS server name".to_string())?;
-        let stream = tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        send.send_request(request)
-            .await
-            .map_err(|e| e.to_string())?
-    } else {
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        send.send_request(request)
-            .await
-            .map_err(|e| e.to_string())?
-    };
-    if response.status() != http::StatusCode::OK {
-        return Err(format!("status {}", response.status()));
-    }
-    let body = Limited::new(response.into_body(), MAX_DOCUMENT)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the body: {e}"))?
-        .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
-}
-
-fn tls_connector(config: &JwtConfig) -> Result<tokio_rustls::TlsConnector, String> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(ca) = &config.ca {
-        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)
-            .map_err(|e| format!("{}: {e}", ca.display()))?
-        {
-            let cert = cert.map_err(|e| format!("{}: {e}", ca.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(tls)))
 }
 
 /// How long a caller should wait before the issuer's keys may be there (for `Retry-After`).

@@ -130,6 +130,7 @@ pub struct Metrics {
     upstreams: Registry<UpstreamMetrics>,
     policies: Registry<PolicyMetrics>,
     issuers: Registry<crate::jwt::JwtMetrics>,
+    introspectors: Registry<crate::introspect::IntrospectionMetrics>,
     /// Redis round trips of the limit stage.
     pub redis: Arc<crate::limit::RedisMetrics>,
     /// Requests that matched no route (label `route=""`).
@@ -154,6 +155,7 @@ impl Metrics {
             upstreams: Mutex::default(),
             policies: Mutex::default(),
             issuers: Mutex::default(),
+            introspectors: Mutex::default(),
             redis: Arc::default(),
             unrouted: Arc::new(RouteMetrics::new(workers)),
             shards: (0..workers).map(|_| Shard::default()).collect(),
@@ -190,6 +192,11 @@ impl Metrics {
     /// The counters of a token issuer, kept across reloads by name.
     pub fn jwt(&self, name: &str) -> Arc<crate::jwt::JwtMetrics> {
         entry(&self.issuers, name, Default::default)
+    }
+
+    /// The counters of a token introspection endpoint, kept across reloads by name.
+    pub fn introspection(&self, name: &str) -> Arc<crate::introspect::IntrospectionMetrics> {
+        entry(&self.introspectors, name, Default::default)
     }
 
     pub fn observe_latency(&self, d: Duration) {
@@ -319,6 +326,31 @@ impl Metrics {
                     n.load(Relaxed)
                 );
             }
+        }
+        let introspectors = sorted(&self.introspectors);
+        out.push_str("# HELP apiwarden_introspection_tokens_total Opaque bearer tokens checked by token introspection, by endpoint and result (introspected: the endpoint was asked; cached: accepted from the cache; refused: any refusal, cached or not).\n# TYPE apiwarden_introspection_tokens_total counter\n");
+        for (name, m) in &introspectors {
+            for (result, n) in [
+                ("introspected", &m.introspected),
+                ("cached", &m.cached),
+                ("refused", &m.refused),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "apiwarden_introspection_tokens_total{{name=\"{}\",result=\"{result}\"}} {}",
+                    escape(name),
+                    n.load(Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP apiwarden_introspection_errors_total Introspection calls without a usable answer (unreachable, timeout, status other than 200, not an introspection response).\n# TYPE apiwarden_introspection_errors_total counter\n");
+        for (name, m) in &introspectors {
+            let _ = writeln!(
+                out,
+                "apiwarden_introspection_errors_total{{name=\"{}\"}} {}",
+                escape(name),
+                m.errors.load(Relaxed)
+            );
         }
         let r = &self.redis;
         out.push_str("# HELP apiwarden_redis_duration_seconds Redis round trips of the limit stage.\n# TYPE apiwarden_redis_duration_seconds histogram\n");

@@ -105,6 +105,8 @@ pub struct State {
     redis: Option<Arc<RedisStore>>,
     /// Token issuers (`[jwt.NAME]`), by name.
     pub issuers: Vec<Arc<crate::jwt::Issuer>>,
+    /// Token introspection endpoints (`[introspection.NAME]`), by name.
+    pub introspectors: Vec<Arc<crate::introspect::Introspector>>,
     workers: usize,
 }
 
@@ -115,6 +117,8 @@ struct RouteState {
     limits: RouteLimits,
     /// The issuer of the tokens the route accepts (`auth` has `jwt`).
     jwt: Option<Arc<crate::jwt::Issuer>>,
+    /// The endpoint that checks the route's opaque tokens (`auth` has `introspection`).
+    introspection: Option<Arc<crate::introspect::Introspector>>,
 }
 
 impl State {
@@ -154,6 +158,27 @@ impl State {
                     .unwrap_or_else(|| crate::jwt::Issuer::new(name, j.clone(), metrics.jwt(name)))
             })
             .collect();
+        // Endpoints whose settings did not change keep their cached answers.
+        let introspectors: Vec<Arc<crate::introspect::Introspector>> = config
+            .introspection
+            .iter()
+            .map(|(name, c)| {
+                previous
+                    .and_then(|p| {
+                        p.introspectors
+                            .iter()
+                            .find(|old| &old.name == name && &old.config == c)
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        crate::introspect::Introspector::new(
+                            name,
+                            c.clone(),
+                            metrics.introspection(name),
+                        )
+                    })
+            })
+            .collect();
         let routes = config
             .routes
             .iter()
@@ -166,6 +191,10 @@ impl State {
                     .jwt
                     .as_ref()
                     .and_then(|n| issuers.iter().find(|i| &i.name == n).cloned()),
+                introspection: r
+                    .introspection
+                    .as_ref()
+                    .and_then(|n| introspectors.iter().find(|i| &i.name == n).cloned()),
             })
             .collect();
         let redis = match previous.and_then(|p| p.redis.as_ref()) {
@@ -178,6 +207,7 @@ impl State {
             routes,
             redis,
             issuers,
+            introspectors,
             config,
             workers,
         }
@@ -248,6 +278,7 @@ impl Identify {
         headers: &HeaderMap,
         keys: &crate::keystore::KeyRing,
         issuer: Option<&Arc<crate::jwt::Issuer>>,
+        introspector: Option<&Arc<crate::introspect::Introspector>>,
     ) -> Result<Identity, Reason> {
         if route.auth == [AuthMethod::None] {
             return Ok(Identity::anonymous());
@@ -274,23 +305,31 @@ impl Identify {
             }
             return Identify::api_key(config, keys, credential);
         }
-        if route.auth.contains(&AuthMethod::Jwt) && !from_x_api_key {
+        let jwt = route.auth.contains(&AuthMethod::Jwt) && !from_x_api_key;
+        // A bearer token that is not an API key: on a route that accepts both, a JWS (three
+        // parts) is verified here, anything else is asked about at the introspection endpoint.
+        if route.auth.contains(&AuthMethod::Introspection)
+            && !from_x_api_key
+            && !(jwt && credential.bytes().filter(|&b| b == b'.').count() == 2)
+        {
+            let Some(introspector) = introspector else {
+                return Err(Reason::AuthnUnavailable);
+            };
+            return Identify::introspection(config, introspector, credential).await;
+        }
+        if jwt {
             let Some(issuer) = issuer else {
                 return Err(Reason::AuthnUnavailable);
             };
             return Identify::jwt(config, issuer, credential).await;
         }
-        // Introspection and mTLS are not in this build yet: such a credential is refused, so
-        // nothing is let through unchecked.
-        Err(
-            if route.auth.contains(&AuthMethod::Introspection)
-                || route.auth.contains(&AuthMethod::Mtls)
-            {
-                Reason::AuthnUnavailable
-            } else {
-                Reason::AuthnMalformed
-            },
-        )
+        // mTLS is not in this build yet: such a credential is refused, so nothing is let
+        // through unchecked.
+        Err(if route.auth.contains(&AuthMethod::Mtls) {
+            Reason::AuthnUnavailable
+        } else {
+            Reason::AuthnMalformed
+        })
     }
 
     fn api_key(
@@ -338,6 +377,27 @@ impl Identify {
             .and_then(|c| config.consumers.iter().position(|k| &k.name == c));
         Ok(Identity {
             method: AuthMethod::Jwt,
+            consumer: id.client.clone(),
+            key_id: None,
+            subject: id.subject.clone(),
+            scopes: id.scopes.clone(),
+            consumer_index,
+        })
+    }
+
+    /// As [`Identify::jwt`], with what the introspection endpoint said about the token.
+    async fn introspection(
+        config: &Config,
+        introspector: &crate::introspect::Introspector,
+        token: &str,
+    ) -> Result<Identity, Reason> {
+        let id = introspector.check(token).await?;
+        let consumer_index = id
+            .client
+            .as_ref()
+            .and_then(|c| config.consumers.iter().position(|k| &k.name == c));
+        Ok(Identity {
+            method: AuthMethod::Introspection,
             consumer: id.client.clone(),
             key_id: None,
             subject: id.subject.clone(),
@@ -1031,6 +1091,7 @@ pub async fn handle(
         req.headers(),
         &shared.keys.load(),
         state.routes[ri].jwt.as_ref(),
+        state.routes[ri].introspection.as_ref(),
     )
     .await
     {
@@ -1096,7 +1157,7 @@ pub async fn handle(
     // logs) ever holds a client's key or token (as Envoy's `forward: false`, its default).
     match recorder.event.identity.method {
         Some(m) if m == AuthMethod::ApiKey.as_str() => strip_api_key(req.headers_mut()),
-        Some(m) if m == AuthMethod::Jwt.as_str() => {
+        Some(m) if m == AuthMethod::Jwt.as_str() || m == AuthMethod::Introspection.as_str() => {
             req.headers_mut().remove(header::AUTHORIZATION);
         }
         _ => {}

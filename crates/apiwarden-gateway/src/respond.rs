@@ -34,6 +34,11 @@ pub fn status_and_message(reason: Reason) -> (StatusCode, &'static str) {
             StatusCode::SERVICE_UNAVAILABLE,
             "the token issuer's keys cannot be fetched now; retry later",
         ),
+        Reason::AuthnIntrospectionUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the token cannot be checked now; retry later",
+        ),
+        Reason::AuthnTokenInactive => (StatusCode::UNAUTHORIZED, "the token is not active"),
         Reason::AuthnAlgNone
         | Reason::AuthnAlgConfusion
         | Reason::AuthnAlgNotAllowed

@@ -16,7 +16,7 @@ fn config(up: std::net::SocketAddr) -> String {
          [[routes]]\nname = \"read\"\npath_prefix = \"/orders\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:read\"]\n\n\
          [[routes]]\nname = \"write\"\npath_prefix = \"/write\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:write\"]\n\n\
          [[routes]]\nname = \"ops\"\npath_prefix = \"/ops\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nroles = [\"operator\"]\n\n\
-         [[routes]]\nname = \"introspect\"\npath_prefix = \"/introspect\"\nupstream = \"echo\"\nauth = [\"introspection\"]\n\n\
+         [[routes]]\nname = \"mtls\"\npath_prefix = \"/mtls\"\nupstream = \"echo\"\nauth = [\"mtls\"]\n\n\
          [[consumers]]\nname = \"billing\"\nscopes = [\"orders:read\", \"orders:write\"]\n\n\
          [[consumers]]\nname = \"operator\"\nroles = [\"operator\"]\n\n\
          [[consumers]]\nname = \"local\"\nscopes = [\"orders:read\"]\nallow_ips = [\"127.0.0.0/8\"]\n\n\
@@ -227,7 +227,7 @@ async fn the_whole_decision_space_of_api_keys() {
         },
         Case {
             name: "a method this build lacks",
-            path: "/introspect",
+            path: "/mtls",
             header: bearer("an-opaque-token"),
             status: 401,
             reason: Reason::AuthnUnavailable,

@@ -265,16 +265,12 @@ fn warn_unenforced(cfg: &Config) {
     if cfg.audit.durability != apiwarden_core::config::Durability::Async {
         tracing::warn!("audit.durability is not enforced by this build: events are written within about 2 ms, without fsync");
     }
-    for r in cfg.routes.iter().filter(|r| {
-        r.auth.iter().any(|m| {
-            !matches!(
-                m,
-                apiwarden_core::config::AuthMethod::None
-                    | apiwarden_core::config::AuthMethod::ApiKey
-            )
-        })
-    }) {
-        tracing::warn!(route = %r.name, "this build checks API keys only: JWT, introspection and mTLS credentials are refused with 401");
+    for r in cfg
+        .routes
+        .iter()
+        .filter(|r| r.auth.contains(&apiwarden_core::config::AuthMethod::Mtls))
+    {
+        tracing::warn!(route = %r.name, "this build does not check mTLS client certificates: such credentials are refused with 401");
     }
 }
 

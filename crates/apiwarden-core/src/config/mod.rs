@@ -73,6 +73,9 @@ pub struct Config {
     pub consumers: Vec<ConsumerConfig>,
     /// Token issuers (`[jwt.NAME]`) that `auth = ["jwt"]` routes accept.
     pub jwt: BTreeMap<String, JwtConfig>,
+    /// Token introspection endpoints (`[introspection.NAME]`) that `auth = ["introspection"]`
+    /// routes ask about opaque bearer tokens.
+    pub introspection: BTreeMap<String, IntrospectionConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -267,6 +270,9 @@ pub struct RouteConfig {
     pub limits: Vec<String>,
     /// The `[jwt.NAME]` issuer whose tokens the route accepts (set when `auth` has `jwt`).
     pub jwt: Option<String>,
+    /// The `[introspection.NAME]` endpoint that checks the route's opaque tokens (set when
+    /// `auth` has `introspection`).
+    pub introspection: Option<String>,
 }
 
 /// What a rate limit is counted by.
@@ -401,6 +407,28 @@ pub struct JwtConfig {
     pub ca: Option<PathBuf>,
 }
 
+/// An OAuth 2.0 token introspection endpoint (RFC 7662): `[introspection.NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IntrospectionConfig {
+    /// The endpoint, `https://` (plain `http://` only on loopback).
+    pub url: String,
+    /// The gateway's client id at the authorization server (HTTP Basic, `client_secret_basic`).
+    pub client_id: String,
+    pub client_secret: SecretSource,
+    /// When not empty, an active token's `aud` must name one of these.
+    pub audiences: Vec<String>,
+    /// When set, an active token's `iss` must be exactly this.
+    pub issuer: Option<String>,
+    /// The longest a positive answer is reused (never past the token's `exp`).
+    pub cache_ttl: Duration,
+    /// How long an inactive (or refused) token is remembered.
+    pub negative_cache_ttl: Duration,
+    /// Bound on one introspection call.
+    pub timeout: Duration,
+    /// Extra CA certificate (PEM) trusted for the endpoint.
+    pub ca: Option<PathBuf>,
+}
+
 /// A URL with any `user:password@` part replaced by `***@`, for logs and errors.
 pub fn redact_url(url: &str) -> String {
     match url.split_once("://") {
@@ -465,11 +493,12 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "routes[].path_prefix", default: "one of `path`, `path_prefix`", example: "\"/orders\"", doc: "Matches the prefix and everything below it, at a segment boundary (`/orders` matches `/orders/7`, not `/ordersX`)." },
     OptionDoc { key: "routes[].methods", default: "all methods", example: "[\"GET\", \"HEAD\"]", doc: "Methods the route accepts." },
     OptionDoc { key: "routes[].upstream", default: "required", example: "\"orders\"", doc: "Name of the upstream that receives the requests." },
-    OptionDoc { key: "routes[].auth", default: "required", example: "[\"api_key\", \"jwt\"]", doc: "Accepted methods: `api_key`, `jwt`, `introspection`, `mtls`, or `[\"none\"]` for an open route. A route without `auth` is an error, so an open route is always explicit." },
+    OptionDoc { key: "routes[].auth", default: "required", example: "[\"api_key\", \"jwt\", \"introspection\"]", doc: "Accepted methods: `api_key`, `jwt`, `introspection`, `mtls`, or `[\"none\"]` for an open route. A route without `auth` is an error, so an open route is always explicit." },
     OptionDoc { key: "routes[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes the caller must all hold (not allowed with `none`)." },
     OptionDoc { key: "routes[].roles", default: "[]", example: "[\"operator\"]", doc: "Roles the caller's consumer must all hold (`consumers[].roles`); otherwise `403 authz.missing_role`. Not allowed with `none`." },
     OptionDoc { key: "routes[].limits", default: "[]", example: "[]", doc: "Names of `[limits.NAME]` tables applied to the route, in order." },
     OptionDoc { key: "routes[].jwt", default: "the only `[jwt.NAME]`, if there is one", example: "\"corp\"", doc: "With `auth = [\"jwt\"]`: the issuer whose tokens the route accepts." },
+    OptionDoc { key: "routes[].introspection", default: "the only `[introspection.NAME]`, if there is one", example: "\"corp\"", doc: "With `auth = [\"introspection\"]`: the endpoint that checks the route's opaque bearer tokens." },
     OptionDoc { key: "limits.NAME.rate", default: "required", example: "\"100/s\"", doc: "Steady rate (GCRA, no window boundaries): `N/s`, `N/m`, `N/h`, `N/d`. A quota is a rate with a large burst: `rate = \"100000/d\"`." },
     OptionDoc { key: "limits.NAME.burst", default: "the rate's N", example: "20", doc: "Requests that may arrive at once after an idle period. Over any time T at most `burst + rate × T` requests are admitted. Refused requests use no budget." },
     OptionDoc { key: "limits.NAME.key", default: "\"ip\"", example: "[\"consumer\", \"route\"]", doc: "What is counted: `consumer`, `key`, `ip`, `route`, `header:NAME`, or a list of them for one compound key. Without an identity (an open route) `consumer` and `key` count by client IP, as does `header:NAME` when the header is absent." },
@@ -485,6 +514,15 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "jwt.NAME.min_refresh", default: "\"10s\"", example: "\"1s\"", doc: "Floor between two fetches, so tokens with made-up `kid`s cannot make the gateway fetch once per request." },
     OptionDoc { key: "jwt.NAME.timeout", default: "\"5s\"", example: "\"2s\"", doc: "Bound on one discovery or JWKS fetch." },
     OptionDoc { key: "jwt.NAME.ca", default: "the Mozilla root certificates", example: "\"idp-ca.pem\"", doc: "A CA certificate (PEM) trusted for the issuer's HTTPS endpoints, in addition to the public roots." },
+    OptionDoc { key: "introspection.NAME.url", default: "required", example: "\"https://idp.example.com/oauth2/introspect\"", doc: "The token introspection endpoint (RFC 7662). `https://` (plain `http://` only on loopback addresses). The gateway POSTs `token=...&token_type_hint=access_token` to it for each bearer token that is not an API key (nor, on a route that also accepts `jwt`, a JWS)." },
+    OptionDoc { key: "introspection.NAME.client_id", default: "required", example: "\"apiwarden\"", doc: "The gateway's client id at the authorization server, sent with `client_secret` as HTTP Basic credentials (`client_secret_basic`)." },
+    OptionDoc { key: "introspection.NAME.client_secret", default: "required", example: "\"env:INTROSPECTION_SECRET\"", doc: "The gateway's client secret: `env:NAME` or `file:PATH` (never the secret itself), read when the config is loaded." },
+    OptionDoc { key: "introspection.NAME.audiences", default: "[] (any `aud`)", example: "[\"orders-api\"]", doc: "When set, an active token's `aud` must name one of these (else `authn.wrong_audience`)." },
+    OptionDoc { key: "introspection.NAME.issuer", default: "none (any `iss`)", example: "\"https://idp.example.com\"", doc: "When set, an active token's `iss` must be exactly this (else `authn.wrong_issuer`)." },
+    OptionDoc { key: "introspection.NAME.cache_ttl", default: "\"60s\"", example: "\"30s\"", doc: "The longest an active answer is reused without asking again (never past the token's `exp`; at most 1h). A token revoked at the server stays accepted until its cached answer expires." },
+    OptionDoc { key: "introspection.NAME.negative_cache_ttl", default: "\"5s\"", example: "\"10s\"", doc: "How long an inactive or refused token is remembered (at most 5m), so a flood of made-up tokens cannot make the gateway call the server once per request." },
+    OptionDoc { key: "introspection.NAME.timeout", default: "\"2s\"", example: "\"1s\"", doc: "Bound on one introspection call; past it the request gets `503 authn.introspection_unavailable`." },
+    OptionDoc { key: "introspection.NAME.ca", default: "the Mozilla root certificates", example: "\"idp-ca.pem\"", doc: "A CA certificate (PEM) trusted for the endpoint, in addition to the public roots." },
     OptionDoc { key: "consumers[].name", default: "required", example: "\"billing\"", doc: "Consumer name; unique." },
     OptionDoc { key: "consumers[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes granted to the consumer." },
     OptionDoc { key: "consumers[].roles", default: "[]", example: "[\"reader\"]", doc: "Roles granted to the consumer." },

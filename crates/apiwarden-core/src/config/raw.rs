@@ -104,6 +104,7 @@ pub(crate) struct Route {
     #[serde(default)]
     pub limits: Vec<String>,
     pub jwt: Option<String>,
+    pub introspection: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +119,21 @@ pub(crate) struct Jwt {
     pub leeway: Option<String>,
     pub refresh: Option<String>,
     pub min_refresh: Option<String>,
+    pub timeout: Option<String>,
+    pub ca: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Introspection {
+    pub url: String,
+    pub client_id: String,
+    pub client_secret: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub issuer: Option<String>,
+    pub cache_ttl: Option<String>,
+    pub negative_cache_ttl: Option<String>,
     pub timeout: Option<String>,
     pub ca: Option<String>,
 }

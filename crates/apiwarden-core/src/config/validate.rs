@@ -105,6 +105,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
     let mut raw_limits: Vec<(String, Option<raw::Limit>)> = Vec::new();
     let mut raw_consumers: Vec<Option<raw::Consumer>> = Vec::new();
     let mut raw_jwt: Vec<(String, Option<raw::Jwt>)> = Vec::new();
+    let mut raw_introspection: Vec<(String, Option<raw::Introspection>)> = Vec::new();
 
     for (key, value) in table {
         match key.as_str() {
@@ -154,9 +155,20 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                     raw_jwt.push((jname, parsed));
                 }
             }
+            "introspection" => {
+                let toml::Value::Table(items) = value else {
+                    cx.error(&[name("introspection")], "`introspection` must be a table of named endpoints: write [introspection.NAME]");
+                    continue;
+                };
+                for (iname, item) in items {
+                    let path = [name("introspection"), Key::Owned(iname.clone())];
+                    let parsed = cx.section(item, &path, &format!("[introspection.{iname}]"));
+                    raw_introspection.push((iname, parsed));
+                }
+            }
             other => cx.error(
                 &[Key::Owned(other.to_string())],
-                format!("unknown section `{other}`: expected gateway, admin, storage, audit, upstreams, routes, limits, consumers or jwt"),
+                format!("unknown section `{other}`: expected gateway, admin, storage, audit, upstreams, routes, limits, consumers, jwt or introspection"),
             ),
         }
     }
@@ -715,6 +727,62 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         );
     }
 
+    // [introspection.NAME]
+    let mut introspection = BTreeMap::new();
+    for (iname, t) in &raw_introspection {
+        let Some(t) = t else { continue };
+        let at = |k: &'static str| [name("introspection"), Key::Owned(iname.clone()), name(k)];
+        if let Err(e) = fetch_url(&t.url) {
+            cx.error(&at("url"), e);
+        }
+        if t.client_id.is_empty() {
+            cx.error(
+                &at("client_id"),
+                "client_id must be the gateway's client id at the authorization server",
+            );
+        }
+        let client_secret = secret_source(&mut cx, &t.client_secret, &rel, &at("client_secret"));
+        if t.audiences.iter().any(String::is_empty) {
+            cx.error(&at("audiences"), "an audience must not be empty");
+        }
+        if t.issuer.as_deref() == Some("") {
+            cx.error(
+                &at("issuer"),
+                "issuer must be the exact `iss` value of the tokens (or left out)",
+            );
+        }
+        let cache_ttl = positive(&mut cx, t.cache_ttl.as_deref(), "60s", &at("cache_ttl"));
+        if cache_ttl > Duration::from_secs(3600) {
+            cx.error(&at("cache_ttl"), "cache_ttl must be at most 1h: a token revoked at the server stays accepted for that long");
+        }
+        let negative_cache_ttl = positive(
+            &mut cx,
+            t.negative_cache_ttl.as_deref(),
+            "5s",
+            &at("negative_cache_ttl"),
+        );
+        if negative_cache_ttl > Duration::from_secs(300) {
+            cx.error(&at("negative_cache_ttl"), "negative_cache_ttl must be at most 5m: a token that becomes valid is refused for that long");
+        }
+        let timeout = positive(&mut cx, t.timeout.as_deref(), "2s", &at("timeout"));
+        if let Some(client_secret) = client_secret {
+            introspection.insert(
+                iname.clone(),
+                IntrospectionConfig {
+                    url: t.url.clone(),
+                    client_id: t.client_id.clone(),
+                    client_secret,
+                    audiences: t.audiences.clone(),
+                    issuer: t.issuer.clone(),
+                    cache_ttl,
+                    negative_cache_ttl,
+                    timeout,
+                    ca: t.ca.as_deref().map(rel),
+                },
+            );
+        }
+    }
+
     // [[routes]]
     let mut routes = Vec::new();
     let mut route_names = HashSet::new();
@@ -847,49 +915,24 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 ),
             );
         }
-        let route_jwt = match (&r.jwt, auth.contains(&AuthMethod::Jwt)) {
-            (Some(j), true) if jwt.contains_key(j) => Some(j.clone()),
-            (Some(j), true) => {
-                cx.error(
-                    &at("jwt"),
-                    format!(
-                        "route {:?}: issuer {j:?} is not defined; add a [jwt.{j}] table",
-                        r.name
-                    ),
-                );
-                None
-            }
-            (Some(_), false) => {
-                cx.error(
-                    &at("jwt"),
-                    format!(
-                        "route {:?}: `jwt` names an issuer, but `auth` does not list \"jwt\"",
-                        r.name
-                    ),
-                );
-                None
-            }
-            (None, true) if jwt.len() == 1 => jwt.keys().next().cloned(),
-            (None, true) => {
-                cx.error(
-                    &at("auth"),
-                    format!(
-                        "route {:?} accepts jwt: name the issuer with jwt = \"NAME\" ({})",
-                        r.name,
-                        if jwt.is_empty() {
-                            "and define it in a [jwt.NAME] table".to_string()
-                        } else {
-                            format!(
-                                "one of {}",
-                                jwt.keys().cloned().collect::<Vec<_>>().join(", ")
-                            )
-                        }
-                    ),
-                );
-                None
-            }
-            (None, false) => None,
-        };
+        let route_jwt = route_table(
+            &mut cx,
+            &r.name,
+            ("jwt", "issuer"),
+            &r.jwt,
+            auth.contains(&AuthMethod::Jwt),
+            &jwt,
+            (&at("jwt"), &at("auth")),
+        );
+        let route_introspection = route_table(
+            &mut cx,
+            &r.name,
+            ("introspection", "endpoint"),
+            &r.introspection,
+            auth.contains(&AuthMethod::Introspection),
+            &introspection,
+            (&at("introspection"), &at("auth")),
+        );
         for (j, l) in r.limits.iter().enumerate() {
             if r.limits[..j].contains(l) {
                 cx.error(
@@ -919,6 +962,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             roles: r.roles.clone(),
             limits: r.limits.clone(),
             jwt: route_jwt,
+            introspection: route_introspection,
         });
     }
 
@@ -963,7 +1007,58 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         limits,
         consumers,
         jwt,
+        introspection,
     })
+}
+
+/// The `[KIND.NAME]` table a route uses for an auth method (`jwt`, `introspection`): the one it
+/// names, or the only one there is. `kind` is the section and the route field, `noun` what a
+/// table is called in errors.
+fn route_table<V>(
+    cx: &mut Ctx<'_>,
+    route: &str,
+    (kind, noun): (&str, &str),
+    given: &Option<String>,
+    accepts: bool,
+    tables: &BTreeMap<String, V>,
+    (field, auth): (&[Key], &[Key]),
+) -> Option<String> {
+    match (given, accepts) {
+        (Some(n), true) if tables.contains_key(n) => Some(n.clone()),
+        (Some(n), true) => {
+            cx.error(
+                field,
+                format!("route {route:?}: {noun} {n:?} is not defined; add a [{kind}.{n}] table"),
+            );
+            None
+        }
+        (Some(_), false) => {
+            cx.error(
+                field,
+                format!("route {route:?}: `{kind}` names an {noun}, but `auth` does not list \"{kind}\""),
+            );
+            None
+        }
+        (None, true) if tables.len() == 1 => tables.keys().next().cloned(),
+        (None, true) => {
+            cx.error(
+                auth,
+                format!(
+                    "route {route:?} accepts {kind}: name the {noun} with {kind} = \"NAME\" ({})",
+                    if tables.is_empty() {
+                        format!("and define it in a [{kind}.NAME] table")
+                    } else {
+                        format!(
+                            "one of {}",
+                            tables.keys().cloned().collect::<Vec<_>>().join(", ")
+                        )
+                    }
+                ),
+            );
+            None
+        }
+        (None, false) => None,
+    }
 }
 
 /// A secret the config refers to: `env:NAME` or `file:PATH`, never the value itself.
@@ -1343,6 +1438,15 @@ colour = "blue"
             ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nsecret = \"env:S\"\nalgorithms = [\"RS256\"]\n", "accepts HS256 only"),
             ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nleeway = \"1h\"\n", "at most 5m"),
             ("[[routes]]\nname = \"r\"\npath = \"/\"\nupstream = \"u\"\nauth = [\"jwt\"]\n", "define it in a [jwt.NAME] table"),
+            ("[[routes]]\nname = \"r\"\npath = \"/\"\nupstream = \"u\"\nauth = [\"introspection\"]\n", "define it in a [introspection.NAME] table"),
+            (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/\"\nupstream = \"u\"\nauth = [\"api_key\"]\nintrospection = \"i\"\n"), "but `auth` does not list \"introspection\""),
+            ("[introspection.i]\nurl = \"http://idp.example.com/introspect\"\nclient_id = \"gw\"\nclient_secret = \"env:S\"\n", "must be an https:// URL"),
+            ("[introspection.i]\nurl = \"https://idp.example.com/introspect\"\nclient_id = \"gw\"\nclient_secret = \"hunter2hunter2\"\n", "never goes in the config"),
+            ("[introspection.i]\nurl = \"https://idp.example.com/introspect\"\nclient_id = \"\"\nclient_secret = \"env:S\"\n", "client_id must be"),
+            ("[introspection.i]\nurl = \"https://idp.example.com/introspect\"\nclient_id = \"gw\"\n", "missing field `client_secret`"),
+            ("[introspection.i]\nurl = \"https://idp.example.com/introspect\"\nclient_id = \"gw\"\nclient_secret = \"env:S\"\ncache_ttl = \"2h\"\n", "at most 1h"),
+            ("[introspection.i]\nurl = \"https://idp.example.com/introspect\"\nclient_id = \"gw\"\nclient_secret = \"env:S\"\nnegative_cache_ttl = \"0s\"\n", "longer than zero"),
+            ("[introspection.i]\nurl = \"https://idp.example.com/introspect\"\nclient_id = \"gw\"\nclient_secret = \"env:S\"\ntimeout = \"0s\"\n", "longer than zero"),
             ("[limits.l]\nrate = \"10/s\"\nkey = [\"ip\", \"ip\"]\n", "listed twice"),
             ("[limits.l]\nrate = \"10/s\"\nkey = \"header:a b\"\n", "header name"),
             ("[limits.l]\nrate = \"10/s\"\nkey = []\n", "at least one"),
@@ -1487,6 +1591,7 @@ auth = ["none"]
                 "consumers[]" => "[[consumers]]".to_string(),
                 "limits.NAME" => "[limits.l]".to_string(),
                 "jwt.NAME" => "[jwt.corp]".to_string(),
+                "introspection.NAME" => "[introspection.corp]".to_string(),
                 "admin.tokens.NAME" => "[admin.tokens.ops]".to_string(),
                 s => format!("[{s}]"),
             };
