@@ -5,7 +5,7 @@
 
 mod common;
 
-use apiwarden_core::event::{AuditEvent, Outcome, Reason};
+use apiwarden_core::event::{Outcome, Reason};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use bytes::Bytes;
@@ -230,28 +230,6 @@ async fn until_ready(gw: &TestGateway) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn metric(gw: &TestGateway, line_start: &str) -> u64 {
-    let text = gw.gw.shared.render_metrics();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {line_start} in\n{text}"))
-}
-
-async fn event_of(gw: &TestGateway, rid: &str) -> AuditEvent {
-    for _ in 0..200 {
-        if let Some(e) = gw
-            .request_events()
-            .into_iter()
-            .find(|e| e.request_id.map(|r| r.to_string()).as_deref() == Some(rid))
-        {
-            return e;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("no audit event for request {rid}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

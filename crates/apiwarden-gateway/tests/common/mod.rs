@@ -210,3 +210,28 @@ pub fn open_route(name: &str, path_prefix: &str, upstream: SocketAddr) -> String
         "[[upstreams]]\nname = \"{name}\"\nurl = \"http://{upstream}\"\n\n[[routes]]\nname = \"{name}\"\npath_prefix = \"{path_prefix}\"\nupstream = \"{name}\"\nauth = [\"none\"]\n"
     )
 }
+
+/// The value of one metric line of the gateway (`line_start` is the name with its labels and
+/// the space before the value).
+pub fn metric(gw: &TestGateway, line_start: &str) -> u64 {
+    let text = gw.gw.shared.render_metrics();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {line_start} in\n{text}"))
+}
+
+/// The request event of the request with this `X-Request-Id`, once it is recorded.
+pub async fn event_of(gw: &TestGateway, rid: &str) -> AuditEvent {
+    for _ in 0..200 {
+        if let Some(e) = gw
+            .request_events()
+            .into_iter()
+            .find(|e| e.request_id.map(|r| r.to_string()).as_deref() == Some(rid))
+        {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no audit event for request {rid}");
+}
