@@ -226,6 +226,9 @@ pub struct ConnInfo {
     pub tls_version: Option<&'static str>,
     /// The peer's address as a header value, made once per connection.
     peer_ip: HeaderValue,
+    /// The client certificate rustls verified against `gateway.tls.client_ca`, read once
+    /// after the handshake.
+    pub client_cert: Option<Arc<crate::tls::ClientCert>>,
 }
 
 impl ConnInfo {
@@ -236,7 +239,14 @@ impl ConnInfo {
             peer,
             tls_version,
             peer_ip,
+            client_cert: None,
         }
+    }
+
+    /// The connection's verified client certificate.
+    pub fn with_client_cert(mut self, cert: Option<Arc<crate::tls::ClientCert>>) -> Self {
+        self.client_cert = cert;
+        self
     }
 }
 
@@ -279,12 +289,14 @@ impl Identify {
         keys: &crate::keystore::KeyRing,
         issuer: Option<&Arc<crate::jwt::Issuer>>,
         introspector: Option<&Arc<crate::introspect::Introspector>>,
+        client_cert: Option<&crate::tls::ClientCert>,
     ) -> Result<Identity, Reason> {
         if route.auth == [AuthMethod::None] {
             return Ok(Identity::anonymous());
         }
         // The credential: `X-API-Key` (API keys only), or `Authorization: Bearer`. Never the
-        // query string.
+        // query string. Without one, a verified client certificate on a route that accepts
+        // mTLS.
         let (credential, from_x_api_key) =
             match (headers.get(&X_API_KEY), headers.get(header::AUTHORIZATION)) {
                 (Some(v), _) => (v.to_str().map_err(|_| Reason::AuthnMalformed)?, true),
@@ -297,7 +309,14 @@ impl Identify {
                         _ => return Err(Reason::AuthnMalformed),
                     }
                 }
-                (None, None) => return Err(Reason::AuthnMissing),
+                (None, None) => {
+                    return match client_cert {
+                        Some(cert) if route.auth.contains(&AuthMethod::Mtls) => {
+                            Ok(Identify::mtls(config, cert))
+                        }
+                        _ => Err(Reason::AuthnMissing),
+                    };
+                }
             };
         if credential.starts_with("aw_") {
             if !route.auth.contains(&AuthMethod::ApiKey) {
@@ -323,13 +342,27 @@ impl Identify {
             };
             return Identify::jwt(config, issuer, credential).await;
         }
-        // mTLS is not in this build yet: such a credential is refused, so nothing is let
-        // through unchecked.
-        Err(if route.auth.contains(&AuthMethod::Mtls) {
-            Reason::AuthnUnavailable
-        } else {
-            Reason::AuthnMalformed
-        })
+        // A credential of a kind the route does not accept (a client certificate is not
+        // one that comes in a header).
+        Err(Reason::AuthnMalformed)
+    }
+
+    /// A verified client certificate: its consumer is the one whose `certificate_names`
+    /// name one of its SANs or its CN; a certificate no consumer claims has no scopes.
+    fn mtls(config: &Config, cert: &crate::tls::ClientCert) -> Identity {
+        let consumer_index = config
+            .consumers
+            .iter()
+            .position(|c| c.certificate_names.iter().any(|n| cert.is_named(n)));
+        let consumer = consumer_index.map(|i| &config.consumers[i]);
+        Identity {
+            method: AuthMethod::Mtls,
+            consumer: consumer.map(|c| c.name.clone()),
+            key_id: None,
+            subject: cert.identity_subject().map(str::to_string),
+            scopes: consumer.map_or_else(Vec::new, |c| c.scopes.clone()),
+            consumer_index,
+        }
     }
 
     fn api_key(
@@ -1021,6 +1054,7 @@ pub async fn handle(
     event.client.forwarded_for =
         joined(req.headers(), &X_FORWARDED_FOR).map(|v| String::from_utf8_lossy(&v).into_owned());
     event.tls.version = conn.tls_version;
+    event.tls.client_subject = conn.client_cert.as_ref().map(|c| c.subject.clone());
     event.request.method = Some(req.method().as_str().to_string());
     let host = request_host(&req);
     event.request.host = host.map(str::to_string);
@@ -1092,6 +1126,7 @@ pub async fn handle(
         &shared.keys.load(),
         state.routes[ri].jwt.as_ref(),
         state.routes[ri].introspection.as_ref(),
+        conn.client_cert.as_deref(),
     )
     .await
     {
@@ -1272,6 +1307,7 @@ pub fn record_unparsed(shared: &Shared, conn: &ConnInfo, reason: Reason) {
     e.request_id = Some(new_id());
     e.client.ip = Some(conn.peer.ip());
     e.tls.version = conn.tls_version;
+    e.tls.client_subject = conn.client_cert.as_ref().map(|c| c.subject.clone());
     e.decision.outcome = Outcome::Deny;
     e.decision.reason = reason;
     e.response.status = crate::respond::status_and_message(reason).0.as_u16();

@@ -4,7 +4,7 @@
 use crate::audit::AuditSink;
 use crate::metrics::Metrics;
 use crate::pipeline::{handle, record_unparsed, ConnInfo, Shared, State};
-use crate::tls::{server_config, TlsError};
+use crate::tls::{server_config, ClientCert, ServerConfigs, TlsError};
 use apiwarden_core::config::{parse, Config, ConfigErrors};
 use apiwarden_core::event::{Outcome, Reason};
 use arc_swap::ArcSwap;
@@ -259,7 +259,7 @@ impl Gateway {
                     }
                 }
             }));
-            TlsAcceptor::from(sc)
+            sc
         });
         // Thread per core: each worker runs its own single-threaded runtime. A connection,
         // its upstream connections and their tasks stay on one thread, so a request costs no
@@ -509,7 +509,7 @@ type ConnQueue = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, Socket
 async fn worker_loop(
     mut conns: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
     shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<ServerConfigs>,
     mut stop: watch::Receiver<bool>,
     live: &Arc<()>,
 ) {
@@ -544,8 +544,9 @@ async fn worker_loop(
                     protocol,
                 ));
             }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
+            Some(configs) => {
+                // The configuration in force now (a new client CA file swaps in another).
+                let acceptor = TlsAcceptor::from(configs.load_full());
                 tokio::spawn(async move {
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
                         .await
@@ -560,9 +561,24 @@ async fn worker_loop(
                             } else {
                                 Protocol::Http1
                             };
+                            // rustls has verified the chain against client_ca; read the
+                            // end-entity certificate once for the connection's requests.
+                            let client_cert = match tls.get_ref().1.peer_certificates() {
+                                Some([der, ..]) => match ClientCert::parse(der.as_ref()) {
+                                    Ok(c) => {
+                                        tracing::debug!(%peer, subject = %c.subject, sha256 = %c.fingerprint, "client certificate verified");
+                                        Some(Arc::new(c))
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(%peer, error = %e, "a verified client certificate cannot be read; closing the connection");
+                                        return;
+                                    }
+                                },
+                                _ => None,
+                            };
                             serve(
                                 tls,
-                                ConnInfo::new(peer, Some(version)),
+                                ConnInfo::new(peer, Some(version)).with_client_cert(client_cert),
                                 shared,
                                 watcher,
                                 protocol,

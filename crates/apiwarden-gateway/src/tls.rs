@@ -1,9 +1,15 @@
-//! TLS termination with rustls: TLS 1.2 and 1.3 only, ALPN `h2` and `http/1.1`, and a
-//! certificate that is reloaded from its files when they change, without a restart.
+//! TLS termination with rustls: TLS 1.2 and 1.3 only, ALPN `h2` and `http/1.1`, a certificate
+//! that is reloaded from its files when they change, without a restart, and client
+//! certificates (mTLS) verified against `gateway.tls.client_ca`, whose file is reloaded too.
+//!
+//! rustls (webpki) verifies a client's chain during the handshake; [`ClientCert`] then reads
+//! the values an identity needs (subject, SANs, fingerprint) from the verified end-entity
+//! certificate, once per connection.
 
-use apiwarden_core::config::TlsConfig;
+use apiwarden_core::config::{ClientAuth, TlsConfig};
 use arc_swap::ArcSwap;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -11,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-/// Errors loading a certificate or key.
+/// Errors loading a certificate, a key or the client CA certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read the certificate {path}: {reason}")]
@@ -20,10 +26,8 @@ pub enum TlsError {
     Key { path: PathBuf, reason: String },
     #[error("the certificate and key do not form a usable pair: {0}")]
     Pair(String),
-    #[error(
-        "client certificates (gateway.tls.client_ca, mTLS) are not supported in this build yet"
-    )]
-    MtlsUnsupported,
+    #[error("cannot use the client CA certificates {path} (gateway.tls.client_ca): {reason}")]
+    ClientCa { path: PathBuf, reason: String },
 }
 
 fn load(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
@@ -56,6 +60,33 @@ fn load(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     Ok(Arc::new(ck))
 }
 
+/// The verifier of client certificates: webpki against the CA certificates in `path`.
+fn client_verifier(
+    path: &Path,
+    mode: ClientAuth,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let error = |reason: String| TlsError::ClientCa {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(error("no PEM certificate in the file".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(|e| error(e.to_string()))?;
+    }
+    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    if mode == ClientAuth::Optional {
+        builder = builder.allow_unauthenticated();
+    }
+    builder.build().map_err(|e| error(e.to_string()))
+}
+
 /// Serves the current certificate; [`CertReloader::check`] swaps in a new one.
 #[derive(Debug)]
 struct Resolver(ArcSwap<CertifiedKey>);
@@ -66,33 +97,79 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-/// Watches the certificate and key files.
+/// The rustls configuration in force: each handshake takes the current one, and a new client
+/// CA file swaps in a new one (the certificate is swapped inside it, by its resolver).
+pub type ServerConfigs = Arc<ArcSwap<rustls::ServerConfig>>;
+
+/// A whole server configuration: protocol versions, ALPN, the certificate resolver and, with
+/// `client_ca`, the verifier of client certificates.
+fn build(cfg: &TlsConfig, resolver: Arc<Resolver>) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Pair(e.to_string()))?;
+    let mut sc = match &cfg.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            builder.with_client_cert_verifier(client_verifier(ca, cfg.client_auth, provider)?)
+        }
+    }
+    .with_cert_resolver(resolver);
+    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(sc)
+}
+
+/// Watches the certificate, key and client CA files.
 pub struct CertReloader {
     resolver: Arc<Resolver>,
     config: TlsConfig,
     stamp: Option<(SystemTime, SystemTime)>,
+    ca_stamp: Option<SystemTime>,
+    server: ServerConfigs,
+}
+
+fn modified(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
 fn stamp(cfg: &TlsConfig) -> Option<(SystemTime, SystemTime)> {
-    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some((m(&cfg.cert)?, m(&cfg.key)?))
+    Some((modified(&cfg.cert)?, modified(&cfg.key)?))
 }
 
 impl CertReloader {
-    /// Reloads the certificate when its files changed. A bad new pair keeps the old one.
+    /// Reloads the certificate when its files changed, and the client CA certificates when
+    /// their file changed. A bad new file keeps the previous certificate or CA.
     pub fn check(&mut self) {
         let now = stamp(&self.config);
-        if now.is_none() || now == self.stamp {
+        if now.is_some() && now != self.stamp {
+            match load(&self.config.cert, &self.config.key) {
+                Ok(ck) => {
+                    self.resolver.0.store(ck);
+                    self.stamp = now;
+                    tracing::info!(cert = %self.config.cert.display(), "TLS certificate reloaded");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS certificate changed but cannot be loaded; keeping the previous one")
+                }
+            }
+        }
+        let Some(ca) = &self.config.client_ca else {
+            return;
+        };
+        let now = modified(ca);
+        if now.is_none() || now == self.ca_stamp {
             return;
         }
-        match load(&self.config.cert, &self.config.key) {
-            Ok(ck) => {
-                self.resolver.0.store(ck);
-                self.stamp = now;
-                tracing::info!(cert = %self.config.cert.display(), "TLS certificate reloaded");
+        // A new configuration (with a new session cache: a session resumed after the change
+        // was verified against the new CA certificates).
+        match build(&self.config, self.resolver.clone()) {
+            Ok(sc) => {
+                self.server.store(Arc::new(sc));
+                self.ca_stamp = now;
+                tracing::info!(client_ca = %ca.display(), "client CA certificates reloaded");
             }
             Err(e) => {
-                tracing::warn!(error = %e, "TLS certificate changed but cannot be loaded; keeping the previous one")
+                tracing::warn!(error = %e, "client CA certificates changed but cannot be loaded; keeping the previous ones")
             }
         }
     }
@@ -103,28 +180,228 @@ impl CertReloader {
     }
 }
 
-/// Builds the rustls server configuration and the reloader of its certificate.
-pub fn server_config(
-    cfg: &TlsConfig,
-) -> Result<(Arc<rustls::ServerConfig>, CertReloader), TlsError> {
-    if cfg.client_ca.is_some() {
-        return Err(TlsError::MtlsUnsupported);
-    }
+/// Builds the rustls server configuration and the reloader of its files.
+pub fn server_config(cfg: &TlsConfig) -> Result<(ServerConfigs, CertReloader), TlsError> {
     let ck = load(&cfg.cert, &cfg.key)?;
     let resolver = Arc::new(Resolver(ArcSwap::new(ck)));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Pair(e.to_string()))?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver.clone());
-    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stamped before reading: a change while reading is read again at the next check.
+    let ca_stamp = cfg.client_ca.as_deref().and_then(modified);
+    let server = Arc::new(ArcSwap::from_pointee(build(cfg, resolver.clone())?));
     Ok((
-        Arc::new(sc),
+        server.clone(),
         CertReloader {
             resolver,
             config: cfg.clone(),
             stamp: stamp(cfg),
+            ca_stamp,
+            server,
         },
     ))
+}
+
+/// What the gateway knows about a client certificate that rustls verified against
+/// `client_ca`: read once per connection from the end-entity certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCert {
+    /// The subject as an RFC 4514 string, most specific first (`CN=billing,O=Example`).
+    pub subject: String,
+    /// The subject's (first) common name.
+    pub common_name: Option<String>,
+    /// DNS name SANs.
+    pub dns_names: Vec<String>,
+    /// URI SANs (a SPIFFE ID is one).
+    pub uris: Vec<String>,
+    /// E-mail (RFC 822 name) SANs.
+    pub emails: Vec<String>,
+    /// SHA-256 of the certificate's DER, lowercase hex.
+    pub fingerprint: String,
+}
+
+/// Longest subject string kept (an audit field); a longer one is cut at a character boundary.
+const MAX_SUBJECT: usize = 1024;
+
+impl ClientCert {
+    /// Reads an end-entity certificate (DER). Only call it on a certificate that rustls has
+    /// verified: nothing here checks a signature.
+    pub fn parse(der: &[u8]) -> Result<ClientCert, String> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+        let mut subject = rfc4514(cert.subject());
+        if subject.len() > MAX_SUBJECT {
+            let mut end = MAX_SUBJECT;
+            while !subject.is_char_boundary(end) {
+                end -= 1;
+            }
+            subject.truncate(end);
+        }
+        let common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|a| a.as_str().ok())
+            .map(str::to_string);
+        let (mut dns_names, mut uris, mut emails) = (Vec::new(), Vec::new(), Vec::new());
+        if let Some(san) = cert.subject_alternative_name().map_err(|e| e.to_string())? {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(v) => dns_names.push(v.to_string()),
+                    GeneralName::URI(v) => uris.push(v.to_string()),
+                    GeneralName::RFC822Name(v) => emails.push(v.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        Ok(ClientCert {
+            subject,
+            common_name,
+            dns_names,
+            uris,
+            emails,
+            fingerprint: hex(digest.as_ref()),
+        })
+    }
+
+    /// The identity's subject: the first URI SAN, else the first DNS SAN, else the CN.
+    pub fn identity_subject(&self) -> Option<&str> {
+        self.uris
+            .first()
+            .or(self.dns_names.first())
+            .or(self.common_name.as_ref())
+            .map(String::as_str)
+    }
+
+    /// Whether `name` (one of `consumers[].certificate_names`) names this certificate: equal to
+    /// a URI or e-mail SAN or the CN, or to a DNS SAN without regard to case.
+    pub fn is_named(&self, name: &str) -> bool {
+        self.uris.iter().any(|v| v == name)
+            || self.emails.iter().any(|v| v == name)
+            || self.dns_names.iter().any(|v| v.eq_ignore_ascii_case(name))
+            || self.common_name.as_deref() == Some(name)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
+}
+
+/// RFC 4514: the RDNs in reverse order, `+` between the attributes of one RDN, the usual
+/// short names, other attribute types as dotted OIDs, and a value that is not a string as
+/// `#` and the hex of its content.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let mut rdns: Vec<String> = name
+        .iter()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|atv| {
+                    let oid = atv.attr_type().to_id_string();
+                    let key = match oid.as_str() {
+                        "2.5.4.3" => "CN",
+                        "2.5.4.6" => "C",
+                        "2.5.4.7" => "L",
+                        "2.5.4.8" => "ST",
+                        "2.5.4.9" => "STREET",
+                        "2.5.4.10" => "O",
+                        "2.5.4.11" => "OU",
+                        "0.9.2342.19200300.100.1.25" => "DC",
+                        "0.9.2342.19200300.100.1.1" => "UID",
+                        other => other,
+                    };
+                    let value = match atv.as_str() {
+                        Ok(v) => escape_value(v),
+                        Err(_) => format!("#{}", hex(atv.as_slice())),
+                    };
+                    format!("{key}={value}")
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    rdns.reverse();
+    rdns.join(",")
+}
+
+/// RFC 4514 section 2.4 escaping (control characters as `\XX` too).
+fn escape_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let last = v.chars().count().saturating_sub(1);
+    for (i, c) in v.chars().enumerate() {
+        match c {
+            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            c if c.is_control() => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push('\\');
+                    out.push_str(&hex(&[b]).to_ascii_uppercase());
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_escaped_as_rfc_4514_says() {
+        assert_eq!(escape_value("billing"), "billing");
+        assert_eq!(escape_value("a,b+c"), "a\\,b\\+c");
+        assert_eq!(escape_value("#x "), "\\#x\\ ");
+        assert_eq!(escape_value(" x"), "\\ x");
+        assert_eq!(escape_value("a\nb"), "a\\0Ab");
+        assert_eq!(hex(&[0, 0xab, 0x7f]), "00ab7f");
+    }
+
+    #[test]
+    fn a_certificate_is_read_once_into_subject_sans_and_fingerprint() {
+        use rcgen::{CertificateParams, DistinguishedName, DnType, Ia5String, KeyPair, SanType};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CountryName, "NL");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Example, Inc.");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "billing");
+        params.subject_alt_names = vec![
+            SanType::DnsName(Ia5String::try_from("billing.internal").unwrap()),
+            SanType::URI(Ia5String::try_from("spiffe://example.org/billing").unwrap()),
+            SanType::Rfc822Name(Ia5String::try_from("billing@example.org").unwrap()),
+            SanType::IpAddress([10, 0, 0, 1].into()),
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let c = ClientCert::parse(cert.der()).unwrap();
+        assert_eq!(c.subject, "CN=billing,O=Example\\, Inc.,C=NL");
+        assert_eq!(c.common_name.as_deref(), Some("billing"));
+        assert_eq!(c.dns_names, ["billing.internal"]);
+        assert_eq!(c.uris, ["spiffe://example.org/billing"]);
+        assert_eq!(c.emails, ["billing@example.org"]);
+        assert_eq!(c.identity_subject(), Some("spiffe://example.org/billing"));
+        assert_eq!(c.fingerprint.len(), 64);
+        assert_eq!(
+            c.fingerprint,
+            hex(ring::digest::digest(&ring::digest::SHA256, cert.der()).as_ref())
+        );
+        assert!(c.is_named("BILLING.internal"));
+        assert!(c.is_named("billing"));
+        assert!(!c.is_named("SPIFFE://example.org/billing"));
+        assert!(!c.is_named("10.0.0.1"));
+        assert!(ClientCert::parse(b"not a certificate").is_err());
+    }
 }

@@ -226,11 +226,11 @@ async fn the_whole_decision_space_of_api_keys() {
             reason: Reason::Ok,
         },
         Case {
-            name: "a method this build lacks",
+            name: "a bearer token on a route that accepts only client certificates",
             path: "/mtls",
             header: bearer("an-opaque-token"),
             status: 401,
-            reason: Reason::AuthnUnavailable,
+            reason: Reason::AuthnMalformed,
         },
     ];
     let mut bodies = String::new();

@@ -99,8 +99,21 @@ pub struct GatewayConfig {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// CA certificates (PEM) that client certificates are verified against (mTLS).
     pub client_ca: Option<PathBuf>,
+    /// Whether a client without a certificate may complete the handshake.
+    pub client_auth: ClientAuth,
     pub reload_interval: Duration,
+}
+
+/// `gateway.tls.client_auth`: what the handshake asks of a client when `client_ca` is set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A client may connect without a certificate; a certificate it sends must verify.
+    #[default]
+    Optional,
+    /// The handshake fails without a certificate that verifies against `client_ca`.
+    Required,
 }
 
 #[derive(Clone, Debug)]
@@ -329,13 +342,16 @@ pub struct LimitConfig {
     pub failure_mode: FailureMode,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ConsumerConfig {
     pub name: String,
     pub scopes: Vec<String>,
     pub roles: Vec<String>,
     /// When set, the consumer's credentials are accepted only from these networks.
     pub allow_ips: Option<Vec<IpNet>>,
+    /// Names (a SAN: DNS name, URI or e-mail, or the subject's CN) that identify the consumer
+    /// in a verified client certificate.
+    pub certificate_names: Vec<String>,
 }
 
 /// A JWS signature algorithm apiwarden verifies.
@@ -457,7 +473,7 @@ pub struct OptionDoc {
 /// Every configuration option.
 pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "gateway.listen", default: "\"127.0.0.1:8080\"", example: "\"127.0.0.1:8080\"", doc: "Address of the API listener." },
-    OptionDoc { key: "gateway.tls", default: "none (plain HTTP)", example: "{ cert = \"server.pem\", key = \"server.key\" }", doc: "TLS termination: `cert` and `key` are PEM files (paths relative to the config file); `client_ca` (mTLS) is refused until client certificates are supported; `reload_interval` (default `\"5s\"`) is how often the files are checked for changes. TLS 1.2 and 1.3 only; ALPN offers `h2` and `http/1.1`." },
+    OptionDoc { key: "gateway.tls", default: "none (plain HTTP)", example: "{ cert = \"server.pem\", key = \"server.key\", client_ca = \"clients-ca.pem\", client_auth = \"optional\" }", doc: "TLS termination: `cert` and `key` are PEM files (paths relative to the config file); `client_ca` (mTLS) is a PEM file of one or more CA certificates that client certificates are verified against; `client_auth` (with `client_ca` only) is `\"optional\"` (the default: a client may connect without a certificate and use the routes that do not need one) or `\"required\"` (the handshake fails without a valid certificate); `reload_interval` (default `\"5s\"`) is how often the files (the client CA's too) are checked for changes. TLS 1.2 and 1.3 only; ALPN offers `h2` and `http/1.1`." },
     OptionDoc { key: "gateway.trusted_proxies", default: "[]", example: "[\"10.0.0.0/8\", \"127.0.0.1\"]", doc: "Peers (addresses or CIDR networks) whose `X-Forwarded-For` is believed. The client IP is the right-most address in `X-Forwarded-For` that is not a trusted proxy; from any other peer the header is ignored for the client IP." },
     OptionDoc { key: "gateway.max_body_size", default: "\"10MiB\"", example: "\"1GiB\"", doc: "Largest request body accepted; larger ones get `413`, whether announced by `Content-Length` or found while streaming." },
     OptionDoc { key: "gateway.max_header_size", default: "\"32KiB\"", example: "\"64KiB\"", doc: "Largest request head (request line and all header lines) accepted; larger ones get `431`." },
@@ -527,6 +543,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "consumers[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes granted to the consumer." },
     OptionDoc { key: "consumers[].roles", default: "[]", example: "[\"reader\"]", doc: "Roles granted to the consumer." },
     OptionDoc { key: "consumers[].allow_ips", default: "any address", example: "[\"10.0.0.0/8\", \"192.0.2.7\"]", doc: "Client addresses or CIDR networks the consumer's credentials are accepted from (the client IP after `trusted_proxies`); from anywhere else: `403 authz.ip_not_allowed`." },
+    OptionDoc { key: "consumers[].certificate_names", default: "[]", example: "[\"billing.internal\", \"spiffe://example.org/billing\"]", doc: "Names that identify the consumer in a verified client certificate (mTLS): a DNS, URI or e-mail SAN, or the subject's CN, compared exactly (DNS names without regard to case). A name belongs to one consumer only. A certificate that matches no consumer still authenticates, without scopes or roles." },
 ];
 
 /// The configuration reference as a Markdown table (what the README shows).

@@ -29,6 +29,7 @@ pub(crate) struct Tls {
     pub cert: String,
     pub key: String,
     pub client_ca: Option<String>,
+    pub client_auth: Option<String>,
     pub reload_interval: Option<String>,
 }
 
@@ -165,4 +166,6 @@ pub(crate) struct Consumer {
     #[serde(default)]
     pub roles: Vec<String>,
     pub allow_ips: Option<Vec<String>>,
+    #[serde(default)]
+    pub certificate_names: Vec<String>,
 }

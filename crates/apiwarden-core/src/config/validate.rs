@@ -181,16 +181,43 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         "127.0.0.1:8080",
         &g("listen"),
     );
-    let tls = gateway.tls.as_ref().map(|t| TlsConfig {
-        cert: rel(&t.cert),
-        key: rel(&t.key),
-        client_ca: t.client_ca.as_deref().map(rel),
-        reload_interval: positive(
-            &mut cx,
-            t.reload_interval.as_deref(),
-            "5s",
-            &[name("gateway"), name("tls"), name("reload_interval")],
-        ),
+    let tls = gateway.tls.as_ref().map(|t| {
+        let at_auth = [name("gateway"), name("tls"), name("client_auth")];
+        let client_auth = match t.client_auth.as_deref() {
+            None | Some("optional") => ClientAuth::Optional,
+            Some("required") => ClientAuth::Required,
+            Some(other) => {
+                cx.error(
+                    &at_auth,
+                    format!("client_auth must be \"optional\" or \"required\", not {other:?}"),
+                );
+                ClientAuth::Optional
+            }
+        };
+        if t.client_auth.is_some() && t.client_ca.is_none() {
+            cx.error(
+                &at_auth,
+                "client_auth needs client_ca: the CA certificates (PEM) that client certificates are verified against",
+            );
+        }
+        if t.client_ca.as_deref() == Some("") {
+            cx.error(
+                &[name("gateway"), name("tls"), name("client_ca")],
+                "client_ca must name a PEM file",
+            );
+        }
+        TlsConfig {
+            cert: rel(&t.cert),
+            key: rel(&t.key),
+            client_ca: t.client_ca.as_deref().map(rel),
+            client_auth,
+            reload_interval: positive(
+                &mut cx,
+                t.reload_interval.as_deref(),
+                "5s",
+                &[name("gateway"), name("tls"), name("reload_interval")],
+            ),
+        }
     });
     let mut trusted_proxies = Vec::new();
     for (i, p) in gateway.trusted_proxies.iter().enumerate() {
@@ -237,12 +264,6 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         "30s",
         &g("shutdown_timeout"),
     );
-    if gateway.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
-        cx.error(
-            &[name("gateway"), name("tls"), name("client_ca")],
-            "client certificates (mTLS) are not supported in this build yet; remove client_ca",
-        );
-    }
     let worker_threads = match gateway.worker_threads {
         Some(0) => {
             cx.error(&g("worker_threads"), "worker_threads must be at least 1");
@@ -575,6 +596,8 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
     // [[consumers]]
     let mut consumers = Vec::new();
     let mut consumer_names = HashSet::new();
+    // Certificate name (DNS names compared without case) → the consumer it belongs to.
+    let mut cert_names: BTreeMap<String, String> = BTreeMap::new();
     for (i, c) in raw_consumers.iter().enumerate() {
         let Some(c) = c else { continue };
         if !consumer_names.insert(c.name.clone()) {
@@ -616,11 +639,33 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 })
                 .collect()
         });
+        for (j, n) in c.certificate_names.iter().enumerate() {
+            let at = [
+                name("consumers"),
+                Key::Index(i),
+                name("certificate_names"),
+                Key::Index(j),
+            ];
+            if n.is_empty() || n.chars().any(char::is_control) || n.trim() != n {
+                cx.error(
+                    &at,
+                    format!("certificate name {n:?} must be a non-empty SAN or CN without control characters or surrounding spaces"),
+                );
+                continue;
+            }
+            if let Some(owner) = cert_names.insert(n.to_ascii_lowercase(), c.name.clone()) {
+                cx.error(
+                    &at,
+                    format!("certificate name {n:?} is already given to consumer {owner:?}: a certificate must identify one consumer only"),
+                );
+            }
+        }
         consumers.push(ConsumerConfig {
             name: c.name.clone(),
             scopes: c.scopes.clone(),
             roles: c.roles.clone(),
             allow_ips,
+            certificate_names: c.certificate_names.clone(),
         });
     }
 
@@ -1413,7 +1458,11 @@ colour = "blue"
     fn values_that_would_fail_later_are_refused_now() {
         let cases: &[(&str, &str)] = &[
             ("[gateway]\ntls = { cert = \"c\", key = \"k\", reload_interval = \"0s\" }\n", "must be longer than zero"),
-            ("[gateway]\ntls = { cert = \"c\", key = \"k\", client_ca = \"ca\" }\n", "mTLS"),
+            ("[gateway]\ntls = { cert = \"c\", key = \"k\", client_auth = \"required\" }\n", "client_auth needs client_ca"),
+            ("[gateway]\ntls = { cert = \"c\", key = \"k\", client_ca = \"ca\", client_auth = \"request\" }\n", "\"optional\" or \"required\""),
+            ("[gateway]\ntls = { cert = \"c\", key = \"k\", client_ca = \"\" }\n", "client_ca must name a PEM file"),
+            ("[[consumers]]\nname = \"a\"\ncertificate_names = [\"Billing.internal\"]\n[[consumers]]\nname = \"b\"\ncertificate_names = [\"billing.internal\"]\n", "already given to consumer \"a\""),
+            ("[[consumers]]\nname = \"a\"\ncertificate_names = [\"\"]\n", "non-empty SAN or CN"),
             ("[gateway]\nshutdown_timeout = \"300000000000y\"\n", "longer than ten years"),
             ("[gateway]\nworker_threads = 100000\n", "at most 1024"),
             ("[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1\"\ntimeout = \"0s\"\n", "must be longer than zero"),
@@ -1577,6 +1626,26 @@ auth = ["none"]
                 TemplateSegment::Param("item".into()),
             ])
         );
+    }
+
+    #[test]
+    fn client_certificates_are_configured() {
+        let text = "[gateway]\ntls = { cert = \"s.pem\", key = \"s.key\", client_ca = \"ca/clients.pem\" }\n\
+                    [[consumers]]\nname = \"billing\"\ncertificate_names = [\"billing.internal\", \"spiffe://example.org/billing\"]\n";
+        let c = parse(text, "/etc/aw/gw.toml").unwrap();
+        let tls = c.gateway.tls.unwrap();
+        assert_eq!(
+            tls.client_ca.as_deref(),
+            Some(Path::new("/etc/aw/ca/clients.pem"))
+        );
+        assert_eq!(tls.client_auth, ClientAuth::Optional);
+        assert_eq!(
+            c.consumers[0].certificate_names,
+            ["billing.internal", "spiffe://example.org/billing"]
+        );
+        let required = text.replace("clients.pem\"", "clients.pem\", client_auth = \"required\"");
+        let c = parse(&required, "/etc/aw/gw.toml").unwrap();
+        assert_eq!(c.gateway.tls.unwrap().client_auth, ClientAuth::Required);
     }
 
     #[test]
