@@ -130,11 +130,15 @@ fn authenticate(cfg: &Config, req: &Request<Incoming>) -> Result<(String, AdminR
 /// Runs a key store operation on a thread of its own (the store's clients block).
 async fn with_store<T: Send + 'static>(
     cfg: Config,
+    actor: String,
     op: impl FnOnce(&mut KeyStore, &Config) -> Result<T, KeyError> + Send + 'static,
 ) -> Result<T, KeyError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        let r = KeyStore::open(&cfg).and_then(|mut s| op(&mut s, &cfg));
+        let r = KeyStore::open(&cfg).and_then(|mut s| {
+            s.set_actor(actor);
+            op(&mut s, &cfg)
+        });
         let _ = tx.send(r);
     });
     rx.await.unwrap_or(Err(KeyError::Random))
@@ -215,7 +219,8 @@ pub async fn handle(
             event.identity.method = Some("admin_token");
             event.identity.subject = Some(name.clone());
             event.identity.scopes = vec![role.as_str().to_string()];
-            route(&cfg, role, &method, &path, req).await
+            let actor = format!("admin-token:{name}");
+            route(&cfg, role, &actor, &method, &path, req).await
         }
     };
     let allowed = outcome.reason == Reason::AdminAction && outcome.status.is_success();
@@ -237,6 +242,7 @@ pub async fn handle(
 async fn route(
     cfg: &Config,
     role: AdminRole,
+    actor: &str,
     method: &Method,
     path: &str,
     req: Request<Incoming>,
@@ -337,7 +343,7 @@ async fn route(
             )
         }
         ["keys"] if *method == Method::GET => {
-            match with_store(cfg.clone(), |s, _| s.list()).await {
+            match with_store(cfg.clone(), actor.to_string(), |s, _| s.list()).await {
                 Ok(keys) => {
                     let list: Vec<Value> = keys.iter().map(|k| key_json(k, cfg, now)).collect();
                     ok(
@@ -372,7 +378,7 @@ async fn route(
                 Err(e) => return bad(e),
             };
             let who = consumer.clone();
-            match with_store(cfg.clone(), move |s, c| {
+            match with_store(cfg.clone(), actor.to_string(), move |s, c| {
                 s.create(c, &who, scopes, expires_at)
             })
             .await
@@ -395,7 +401,11 @@ async fn route(
                 Err(e) => return bad(e),
             };
             let key_id = id.to_string();
-            match with_store(cfg.clone(), move |s, c| s.rotate(c, &key_id, grace)).await {
+            match with_store(cfg.clone(), actor.to_string(), move |s, c| {
+                s.rotate(c, &key_id, grace)
+            })
+            .await
+            {
                 Ok((k, secret)) => {
                     let mut v = key_json(&k, cfg, now);
                     v["secret"] = secret.into();
@@ -414,7 +424,11 @@ async fn route(
         }
         ["keys", id, "revoke"] => {
             let key_id = id.to_string();
-            match with_store(cfg.clone(), move |s, _| s.revoke(&key_id)).await {
+            match with_store(cfg.clone(), actor.to_string(), move |s, _| {
+                s.revoke(&key_id)
+            })
+            .await
+            {
                 Ok(changed) => ok(
                     StatusCode::OK,
                     json!({ "key_id": id, "revoked": true, "already_revoked": !changed }),

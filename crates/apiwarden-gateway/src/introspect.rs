@@ -27,8 +27,9 @@ use serde::Deserialize;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crate::jwt::{read_secret, tag, OneOrMany, TokenCache, TokenIdentity};
+use crate::jwt::{read_secret, OneOrMany, TokenCache, TokenIdentity};
 use crate::now_ms;
+use crate::tag::tag;
 
 /// The largest introspection answer read.
 const MAX_ANSWER: usize = 64 << 10;
@@ -37,12 +38,12 @@ const MAX_ANSWER: usize = 64 << 10;
 #[derive(Default)]
 pub struct IntrospectionMetrics {
     /// Tokens accepted after asking the endpoint.
-    pub introspected: AtomicU64,
+    pub introspected: crate::metrics::Counter,
     /// Tokens accepted from the cache.
-    pub cached: AtomicU64,
+    pub cached: crate::metrics::Counter,
     /// Tokens refused (by the endpoint's answer, a cached refusal, or because it could not
     /// be asked).
-    pub refused: AtomicU64,
+    pub refused: crate::metrics::Counter,
     /// Calls that got no usable answer (unreachable, timeout, a status other than 200, not an
     /// introspection response).
     pub errors: AtomicU64,
@@ -129,7 +130,7 @@ impl Introspector {
             name: name.to_string(),
             config,
             authorization,
-            cache: TokenCache::default(),
+            cache: TokenCache::new(false),
             last_error_log: AtomicU64::new(0),
             metrics,
         })

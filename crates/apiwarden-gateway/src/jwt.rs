@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::now_ms;
+use crate::tag::{tag, TagBuildHasher};
 
 /// Who a verified token says the caller is.
 #[derive(Debug)]
@@ -205,7 +206,7 @@ impl KeySet {
         KeySet {
             keys: Vec::new(),
             fetched: 0,
-            cache: Arc::default(),
+            cache: Arc::new(TokenCache::new(true)),
         }
     }
 
@@ -263,23 +264,39 @@ pub(crate) struct Cached<V> {
 
 /// Answers about tokens by a keyed 128-bit tag of their text (never the text), each until its
 /// own time. Bounded: a full shard drops its expired entries, then everything.
+///
+/// `per_worker`: one shard per worker thread, so that a hot token is not a lock and a cache
+/// line that every worker takes in turn; a token is then checked once per worker (right for
+/// JWTs, whose check is local). Otherwise shards by tag, one answer for all workers (right for
+/// introspection, whose check is a call to another server).
 pub(crate) struct TokenCache<V = Arc<TokenIdentity>> {
-    shards: [Mutex<HashMap<[u64; 2], Cached<V>>>; CACHE_SHARDS],
+    shards: [Mutex<Shard<V>>; CACHE_SHARDS],
+    per_worker: bool,
 }
 
-impl<V> Default for TokenCache<V> {
-    fn default() -> Self {
+type Shard<V> = HashMap<[u64; 2], Cached<V>, TagBuildHasher>;
+
+impl<V> TokenCache<V> {
+    pub(crate) fn new(per_worker: bool) -> Self {
         TokenCache {
             shards: std::array::from_fn(|_| Mutex::default()),
+            per_worker,
         }
+    }
+
+    fn shard(&self, tag: [u64; 2]) -> &Mutex<Shard<V>> {
+        let i = if self.per_worker {
+            crate::server::worker_index()
+        } else {
+            tag[0] as usize
+        };
+        &self.shards[i % CACHE_SHARDS]
     }
 }
 
 impl<V: Clone> TokenCache<V> {
     pub(crate) fn get(&self, tag: [u64; 2], now: u64) -> Option<V> {
-        let shard = self.shards[tag[0] as usize % CACHE_SHARDS]
-            .lock()
-            .expect("token cache poisoned");
+        let shard = self.shard(tag).lock().expect("token cache poisoned");
         shard
             .get(&tag)
             .filter(|c| now <= c.until)
@@ -287,9 +304,7 @@ impl<V: Clone> TokenCache<V> {
     }
 
     pub(crate) fn put(&self, tag: [u64; 2], until: u64, value: V, now: u64) {
-        let mut shard = self.shards[tag[0] as usize % CACHE_SHARDS]
-            .lock()
-            .expect("token cache poisoned");
+        let mut shard = self.shard(tag).lock().expect("token cache poisoned");
         if shard.len() >= CACHE_PER_SHARD {
             shard.retain(|_, c| c.until >= now);
             if shard.len() >= CACHE_PER_SHARD {
@@ -304,11 +319,11 @@ impl<V: Clone> TokenCache<V> {
 #[derive(Default)]
 pub struct JwtMetrics {
     /// Tokens accepted after a full verification.
-    pub verified: AtomicU64,
+    pub verified: crate::metrics::Counter,
     /// Tokens accepted from the cache.
-    pub cached: AtomicU64,
+    pub cached: crate::metrics::Counter,
     /// Tokens refused.
-    pub refused: AtomicU64,
+    pub refused: crate::metrics::Counter,
     pub fetch_ok: AtomicU64,
     pub fetch_failed: AtomicU64,
 }
@@ -384,16 +399,6 @@ fn parse(token: &str) -> Result<Parsed<'_>, Reason> {
         signature: b64(sig).ok_or(Reason::AuthnMalformed)?,
         header,
     })
-}
-
-/// A keyed 128-bit tag of a token, under per-process random keys: what caches hold instead
-/// of the token.
-pub(crate) fn tag(token: &str) -> [u64; 2] {
-    use std::hash::BuildHasher;
-    static KEYS: std::sync::OnceLock<[std::hash::RandomState; 2]> = std::sync::OnceLock::new();
-    let [a, b] =
-        KEYS.get_or_init(|| [std::hash::RandomState::new(), std::hash::RandomState::new()]);
-    [a.hash_one(token), b.hash_one(token)]
 }
 
 /// Reads a secret the config refers to. The error never holds the value.
@@ -626,7 +631,7 @@ impl Issuer {
                     old.cache.clone()
                 } else {
                     tracing::info!(issuer = %self.name, keys = keys.len(), "token issuer keys loaded");
-                    Arc::default()
+                    Arc::new(TokenCache::new(true))
                 };
                 self.keys.store(Arc::new(KeySet {
                     keys,

@@ -17,7 +17,7 @@
 
 use apiwarden_core::apikey;
 use apiwarden_core::config::{redact_url, Config, SecretSource};
-use apiwarden_core::event::Reason;
+use apiwarden_core::event::{AuditEvent, EventKind, Outcome, Reason};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::HashMap;
@@ -50,8 +50,12 @@ pub enum KeyError {
     NoSuchKey(String),
     #[error("key {0} is {1}; only an active key can be rotated")]
     NotActive(String, &'static str),
-    #[error("no consumer named {0:?} in the config; add a [[consumers]] entry first")]
+    #[error("no consumer named {0:?}; add a [[consumers]] entry to the config, or `apiwarden consumers add {0}`")]
     NoSuchConsumer(String),
+    #[error("consumer {0:?} is defined in the config file; change it there (the store holds only consumers added with `apiwarden consumers` or the admin API)")]
+    ConsumerInConfig(String),
+    #[error("consumer {0}")]
+    BadConsumer(String),
     #[error("consumer {consumer:?} does not hold scope {scope:?}; a key can only narrow its consumer's scopes")]
     ScopeNotGranted { consumer: String, scope: String },
     #[error("the system random number generator failed")]
@@ -185,6 +189,21 @@ CREATE TABLE IF NOT EXISTS key_meta (
     name TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS consumers (
+    name TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    consumer TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
 ";
 
 /// The same tables in PostgreSQL, in the first schema of the connection's `search_path`.
@@ -208,6 +227,21 @@ CREATE TABLE IF NOT EXISTS api_keys (
 CREATE TABLE IF NOT EXISTS key_meta (
     name TEXT PRIMARY KEY,
     value BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consumers (
+    name TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_changes (
+    seq BIGSERIAL PRIMARY KEY,
+    at BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    consumer TEXT NOT NULL,
+    detail TEXT NOT NULL
 );
 INSERT INTO key_meta (name, value) VALUES ('change', decode('00', 'hex')) ON CONFLICT (name) DO NOTHING;
 COMMIT;
@@ -335,6 +369,93 @@ impl Tx<'_> {
         }
     }
 
+    /// The consumers kept in the store (`filter`: a `WHERE` clause, or nothing), by name.
+    fn consumers(
+        &mut self,
+        filter: &str,
+        params: &[Val<'_>],
+    ) -> Result<Vec<StoredConsumer>, KeyError> {
+        let sql = format!(
+            "SELECT name, body, created_at, updated_at FROM consumers {filter} ORDER BY name"
+        );
+        let rows: Vec<(String, String, i64, i64)> = match self {
+            Tx::Sqlite(tx, path) => {
+                let mut stmt = tx.prepare_cached(&sql).map_err(sq(path))?;
+                let rows = stmt
+                    .query_map(rusqlite::params_from_iter(params), |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
+                    .map_err(sq(path))?;
+                rows.collect::<Result<_, _>>().map_err(sq(path))?
+            }
+            Tx::Postgres(tx, url) => tx
+                .query(&pg_sql(&sql), &pg_params(params))
+                .map_err(pg(url))?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+                .collect::<Result<_, postgres::Error>>()
+                .map_err(pg(url))?,
+        };
+        rows.into_iter()
+            .map(|(name, body, created, updated)| {
+                let mut c: StoredConsumer = serde_json::from_str(&body).map_err(|e| {
+                    KeyError::BadConsumer(format!(
+                        "{name}: the stored settings cannot be read: {e}"
+                    ))
+                })?;
+                c.name = name;
+                c.created_at = created as u64;
+                c.updated_at = updated as u64;
+                Ok(c)
+            })
+            .collect()
+    }
+
+    /// The scopes a consumer holds, from the config or else the store.
+    fn granted(&mut self, config: &Config, consumer: &str) -> Result<Vec<String>, KeyError> {
+        if let Some(c) = config.consumers.iter().find(|c| c.name == consumer) {
+            return Ok(c.scopes.clone());
+        }
+        self.consumers("WHERE name = ?1", &[Val::Text(consumer)])?
+            .pop()
+            .map(|c| c.scopes)
+            .ok_or_else(|| KeyError::NoSuchConsumer(consumer.to_string()))
+    }
+
+    /// Change log entries after `seq`, oldest first, at most 1 000.
+    fn changes(&mut self, seq: i64) -> Result<Vec<KeyChange>, KeyError> {
+        let sql = "SELECT seq, at, actor, action, key_id, consumer, detail FROM key_changes WHERE seq > ?1 ORDER BY seq LIMIT 1000";
+        macro_rules! change {
+            ($r:ident . $get:ident) => {
+                KeyChange {
+                    seq: $r.$get(0)?,
+                    at: $r.$get::<_, i64>(1)? as u64,
+                    actor: $r.$get(2)?,
+                    action: $r.$get(3)?,
+                    key_id: $r.$get(4)?,
+                    consumer: $r.$get(5)?,
+                    detail: $r.$get(6)?,
+                }
+            };
+        }
+        match self {
+            Tx::Sqlite(tx, path) => {
+                let mut stmt = tx.prepare_cached(sql).map_err(sq(path))?;
+                let rows = stmt
+                    .query_map([seq], |r| Ok(change!(r.get)))
+                    .map_err(sq(path))?;
+                rows.collect::<Result<_, _>>().map_err(sq(path))
+            }
+            Tx::Postgres(tx, url) => tx
+                .query(&pg_sql(sql), &[&seq])
+                .map_err(pg(url))?
+                .iter()
+                .map(|r| Ok(change!(r.try_get)))
+                .collect::<Result<_, postgres::Error>>()
+                .map_err(pg(url)),
+        }
+    }
+
     /// A `key_meta` value.
     fn meta(&mut self, name: &str) -> Result<Option<Vec<u8>>, KeyError> {
         let sql = "SELECT value FROM key_meta WHERE name = ?1";
@@ -376,6 +497,142 @@ impl Tx<'_> {
             Tx::Postgres(tx, url) => tx.commit().map_err(pg(url)),
         }
     }
+}
+
+/// A consumer kept in the store (added with `apiwarden consumers` or the admin API), beside
+/// those of the config file. Its settings are one JSON document (`body`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredConsumer {
+    pub name: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// CIDR networks (canonical), when the consumer is limited to them.
+    #[serde(default)]
+    pub allow_ips: Option<Vec<String>>,
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub created_at: u64,
+    #[serde(default)]
+    pub updated_at: u64,
+}
+
+impl StoredConsumer {
+    /// Checks the names and canonicalises the networks; the error says what is wrong.
+    pub fn validated(mut self) -> Result<StoredConsumer, KeyError> {
+        let bad = |m: String| Err(KeyError::BadConsumer(m));
+        let word = |s: &str| {
+            !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"')
+        };
+        if !word(&self.name) {
+            return bad(format!(
+                "name {:?}: 1 to 128 visible characters, no spaces or quotes",
+                self.name
+            ));
+        }
+        for s in self.scopes.iter().chain(&self.roles) {
+            if !word(s) {
+                return bad(format!(
+                    "{}: scope or role {s:?} must be visible characters without spaces",
+                    self.name
+                ));
+            }
+        }
+        if let Some(nets) = &mut self.allow_ips {
+            for n in nets.iter_mut() {
+                match apiwarden_core::net::IpNet::parse(n) {
+                    Ok(net) => *n = net.canonical().to_string(),
+                    Err(e) => return bad(format!("{}: allow_ips {n:?}: {e}", self.name)),
+                }
+            }
+        }
+        if self.metadata.len() > 64
+            || self
+                .metadata
+                .iter()
+                .any(|(k, v)| k.len() > 128 || v.len() > 1024)
+        {
+            return bad(format!(
+                "{}: metadata is limited to 64 entries, keys of 128 and values of 1024 bytes",
+                self.name
+            ));
+        }
+        Ok(self)
+    }
+
+    /// The settings the request path uses, as a config entry would give them.
+    pub fn to_config(&self) -> apiwarden_core::config::ConsumerConfig {
+        apiwarden_core::config::ConsumerConfig {
+            name: self.name.clone(),
+            scopes: self.scopes.clone(),
+            roles: self.roles.clone(),
+            allow_ips: self.allow_ips.as_ref().map(|nets| {
+                nets.iter()
+                    .filter_map(|n| apiwarden_core::net::IpNet::parse(n).ok())
+                    .collect()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// One change of the keys, as the change log holds it: every gateway turns each into an
+/// `admin` audit event.
+#[derive(Clone, Debug)]
+pub struct KeyChange {
+    pub seq: i64,
+    pub at: u64,
+    /// Who made it: `cli:USER@HOST`, `admin-token:NAME`.
+    pub actor: String,
+    /// `created`, `rotated` or `revoked`.
+    pub action: String,
+    pub key_id: String,
+    pub consumer: String,
+    pub detail: String,
+}
+
+impl KeyChange {
+    /// A sentence for the audit event.
+    pub fn describe(&self) -> String {
+        let mut s = if self.key_id.is_empty() {
+            format!("{} {} by {}", self.action, self.consumer, self.actor)
+        } else {
+            format!(
+                "key {} of consumer {} {} by {}",
+                self.key_id, self.consumer, self.action, self.actor
+            )
+        };
+        if !self.detail.is_empty() {
+            s.push_str(": ");
+            s.push_str(&self.detail);
+        }
+        s
+    }
+}
+
+/// Appends to the change log, in the transaction of the change itself.
+fn log_change(
+    tx: &mut Tx<'_>,
+    actor: &str,
+    action: &str,
+    key_id: &str,
+    consumer: &str,
+    detail: &str,
+) -> Result<(), KeyError> {
+    tx.execute(
+        "INSERT INTO key_changes (at, actor, action, key_id, consumer, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        &[
+            Val::Int(Some(now_ms() as i64)),
+            Val::Text(actor),
+            Val::Text(action),
+            Val::Text(key_id),
+            Val::Text(consumer),
+            Val::Text(detail),
+        ],
+    )
+    .map(|_| ())
 }
 
 fn insert(tx: &mut Tx<'_>, r: &KeyRecord) -> Result<(), KeyError> {
@@ -630,6 +887,13 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 pub struct KeyStore {
     db: Backend,
     pepper: hmac::Key,
+    /// Who the changes made through this handle are recorded as (`set_actor`).
+    actor: String,
+}
+
+/// A Unix time in ms as RFC 3339, to the second.
+pub(crate) fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 fn random_hex(n_bytes: usize) -> Result<String, KeyError> {
@@ -643,18 +907,13 @@ fn random_hex(n_bytes: usize) -> Result<String, KeyError> {
 /// A new key record and its text, not yet stored.
 fn new_key(
     pepper: &hmac::Key,
-    config: &Config,
+    granted: &[String],
     consumer: &str,
     scopes: Option<Vec<String>>,
     expires_at: Option<u64>,
 ) -> Result<(KeyRecord, String), KeyError> {
-    let c = config
-        .consumers
-        .iter()
-        .find(|c| c.name == consumer)
-        .ok_or_else(|| KeyError::NoSuchConsumer(consumer.to_string()))?;
-    let scopes = scopes.unwrap_or_else(|| c.scopes.clone());
-    if let Some(s) = scopes.iter().find(|s| !c.scopes.contains(s)) {
+    let scopes = scopes.unwrap_or_else(|| granted.to_vec());
+    if let Some(s) = scopes.iter().find(|s| !granted.contains(s)) {
         return Err(KeyError::ScopeNotGranted {
             consumer: consumer.to_string(),
             scope: s.clone(),
@@ -706,7 +965,117 @@ impl KeyStore {
             };
             return Err(KeyError::PepperMismatch(source, db.location()));
         }
-        Ok(KeyStore { db, pepper })
+        Ok(KeyStore {
+            db,
+            pepper,
+            actor: "unknown".into(),
+        })
+    }
+
+    /// Who the changes made through this handle are recorded as in the change log (and so in
+    /// every gateway's audit trail): `cli:USER@HOST`, `admin-token:NAME`.
+    pub fn set_actor(&mut self, actor: impl Into<String>) {
+        self.actor = actor.into();
+    }
+
+    /// The consumers kept in the store, by name.
+    pub fn consumers(&mut self) -> Result<Vec<StoredConsumer>, KeyError> {
+        self.db
+            .transaction(false, false, |tx| tx.consumers("", &[]))
+    }
+
+    /// Adds a consumer to the store, or replaces the settings of one there; `true` when it is
+    /// new. A consumer of the config file cannot be shadowed. Keys keep working; scopes taken
+    /// away no longer count for them (a key only narrows its consumer).
+    pub fn put_consumer(
+        &mut self,
+        config: &Config,
+        consumer: StoredConsumer,
+    ) -> Result<bool, KeyError> {
+        let mut c = consumer.validated()?;
+        if config.consumers.iter().any(|k| k.name == c.name) {
+            return Err(KeyError::ConsumerInConfig(c.name));
+        }
+        let now = now_ms();
+        let actor = &self.actor;
+        self.db.transaction(true, true, |tx| {
+            let old = tx
+                .consumers("WHERE name = ?1", &[Val::Text(&c.name)])?
+                .pop();
+            c.created_at = old.as_ref().map_or(now, |o| o.created_at);
+            c.updated_at = now;
+            let body = serde_json::json!({
+                "scopes": c.scopes, "roles": c.roles, "allow_ips": c.allow_ips, "metadata": c.metadata,
+            })
+            .to_string();
+            let detail = format!(
+                "scopes {}; roles {}; allow_ips {}",
+                c.scopes.join(","),
+                c.roles.join(","),
+                c.allow_ips.as_ref().map_or("any".into(), |n| n.join(","))
+            );
+            if old.is_some() {
+                tx.execute(
+                    "UPDATE consumers SET body = ?2, updated_at = ?3 WHERE name = ?1",
+                    &[Val::Text(&c.name), Val::Text(&body), Val::Int(Some(now as i64))],
+                )?;
+            } else {
+                tx.execute(
+                    "INSERT INTO consumers (name, body, created_at, updated_at) VALUES (?1, ?2, ?3, ?3)",
+                    &[Val::Text(&c.name), Val::Text(&body), Val::Int(Some(now as i64))],
+                )?;
+            }
+            let action = if old.is_some() { "consumer updated" } else { "consumer added" };
+            log_change(tx, actor, action, "", &c.name, &detail)?;
+            Ok(old.is_none())
+        })
+    }
+
+    /// Removes a consumer from the store and revokes its keys, in one transaction; the number
+    /// of keys revoked.
+    pub fn remove_consumer(&mut self, config: &Config, name: &str) -> Result<usize, KeyError> {
+        if config.consumers.iter().any(|k| k.name == name) {
+            return Err(KeyError::ConsumerInConfig(name.to_string()));
+        }
+        let now = now_ms() as i64;
+        let actor = &self.actor;
+        self.db.transaction(true, true, |tx| {
+            if tx.execute("DELETE FROM consumers WHERE name = ?1", &[Val::Text(name)])? == 0 {
+                return Err(KeyError::NoSuchConsumer(name.to_string()));
+            }
+            let live = tx.keys(
+                "WHERE consumer = ?1 AND revoked_at IS NULL",
+                &[Val::Text(name)],
+            )?;
+            for k in &live {
+                tx.execute(
+                    "UPDATE api_keys SET revoked_at = ?2 WHERE key_id = ?1",
+                    &[Val::Text(&k.key_id), Val::Int(Some(now))],
+                )?;
+                log_change(
+                    tx,
+                    actor,
+                    "revoked",
+                    &k.key_id,
+                    name,
+                    "its consumer was removed",
+                )?;
+            }
+            log_change(
+                tx,
+                actor,
+                "consumer removed",
+                "",
+                name,
+                &format!("{} keys revoked", live.len()),
+            )?;
+            Ok(live.len())
+        })
+    }
+
+    /// Change log entries after `seq` (0: from the start), oldest first, at most 1 000.
+    pub fn changes_after(&mut self, seq: i64) -> Result<Vec<KeyChange>, KeyError> {
+        self.db.transaction(false, false, |tx| tx.changes(seq))
     }
 
     /// Issues a key: returns its record and the key text (shown once, never stored).
@@ -717,8 +1086,34 @@ impl KeyStore {
         scopes: Option<Vec<String>>,
         expires_at: Option<u64>,
     ) -> Result<(KeyRecord, String), KeyError> {
-        let (record, text) = new_key(&self.pepper, config, consumer, scopes, expires_at)?;
-        self.db.transaction(true, true, |tx| insert(tx, &record))?;
+        let granted = self
+            .db
+            .transaction(false, false, |tx| tx.granted(config, consumer))?;
+        let (record, text) = new_key(&self.pepper, &granted, consumer, scopes, expires_at)?;
+        let detail = format!(
+            "scopes {}{}",
+            if record.scopes.is_empty() {
+                "(none)".to_string()
+            } else {
+                record.scopes.join(",")
+            },
+            match record.expires_at {
+                Some(t) => format!(", expires at {}", rfc3339(t)),
+                None => String::new(),
+            }
+        );
+        let actor = &self.actor;
+        self.db.transaction(true, true, |tx| {
+            insert(tx, &record)?;
+            log_change(
+                tx,
+                actor,
+                "created",
+                &record.key_id,
+                &record.consumer,
+                &detail,
+            )
+        })?;
         Ok((record, text))
     }
 
@@ -730,17 +1125,17 @@ impl KeyStore {
     /// Revokes a key at once; false when it was already revoked.
     pub fn revoke(&mut self, key_id: &str) -> Result<bool, KeyError> {
         let now = now_ms() as i64;
+        let actor = &self.actor;
         self.db.transaction(true, true, |tx| {
+            let Some(key) = tx.keys("WHERE key_id = ?1", &[Val::Text(key_id)])?.pop() else {
+                return Err(KeyError::NoSuchKey(key_id.to_string()));
+            };
             let n = tx.execute(
                 "UPDATE api_keys SET revoked_at = ?2 WHERE key_id = ?1 AND revoked_at IS NULL",
                 &[Val::Text(key_id), Val::Int(Some(now))],
             )?;
-            if n == 0
-                && tx
-                    .keys("WHERE key_id = ?1", &[Val::Text(key_id)])?
-                    .is_empty()
-            {
-                return Err(KeyError::NoSuchKey(key_id.to_string()));
+            if n == 1 {
+                log_change(tx, actor, "revoked", key_id, &key.consumer, "")?;
             }
             Ok(n == 1)
         })
@@ -756,6 +1151,7 @@ impl KeyStore {
         grace: Duration,
     ) -> Result<(KeyRecord, String), KeyError> {
         let pepper = &self.pepper;
+        let actor = &self.actor;
         self.db.transaction(true, true, |tx| {
             let old = tx
                 .keys("WHERE key_id = ?1", &[Val::Text(key_id)])?
@@ -767,22 +1163,18 @@ impl KeyStore {
                 return Err(KeyError::NotActive(key_id.to_string(), status.as_str()));
             }
             // Scopes the consumer lost since are not carried over.
-            let held = config
-                .consumers
-                .iter()
-                .find(|c| c.name == old.consumer)
-                .ok_or_else(|| KeyError::NoSuchConsumer(old.consumer.clone()))?;
+            let held = tx.granted(config, &old.consumer)?;
             let scopes = old
                 .scopes
                 .iter()
-                .filter(|s| held.scopes.contains(s))
+                .filter(|s| held.contains(s))
                 .cloned()
                 .collect();
             let grace_until = now
                 .checked_add(grace.as_millis().try_into().unwrap_or(u64::MAX))
                 .and_then(|t| i64::try_from(t).ok())
                 .ok_or(KeyError::NotActive(key_id.to_string(), "beyond any grace"))?;
-            let (new, text) = new_key(pepper, config, &old.consumer, Some(scopes), old.expires_at)?;
+            let (new, text) = new_key(pepper, &held, &old.consumer, Some(scopes), old.expires_at)?;
             // Only if no other writer revoked or rotated it since it was read (PostgreSQL
             // evaluates this again on the row as a concurrent writer left it).
             let n = tx.execute(
@@ -793,6 +1185,18 @@ impl KeyStore {
                 return Err(KeyError::NotActive(key_id.to_string(), "changed meanwhile"));
             }
             insert(tx, &new)?;
+            log_change(
+                tx,
+                actor,
+                "rotated",
+                key_id,
+                &old.consumer,
+                &format!(
+                    "new key {}; the old one works until {}",
+                    new.key_id,
+                    rfc3339(grace_until as u64)
+                ),
+            )?;
             Ok((new, text))
         })
     }
@@ -836,8 +1240,14 @@ impl KeyStore {
                 )
             })
             .collect();
+        let consumers = self
+            .consumers()?
+            .into_iter()
+            .map(|c| (c.name.clone(), Arc::new(c.to_config())))
+            .collect();
         Ok(KeyRing {
             keys,
+            consumers,
             pepper: Some(self.pepper.clone()),
         })
     }
@@ -854,23 +1264,12 @@ pub struct LiveKey {
     verified: [AtomicU64; 2],
 }
 
-/// Per-process random keys of the verified-secret tags.
-fn tag_keys() -> &'static [std::hash::RandomState; 2] {
-    static KEYS: std::sync::OnceLock<[std::hash::RandomState; 2]> = std::sync::OnceLock::new();
-    KEYS.get_or_init(|| [std::hash::RandomState::new(), std::hash::RandomState::new()])
-}
-
-fn tag(secret: &str) -> [u64; 2] {
-    use std::hash::BuildHasher;
-    let [a, b] = tag_keys();
-    // Never 0, so that 0 can mean "none".
-    [a.hash_one(secret) | 1, b.hash_one(secret) | 1]
-}
-
 /// The keys in force, immutable; swapped whole when the store changes.
 #[derive(Default)]
 pub struct KeyRing {
     keys: HashMap<String, Arc<LiveKey>>,
+    /// The consumers kept in the store, as the request path uses them.
+    pub consumers: HashMap<String, Arc<apiwarden_core::config::ConsumerConfig>>,
     /// `None` until the pepper could be read: then API keys cannot be checked at all.
     pepper: Option<hmac::Key>,
 }
@@ -888,7 +1287,7 @@ impl KeyRing {
         };
         let parsed = apikey::parse(text).ok_or(Reason::AuthnMalformed)?;
         // Before the lookup, so an unknown key id costs the same.
-        let t = tag(parsed.secret);
+        let t = crate::tag::tag(parsed.secret);
         let Some(key) = self.keys.get(parsed.key_id) else {
             // Same work as for a known key, so timing does not tell whether an id exists.
             let _ = hmac::verify(pepper, parsed.secret.as_bytes(), &[0u8; 32]);
@@ -966,6 +1365,48 @@ pub fn follow(
         }
         shared.keys.store(Arc::new(ring));
     };
+    // The last change log entry audited by this node (`<data_dir>/keys.cursor`).
+    let mut cursor: Option<i64> = None;
+    let audit_changes = |s: &mut KeyStore, cursor: &mut Option<i64>, data_dir: &Path| {
+        let file = data_dir.join("keys.cursor");
+        let at = cursor.get_or_insert_with(|| {
+            std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(0)
+        });
+        let start = *at;
+        loop {
+            let changes = s.changes_after(*at)?;
+            let Some(last) = changes.last().map(|c| c.seq) else {
+                break;
+            };
+            for c in &changes {
+                let mut e =
+                    AuditEvent::new(EventKind::Admin, crate::ids::new_id(), shared.node.clone());
+                e.decision.outcome = Outcome::Allow;
+                e.decision.reason = Reason::AdminAction;
+                e.decision.policy = Some("keys".into());
+                e.actor = Some(c.actor.clone());
+                e.identity.key_id = Some(c.key_id.clone());
+                e.identity.consumer = Some(c.consumer.clone());
+                e.message = Some(c.describe());
+                shared.record(Box::new(e));
+            }
+            // In memory first: what was audited is never audited again by this process.
+            *at = last;
+        }
+        if *at != start {
+            let tmp = file.with_extension("tmp");
+            if std::fs::write(&tmp, at.to_string())
+                .and_then(|_| std::fs::rename(&tmp, &file))
+                .is_err()
+            {
+                tracing::warn!(file = %file.display(), "cannot save the key change cursor; changes may be audited again after a restart");
+            }
+        }
+        Ok::<(), KeyError>(())
+    };
     let mut last_flush = std::time::Instant::now();
     let mut last_error: Option<std::time::Instant> = None;
     loop {
@@ -980,6 +1421,7 @@ pub fn follow(
         );
         if origin.as_ref() != Some(&now_from) {
             store = None;
+            cursor = None;
             origin = Some(now_from);
         }
         let result = (|| -> Result<(), KeyError> {
@@ -987,6 +1429,7 @@ pub fn follow(
                 let mut s = KeyStore::open(config)?;
                 let v = s.change_version()?;
                 install(s.ring()?, &mut written);
+                audit_changes(&mut s, &mut cursor, &config.storage.data_dir)?;
                 store = Some((s, v));
             }
             let (s, version) = store.as_mut().expect("opened above");
@@ -995,6 +1438,7 @@ pub fn follow(
             if v != *version {
                 *version = v;
                 install(s.ring()?, &mut written);
+                audit_changes(s, &mut cursor, &config.storage.data_dir)?;
             }
             if last_flush.elapsed() >= Duration::from_secs(10) || stopping {
                 let used = shared.keys.load().used_since(&written);

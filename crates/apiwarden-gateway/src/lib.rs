@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod respond;
 pub mod server;
+pub mod tag;
 pub mod tls;
 pub mod upstream;
 

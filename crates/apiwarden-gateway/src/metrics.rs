@@ -52,6 +52,39 @@ fn shard_index(shards: usize) -> usize {
     crate::server::worker_index() % shards
 }
 
+/// A counter with a cache line per worker thread, for counts taken on every request: workers
+/// on different cores never write the same line. Reads sum the shards. Its methods mirror
+/// `AtomicU64`'s.
+pub struct Counter {
+    shards: Box<[PaddedU64]>,
+}
+
+#[repr(align(128))]
+#[derive(Default)]
+struct PaddedU64(AtomicU64);
+
+impl Default for Counter {
+    /// One shard per core (the default number of workers; other counts still work).
+    fn default() -> Self {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(64));
+        Counter {
+            shards: (0..n).map(|_| PaddedU64::default()).collect(),
+        }
+    }
+}
+
+impl Counter {
+    pub fn fetch_add(&self, n: u64, order: std::sync::atomic::Ordering) {
+        self.shards[shard_index(self.shards.len())]
+            .0
+            .fetch_add(n, order);
+    }
+
+    pub fn load(&self, order: std::sync::atomic::Ordering) -> u64 {
+        self.shards.iter().map(|s| s.0.load(order)).sum()
+    }
+}
+
 /// Request counters of one route, by status and decision, one shard per worker so that
 /// workers on different cores never write the same cache line.
 pub struct RouteMetrics {

@@ -250,6 +250,31 @@ async fn keys_are_managed_through_the_admin_api_with_roles_and_audit() {
         )
     );
     assert!(events[6].message.as_deref().unwrap().contains(&first_id));
+    // The changes themselves, as every gateway following the store records them.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let changes = loop {
+        let changes: Vec<AuditEvent> = gw
+            .events_of(EventKind::Admin)
+            .into_iter()
+            .filter(|e| e.decision.policy.as_deref() == Some("keys"))
+            .collect();
+        if changes.len() >= 3 || Instant::now() > deadline {
+            break changes;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let said: Vec<&str> = changes
+        .iter()
+        .filter_map(|e| e.message.as_deref())
+        .collect();
+    assert_eq!(changes.len(), 3, "created, rotated, revoked: {said:#?}");
+    assert!(changes
+        .iter()
+        .all(|e| e.actor.as_deref() == Some("admin-token:ops")));
+    assert!(
+        said[0].contains("created") && said[1].contains("rotated") && said[2].contains("revoked"),
+        "{said:#?}"
+    );
     let all = serde_json::to_string(&gw.sink.events()).unwrap();
     for secret in [ADMIN_TOKEN, AUDITOR_TOKEN, &first, &second] {
         assert!(!all.contains(secret), "a secret reached the audit trail");

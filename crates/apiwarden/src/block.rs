@@ -43,7 +43,7 @@ pub enum BlockCommand {
 }
 
 /// Who is running the command, as the audit trail names them.
-fn actor() -> String {
+pub(crate) fn actor() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into());

@@ -57,6 +57,7 @@ fn when(ms: u64) -> String {
 pub fn run(cmd: KeysCommand, cfg: &Config) -> Result<()> {
     let mut store = KeyStore::open(cfg)
         .context("cannot open the key store; check storage.data_dir (or storage.database) and storage.pepper")?;
+    store.set_actor(crate::block::actor());
     let now = now_ms();
     match cmd {
         KeysCommand::Create {

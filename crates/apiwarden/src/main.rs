@@ -13,6 +13,7 @@ use std::time::Duration;
 
 mod access;
 mod block;
+mod consumers;
 mod keys;
 
 /// mimalloc: the request path allocates small objects on worker threads that the audit
@@ -64,6 +65,17 @@ enum Command {
         data_dir: Option<PathBuf>,
         #[command(subcommand)]
         command: keys::KeysCommand,
+    },
+    /// Consumers kept in the store (beside those of the config file): add, list, remove.
+    Consumers {
+        /// Configuration file (names the store).
+        #[arg(long, default_value = "apiwarden.toml", global = true)]
+        config: PathBuf,
+        /// Overrides storage.data_dir.
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: consumers::ConsumersCommand,
     },
     /// Access review: per consumer, scopes granted but unused in the window (from the audit
     /// trail), keys never used, keys overdue for rotation.
@@ -118,6 +130,11 @@ fn main() -> ExitCode {
             data_dir,
             command,
         } => load_with(&config, data_dir).and_then(|cfg| keys::run(command, &cfg)),
+        Command::Consumers {
+            config,
+            data_dir,
+            command,
+        } => load_with(&config, data_dir).and_then(|cfg| consumers::run(command, &cfg)),
         Command::Access {
             command:
                 AccessCommand::Review {
@@ -265,12 +282,22 @@ fn warn_unenforced(cfg: &Config) {
     if cfg.audit.durability != apiwarden_core::config::Durability::Async {
         tracing::warn!("audit.durability is not enforced by this build: events are written within about 2 ms, without fsync");
     }
-    for r in cfg
-        .routes
-        .iter()
-        .filter(|r| r.auth.contains(&apiwarden_core::config::AuthMethod::Mtls))
+    // Not an error (a route may list mtls among other methods), but without client_ca no
+    // client can present a certificate.
+    if cfg
+        .gateway
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_ca.as_ref())
+        .is_none()
     {
-        tracing::warn!(route = %r.name, "this build does not check mTLS client certificates: such credentials are refused with 401");
+        for r in cfg
+            .routes
+            .iter()
+            .filter(|r| r.auth.contains(&apiwarden_core::config::AuthMethod::Mtls))
+        {
+            tracing::warn!(route = %r.name, "the route accepts mtls but gateway.tls.client_ca is not set: no client certificate can be presented");
+        }
     }
 }
 
@@ -378,6 +405,7 @@ key = "ip"
     // Two consumers with a key each, issued now and shown once below.
     let mut store = apiwarden_gateway::keystore::KeyStore::open(&cfg)
         .context("cannot open the demo's key store")?;
+    store.set_actor("demo");
     let (_, billing_key) = store.create(&cfg, "billing", None, None)?;
     let (_, ops_key) = store.create(&cfg, "ops", None, None)?;
     drop(store);

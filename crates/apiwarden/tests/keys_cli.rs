@@ -112,6 +112,31 @@ async fn create_use_rotate_revoke_from_the_command_line() {
     let _ = node.child.wait();
     let audit = std::fs::read_to_string(dir.join("data0/audit.ndjson")).unwrap();
     assert!(audit.contains(&key_id), "events name the key by id");
+    // Every change made on the command line is an `admin` event with its actor, on every
+    // gateway that follows the store.
+    let changes: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["kind"] == "admin" && e["decision"]["policy"] == "keys")
+        .collect();
+    let said: Vec<String> = changes
+        .iter()
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(changes.len(), 3, "created, rotated, revoked: {said:#?}");
+    assert!(changes
+        .iter()
+        .all(|e| e["actor"].as_str().unwrap().starts_with("cli:")));
+    assert!(
+        said.iter()
+            .any(|m| m.contains(&key_id) && m.contains("rotated")),
+        "{said:#?}"
+    );
+    assert!(
+        said.iter()
+            .any(|m| m.contains(&key_id) && m.contains("revoked")),
+        "{said:#?}"
+    );
     for secret in [&key, &new_key] {
         assert!(!audit.contains(&secret[16..]));
     }
