@@ -8,7 +8,9 @@
 //!
 //! | method and path | role | does |
 //! | --- | --- | --- |
-//! | `GET /admin/v1/consumers` | auditor | the consumers of the config in force |
+//! | `GET /admin/v1/consumers` | auditor | the consumers: of the config in force (`source: config`) and of the store (`source: store`) |
+//! | `POST /admin/v1/consumers` `{"name", "scopes"?, "roles"?, "allow_ips"?, "metadata"?}` | admin | adds a consumer to the store (`201`) or replaces one there (`200`) |
+//! | `DELETE /admin/v1/consumers/{name}` | admin | removes a consumer from the store and revokes its keys |
 //! | `GET /admin/v1/keys` | auditor | every key, as `keys list --json` |
 //! | `POST /admin/v1/keys` `{"consumer", "scopes"?, "expires_in"?}` | admin | issues a key; the secret is in this answer only |
 //! | `POST /admin/v1/keys/{id}/rotate` `{"grace"?}` | admin | as `keys rotate` (default grace 24h) |
@@ -178,6 +180,8 @@ fn store_error(e: KeyError, what: &str) -> Done {
     let status = match e {
         KeyError::NoSuchKey(_) => StatusCode::NOT_FOUND,
         KeyError::NoSuchConsumer(_)
+        | KeyError::ConsumerInConfig(_)
+        | KeyError::BadConsumer(_)
         | KeyError::ScopeNotGranted { .. }
         | KeyError::NotActive(..) => StatusCode::UNPROCESSABLE_ENTITY,
         _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -256,6 +260,8 @@ async fn route(
     let known = matches!(
         (method.as_str(), parts.as_slice()),
         ("GET", ["consumers"])
+            | ("POST", ["consumers"])
+            | ("DELETE", ["consumers", _])
             | ("GET", ["keys"])
             | ("POST", ["keys"])
             | ("POST", ["keys", _, "rotate" | "revoke"])
@@ -325,22 +331,96 @@ async fn route(
         )
     };
     match parts.as_slice() {
-        ["consumers"] => {
-            let list: Vec<Value> = cfg
+        ["consumers"] if *method == Method::GET => {
+            let mut list: Vec<Value> = cfg
                 .consumers
                 .iter()
                 .map(|c| {
                     json!({
                         "name": c.name, "scopes": c.scopes, "roles": c.roles,
                         "allow_ips": c.allow_ips.as_ref().map(|n| n.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
+                        "source": "config",
                     })
                 })
                 .collect();
-            ok(
-                StatusCode::OK,
-                json!({ "consumers": list }),
-                "listed consumers".into(),
-            )
+            match with_store(cfg.clone(), actor.to_string(), |s, _| s.consumers()).await {
+                Ok(stored) => {
+                    list.extend(stored.iter().map(|c| {
+                        let mut v = serde_json::to_value(c).expect("a consumer serialises");
+                        v["source"] = "store".into();
+                        v
+                    }));
+                    ok(
+                        StatusCode::OK,
+                        json!({ "consumers": list }),
+                        "listed consumers".into(),
+                    )
+                }
+                Err(e) => store_error(e, "listing consumers"),
+            }
+        }
+        ["consumers"] => {
+            let consumer: crate::keystore::StoredConsumer =
+                match serde_json::from_value(body.clone()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return bad(format!(
+                            "a consumer is {{\"name\", \"scopes\"?, \"roles\"?, \"allow_ips\"?, \"metadata\"?}}: {e}"
+                        ))
+                    }
+                };
+            let name = consumer.name.clone();
+            match with_store(cfg.clone(), actor.to_string(), move |s, c| {
+                let new = s.put_consumer(c, consumer)?;
+                let saved = s.consumers()?.into_iter().find(|k| k.name == name);
+                Ok((new, saved))
+            })
+            .await
+            {
+                Ok((new, Some(saved))) => {
+                    let mut v = serde_json::to_value(&saved).expect("a consumer serialises");
+                    v["source"] = "store".into();
+                    ok(
+                        if new {
+                            StatusCode::CREATED
+                        } else {
+                            StatusCode::OK
+                        },
+                        v,
+                        format!(
+                            "{} consumer {} in the store",
+                            if new { "added" } else { "updated" },
+                            saved.name
+                        ),
+                    )
+                }
+                Ok((_, None)) => store_error(
+                    KeyError::BadConsumer("was saved but cannot be read back".into()),
+                    "saving a consumer",
+                ),
+                Err(e) => store_error(e, "saving a consumer"),
+            }
+        }
+        ["consumers", name] => {
+            let who = name.to_string();
+            match with_store(cfg.clone(), actor.to_string(), move |s, c| {
+                s.remove_consumer(c, &who)
+            })
+            .await
+            {
+                Ok(revoked) => ok(
+                    StatusCode::OK,
+                    json!({ "name": name, "removed": true, "keys_revoked": revoked }),
+                    format!("removed consumer {name} from the store; {revoked} keys revoked"),
+                ),
+                Err(KeyError::NoSuchConsumer(_)) => refused(
+                    StatusCode::NOT_FOUND,
+                    Reason::AdminAction,
+                    "no consumer of that name in the store",
+                    format!("admin API DELETE {path}: no such consumer in the store"),
+                ),
+                Err(e) => store_error(e, &format!("removing consumer {name}")),
+            }
         }
         ["keys"] if *method == Method::GET => {
             match with_store(cfg.clone(), actor.to_string(), |s, _| s.list()).await {

@@ -503,6 +503,7 @@ impl Tx<'_> {
 /// those of the config file. Its settings are one JSON document (`body`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoredConsumer {
+    #[serde(default)]
     pub name: String,
     #[serde(default)]
     pub scopes: Vec<String>,

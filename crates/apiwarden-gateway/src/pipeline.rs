@@ -258,8 +258,36 @@ pub struct Identity {
     pub key_id: Option<String>,
     pub subject: Option<String>,
     pub scopes: Vec<String>,
-    /// Index of the consumer in the config's `consumers`, found once by the identify stage.
-    pub consumer_index: Option<usize>,
+    /// The consumer's settings, found once by the identify stage.
+    pub consumer_ref: Option<ConsumerRef>,
+    /// The header the credential came in (removed before forwarding).
+    pub credential_header: Option<HeaderName>,
+}
+
+/// Where a caller's consumer is defined.
+#[derive(Clone, Debug)]
+pub enum ConsumerRef {
+    /// `[[consumers]]` of the config in force, by index.
+    Config(usize),
+    /// Kept in the store (`apiwarden consumers`, the admin API).
+    Store(Arc<apiwarden_core::config::ConsumerConfig>),
+}
+
+impl ConsumerRef {
+    /// The consumer named `name`: the config's first, then the store's.
+    fn find(config: &Config, keys: &crate::keystore::KeyRing, name: &str) -> Option<ConsumerRef> {
+        match config.consumers.iter().position(|c| c.name == name) {
+            Some(i) => Some(ConsumerRef::Config(i)),
+            None => keys.consumers.get(name).cloned().map(ConsumerRef::Store),
+        }
+    }
+
+    pub fn get<'a>(&'a self, config: &'a Config) -> &'a apiwarden_core::config::ConsumerConfig {
+        match self {
+            ConsumerRef::Config(i) => &config.consumers[*i],
+            ConsumerRef::Store(c) => c,
+        }
+    }
 }
 
 impl Identity {
@@ -271,7 +299,8 @@ impl Identity {
             key_id: None,
             subject: None,
             scopes: Vec::new(),
-            consumer_index: None,
+            consumer_ref: None,
+            credential_header: None,
         }
     }
 }
@@ -318,11 +347,20 @@ impl Identify {
                     };
                 }
             };
+        let header = if from_x_api_key {
+            X_API_KEY
+        } else {
+            header::AUTHORIZATION
+        };
+        let with_header = |mut id: Identity| {
+            id.credential_header = Some(header.clone());
+            id
+        };
         if credential.starts_with("aw_") {
             if !route.auth.contains(&AuthMethod::ApiKey) {
                 return Err(Reason::AuthnMalformed);
             }
-            return Identify::api_key(config, keys, credential);
+            return Identify::api_key(config, keys, credential).map(with_header);
         }
         let jwt = route.auth.contains(&AuthMethod::Jwt) && !from_x_api_key;
         // A bearer token that is not an API key: on a route that accepts both, a JWS (three
@@ -334,13 +372,17 @@ impl Identify {
             let Some(introspector) = introspector else {
                 return Err(Reason::AuthnUnavailable);
             };
-            return Identify::introspection(config, introspector, credential).await;
+            return Identify::introspection(config, keys, introspector, credential)
+                .await
+                .map(with_header);
         }
         if jwt {
             let Some(issuer) = issuer else {
                 return Err(Reason::AuthnUnavailable);
             };
-            return Identify::jwt(config, issuer, credential).await;
+            return Identify::jwt(config, keys, issuer, credential)
+                .await
+                .map(with_header);
         }
         // A credential of a kind the route does not accept (a client certificate is not
         // one that comes in a header).
@@ -361,7 +403,8 @@ impl Identify {
             key_id: None,
             subject: cert.identity_subject().map(str::to_string),
             scopes: consumer.map_or_else(Vec::new, |c| c.scopes.clone()),
-            consumer_index,
+            consumer_ref: consumer_index.map(ConsumerRef::Config),
+            credential_header: None,
         }
     }
 
@@ -374,13 +417,11 @@ impl Identify {
         let key = keys.check(credential, now)?;
         let r = &key.record;
         // A key narrows its consumer: scopes the consumer no longer holds are gone from its
-        // keys too, and a key whose consumer left the config is no longer valid.
-        let consumer_index = config
-            .consumers
-            .iter()
-            .position(|c| c.name == r.consumer)
-            .ok_or(Reason::AuthnInvalidKey)?;
-        let consumer = &config.consumers[consumer_index];
+        // keys too, and a key whose consumer is gone (from the config and the store) is no
+        // longer valid.
+        let consumer_ref =
+            ConsumerRef::find(config, keys, &r.consumer).ok_or(Reason::AuthnInvalidKey)?;
+        let consumer = consumer_ref.get(config);
         Ok(Identity {
             method: AuthMethod::ApiKey,
             consumer: Some(r.consumer.clone()),
@@ -392,7 +433,8 @@ impl Identify {
                 .filter(|s| consumer.scopes.contains(s))
                 .cloned()
                 .collect(),
-            consumer_index: Some(consumer_index),
+            consumer_ref: Some(consumer_ref),
+            credential_header: None,
         })
     }
 
@@ -400,42 +442,46 @@ impl Identify {
     /// consumer, whose `roles` and `allow_ips` apply when `[[consumers]]` names it.
     async fn jwt(
         config: &Config,
+        keys: &crate::keystore::KeyRing,
         issuer: &Arc<crate::jwt::Issuer>,
         token: &str,
     ) -> Result<Identity, Reason> {
         let id = issuer.check(token).await?;
-        let consumer_index = id
+        let consumer_ref = id
             .client
             .as_ref()
-            .and_then(|c| config.consumers.iter().position(|k| &k.name == c));
+            .and_then(|c| ConsumerRef::find(config, keys, c));
         Ok(Identity {
             method: AuthMethod::Jwt,
             consumer: id.client.clone(),
             key_id: None,
             subject: id.subject.clone(),
             scopes: id.scopes.clone(),
-            consumer_index,
+            consumer_ref,
+            credential_header: None,
         })
     }
 
     /// As [`Identify::jwt`], with what the introspection endpoint said about the token.
     async fn introspection(
         config: &Config,
+        keys: &crate::keystore::KeyRing,
         introspector: &crate::introspect::Introspector,
         token: &str,
     ) -> Result<Identity, Reason> {
         let id = introspector.check(token).await?;
-        let consumer_index = id
+        let consumer_ref = id
             .client
             .as_ref()
-            .and_then(|c| config.consumers.iter().position(|k| &k.name == c));
+            .and_then(|c| ConsumerRef::find(config, keys, c));
         Ok(Identity {
             method: AuthMethod::Introspection,
             consumer: id.client.clone(),
             key_id: None,
             subject: id.subject.clone(),
             scopes: id.scopes.clone(),
-            consumer_index,
+            consumer_ref,
+            credential_header: None,
         })
     }
 }
@@ -992,22 +1038,6 @@ fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> (IpAddr, boo
     (ip, true)
 }
 
-/// Removes the header that carried an API key: `X-API-Key`, or `Authorization` when it is a
-/// bearer `aw_` key (another kind of `Authorization` stays, for upstreams that need it).
-fn strip_api_key(h: &mut HeaderMap) {
-    h.remove(&X_API_KEY);
-    let is_key = h
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .is_some_and(|(scheme, token)| {
-            scheme.eq_ignore_ascii_case("bearer") && token.trim().starts_with("aw_")
-        });
-    if is_key {
-        h.remove(header::AUTHORIZATION);
-    }
-}
-
 /// Size of the request head as it came on the wire (near enough for HTTP/2).
 fn head_size<B>(req: &Request<B>) -> usize {
     let line = req.method().as_str().len()
@@ -1134,7 +1164,8 @@ pub async fn handle(
         Err(reason) => return deny(recorder, reason),
     };
     // The identity moves into the event; the stages below read it from there.
-    let consumer = identity.consumer_index.map(|i| &cfg.consumers[i]);
+    let consumer = identity.consumer_ref.as_ref().map(|c| c.get(cfg));
+    let credential_header = identity.credential_header;
     let fields = &mut recorder.event.identity;
     fields.method = Some(identity.method.as_str());
     fields.consumer = identity.consumer;
@@ -1190,12 +1221,24 @@ pub async fn handle(
     };
     // The credential has done its work here: it is not passed on, so no upstream (or its
     // logs) ever holds a client's key or token (as Envoy's `forward: false`, its default).
-    match recorder.event.identity.method {
-        Some(m) if m == AuthMethod::ApiKey.as_str() => strip_api_key(req.headers_mut()),
-        Some(m) if m == AuthMethod::Jwt.as_str() || m == AuthMethod::Introspection.as_str() => {
-            req.headers_mut().remove(header::AUTHORIZATION);
+    // The identify stage named the header it came in; an `X-API-Key` never goes on either.
+    if let Some(h) = credential_header {
+        let headers = req.headers_mut();
+        if h == X_API_KEY {
+            // A second key in `Authorization` does not go on either.
+            let bearer_key = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split_once(' '))
+                .is_some_and(|(scheme, token)| {
+                    scheme.eq_ignore_ascii_case("bearer") && token.trim().starts_with("aw_")
+                });
+            if bearer_key {
+                headers.remove(header::AUTHORIZATION);
+            }
         }
-        _ => {}
+        headers.remove(h);
+        headers.remove(&X_API_KEY);
     }
     let upstream = &state.upstreams[route.upstream];
     let forwarded = Forward::run(

@@ -55,8 +55,9 @@ async fn until_status(gw: &TestGateway, key: &str, want: u16) -> Duration {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_are_managed_through_the_admin_api_with_roles_and_audit() {
+/// A gateway with an `admin` token (`ops`) and an `auditor` token (`audit`), one API key route
+/// needing `orders:read`, and the config consumer `billing`.
+async fn start_with_tokens() -> TestGateway {
     let dir = temp_dir("admin-api");
     std::fs::write(dir.join("admin.token"), format!("{ADMIN_TOKEN}\n")).unwrap();
     std::fs::write(dir.join("auditor.token"), AUDITOR_TOKEN).unwrap();
@@ -71,6 +72,13 @@ async fn keys_are_managed_through_the_admin_api_with_roles_and_audit() {
         dir = dir.display()
     ))
     .await;
+
+    gw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_managed_through_the_admin_api_with_roles_and_audit() {
+    let gw = start_with_tokens().await;
 
     // Refused: no token, a wrong token, an auditor writing, an unknown call.
     let (s, body) = admin(&gw, "GET", "/admin/v1/keys", None, None).await;
@@ -278,5 +286,151 @@ async fn keys_are_managed_through_the_admin_api_with_roles_and_audit() {
     let all = serde_json::to_string(&gw.sink.events()).unwrap();
     for secret in [ADMIN_TOKEN, AUDITOR_TOKEN, &first, &second] {
         assert!(!all.contains(secret), "a secret reached the audit trail");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_are_kept_in_the_store_through_the_admin_api() {
+    let gw = start_with_tokens().await;
+    let consumer = json!({"name": "partner", "scopes": ["orders:read"], "roles": ["reader"],
+        "allow_ips": ["127.0.0.1"], "metadata": {"team": "payments"}});
+    let (s, body) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/consumers",
+        Some(AUDITOR_TOKEN),
+        Some(consumer.clone()),
+    )
+    .await;
+    assert_eq!(s, 403, "{body}");
+    let (s, added) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/consumers",
+        Some(ADMIN_TOKEN),
+        Some(consumer),
+    )
+    .await;
+    assert_eq!(s, 201, "{added}");
+    assert_eq!(added["allow_ips"], json!(["127.0.0.1"]));
+    assert_eq!(added["metadata"]["team"], "payments");
+    // A consumer of the config file is not shadowed; bad input is refused with its reason.
+    let (s, body) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/consumers",
+        Some(ADMIN_TOKEN),
+        Some(json!({"name": "billing"})),
+    )
+    .await;
+    assert_eq!(s, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("config file"),
+        "{body}"
+    );
+    let (s, body) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/consumers",
+        Some(ADMIN_TOKEN),
+        Some(json!({"name": "x", "allow_ips": ["not-an-ip"]})),
+    )
+    .await;
+    assert_eq!(s, 422, "{body}");
+    let (s, listed) = admin(&gw, "GET", "/admin/v1/consumers", Some(AUDITOR_TOKEN), None).await;
+    assert_eq!(s, 200);
+    let sources: Vec<(String, String)> = listed["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().into(),
+                c["source"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sources,
+        vec![
+            ("billing".into(), "config".into()),
+            ("partner".into(), "store".into())
+        ]
+    );
+
+    // A key for the stored consumer works on the gateway, with its scopes.
+    let (s, created) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/keys",
+        Some(ADMIN_TOKEN),
+        Some(json!({"consumer": "partner"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    let key = created["secret"].as_str().unwrap().to_string();
+    assert_eq!(created["scopes"], json!(["orders:read"]));
+    until_status(&gw, &key, 200).await;
+
+    // Narrowing the consumer narrows its keys at once (within the store's poll).
+    let (s, _) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/consumers",
+        Some(ADMIN_TOKEN),
+        Some(json!({"name": "partner", "scopes": []})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    until_status(&gw, &key, 403).await;
+
+    // Removing it revokes its keys.
+    let (s, body) = admin(
+        &gw,
+        "DELETE",
+        "/admin/v1/consumers/partner",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["keys_revoked"], 1);
+    let took = until_status(&gw, &key, 401).await;
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let (s, _) = admin(
+        &gw,
+        "DELETE",
+        "/admin/v1/consumers/partner",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+
+    // The changes are in the audit trail with their actor.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let said: Vec<String> = gw
+        .events_of(EventKind::Admin)
+        .into_iter()
+        .filter(|e| e.decision.policy.as_deref() == Some("keys"))
+        .map(|e| {
+            format!(
+                "{} | {}",
+                e.actor.unwrap_or_default(),
+                e.message.unwrap_or_default()
+            )
+        })
+        .collect();
+    for want in [
+        "consumer added partner",
+        "consumer updated partner",
+        "revoked",
+        "consumer removed partner",
+    ] {
+        assert!(
+            said.iter()
+                .any(|m| m.contains(want) && m.starts_with("admin-token:ops")),
+            "{want}: {said:#?}"
+        );
     }
 }

@@ -64,14 +64,20 @@ pub fn run(cfg: &Config, days: u64, json: bool) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
-    let keys = KeyStore::open(cfg)
-        .context("cannot open the key store; check storage.data_dir (or storage.database) and storage.pepper")?
-        .list()?;
+    let mut store = KeyStore::open(cfg)
+        .context("cannot open the key store; check storage.data_dir (or storage.database) and storage.pepper")?;
+    let keys = store.list()?;
+    // The consumers of the config file and those kept in the store.
+    let all: Vec<apiwarden_core::config::ConsumerConfig> = cfg
+        .consumers
+        .iter()
+        .cloned()
+        .chain(store.consumers()?.iter().map(|c| c.to_config()))
+        .collect();
     let now = now_ms();
     let max_age = cfg.storage.key_max_age.as_millis() as u64;
     let empty = BTreeSet::new();
-    let reviews: Vec<Review<'_>> = cfg
-        .consumers
+    let reviews: Vec<Review<'_>> = all
         .iter()
         .map(|c| {
             let used = used.get(&c.name).unwrap_or(&empty);

@@ -75,6 +75,10 @@ fn every_command_has_help() {
         vec!["keys", "list", "--help"],
         vec!["keys", "rotate", "--help"],
         vec!["keys", "revoke", "--help"],
+        vec!["consumers", "--help"],
+        vec!["consumers", "add", "--help"],
+        vec!["consumers", "list", "--help"],
+        vec!["consumers", "remove", "--help"],
         vec!["access", "--help"],
         vec!["access", "review", "--help"],
     ] {

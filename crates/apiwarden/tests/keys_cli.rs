@@ -221,3 +221,56 @@ fn signal_term(node: &mut Node) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_added_on_the_command_line_get_keys_that_work() {
+    let up = apiwarden_gateway::echo::spawn(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let dir = temp_dir("consumers");
+    let common = format!(
+        "\n[[upstreams]]\nname = \"echo\"\nurl = \"http://{up}\"\n\n\
+         [[routes]]\nname = \"read\"\npath_prefix = \"/orders\"\nupstream = \"echo\"\nauth = [\"api_key\"]\nscopes = [\"orders:read\"]\n\n\
+         [[consumers]]\nname = \"billing\"\nscopes = [\"orders:read\"]\n"
+    );
+    let node = start_node(&dir, 0, &common);
+    let config = dir.join("node0.toml");
+    let consumers = |args: &[&str]| cli("consumers", &config, args);
+
+    let (ok, out, err) = consumers(&[
+        "add",
+        "partner",
+        "--scopes",
+        "orders:read",
+        "--allow-ips",
+        "127.0.0.0/8",
+        "--meta",
+        "team=payments",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let added: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(added["source"], "store");
+    assert_eq!(added["metadata"]["team"], "payments");
+    let (ok, _, err) = consumers(&["add", "billing"]);
+    assert!(!ok && err.contains("config file"), "{err}");
+    let (ok, out, _) = consumers(&["list"]);
+    assert!(
+        ok && out.contains("billing") && out.contains("partner") && out.contains("store"),
+        "{out}"
+    );
+
+    let (ok, out, err) = keys(&config, &["create", "--consumer", "partner", "--json"]);
+    assert!(ok, "{err}");
+    let key = serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    until(&node.addr, &key, 200);
+
+    let (ok, out, err) = consumers(&["remove", "partner"]);
+    assert!(ok && out.contains("1 of its keys revoked"), "{out}{err}");
+    until(&node.addr, &key, 401);
+    let (ok, _, err) = consumers(&["remove", "partner"]);
+    assert!(!ok && err.contains("no consumer named"), "{err}");
+}
