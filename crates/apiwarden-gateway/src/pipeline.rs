@@ -327,13 +327,21 @@ impl Identify {
         // query string. Without one, a verified client certificate on a route that accepts
         // mTLS.
         let (credential, from_x_api_key) =
+            // `from_utf8`, not `HeaderValue::to_str`: hyper has already refused control
+            // characters, every credential form checks its own alphabet, and this runs on
+            // every request over a few hundred bytes.
             match (headers.get(&X_API_KEY), headers.get(header::AUTHORIZATION)) {
-                (Some(v), _) => (v.to_str().map_err(|_| Reason::AuthnMalformed)?, true),
+                (Some(v), _) => (
+                    std::str::from_utf8(v.as_bytes()).map_err(|_| Reason::AuthnMalformed)?,
+                    true,
+                ),
                 (None, Some(v)) => {
-                    let v = v.to_str().map_err(|_| Reason::AuthnMalformed)?;
-                    match v.split_once(' ') {
-                        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
-                            (token.trim(), false)
+                    let v =
+                        std::str::from_utf8(v.as_bytes()).map_err(|_| Reason::AuthnMalformed)?;
+                    // `Bearer <token>`, the scheme in any case (RFC 9110 §11.1).
+                    match v.get(..7) {
+                        Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => {
+                            (v[7..].trim(), false)
                         }
                         _ => return Err(Reason::AuthnMalformed),
                     }
@@ -1221,7 +1229,7 @@ pub async fn handle(
     };
     // The credential has done its work here: it is not passed on, so no upstream (or its
     // logs) ever holds a client's key or token (as Envoy's `forward: false`, its default).
-    // The identify stage named the header it came in; an `X-API-Key` never goes on either.
+    // The identify stage named the header it came in (an `X-API-Key`, when present, was it).
     if let Some(h) = credential_header {
         let headers = req.headers_mut();
         if h == X_API_KEY {
@@ -1238,7 +1246,6 @@ pub async fn handle(
             }
         }
         headers.remove(h);
-        headers.remove(&X_API_KEY);
     }
     let upstream = &state.upstreams[route.upstream];
     let forwarded = Forward::run(
