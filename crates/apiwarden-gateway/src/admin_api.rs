@@ -339,6 +339,7 @@ async fn route(
                     json!({
                         "name": c.name, "scopes": c.scopes, "roles": c.roles,
                         "allow_ips": c.allow_ips.as_ref().map(|n| n.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
+                        "metadata": c.metadata,
                         "source": "config",
                     })
                 })

@@ -574,6 +574,7 @@ impl StoredConsumer {
                     .filter_map(|n| apiwarden_core::net::IpNet::parse(n).ok())
                     .collect()
             }),
+            metadata: self.metadata.clone(),
             ..Default::default()
         }
     }

@@ -262,6 +262,8 @@ pub struct Identity {
     pub consumer_ref: Option<ConsumerRef>,
     /// The header the credential came in (removed before forwarding).
     pub credential_header: Option<HeaderName>,
+    /// The API key came in the route's `api_key_query` parameter (removed before forwarding).
+    pub credential_in_query: bool,
 }
 
 /// Where a caller's consumer is defined.
@@ -301,6 +303,7 @@ impl Identity {
             scopes: Vec::new(),
             consumer_ref: None,
             credential_header: None,
+            credential_in_query: false,
         }
     }
 }
@@ -311,21 +314,24 @@ pub struct Identify;
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 impl Identify {
-    pub async fn run(
+    /// `compiled`: the route's token issuer and introspection endpoint.
+    async fn run(
         route: &RouteConfig,
+        compiled: &RouteState,
         config: &Config,
         headers: &HeaderMap,
+        query: Option<&str>,
         keys: &crate::keystore::KeyRing,
-        issuer: Option<&Arc<crate::jwt::Issuer>>,
-        introspector: Option<&Arc<crate::introspect::Introspector>>,
         client_cert: Option<&crate::tls::ClientCert>,
     ) -> Result<Identity, Reason> {
+        let issuer = compiled.jwt.as_ref();
+        let introspector = compiled.introspection.as_ref();
         if route.auth == [AuthMethod::None] {
             return Ok(Identity::anonymous());
         }
         // The credential: `X-API-Key` (API keys only), or `Authorization: Bearer`. Never the
-        // query string. Without one, a verified client certificate on a route that accepts
-        // mTLS.
+        // query string, unless the route names a parameter for API keys (`api_key_query`).
+        // Without one, a verified client certificate on a route that accepts mTLS.
         let (credential, from_x_api_key) =
             // `from_utf8`, not `HeaderValue::to_str`: hyper has already refused control
             // characters, every credential form checks its own alphabet, and this runs on
@@ -347,6 +353,16 @@ impl Identify {
                     }
                 }
                 (None, None) => {
+                    let in_query = route.api_key_query.as_deref().and_then(|name| {
+                        query?.split('&').find_map(|pair| {
+                            pair.strip_prefix(name).and_then(|rest| rest.strip_prefix('='))
+                        })
+                    });
+                    if let Some(key) = in_query {
+                        let mut id = Identify::api_key(config, keys, key)?;
+                        id.credential_in_query = true;
+                        return Ok(id);
+                    }
                     return match client_cert {
                         Some(cert) if route.auth.contains(&AuthMethod::Mtls) => {
                             Ok(Identify::mtls(config, cert))
@@ -413,6 +429,7 @@ impl Identify {
             scopes: consumer.map_or_else(Vec::new, |c| c.scopes.clone()),
             consumer_ref: consumer_index.map(ConsumerRef::Config),
             credential_header: None,
+            credential_in_query: false,
         }
     }
 
@@ -443,6 +460,7 @@ impl Identify {
                 .collect(),
             consumer_ref: Some(consumer_ref),
             credential_header: None,
+            credential_in_query: false,
         })
     }
 
@@ -467,6 +485,7 @@ impl Identify {
             scopes: id.scopes.clone(),
             consumer_ref,
             credential_header: None,
+            credential_in_query: false,
         })
     }
 
@@ -490,6 +509,7 @@ impl Identify {
             scopes: id.scopes.clone(),
             consumer_ref,
             credential_header: None,
+            credential_in_query: false,
         })
     }
 }
@@ -1046,6 +1066,25 @@ fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> (IpAddr, boo
     (ip, true)
 }
 
+/// The URI without the query parameter `name` (every occurrence).
+fn without_query_param(uri: &Uri, name: &str) -> Uri {
+    let Some(query) = uri.query() else {
+        return uri.clone();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split('=').next() != Some(name))
+        .collect();
+    let mut pq = uri.path().to_string();
+    if !kept.is_empty() {
+        pq.push('?');
+        pq.push_str(&kept.join("&"));
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = PathAndQuery::try_from(pq).ok();
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
 /// Size of the request head as it came on the wire (near enough for HTTP/2).
 fn head_size<B>(req: &Request<B>) -> usize {
     let line = req.method().as_str().len()
@@ -1159,11 +1198,11 @@ pub async fn handle(
     // Stages: identify, authorize, limit.
     let identity = match Identify::run(
         route,
+        &state.routes[ri],
         cfg,
         req.headers(),
+        req.uri().query(),
         &shared.keys.load(),
-        state.routes[ri].jwt.as_ref(),
-        state.routes[ri].introspection.as_ref(),
         conn.client_cert.as_deref(),
     )
     .await
@@ -1174,6 +1213,7 @@ pub async fn handle(
     // The identity moves into the event; the stages below read it from there.
     let consumer = identity.consumer_ref.as_ref().map(|c| c.get(cfg));
     let credential_header = identity.credential_header;
+    let credential_in_query = identity.credential_in_query;
     let fields = &mut recorder.event.identity;
     fields.method = Some(identity.method.as_str());
     fields.consumer = identity.consumer;
@@ -1246,6 +1286,12 @@ pub async fn handle(
             }
         }
         headers.remove(h);
+    }
+    if credential_in_query {
+        if let Some(name) = route.api_key_query.as_deref() {
+            let uri = without_query_param(req.uri(), name);
+            *req.uri_mut() = uri;
+        }
     }
     let upstream = &state.upstreams[route.upstream];
     let forwarded = Forward::run(

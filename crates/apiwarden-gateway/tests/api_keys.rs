@@ -361,3 +361,62 @@ async fn without_its_pepper_the_gateway_refuses_keys_and_is_not_ready() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("API keys"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_may_opt_in_to_keys_in_the_query_string() {
+    let up = echo_upstream().await;
+    let gw = start(&format!(
+        "{}\n[[routes]]\nname = \"legacy\"\npath_prefix = \"/legacy\"\nupstream = \"echo\"\nauth = [\"api_key\"]\napi_key_query = \"apikey\"\nscopes = [\"orders:read\"]\n",
+        config(up)
+    ))
+    .await;
+    let cfg = gw.gw.shared.state.load().config.clone();
+    let mut store = KeyStore::open(&cfg).unwrap();
+    let (_, key) = store.create(&cfg, "billing", None, None).unwrap();
+    until_known(&gw, &key).await;
+
+    // The opted-in route: the key works from the query; the upstream never sees it.
+    let (status, body) = call(&gw, &format!("/legacy/x?a=1&apikey={key}&b=2"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echo["query"], "a=1&b=2", "{body}");
+    assert!(!body.contains(&key[16..]));
+    let (status, _) = call(&gw, &format!("/legacy/x?apikey={key}"), None).await;
+    assert_eq!(status, 200);
+    let (status, _) = call(&gw, "/legacy/x?apikey=aw_nothing", None).await;
+    assert_eq!(status, 401);
+    // Any other route: never from the query string.
+    let (status, body) = call(&gw, &format!("/orders?apikey={key}"), None).await;
+    assert_eq!(status, 401, "{body}");
+    let mut events = gw.request_events();
+    for _ in 0..200 {
+        if events.iter().any(|e| {
+            e.request.route_name.as_deref() == Some("read")
+                && e.decision.reason == Reason::AuthnMissing
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        events = gw.request_events();
+    }
+    let from_query: Vec<&AuditEvent> = events
+        .iter()
+        .filter(|e| e.request.route_name.as_deref() == Some("legacy"))
+        .collect();
+    assert!(!from_query.is_empty());
+    for e in &events {
+        let q = e.request.query.as_deref().unwrap_or("");
+        assert!(
+            !q.contains(&key[16..]),
+            "the key is redacted in the event: {q}"
+        );
+    }
+    assert_eq!(from_query[0].identity.method, Some("api_key"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.request.route_name.as_deref() == Some("read")
+                && e.decision.reason == Reason::AuthnMissing),
+        "a key in the query of a route that did not opt in is no credential"
+    );
+}

@@ -44,6 +44,7 @@ fn config_json(c: &apiwarden_core::config::ConsumerConfig) -> serde_json::Value 
     serde_json::json!({
         "name": c.name, "scopes": c.scopes, "roles": c.roles,
         "allow_ips": c.allow_ips.as_ref().map(|n| n.iter().map(|n| n.to_string()).collect::<Vec<_>>()),
+        "metadata": c.metadata,
         "source": "config",
     })
 }

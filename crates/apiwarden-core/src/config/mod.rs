@@ -286,6 +286,8 @@ pub struct RouteConfig {
     /// The `[introspection.NAME]` endpoint that checks the route's opaque tokens (set when
     /// `auth` has `introspection`).
     pub introspection: Option<String>,
+    /// The query parameter an API key may come in (off unless set).
+    pub api_key_query: Option<String>,
 }
 
 /// What a rate limit is counted by.
@@ -352,6 +354,8 @@ pub struct ConsumerConfig {
     /// Names (a SAN: DNS name, URI or e-mail, or the subject's CN) that identify the consumer
     /// in a verified client certificate.
     pub certificate_names: Vec<String>,
+    /// Free-form labels (team, owner, ticket), shown by `consumers list` and the admin API.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// A JWS signature algorithm apiwarden verifies.
@@ -514,6 +518,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "routes[].roles", default: "[]", example: "[\"operator\"]", doc: "Roles the caller's consumer must all hold (`consumers[].roles`); otherwise `403 authz.missing_role`. Not allowed with `none`." },
     OptionDoc { key: "routes[].limits", default: "[]", example: "[]", doc: "Names of `[limits.NAME]` tables applied to the route, in order." },
     OptionDoc { key: "routes[].jwt", default: "the only `[jwt.NAME]`, if there is one", example: "\"corp\"", doc: "With `auth = [\"jwt\"]`: the issuer whose tokens the route accepts." },
+    OptionDoc { key: "routes[].api_key_query", default: "none (never from the query string)", example: "\"apikey\"", doc: "With `api_key` in `auth`: also accept the key from this query parameter when no header carries a credential (for clients that cannot set headers). The parameter is removed before forwarding and, like every query value, is `REDACTED` in audit events. Query strings end up in browser histories and proxy logs: prefer the headers." },
     OptionDoc { key: "routes[].introspection", default: "the only `[introspection.NAME]`, if there is one", example: "\"corp\"", doc: "With `auth = [\"introspection\"]`: the endpoint that checks the route's opaque bearer tokens." },
     OptionDoc { key: "limits.NAME.rate", default: "required", example: "\"100/s\"", doc: "Steady rate (GCRA, no window boundaries): `N/s`, `N/m`, `N/h`, `N/d`. A quota is a rate with a large burst: `rate = \"100000/d\"`." },
     OptionDoc { key: "limits.NAME.burst", default: "the rate's N", example: "20", doc: "Requests that may arrive at once after an idle period. Over any time T at most `burst + rate × T` requests are admitted. Refused requests use no budget." },
@@ -543,6 +548,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "consumers[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes granted to the consumer." },
     OptionDoc { key: "consumers[].roles", default: "[]", example: "[\"reader\"]", doc: "Roles granted to the consumer." },
     OptionDoc { key: "consumers[].allow_ips", default: "any address", example: "[\"10.0.0.0/8\", \"192.0.2.7\"]", doc: "Client addresses or CIDR networks the consumer's credentials are accepted from (the client IP after `trusted_proxies`); from anywhere else: `403 authz.ip_not_allowed`." },
+    OptionDoc { key: "consumers[].metadata", default: "{}", example: "{ team = \"payments\", owner = \"ana@example.com\" }", doc: "Free-form string labels, shown by `apiwarden consumers list` and the admin API." },
     OptionDoc { key: "consumers[].certificate_names", default: "[]", example: "[\"billing.internal\", \"spiffe://example.org/billing\"]", doc: "Names that identify the consumer in a verified client certificate (mTLS): a DNS, URI or e-mail SAN, or the subject's CN, compared exactly (DNS names without regard to case). A name belongs to one consumer only. A certificate that matches no consumer still authenticates, without scopes or roles." },
 ];
 

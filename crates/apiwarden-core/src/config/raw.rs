@@ -106,6 +106,7 @@ pub(crate) struct Route {
     pub limits: Vec<String>,
     pub jwt: Option<String>,
     pub introspection: Option<String>,
+    pub api_key_query: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,4 +169,6 @@ pub(crate) struct Consumer {
     pub allow_ips: Option<Vec<String>>,
     #[serde(default)]
     pub certificate_names: Vec<String>,
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }

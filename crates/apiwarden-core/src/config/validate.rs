@@ -666,6 +666,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             roles: c.roles.clone(),
             allow_ips,
             certificate_names: c.certificate_names.clone(),
+            metadata: c.metadata.clone(),
         });
     }
 
@@ -960,6 +961,25 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 ),
             );
         }
+        let api_key_query = r.api_key_query.clone();
+        if let Some(q) = &api_key_query {
+            if !auth.contains(&AuthMethod::ApiKey) {
+                cx.error(
+                    &at("api_key_query"),
+                    format!(
+                        "route {:?}: `api_key_query` needs \"api_key\" in `auth`",
+                        r.name
+                    ),
+                );
+            }
+            if q.is_empty()
+                || !q
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            {
+                cx.error(&at("api_key_query"), format!("route {:?}: `api_key_query` must be a parameter name of letters, digits, `_`, `-` or `.`", r.name));
+            }
+        }
         let route_jwt = route_table(
             &mut cx,
             &r.name,
@@ -1008,6 +1028,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             limits: r.limits.clone(),
             jwt: route_jwt,
             introspection: route_introspection,
+            api_key_query,
         });
     }
 
@@ -1480,6 +1501,8 @@ colour = "blue"
             ("[jwt.j]\nissuer = \"http://idp.example.com\"\naudiences = [\"a\"]\n", "must be an https:// URL"),
             ("[jwt.j]\nissuer = \"https://idp.example.com\"\n", "needs `audiences`"),
             ("[admin.tokens.ops]\nrole = \"root\"\nsecret = \"env:T\"\n", "\"auditor\" (read only)"),
+            (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a\"\nupstream = \"u\"\nauth = [\"none\"]\napi_key_query = \"k\"\n"), "needs \"api_key\""),
+            (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a\"\nupstream = \"u\"\nauth = [\"api_key\"]\napi_key_query = \"a b\"\n"), "parameter name"),
             ("[admin.tokens.ops]\nrole = \"admin\"\nsecret = \"hunter2\"\n", "never goes in the config"),
             ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nalgorithms = [\"HS256\"]\n", "HS256 needs a shared secret"),
             ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nalgorithms = [\"none\"]\n", "not supported"),
