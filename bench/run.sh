@@ -474,6 +474,12 @@ if [[ "$SKIP_APIWARDEN" != 1 ]]; then
         [[ -n "${RPS[$t]:-}" ]] || continue
         awk -v a="${RPS[$t]}" -v n="${RPS[apiwarden]}" -v t="$t" \
             'BEGIN {printf "%s/apiwarden (open route) throughput ratio: %s\n", t, (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
+        # The same ratio within each round (the two runs seconds apart), and its median: less
+        # exposed to drift on a shared machine than the ratio of the two medians.
+        per_round="$(awk -v a="${RPS_ALL[$t]}" -v n="${RPS_ALL[apiwarden]}" 'BEGIN {
+            k = split(a, x, " "); split(n, y, " ");
+            for (i = 1; i <= k; i++) printf "%.2f ", (y[i] > 0 ? x[i] / y[i] : 0) }')"
+        printf '%s/apiwarden per round: %s(median %s)\n' "$t" "$per_round" "$(printf '%s' "$per_round" | median)"
     done
 else
     echo "apiwarden/nginx throughput ratio: n/a (SKIP_APIWARDEN=1)"
