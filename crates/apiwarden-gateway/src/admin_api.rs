@@ -96,6 +96,22 @@ fn compare_key() -> &'static hmac::Key {
     })
 }
 
+/// At most one warning about unusable tokens per 30 s, however many requests arrive.
+fn warn_now() -> bool {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::now_ms();
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    now.saturating_sub(last) >= 30_000
+        && LAST
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+}
+
 /// The token a request presents, matched against the configured ones.
 fn authenticate(cfg: &Config, req: &Request<Incoming>) -> Result<(String, AdminRole), Reason> {
     let presented = req
@@ -119,10 +135,14 @@ fn authenticate(cfg: &Config, req: &Request<Incoming>) -> Result<(String, AdminR
                 }
             }
             Ok(_) => {
-                tracing::warn!(token = %t.name, "admin token shorter than 32 bytes: refused")
+                if warn_now() {
+                    tracing::warn!(token = %t.name, "admin token shorter than 32 bytes: refused")
+                }
             }
             Err(e) => {
-                tracing::warn!(token = %t.name, error = %e, "admin token cannot be read")
+                if warn_now() {
+                    tracing::warn!(token = %t.name, error = %e, "admin token cannot be read")
+                }
             }
         }
     }

@@ -62,6 +62,8 @@ pub struct Introspector {
     cache: TokenCache<Answer>,
     last_error_log: AtomicU64,
     pub metrics: Arc<IntrospectionMetrics>,
+    /// SHA-256 of the client secret as read, to tell on a reload whether it changed.
+    secret_digest: Option<Vec<u8>>,
 }
 
 /// An introspection response (RFC 7662 §2.2); other members are ignored.
@@ -113,6 +115,12 @@ fn secs_to_ms(t: f64) -> u64 {
 }
 
 impl Introspector {
+    /// Whether the client secret still reads as it did: a reload keeps this endpoint, and its
+    /// cached answers, only then.
+    pub fn secret_unchanged(&self) -> bool {
+        crate::jwt::secret_digest(&self.config.client_secret) == self.secret_digest
+    }
+
     pub fn new(
         name: &str,
         config: IntrospectionConfig,
@@ -127,6 +135,7 @@ impl Introspector {
             }
         };
         Arc::new(Introspector {
+            secret_digest: crate::jwt::secret_digest(&config.client_secret),
             name: name.to_string(),
             config,
             authorization,

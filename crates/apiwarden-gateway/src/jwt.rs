@@ -224,16 +224,18 @@ impl KeySet {
     fn find(&self, kid: Option<&str>, alg: JwtAlg) -> Result<&Key, bool> {
         match kid {
             Some(kid) => {
-                let k = self
+                // A JWKS may reuse a `kid` across key types: the one that fits `alg` counts.
+                let mut named = self
                     .keys
                     .iter()
-                    .find(|k| k.kid.as_deref() == Some(kid))
-                    .ok_or(true)?;
-                if k.key.fits(alg) && k.alg.is_none_or(|a| a == alg) {
-                    Ok(k)
-                } else {
-                    Err(false)
+                    .filter(|k| k.kid.as_deref() == Some(kid))
+                    .peekable();
+                if named.peek().is_none() {
+                    return Err(true);
                 }
+                named
+                    .find(|k| k.key.fits(alg) && k.alg.is_none_or(|a| a == alg))
+                    .ok_or(false)
             }
             // No `kid`: acceptable only when exactly one key could have signed it.
             None => {
@@ -339,6 +341,17 @@ pub struct Issuer {
     fetch: tokio::sync::Mutex<()>,
     last_error_log: AtomicU64,
     pub metrics: Arc<JwtMetrics>,
+    /// SHA-256 of the HS256 secret as read, to tell on a reload whether it changed.
+    secret_digest: Option<Vec<u8>>,
+}
+
+/// SHA-256 of a secret the config refers to, as it reads now (`None` if it cannot be read).
+pub fn secret_digest(source: &SecretSource) -> Option<Vec<u8>> {
+    read_secret(source).ok().map(|s| {
+        ring::digest::digest(&ring::digest::SHA256, &s)
+            .as_ref()
+            .to_vec()
+    })
 }
 
 /// The parts of a compact JWS.
@@ -442,7 +455,12 @@ impl Issuer {
                 }
             }
         }
+        let secret_digest = match &config.keys {
+            JwtKeySource::Secret(source) => secret_digest(source),
+            _ => None,
+        };
         Arc::new(Issuer {
+            secret_digest,
             name: name.to_string(),
             config,
             keys: ArcSwap::from_pointee(set),
@@ -452,6 +470,15 @@ impl Issuer {
             last_error_log: AtomicU64::new(0),
             metrics,
         })
+    }
+
+    /// Whether the HS256 secret still reads as it did (always true for a key set): a reload
+    /// keeps this issuer, and its verified tokens, only then.
+    pub fn secret_unchanged(&self) -> bool {
+        match &self.config.keys {
+            JwtKeySource::Secret(source) => secret_digest(source) == self.secret_digest,
+            _ => true,
+        }
     }
 
     /// Whether tokens can be checked: the secret was read, or keys were fetched at least once.
@@ -497,7 +524,12 @@ impl Issuer {
         if parsed.header.crit.is_some() {
             return Err(Reason::AuthnMalformed);
         }
-        let kid = parsed.header.kid.as_deref();
+        // A shared secret has no `kid` to match: whatever the token names is beside the point.
+        let kid = if hmac_issuer {
+            None
+        } else {
+            parsed.header.kid.as_deref()
+        };
         let key = loop {
             match set.find(kid, alg) {
                 Ok(k) => break k,
@@ -547,13 +579,13 @@ impl Issuer {
         let leeway = self.config.leeway.as_millis() as u64;
         // A token without `exp` would be valid forever: refused.
         let exp = claims.exp.ok_or(Reason::AuthnMalformed)?;
-        let until = (exp.max(0.0) * 1000.0) as u64 + leeway;
+        let until = ((exp.max(0.0) * 1000.0) as u64).saturating_add(leeway);
         if now > until {
             return Err(Reason::AuthnTokenExpired);
         }
         if claims
             .nbf
-            .is_some_and(|nbf| (nbf.max(0.0) * 1000.0) as u64 > now + leeway)
+            .is_some_and(|nbf| (nbf.max(0.0) * 1000.0) as u64 > now.saturating_add(leeway))
         {
             return Err(Reason::AuthnTokenNotYetValid);
         }
@@ -682,6 +714,8 @@ async fn fetch_keys(config: &JwtConfig) -> Result<Vec<Key>, String> {
                 .get("jwks_uri")
                 .and_then(|v| v.as_str())
                 .ok_or_else(|| format!("{url}: no jwks_uri"))?;
+            // The same rule as for a configured URL: a key set must not come in the clear.
+            apiwarden_core::config::fetch_url(jwks).map_err(|e| format!("{url}: jwks_uri {e}"))?;
             jwks.to_string()
         }
         JwtKeySource::Secret(_) => return Err("an HS256 issuer has no key set".into()),

@@ -474,9 +474,9 @@ impl Tx<'_> {
     }
 
     /// Tells the other gateways that the keys changed, once this commits. SQLite needs nothing
-    /// (`PRAGMA data_version` moves by itself); PostgreSQL gets a new random change mark. It is
-    /// written last in each transaction, after the key rows, so writers take their row locks in
-    /// one order and cannot deadlock on it; readers see the new mark only with the change.
+    /// (`PRAGMA data_version` moves by itself); PostgreSQL gets a new random change mark. Changing
+    /// transactions lock its row first (`Backend::transaction`), so they run one at a time;
+    /// readers see the new mark only with the change.
     fn mark_changed(&mut self) -> Result<(), KeyError> {
         if let Tx::Postgres(..) = self {
             let mut mark = [0u8; 8];
@@ -502,6 +502,7 @@ impl Tx<'_> {
 /// A consumer kept in the store (added with `apiwarden consumers` or the admin API), beside
 /// those of the config file. Its settings are one JSON document (`body`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StoredConsumer {
     #[serde(default)]
     pub name: String,
@@ -514,6 +515,9 @@ pub struct StoredConsumer {
     pub allow_ips: Option<Vec<String>>,
     #[serde(default)]
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// As `consumers[].token_issuers`: the token issuers whose clients of this name act as it.
+    #[serde(default)]
+    pub token_issuers: Vec<String>,
     #[serde(default)]
     pub created_at: u64,
     #[serde(default)]
@@ -575,6 +579,7 @@ impl StoredConsumer {
                     .collect()
             }),
             metadata: self.metadata.clone(),
+            token_issuers: self.token_issuers.clone(),
             ..Default::default()
         }
     }
@@ -750,6 +755,18 @@ impl Backend {
                 Tx::Postgres(client.transaction().map_err(pg(url))?, url)
             }
         };
+        if changes {
+            // PostgreSQL: changing transactions take the change mark's row lock first, so they
+            // run one at a time and the change log's sequence numbers are given out in commit
+            // order (a node following the log never skips an entry that commits late).
+            // SQLite's IMMEDIATE transactions are serial already.
+            if let Tx::Postgres(..) = tx {
+                tx.execute(
+                    "SELECT 1 FROM key_meta WHERE name = 'change' FOR UPDATE",
+                    &[],
+                )?;
+            }
+        }
         let out = f(&mut tx)?;
         if changes {
             tx.mark_changed()?;
@@ -894,7 +911,12 @@ pub struct KeyStore {
 }
 
 /// A Unix time in ms as RFC 3339, to the second.
-pub(crate) fn rfc3339(ms: u64) -> String {
+pub fn rfc3339(ms: u64) -> String {
+    // humantime formats years up to 9999 only.
+    const LAST: u64 = 253_402_300_799_000;
+    if ms > LAST {
+        return "9999-12-31T23:59:59Z".into();
+    }
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -1004,10 +1026,31 @@ impl KeyStore {
             let old = tx
                 .consumers("WHERE name = ?1", &[Val::Text(&c.name)])?
                 .pop();
+            if old.is_none() {
+                // Keys are tied to a consumer by name: live keys left from an earlier consumer
+                // of this name (one removed from the config) would work again for the new one.
+                let live = tx.keys(
+                    "WHERE consumer = ?1 AND revoked_at IS NULL",
+                    &[Val::Text(&c.name)],
+                )?;
+                let live: Vec<&KeyRecord> = live
+                    .iter()
+                    .filter(|k| matches!(k.status(now), KeyStatus::Active | KeyStatus::Rotating))
+                    .collect();
+                if !live.is_empty() {
+                    return Err(KeyError::BadConsumer(format!(
+                        "{}: {} live keys still carry this name from an earlier consumer ({}); revoke them first with `apiwarden keys revoke`",
+                        c.name,
+                        live.len(),
+                        live.iter().map(|k| k.key_id.as_str()).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+            }
             c.created_at = old.as_ref().map_or(now, |o| o.created_at);
             c.updated_at = now;
             let body = serde_json::json!({
                 "scopes": c.scopes, "roles": c.roles, "allow_ips": c.allow_ips, "metadata": c.metadata,
+                "token_issuers": c.token_issuers,
             })
             .to_string();
             let detail = format!(
@@ -1088,24 +1131,25 @@ impl KeyStore {
         scopes: Option<Vec<String>>,
         expires_at: Option<u64>,
     ) -> Result<(KeyRecord, String), KeyError> {
-        let granted = self
-            .db
-            .transaction(false, false, |tx| tx.granted(config, consumer))?;
-        let (record, text) = new_key(&self.pepper, &granted, consumer, scopes, expires_at)?;
-        let detail = format!(
-            "scopes {}{}",
-            if record.scopes.is_empty() {
-                "(none)".to_string()
-            } else {
-                record.scopes.join(",")
-            },
-            match record.expires_at {
-                Some(t) => format!(", expires at {}", rfc3339(t)),
-                None => String::new(),
-            }
-        );
         let actor = &self.actor;
+        let pepper = &self.pepper;
+        // One write transaction: the consumer cannot be removed between reading its scopes
+        // and inserting the key.
         self.db.transaction(true, true, |tx| {
+            let granted = tx.granted(config, consumer)?;
+            let (record, text) = new_key(pepper, &granted, consumer, scopes, expires_at)?;
+            let detail = format!(
+                "scopes {}{}",
+                if record.scopes.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    record.scopes.join(",")
+                },
+                match record.expires_at {
+                    Some(t) => format!(", expires at {}", rfc3339(t)),
+                    None => String::new(),
+                }
+            );
             insert(tx, &record)?;
             log_change(
                 tx,
@@ -1114,9 +1158,9 @@ impl KeyStore {
                 &record.key_id,
                 &record.consumer,
                 &detail,
-            )
-        })?;
-        Ok((record, text))
+            )?;
+            Ok((record, text))
+        })
     }
 
     /// Every key, oldest first.

@@ -150,9 +150,9 @@ impl State {
             .map(|(name, j)| {
                 previous
                     .and_then(|p| {
-                        p.issuers
-                            .iter()
-                            .find(|old| &old.name == name && &old.config == j)
+                        p.issuers.iter().find(|old| {
+                            &old.name == name && &old.config == j && old.secret_unchanged()
+                        })
                     })
                     .cloned()
                     .unwrap_or_else(|| crate::jwt::Issuer::new(name, j.clone(), metrics.jwt(name)))
@@ -165,9 +165,9 @@ impl State {
             .map(|(name, c)| {
                 previous
                     .and_then(|p| {
-                        p.introspectors
-                            .iter()
-                            .find(|old| &old.name == name && &old.config == c)
+                        p.introspectors.iter().find(|old| {
+                            &old.name == name && &old.config == c && old.secret_unchanged()
+                        })
                     })
                     .cloned()
                     .unwrap_or_else(|| {
@@ -282,6 +282,18 @@ impl ConsumerRef {
             Some(i) => Some(ConsumerRef::Config(i)),
             None => keys.consumers.get(name).cloned().map(ConsumerRef::Store),
         }
+    }
+
+    /// The consumer a token's client names, if that consumer accepts tokens of `issuer`
+    /// (`token_issuers`): a client cannot take a consumer's roles just by its name.
+    fn find_for_token(
+        config: &Config,
+        keys: &crate::keystore::KeyRing,
+        client: &str,
+        issuer: &str,
+    ) -> Option<ConsumerRef> {
+        ConsumerRef::find(config, keys, client)
+            .filter(|r| r.get(config).token_issuers.iter().any(|t| t == issuer))
     }
 
     pub fn get<'a>(&'a self, config: &'a Config) -> &'a apiwarden_core::config::ConsumerConfig {
@@ -476,7 +488,7 @@ impl Identify {
         let consumer_ref = id
             .client
             .as_ref()
-            .and_then(|c| ConsumerRef::find(config, keys, c));
+            .and_then(|c| ConsumerRef::find_for_token(config, keys, c, &issuer.name));
         Ok(Identity {
             method: AuthMethod::Jwt,
             consumer: id.client.clone(),
@@ -500,7 +512,7 @@ impl Identify {
         let consumer_ref = id
             .client
             .as_ref()
-            .and_then(|c| ConsumerRef::find(config, keys, c));
+            .and_then(|c| ConsumerRef::find_for_token(config, keys, c, &introspector.name));
         Ok(Identity {
             method: AuthMethod::Introspection,
             consumer: id.client.clone(),
@@ -1213,7 +1225,6 @@ pub async fn handle(
     // The identity moves into the event; the stages below read it from there.
     let consumer = identity.consumer_ref.as_ref().map(|c| c.get(cfg));
     let credential_header = identity.credential_header;
-    let credential_in_query = identity.credential_in_query;
     let fields = &mut recorder.event.identity;
     fields.method = Some(identity.method.as_str());
     fields.consumer = identity.consumer;
@@ -1287,8 +1298,10 @@ pub async fn handle(
         }
         headers.remove(h);
     }
-    if credential_in_query {
-        if let Some(name) = route.api_key_query.as_deref() {
+    // On a route that takes keys from the query, the parameter never goes on, whichever
+    // credential was used.
+    if let Some(name) = route.api_key_query.as_deref() {
+        if req.uri().query().is_some() {
             let uri = without_query_param(req.uri(), name);
             *req.uri_mut() = uri;
         }

@@ -42,7 +42,8 @@ impl Hasher for TagHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Only reached for keys other than `[u64; 2]`; fold them in.
+        // A `[u64; 2]` key arrives here as its 16 bytes in one call (integer slices hash as
+        // bytes): the result mixes both words, and stays as unpredictable as the tag is.
         for chunk in bytes.chunks(8) {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);
@@ -51,10 +52,7 @@ impl Hasher for TagHasher {
     }
 
     fn write_u64(&mut self, n: u64) {
-        // `[u64; 2]` hashes its length first, then both words: keep the first word.
-        if self.0 == 0 {
-            self.0 = n;
-        }
+        self.0 = self.0.rotate_left(5) ^ n;
     }
 
     fn write_usize(&mut self, _: usize) {}

@@ -273,11 +273,15 @@ impl ClientCert {
 
     /// Whether `name` (one of `consumers[].certificate_names`) names this certificate: equal to
     /// a URI or e-mail SAN or the CN, or to a DNS SAN without regard to case.
+    /// The CN counts only for a certificate without SANs (RFC 6125 §6.4.4): otherwise a CN
+    /// could claim a consumer that the certificate's own names do not.
     pub fn is_named(&self, name: &str) -> bool {
+        let has_sans =
+            !self.uris.is_empty() || !self.emails.is_empty() || !self.dns_names.is_empty();
         self.uris.iter().any(|v| v == name)
             || self.emails.iter().any(|v| v == name)
             || self.dns_names.iter().any(|v| v.eq_ignore_ascii_case(name))
-            || self.common_name.as_deref() == Some(name)
+            || (!has_sans && self.common_name.as_deref() == Some(name))
     }
 }
 

@@ -383,6 +383,11 @@ async fn a_route_may_opt_in_to_keys_in_the_query_string() {
     assert!(!body.contains(&key[16..]));
     let (status, _) = call(&gw, &format!("/legacy/x?apikey={key}"), None).await;
     assert_eq!(status, 200);
+    // A header credential and a key in the query: the parameter still never goes on.
+    let (status, body) = call(&gw, &format!("/legacy/y?apikey={key}&c=3"), bearer(&key)).await;
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echo["query"], "c=3", "{body}");
     let (status, _) = call(&gw, "/legacy/x?apikey=aw_nothing", None).await;
     assert_eq!(status, 401);
     // Any other route: never from the query string.

@@ -223,7 +223,7 @@ fn config(up: SocketAddr, server: &Server, dir: &std::path::Path, down: SocketAd
          [[routes]]\nname = \"mixed\"\npath_prefix = \"/mixed\"\nupstream = \"echo\"\nauth = [\"jwt\", \"introspection\", \"api_key\"]\njwt = \"hs\"\nintrospection = \"idp\"\n\n\
          [[routes]]\nname = \"badcreds\"\npath_prefix = \"/badcreds\"\nupstream = \"echo\"\nauth = [\"introspection\"]\nintrospection = \"badcreds\"\n\n\
          [[routes]]\nname = \"down\"\npath_prefix = \"/down\"\nupstream = \"echo\"\nauth = [\"introspection\"]\nintrospection = \"down\"\n\n\
-         [[consumers]]\nname = \"billing-app\"\nroles = [\"reader\"]\n",
+         [[consumers]]\nname = \"billing-app\"\nroles = [\"reader\"]\ntoken_issuers = [\"idp\"]\n",
         s = secret.display(),
         w = wrong.display(),
         hs = hs.display(),

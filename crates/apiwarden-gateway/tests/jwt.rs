@@ -191,8 +191,9 @@ fn config(up: SocketAddr, idp: &Idp, secret_file: &std::path::Path) -> String {
          [[routes]]\nname = \"orders\"\npath_prefix = \"/orders\"\nupstream = \"echo\"\nauth = [\"jwt\"]\njwt = \"idp\"\nscopes = [\"orders:read\"]\n\n\
          [[routes]]\nname = \"ops\"\npath_prefix = \"/ops\"\nupstream = \"echo\"\nauth = [\"jwt\", \"api_key\"]\njwt = \"idp\"\nroles = [\"operator\"]\n\n\
          [[routes]]\nname = \"hs\"\npath_prefix = \"/hs\"\nupstream = \"echo\"\nauth = [\"jwt\"]\njwt = \"shared\"\n\n\
-         [[consumers]]\nname = \"billing-app\"\nroles = [\"reader\"]\n\n\
-         [[consumers]]\nname = \"ops-app\"\nroles = [\"operator\"]\n",
+         [[consumers]]\nname = \"billing-app\"\nroles = [\"reader\"]\ntoken_issuers = [\"idp\"]\n\n\
+         [[consumers]]\nname = \"ops-app\"\nroles = [\"operator\"]\ntoken_issuers = [\"idp\"]\n\n\
+         [[consumers]]\nname = \"admin-app\"\nroles = [\"operator\"]\n",
         iss = idp.issuer(),
         secret = secret_file.display(),
     )
@@ -510,6 +511,18 @@ async fn the_whole_decision_space_of_jwt() {
             )),
             200,
             Reason::Ok,
+        ),
+        case(
+            "a consumer that does not take this issuer's clients",
+            "/ops",
+            bearer(&signed(
+                &es,
+                "ES256",
+                "es-1",
+                &with(json!({"client_id": "admin-app"})),
+            )),
+            403,
+            Reason::AuthzMissingRole,
         ),
         case(
             "HS256 with the shared secret",

@@ -26,6 +26,10 @@ pub enum ConsumersCommand {
         /// Metadata, `KEY=VALUE`; repeat for several.
         #[arg(long = "meta", value_name = "KEY=VALUE")]
         metadata: Vec<String>,
+        /// `[jwt.NAME]` / `[introspection.NAME]` tables whose token clients of this name act
+        /// as this consumer, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        token_issuers: Vec<String>,
         /// Print the consumer as JSON.
         #[arg(long)]
         json: bool,
@@ -67,6 +71,7 @@ pub fn run(cmd: ConsumersCommand, cfg: &Config) -> Result<()> {
             roles,
             allow_ips,
             metadata,
+            token_issuers,
             json,
         } => {
             let mut meta = BTreeMap::new();
@@ -82,6 +87,7 @@ pub fn run(cmd: ConsumersCommand, cfg: &Config) -> Result<()> {
                 roles,
                 allow_ips,
                 metadata: meta,
+                token_issuers,
                 created_at: 0,
                 updated_at: 0,
             };

@@ -51,7 +51,7 @@ fn duration(flag: &str, text: &str) -> Result<Duration> {
 }
 
 fn when(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    apiwarden_gateway::keystore::rfc3339(ms)
 }
 
 pub fn run(cmd: KeysCommand, cfg: &Config) -> Result<()> {

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use validate::parse;
+pub use validate::{fetch_url, parse};
 
 /// One problem in a configuration file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -356,6 +356,9 @@ pub struct ConsumerConfig {
     pub certificate_names: Vec<String>,
     /// Free-form labels (team, owner, ticket), shown by `consumers list` and the admin API.
     pub metadata: BTreeMap<String, String>,
+    /// The `[jwt.NAME]` / `[introspection.NAME]` tables whose tokens, when their client
+    /// (`client_id` or `azp`) has this consumer's name, act as this consumer.
+    pub token_issuers: Vec<String>,
 }
 
 /// A JWS signature algorithm apiwarden verifies.
@@ -548,6 +551,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "consumers[].scopes", default: "[]", example: "[\"orders:read\"]", doc: "Scopes granted to the consumer." },
     OptionDoc { key: "consumers[].roles", default: "[]", example: "[\"reader\"]", doc: "Roles granted to the consumer." },
     OptionDoc { key: "consumers[].allow_ips", default: "any address", example: "[\"10.0.0.0/8\", \"192.0.2.7\"]", doc: "Client addresses or CIDR networks the consumer's credentials are accepted from (the client IP after `trusted_proxies`); from anywhere else: `403 authz.ip_not_allowed`." },
+    OptionDoc { key: "consumers[].token_issuers", default: "[]", example: "[\"corp\"]", doc: "Names of `[jwt.NAME]` or `[introspection.NAME]` tables whose tokens act as this consumer when their client (`client_id`, else `azp`) has the consumer's name: then the consumer's `roles` and `allow_ips` apply. A token from any other issuer never takes a consumer's roles by naming it." },
     OptionDoc { key: "consumers[].metadata", default: "{}", example: "{ team = \"payments\", owner = \"ana@example.com\" }", doc: "Free-form string labels, shown by `apiwarden consumers list` and the admin API." },
     OptionDoc { key: "consumers[].certificate_names", default: "[]", example: "[\"billing.internal\", \"spiffe://example.org/billing\"]", doc: "Names that identify the consumer in a verified client certificate (mTLS): a DNS, URI or e-mail SAN, or the subject's CN, compared exactly (DNS names without regard to case). A name belongs to one consumer only. A certificate that matches no consumer still authenticates, without scopes or roles." },
 ];

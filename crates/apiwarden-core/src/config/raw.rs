@@ -171,4 +171,6 @@ pub(crate) struct Consumer {
     pub certificate_names: Vec<String>,
     #[serde(default)]
     pub metadata: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub token_issuers: Vec<String>,
 }

@@ -667,6 +667,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             allow_ips,
             certificate_names: c.certificate_names.clone(),
             metadata: c.metadata.clone(),
+            token_issuers: c.token_issuers.clone(),
         });
     }
 
@@ -826,6 +827,17 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                     ca: t.ca.as_deref().map(rel),
                 },
             );
+        }
+    }
+
+    for (i, c) in consumers.iter().enumerate() {
+        for (j, t) in c.token_issuers.iter().enumerate() {
+            if !jwt.contains_key(t) && !introspection.contains_key(t) {
+                cx.error(
+                    &[name("consumers"), Key::Index(i), name("token_issuers"), Key::Index(j)],
+                    format!("consumer {:?}: {t:?} is neither a [jwt.{t}] nor an [introspection.{t}] table", c.name),
+                );
+            }
         }
     }
 
@@ -1150,7 +1162,7 @@ fn secret_source(
 
 /// A URL keys may be fetched from: HTTPS, or plain HTTP on a loopback address only (a key set
 /// fetched in the clear could be swapped by anyone on the path).
-fn fetch_url(url: &str) -> Result<(), String> {
+pub fn fetch_url(url: &str) -> Result<(), String> {
     if url.starts_with("https://") {
         return Ok(());
     }
