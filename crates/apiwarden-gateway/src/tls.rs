@@ -403,7 +403,8 @@ mod tests {
             hex(ring::digest::digest(&ring::digest::SHA256, cert.der()).as_ref())
         );
         assert!(c.is_named("BILLING.internal"));
-        assert!(c.is_named("billing"));
+        // The CN does not count next to SANs (RFC 6125): the SANs are the names.
+        assert!(!c.is_named("billing"));
         assert!(!c.is_named("SPIFFE://example.org/billing"));
         assert!(!c.is_named("10.0.0.1"));
         assert!(ClientCert::parse(b"not a certificate").is_err());
