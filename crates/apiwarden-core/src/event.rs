@@ -106,6 +106,8 @@ pub enum Reason {
     Blocked,
     /// An admin action (a block list change, ...), allowed.
     AdminAction,
+    /// At start, a torn last ledger record (a crash in the middle of a write) was cut off.
+    LedgerRecordCut,
 }
 
 impl Reason {
@@ -147,6 +149,7 @@ impl Reason {
             Reason::RateLimitUnavailable => "ratelimit.unavailable",
             Reason::Blocked => "blocked",
             Reason::AdminAction => "admin.action",
+            Reason::LedgerRecordCut => "ledger.record_cut",
         }
     }
 }

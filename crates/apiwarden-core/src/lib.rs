@@ -1,5 +1,5 @@
-//! apiwarden's domain types: the configuration model, path normalisation, routing and the audit
-//! event.
+//! apiwarden's domain types: the configuration model, path normalisation, routing, the audit
+//! event, and the audit ledger's cryptography (`ledger`).
 //!
 //! Architecture invariant: this crate does no I/O and knows nothing of HTTP libraries or tokio;
 //! everything here is a pure function of its inputs, so it can be tested and fuzzed alone.
@@ -9,6 +9,7 @@ pub mod apikey;
 pub mod block;
 pub mod config;
 pub mod event;
+pub mod ledger;
 pub mod limit;
 pub mod net;
 pub mod path;

@@ -16,6 +16,7 @@ pub mod ids;
 pub mod introspect;
 pub mod jwt;
 pub mod keystore;
+pub mod ledger;
 pub mod limit;
 pub mod metrics;
 pub mod pipeline;

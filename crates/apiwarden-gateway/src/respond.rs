@@ -88,6 +88,7 @@ pub fn status_and_message(reason: Reason) -> (StatusCode, &'static str) {
         ),
         Reason::Blocked => (StatusCode::FORBIDDEN, "this client is blocked"),
         Reason::AdminAction => (StatusCode::OK, "ok"),
+        Reason::LedgerRecordCut => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
     }
 }
 

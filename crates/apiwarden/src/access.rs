@@ -6,7 +6,6 @@ use apiwarden_core::config::Config;
 use apiwarden_gateway::keystore::{KeyStatus, KeyStore};
 use apiwarden_gateway::now_ms;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::BufRead;
 use std::time::{Duration, SystemTime};
 
 /// One consumer's review.
@@ -30,40 +29,36 @@ pub fn run(cfg: &Config, days: u64, json: bool) -> Result<()> {
         .collect();
     let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut allowed: BTreeMap<String, u64> = BTreeMap::new();
-    let path = cfg.storage.data_dir.join("audit.ndjson");
-    match std::fs::File::open(&path) {
-        Ok(f) => {
-            for line in std::io::BufReader::new(f).lines() {
-                let line = line.with_context(|| format!("cannot read {}", path.display()))?;
-                let Ok(e) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    continue;
-                };
-                if e["kind"] != "request" || e["decision"]["outcome"] != "allow" {
-                    continue;
-                }
-                let in_window = e["time"]
-                    .as_str()
-                    .and_then(|t| humantime::parse_rfc3339(t).ok())
-                    .is_some_and(|t| t >= since);
-                let (Some(consumer), Some(route)) = (
-                    e["identity"]["consumer"].as_str(),
-                    e["request"]["route_name"].as_str(),
-                ) else {
-                    continue;
-                };
-                if !in_window {
-                    continue;
-                }
-                *allowed.entry(consumer.to_string()).or_default() += 1;
-                let set = used.entry(consumer.to_string()).or_default();
-                for s in routes.get(route).copied().unwrap_or_default() {
-                    set.insert(s.clone());
-                }
-            }
+    let ledger = cfg.storage.data_dir.join("ledger");
+    let mut visit = |e: serde_json::Value| {
+        if e["kind"] != "request" || e["decision"]["outcome"] != "allow" {
+            return;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
+        let in_window = e["time"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .is_some_and(|t| t >= since);
+        let (Some(consumer), Some(route)) = (
+            e["identity"]["consumer"].as_str(),
+            e["request"]["route_name"].as_str(),
+        ) else {
+            return;
+        };
+        if !in_window {
+            return;
+        }
+        *allowed.entry(consumer.to_string()).or_default() += 1;
+        let set = used.entry(consumer.to_string()).or_default();
+        for s in routes.get(route).copied().unwrap_or_default() {
+            set.insert(s.clone());
+        }
+    };
+    apiwarden_gateway::ledger::read_records(&ledger, |_, payload| {
+        if let Ok(e) = serde_json::from_slice::<serde_json::Value>(payload) {
+            visit(e);
+        }
+    })
+    .with_context(|| format!("cannot read the audit ledger {}", ledger.display()))?;
     let mut store = KeyStore::open(cfg)
         .context("cannot open the key store; check storage.data_dir (or storage.database) and storage.pepper")?;
     let keys = store.list()?;
@@ -115,7 +110,7 @@ pub fn run(cfg: &Config, days: u64, json: bool) -> Result<()> {
     }
     println!(
         "access review over the last {days} days (audit trail {}; keys overdue after {} days)",
-        path.display(),
+        ledger.display(),
         max_age / 86_400_000
     );
     println!(

@@ -35,8 +35,7 @@ fn within_a_second(addr: &str, path: &str, status: u16) -> Duration {
 }
 
 fn audit_lines(dir: &std::path::Path, node: usize) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join(format!("data{node}/audit.ndjson")))
-        .unwrap_or_default()
+    audit_text(&dir.join(format!("data{node}")))
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()

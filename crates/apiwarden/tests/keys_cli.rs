@@ -110,7 +110,7 @@ async fn create_use_rotate_revoke_from_the_command_line() {
     // No secret in the audit trail.
     let _ = node.child.kill();
     let _ = node.child.wait();
-    let audit = std::fs::read_to_string(dir.join("data0/audit.ndjson")).unwrap();
+    let audit = audit_text(&dir.join("data0"));
     assert!(audit.contains(&key_id), "events name the key by id");
     // Every change made on the command line is an `admin` event with its actor, on every
     // gateway that follows the store.

@@ -191,6 +191,8 @@ pub enum Durability {
 pub struct AuditConfig {
     pub durability: Durability,
     pub checkpoint_interval: Duration,
+    /// A second directory the latest checkpoint is copied to.
+    pub checkpoint_copy: Option<PathBuf>,
 }
 
 /// One upstream target: `http://host:port` with an optional base path.
@@ -502,7 +504,8 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "storage.key_max_age", default: "\"90d\"", example: "\"30d\"", doc: "`keys list` warns about keys older than this (rotate them)." },
     OptionDoc { key: "storage.key_unused_after", default: "\"30d\"", example: "\"14d\"", doc: "`keys list` warns about keys not used for this long (revoke them)." },
     OptionDoc { key: "audit.durability", default: "\"strict\"", example: "\"batched\"", doc: "`strict`, `batched` or `async`: when an audit record must be on disk (enforced by the ledger)." },
-    OptionDoc { key: "audit.checkpoint_interval", default: "\"1s\"", example: "\"5s\"", doc: "How often the ledger writes a signed checkpoint." },
+    OptionDoc { key: "audit.checkpoint_interval", default: "\"1s\"", example: "\"5s\"", doc: "How often the ledger writes a signed checkpoint (C2SP signed note: origin, size, Merkle root, time), also when nothing happened, so a quiet period is provably quiet." },
+    OptionDoc { key: "audit.checkpoint_copy", default: "none", example: "\"/mnt/audit-copies/gw-1\"", doc: "A second directory (another disk, a mounted share) the latest checkpoint is copied to, so cutting the tail of the ledger or rolling it back is detectable: `apiwarden audit verify --from-checkpoint DIR/checkpoint`." },
     OptionDoc { key: "upstreams[].name", default: "required", example: "\"orders\"", doc: "Name that routes refer to; unique." },
     OptionDoc { key: "upstreams[].url", default: "required unless `targets`", example: "\"http://127.0.0.1:3000\"", doc: "One target: `http://host:port` with an optional base path that is put before every forwarded path." },
     OptionDoc { key: "upstreams[].targets", default: "none", example: "[\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001\"]", doc: "Several targets instead of `url`: round-robin, and a target that fails `failure_threshold` times in a row is skipped for `cooldown`." },

@@ -74,6 +74,7 @@ pub(crate) struct Storage {
 pub(crate) struct Audit {
     pub durability: Option<String>,
     pub checkpoint_interval: Option<String>,
+    pub checkpoint_copy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1079,6 +1079,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         audit: AuditConfig {
             durability,
             checkpoint_interval,
+            checkpoint_copy: audit.checkpoint_copy.as_deref().map(rel),
         },
         upstreams,
         routes,

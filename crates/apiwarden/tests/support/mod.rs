@@ -237,3 +237,15 @@ impl Conn {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 }
+
+/// Every audit event in the ledger of `data_dir`, one JSON document per line (what
+/// `audit.ndjson` held before the ledger).
+pub fn audit_text(data_dir: &Path) -> String {
+    let mut out = String::new();
+    apiwarden_gateway::ledger::read_records(&data_dir.join("ledger"), |_, payload| {
+        out.push_str(&String::from_utf8_lossy(payload));
+        out.push('\n');
+    })
+    .expect("the ledger reads");
+    out
+}
