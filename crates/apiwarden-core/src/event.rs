@@ -108,6 +108,9 @@ pub enum Reason {
     AdminAction,
     /// At start, a torn last ledger record (a crash in the middle of a write) was cut off.
     LedgerRecordCut,
+    /// The audit ledger could not make the request's record durable (`strict`), or cannot
+    /// write at all and the route fails closed: nothing was forwarded.
+    AuditUnavailable,
 }
 
 impl Reason {
@@ -150,6 +153,7 @@ impl Reason {
             Reason::Blocked => "blocked",
             Reason::AdminAction => "admin.action",
             Reason::LedgerRecordCut => "ledger.record_cut",
+            Reason::AuditUnavailable => "audit.unavailable",
         }
     }
 }
@@ -256,6 +260,11 @@ pub struct AuditEvent {
     pub message: Option<String>,
     /// Who did an `admin` action (`cli:USER@HOST`, an admin token's name).
     pub actor: Option<String>,
+    /// `received`: the record a `strict` ledger makes durable before the request is
+    /// forwarded; the request's outcome follows in a second record without a phase.
+    pub phase: Option<&'static str>,
+    /// On the outcome record of a `strict` request: the `seq` of its `received` record.
+    pub received_seq: Option<u64>,
 }
 
 fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -283,6 +292,8 @@ impl AuditEvent {
             error: None,
             message: None,
             actor: None,
+            phase: None,
+            received_seq: None,
         }
     }
 }
@@ -392,6 +403,11 @@ impl AuditEvent {
         j.key(k!("error")).opt_str(self.error.map(Reason::as_str));
         j.key(k!("message")).opt_str(self.message.as_deref());
         j.key(k!("actor")).opt_str(self.actor.as_deref());
+        j.key(k!("phase")).opt_str(self.phase);
+        match self.received_seq {
+            Some(n) => j.key(k!("received_seq")).u64(n),
+            None => j.key(k!("received_seq")).null(),
+        };
         j.close();
     }
 }

@@ -14,6 +14,14 @@ pub trait AuditSink: Send + Sync + 'static {
     fn record(&self, event: Box<AuditEvent>);
     /// Resolves when every event recorded before the call is written.
     fn flush(&self) -> oneshot::Receiver<()>;
+    /// Records `event` and resolves with its sequence number once it is durable, or with an
+    /// error when the sink cannot write it now (the `strict` ledger's gate before forwarding).
+    fn record_durable(&self, event: Box<AuditEvent>) -> oneshot::Receiver<Result<u64, ()>> {
+        self.record(event);
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Ok(0));
+        rx
+    }
     /// True while the sink can accept events (what `/readyz` reports).
     fn healthy(&self) -> bool {
         true
@@ -43,6 +51,17 @@ impl AuditSink for MemorySink {
         let mut events = self.events.lock().expect("memory sink poisoned");
         event.seq = events.len() as u64 + 1;
         events.push(event);
+    }
+
+    fn record_durable(&self, event: Box<AuditEvent>) -> oneshot::Receiver<Result<u64, ()>> {
+        let mut event = *event;
+        let mut events = self.events.lock().expect("memory sink poisoned");
+        event.seq = events.len() as u64 + 1;
+        let seq = event.seq;
+        events.push(event);
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Ok(seq));
+        rx
     }
 
     fn flush(&self) -> oneshot::Receiver<()> {

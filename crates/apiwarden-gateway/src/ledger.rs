@@ -324,6 +324,8 @@ fn declared_end(buf: &[u8]) -> Option<usize> {
 
 enum Msg {
     Event(Box<AuditEvent>),
+    /// An event whose sender waits until it is durable (`strict`).
+    Durable(Box<AuditEvent>, oneshot::Sender<Result<u64, ()>>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -399,13 +401,27 @@ impl AuditSink for LedgerSink {
         rx
     }
 
+    fn record_durable(&self, event: Box<AuditEvent>) -> oneshot::Receiver<Result<u64, ()>> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(Msg::Durable(_, tx))) =
+            self.tx.send(Msg::Durable(event, tx))
+        {
+            self.healthy.store(false, Relaxed);
+            let _ = tx.send(Err(()));
+        }
+        rx
+    }
+
     fn healthy(&self) -> bool {
         self.healthy.load(Relaxed)
     }
 }
 
-/// How long the writer sleeps when its queue is empty (see `audit.rs`).
+/// How long the writer sleeps when its queue is empty: polling, so that recording an event
+/// never wakes a thread (a system call per event). `strict` polls more often: requests wait
+/// for their record to be durable, and the wait is part of their latency.
 const TICK: Duration = Duration::from_millis(2);
+const STRICT_TICK: Duration = Duration::from_micros(200);
 
 struct Writer {
     opts: LedgerOptions,
@@ -420,6 +436,14 @@ struct Writer {
 impl Writer {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+        // Requests waiting for their record to be durable, with its sequence number: answered
+        // together after the batch's one write and fdatasync (group commit).
+        let mut durable: Vec<(u64, oneshot::Sender<Result<u64, ()>>)> = Vec::new();
+        let tick = if self.opts.durability == Durability::Strict {
+            STRICT_TICK
+        } else {
+            TICK
+        };
         let mut batch: Vec<u8> = Vec::with_capacity(512 * 1024);
         let mut payload: Vec<u8> = Vec::with_capacity(4096);
         // Records encoded into `batch` but not yet written: their sequence numbers are
@@ -427,9 +451,26 @@ impl Writer {
         loop {
             let mut disconnected = false;
             loop {
-                match rx.try_recv() {
-                    Ok(Msg::Event(mut e)) => {
+                let msg = rx.try_recv();
+                let (event, waiter) = match msg {
+                    Ok(Msg::Event(e)) => (Some(e), None),
+                    Ok(Msg::Durable(e, w)) => (Some(e), Some(w)),
+                    Ok(Msg::Flush(done)) => {
+                        waiting.push(done);
+                        (None, None)
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                };
+                if let Some(mut e) = event {
+                    {
                         e.seq = self.tail.next_seq;
+                        if let Some(w) = waiter {
+                            durable.push((e.seq, w));
+                        }
                         payload.clear();
                         e.write_json(&mut payload);
                         if frame::encode(e.seq, &payload, &mut batch).is_err() {
@@ -452,15 +493,15 @@ impl Writer {
                             self.write(&mut batch);
                         }
                     }
-                    Ok(Msg::Flush(done)) => waiting.push(done),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
                 }
             }
             self.write(&mut batch);
+            // Durable now (one fdatasync for all of them), or not: then the requests are
+            // refused rather than forwarded unrecorded; their records stay queued.
+            let ok = batch.is_empty();
+            for (seq, w) in durable.drain(..) {
+                let _ = w.send(if ok { Ok(seq) } else { Err(()) });
+            }
             if batch.is_empty() {
                 for w in waiting.drain(..) {
                     let _ = w.send(());
@@ -476,7 +517,7 @@ impl Writer {
             if disconnected && batch.is_empty() {
                 return;
             }
-            std::thread::sleep(TICK);
+            std::thread::sleep(tick);
         }
     }
 

@@ -1273,6 +1273,37 @@ pub async fn handle(
         }
     };
 
+    // Stage: record before forwarding. `strict`: nothing reaches the upstream before the
+    // request's record is durable (concurrent requests share one fdatasync); the outcome is a
+    // second record when the response ends. In every mode, a ledger that cannot write refuses
+    // the request unless the route fails open.
+    let strict = cfg.audit.durability == apiwarden_core::config::Durability::Strict;
+    let fail_closed = route.audit_failure == apiwarden_core::config::FailureMode::Closed;
+    if strict {
+        let mut received = Box::new((*recorder.event).clone());
+        received.phase = Some("received");
+        let durable = shared.sink.record_durable(received).await;
+        match durable {
+            Ok(Ok(seq)) => recorder.event.received_seq = Some(seq),
+            _ if fail_closed => {
+                let mut resp = deny(recorder, Reason::AuditUnavailable);
+                if let Ok(r) = &mut resp {
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                }
+                return resp;
+            }
+            _ => {}
+        }
+    } else if fail_closed && !shared.sink.healthy() {
+        let mut resp = deny(recorder, Reason::AuditUnavailable);
+        if let Ok(r) = &mut resp {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        return resp;
+    }
+
     // Stage: forward. The normalised path is passed on only when it differs from the request's.
     let normalized = match path {
         Cow::Borrowed(_) => None,

@@ -503,8 +503,11 @@ async fn shutdown_lets_a_request_in_flight_finish_and_flushes_its_event() {
         .into_iter()
         .filter(|e| e.kind == apiwarden_core::event::EventKind::Request)
         .collect();
-    assert_eq!(ev.len(), 1);
-    assert_eq!(ev[0].response.status, 200);
+    // `strict` (the default): the record made before forwarding, then the outcome.
+    assert_eq!(ev.len(), 2);
+    assert_eq!(ev[0].phase, Some("received"));
+    assert_eq!(ev[1].response.status, 200);
+    assert_eq!(ev[1].received_seq, Some(ev[0].seq));
 }
 
 #[tokio::test]

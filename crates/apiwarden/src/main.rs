@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod access;
+mod audit;
 mod block;
 mod consumers;
 mod keys;
@@ -96,6 +97,18 @@ enum Command {
         #[command(subcommand)]
         command: block::BlockCommand,
     },
+    /// The tamper-evident audit ledger: verify it, prove that a record is in it, export its
+    /// public key. Exit 0 intact, 1 tampered, 2 usage or I/O error.
+    Audit {
+        /// Configuration file (names the data directory and audit.checkpoint_copy).
+        #[arg(long, default_value = "apiwarden.toml", global = true)]
+        config: PathBuf,
+        /// Overrides storage.data_dir (without a config file: the data directory to check).
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -150,6 +163,11 @@ fn main() -> ExitCode {
             data_dir,
             command,
         } => load_with(&config, data_dir).and_then(|cfg| block::run(command, &cfg)),
+        Command::Audit {
+            config,
+            data_dir,
+            command,
+        } => audit::run(command, &config, data_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -304,9 +322,6 @@ fn run(cfg: Config, config_path: Option<PathBuf>, on_ready: Option<OnReady>) -> 
 }
 
 fn warn_unenforced(cfg: &Config) {
-    if cfg.audit.durability == apiwarden_core::config::Durability::Strict {
-        tracing::warn!("audit.durability = \"strict\" is enforced as \"batched\" by this build: records are made durable within about 2 ms, but requests are forwarded before theirs is");
-    }
     // Not an error (a route may list mtls among other methods), but without client_ca no
     // client can present a certificate.
     if cfg

@@ -30,7 +30,8 @@ async fn three_nodes_share_one_budget_within_two_percent() {
         "redis = \"redis://127.0.0.1:6379/\"\nredis_prefix = \"{prefix}\"\nredis_timeout = \"1s\"\n\n\
          [[upstreams]]\nname = \"echo\"\nurl = \"http://{up}\"\n\n\
          [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"echo\"\nauth = [\"none\"]\nlimits = [\"global\"]\n\n\
-         [limits.global]\nrate = \"200/s\"\nburst = 20\nkey = \"route\"\nfailure_mode = \"closed\"\n"
+         [limits.global]\nrate = \"200/s\"\nburst = 20\nkey = \"route\"\nfailure_mode = \"closed\"\n\n\
+         [audit]\ndurability = \"batched\"\n"
     );
     let nodes: Vec<Node> = (0..3).map(|i| start_node(&dir, i, &common)).collect();
 

@@ -290,6 +290,9 @@ pub struct RouteConfig {
     pub introspection: Option<String>,
     /// The query parameter an API key may come in (off unless set).
     pub api_key_query: Option<String>,
+    /// What the route does while the audit ledger cannot record: refuse (`Closed`, the
+    /// default) or serve unrecorded-for-now (`Open`).
+    pub audit_failure: FailureMode,
 }
 
 /// What a rate limit is counted by.
@@ -524,6 +527,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "routes[].roles", default: "[]", example: "[\"operator\"]", doc: "Roles the caller's consumer must all hold (`consumers[].roles`); otherwise `403 authz.missing_role`. Not allowed with `none`." },
     OptionDoc { key: "routes[].limits", default: "[]", example: "[]", doc: "Names of `[limits.NAME]` tables applied to the route, in order." },
     OptionDoc { key: "routes[].jwt", default: "the only `[jwt.NAME]`, if there is one", example: "\"corp\"", doc: "With `auth = [\"jwt\"]`: the issuer whose tokens the route accepts." },
+    OptionDoc { key: "routes[].audit_failure", default: "\"closed\"", example: "\"open\"", doc: "While the audit ledger cannot write (disk full, I/O error): `closed` answers `503 audit.unavailable` and forwards nothing; `open` serves the request (its record is kept in memory and written when the ledger can write again)." },
     OptionDoc { key: "routes[].api_key_query", default: "none (never from the query string)", example: "\"apikey\"", doc: "With `api_key` in `auth`: also accept the key from this query parameter when no header carries a credential (for clients that cannot set headers). The parameter is removed before forwarding and, like every query value, is `REDACTED` in audit events. Query strings end up in browser histories and proxy logs: prefer the headers." },
     OptionDoc { key: "routes[].introspection", default: "the only `[introspection.NAME]`, if there is one", example: "\"corp\"", doc: "With `auth = [\"introspection\"]`: the endpoint that checks the route's opaque bearer tokens." },
     OptionDoc { key: "limits.NAME.rate", default: "required", example: "\"100/s\"", doc: "Steady rate (GCRA, no window boundaries): `N/s`, `N/m`, `N/h`, `N/d`. A quota is a rate with a large burst: `rate = \"100000/d\"`." },

@@ -108,6 +108,7 @@ pub(crate) struct Route {
     pub jwt: Option<String>,
     pub introspection: Option<String>,
     pub api_key_query: Option<String>,
+    pub audit_failure: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

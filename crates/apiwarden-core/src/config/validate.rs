@@ -1041,6 +1041,20 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             jwt: route_jwt,
             introspection: route_introspection,
             api_key_query,
+            audit_failure: match r.audit_failure.as_deref() {
+                None | Some("closed") => FailureMode::Closed,
+                Some("open") => FailureMode::Open,
+                Some(other) => {
+                    cx.error(
+                        &at("audit_failure"),
+                        format!(
+                            "route {:?}: audit_failure {other:?}: use \"closed\" or \"open\"",
+                            r.name
+                        ),
+                    );
+                    FailureMode::Closed
+                }
+            },
         });
     }
 

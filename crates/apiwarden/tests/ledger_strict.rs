@@ -1,0 +1,220 @@
+//! `audit.durability = "strict"` through the real binary and its ledger on disk: the upstream
+//! itself checks, for every request it receives, that the request's record is already in the
+//! ledger files; and a ledger on a full disk refuses requests with 503, forwards nothing, and
+//! recovers when space returns.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+
+/// An upstream that answers `recorded` when the ledger under `ledger` already holds a
+/// `received` record of the request's `X-Request-Id`, `missing` otherwise; counts requests.
+fn checking_upstream(ledger: PathBuf, hits: Arc<AtomicUsize>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let (ledger, hits) = (ledger.clone(), hits.clone());
+            std::thread::spawn(move || {
+                let mut w = stream.try_clone().unwrap();
+                let mut r = BufReader::new(stream);
+                loop {
+                    let mut rid = None;
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("x-request-id:") {
+                            rid = Some(v.trim().to_string());
+                        }
+                    }
+                    hits.fetch_add(1, Relaxed);
+                    let mut found = false;
+                    let _ = apiwarden_gateway::ledger::read_records(&ledger, |_, p| {
+                        let e: serde_json::Value = serde_json::from_slice(p).unwrap_or_default();
+                        if e["phase"] == "received"
+                            && rid.as_deref().is_some_and(|r| e["request_id"] == r)
+                        {
+                            found = true;
+                        }
+                    });
+                    let body = if found { "recorded" } else { "missing" };
+                    let _ = write!(
+                        w,
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+            });
+        }
+    });
+    port
+}
+
+fn start(dir: &Path, up: u16, extra: &str) -> Node {
+    let common = format!(
+        "[audit]\ndurability = \"strict\"\n\n\
+         [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up}\"\n\n\
+         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\nauth = [\"none\"]\n{extra}"
+    );
+    // The node's data directory is `<dir>/data0`.
+    start_node(dir, 0, &common)
+}
+
+#[test]
+fn strict_forwards_nothing_before_its_record_is_on_disk() {
+    let dir = temp_dir("strict");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let up = checking_upstream(dir.join("data0/ledger"), hits.clone());
+    let node = start(&dir, up, "");
+    let mut conn = Conn::open(&node.addr);
+    let started = Instant::now();
+    for i in 0..50 {
+        let (status, body) = conn.request(&format!("/x/{i}"));
+        assert_eq!((status, body.as_str()), (200, "recorded"), "request {i}");
+    }
+    println!(
+        "50 strict requests on one connection: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(hits.load(Relaxed), 50);
+    // Each request: its `received` record, then its outcome pointing back at it (a graceful
+    // stop writes the last outcomes).
+    let mut node = node;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status();
+    let _ = node.child.wait();
+    let events = audit_text(&dir.join("data0"));
+    let records: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["kind"] == "request")
+        .collect();
+    let received: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|e| e["phase"] == "received")
+        .collect();
+    let outcomes: Vec<&serde_json::Value> =
+        records.iter().filter(|e| e["phase"].is_null()).collect();
+    assert_eq!(received.len(), 50);
+    assert_eq!(outcomes.len(), 50);
+    for o in &outcomes {
+        let r = received
+            .iter()
+            .find(|r| r["request_id"] == o["request_id"])
+            .expect("every outcome has its received record");
+        assert_eq!(o["received_seq"], r["seq"]);
+        assert!(o["seq"].as_u64() > r["seq"].as_u64());
+        assert_eq!(o["response"]["status"], 200);
+    }
+}
+
+/// Runs a command; whether it succeeded.
+fn run(cmd: &str, args: &[&str]) -> bool {
+    std::process::Command::new(cmd)
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
+    let dir = temp_dir("diskfull");
+    let data = dir.join("data0");
+    std::fs::create_dir_all(&data).unwrap();
+    // A small file system of its own for the data directory.
+    if !run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=2m",
+            "tmpfs",
+            data.to_str().unwrap(),
+        ],
+    ) {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs at {} (needs root); the full-disk test did not run",
+            data.display()
+        );
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let up = checking_upstream(data.join("ledger"), hits.clone());
+    let node = start(&dir, up, "");
+    let mut conn = Conn::open(&node.addr);
+    assert_eq!(conn.request("/before"), (200, "recorded".to_string()));
+
+    // Fill the disk.
+    let filler = data.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.sync_all();
+    drop(f);
+    let before = hits.load(Relaxed);
+    let mut refused = 0;
+    for i in 0..20 {
+        let (status, body) = Conn::open(&node.addr).request(&format!("/full/{i}"));
+        if status == 503 {
+            refused += 1;
+            assert!(body.contains("not forwarded"), "{body}");
+        }
+    }
+    assert!(refused >= 19, "only {refused} of 20 refused on a full disk");
+    assert!(
+        hits.load(Relaxed) - before <= 1,
+        "requests reached the upstream while their records could not be written"
+    );
+    // Space returns: the ledger writes again (its queued records first).
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = Conn::open(&node.addr).request("/after");
+        if status == 200 {
+            assert_eq!(body, "recorded");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ledger did not recover");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(node);
+    // Every record that was written reads back in order, gap-free.
+    let mut seqs = Vec::new();
+    apiwarden_gateway::ledger::read_records(&data.join("ledger"), |s, _| seqs.push(s)).unwrap();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    let mut s = String::new();
+    let _ =
+        std::fs::File::open(data.join("ledger/checkpoint")).map(|mut f| f.read_to_string(&mut s));
+    assert!(
+        s.contains("apiwarden/node0"),
+        "a checkpoint was written: {s}"
+    );
+}
