@@ -24,6 +24,8 @@ REDIS_PORT="${REDIS_PORT:-6379}"
 # The JWT run: the open route behind an ES256 JWT (a key and token made with Python's
 # `cryptography`, the JWKS served on loopback). JWT=0 skips it.
 JWT="${JWT:-1}"
+# The audit ledger's durability for the apiwarden runs: strict | batched | async.
+DURABILITY="${DURABILITY:-batched}"
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
@@ -283,7 +285,7 @@ listen = "127.0.0.1:$AW_ADMIN_PORT"
 data_dir = "$TMP/apiwarden-data"
 $REDIS_LINE
 [audit]
-durability = "async"
+durability = "$DURABILITY"
 [[upstreams]]
 name = "bench"
 url = "http://127.0.0.1:$UP_PORT"
@@ -458,6 +460,7 @@ echo "- nproc: $(nproc)"
 echo "- cpu: $CPU_MODEL"
 echo "- wrk ${WRK_VERSION:-?}: -t$THREADS -c$CONNECTIONS -d$DURATION --latency (after ${WARMUP} warm-up), GET $BENCH_PATH; $ROUNDS round(s), targets in turn, medians"
 echo "- upstream: $NGINX_VERSION, 1 worker, return 200; nginx proxy: 2 workers, access log on, upstream keepalive 64"
+echo "- apiwarden: audit ledger durability $DURABILITY"
 echo
 echo "| target | req/s | p50 ms | p99 ms | req/s of each round |"
 echo "|---|---:|---:|---:|---|"
