@@ -334,6 +334,8 @@ enum Msg {
 /// at least every 10 ms.
 pub struct LedgerSink {
     tx: mpsc::UnboundedSender<Msg>,
+    /// The writer thread, woken at once by a request waiting for its record (`strict`).
+    writer: std::thread::Thread,
     healthy: Arc<AtomicBool>,
     /// Records written so far (for metrics and tests).
     pub written: Arc<AtomicU64>,
@@ -365,12 +367,13 @@ impl LedgerSink {
             written: written.clone(),
             last_checkpoint: None,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("audit-ledger".into())
             .spawn(move || writer.run(rx))
             .map_err(io(&opts.dir))?;
         Ok(Opened {
             sink: LedgerSink {
+                writer: thread.thread().clone(),
                 tx,
                 healthy,
                 written,
@@ -409,6 +412,8 @@ impl AuditSink for LedgerSink {
             self.healthy.store(false, Relaxed);
             let _ = tx.send(Err(()));
         }
+        // The request waits for this record: no polling delay on top of the write.
+        self.writer.unpark();
         rx
     }
 
@@ -418,10 +423,10 @@ impl AuditSink for LedgerSink {
 }
 
 /// How long the writer sleeps when its queue is empty: polling, so that recording an event
-/// never wakes a thread (a system call per event). `strict` polls more often: requests wait
-/// for their record to be durable, and the wait is part of their latency.
+/// never wakes a thread (a system call per event). A request that waits for its record
+/// (`strict`) wakes the writer at once instead; records that arrive meanwhile share the
+/// write and `fdatasync` (group commit).
 const TICK: Duration = Duration::from_millis(2);
-const STRICT_TICK: Duration = Duration::from_micros(200);
 
 struct Writer {
     opts: LedgerOptions,
@@ -439,11 +444,6 @@ impl Writer {
         // Requests waiting for their record to be durable, with its sequence number: answered
         // together after the batch's one write and fdatasync (group commit).
         let mut durable: Vec<(u64, oneshot::Sender<Result<u64, ()>>)> = Vec::new();
-        let tick = if self.opts.durability == Durability::Strict {
-            STRICT_TICK
-        } else {
-            TICK
-        };
         let mut batch: Vec<u8> = Vec::with_capacity(512 * 1024);
         let mut payload: Vec<u8> = Vec::with_capacity(4096);
         // Records encoded into `batch` but not yet written: their sequence numbers are
@@ -517,7 +517,7 @@ impl Writer {
             if disconnected && batch.is_empty() {
                 return;
             }
-            std::thread::sleep(tick);
+            std::thread::park_timeout(TICK);
         }
     }
 
