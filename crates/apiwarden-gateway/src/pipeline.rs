@@ -477,7 +477,8 @@ impl Identify {
     }
 
     /// A token's scopes are what its issuer granted; its client (`client_id` or `azp`) is the
-    /// consumer, whose `roles` and `allow_ips` apply when `[[consumers]]` names it.
+    /// consumer, whose `roles` and `allow_ips` apply when that consumer takes this issuer's
+    /// tokens (`token_issuers`).
     async fn jwt(
         config: &Config,
         keys: &crate::keystore::KeyRing,
@@ -485,20 +486,13 @@ impl Identify {
         token: &str,
     ) -> Result<Identity, Reason> {
         let id = issuer.check(token).await?;
-        let consumer_ref = id
-            .client
-            .as_ref()
-            .and_then(|c| ConsumerRef::find_for_token(config, keys, c, &issuer.name));
-        Ok(Identity {
-            method: AuthMethod::Jwt,
-            consumer: id.client.clone(),
-            key_id: None,
-            subject: id.subject.clone(),
-            scopes: id.scopes.clone(),
-            consumer_ref,
-            credential_header: None,
-            credential_in_query: false,
-        })
+        Ok(Identify::token(
+            config,
+            keys,
+            AuthMethod::Jwt,
+            &issuer.name,
+            &id,
+        ))
     }
 
     /// As [`Identify::jwt`], with what the introspection endpoint said about the token.
@@ -509,20 +503,36 @@ impl Identify {
         token: &str,
     ) -> Result<Identity, Reason> {
         let id = introspector.check(token).await?;
-        let consumer_ref = id
-            .client
-            .as_ref()
-            .and_then(|c| ConsumerRef::find_for_token(config, keys, c, &introspector.name));
-        Ok(Identity {
-            method: AuthMethod::Introspection,
+        Ok(Identify::token(
+            config,
+            keys,
+            AuthMethod::Introspection,
+            &introspector.name,
+            &id,
+        ))
+    }
+
+    /// The identity a checked bearer token carries, from `issuer` (a table name).
+    fn token(
+        config: &Config,
+        keys: &crate::keystore::KeyRing,
+        method: AuthMethod,
+        issuer: &str,
+        id: &crate::jwt::TokenIdentity,
+    ) -> Identity {
+        Identity {
+            method,
             consumer: id.client.clone(),
             key_id: None,
             subject: id.subject.clone(),
             scopes: id.scopes.clone(),
-            consumer_ref,
+            consumer_ref: id
+                .client
+                .as_ref()
+                .and_then(|c| ConsumerRef::find_for_token(config, keys, c, issuer)),
             credential_header: None,
             credential_in_query: false,
-        })
+        }
     }
 }
 
