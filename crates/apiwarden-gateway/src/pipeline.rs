@@ -1230,7 +1230,34 @@ pub async fn handle(
     .await
     {
         Ok(id) => id,
-        Err(reason) => return deny(recorder, reason),
+        Err(reason) => {
+            // A known key refused (expired, revoked, wrong secret): its id goes into the
+            // record (an id is no secret), so refusals of one key can be found and counted.
+            if matches!(
+                reason,
+                Reason::AuthnInvalidKey | Reason::AuthnExpiredKey | Reason::AuthnRevokedKey
+            ) {
+                let key_id = [
+                    req.headers().get(&X_API_KEY),
+                    req.headers().get(header::AUTHORIZATION),
+                ]
+                .into_iter()
+                .flatten()
+                .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
+                .map(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                        .unwrap_or(v)
+                        .trim()
+                })
+                .find_map(|c| apiwarden_core::apikey::parse(c).map(|k| k.key_id.to_string()));
+                if key_id.is_some() {
+                    recorder.event.identity.method = Some(AuthMethod::ApiKey.as_str());
+                    recorder.event.identity.key_id = key_id;
+                }
+            }
+            return deny(recorder, reason);
+        }
     };
     // The identity moves into the event; the stages below read it from there.
     let consumer = identity.consumer_ref.as_ref().map(|c| c.get(cfg));

@@ -59,6 +59,103 @@ pub enum AuditCommand {
     /// Print the public key(s) the ledger's checkpoints are signed with (every key it has used,
     /// one vkey a line), to give to auditors.
     PublicKey,
+    /// Find events: every filter given must match. A table, or NDJSON with --json. Reads the
+    /// ledger from the start (no index yet).
+    Search {
+        #[arg(long)]
+        consumer: Option<String>,
+        /// API key id.
+        #[arg(long)]
+        key: Option<String>,
+        /// Client IP.
+        #[arg(long)]
+        ip: Option<String>,
+        /// Response status.
+        #[arg(long)]
+        status: Option<u16>,
+        /// `allow` or `deny`.
+        #[arg(long)]
+        decision: Option<String>,
+        /// From this time on: a duration back from now (`1h`, `30m`) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this time (RFC 3339, or a duration back from now).
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many events (the first ones found).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream every event (from --since on) in a SIEM format. `json` (NDJSON, the ledger's
+    /// own records) is built; `ocsf`, `ecs`, `cef` and `leef` are not yet.
+    Export {
+        #[arg(long, default_value = "json")]
+        format: String,
+        /// From this time on: a duration back from now (`24h`) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+/// `1h` (that long ago) or an RFC 3339 time.
+fn when(flag: &str, text: &str) -> std::time::SystemTime {
+    if let Ok(d) = humantime::parse_duration(text) {
+        return std::time::SystemTime::now()
+            .checked_sub(d)
+            .unwrap_or(std::time::UNIX_EPOCH);
+    }
+    humantime::parse_rfc3339_weak(text).unwrap_or_else(|_| {
+        usage(format!(
+            "--{flag} {text:?}: write a duration back from now (1h, 30m) or a time (2026-11-25T10:00:00Z)"
+        ))
+    })
+}
+
+/// Whether an event (as JSON) passes the search filters.
+struct Filter {
+    consumer: Option<String>,
+    key: Option<String>,
+    ip: Option<String>,
+    status: Option<u16>,
+    decision: Option<String>,
+    since: Option<std::time::SystemTime>,
+    until: Option<std::time::SystemTime>,
+}
+
+impl Filter {
+    fn passes(&self, e: &serde_json::Value) -> bool {
+        let is = |v: &serde_json::Value, want: &Option<String>| {
+            want.as_ref().is_none_or(|w| v.as_str() == Some(w.as_str()))
+        };
+        if !(is(&e["identity"]["consumer"], &self.consumer)
+            && is(&e["identity"]["key_id"], &self.key)
+            && is(&e["client"]["ip"], &self.ip)
+            && is(&e["decision"]["outcome"], &self.decision))
+        {
+            return false;
+        }
+        if self
+            .status
+            .is_some_and(|s| e["response"]["status"].as_u64() != Some(u64::from(s)))
+        {
+            return false;
+        }
+        if self.since.is_some() || self.until.is_some() {
+            let Some(t) = e["time"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+            else {
+                return false;
+            };
+            if self.since.is_some_and(|s| t < s) || self.until.is_some_and(|u| t > u) {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// Prints the error and exits: 1 for tampering, 2 for usage and I/O errors.
@@ -115,6 +212,112 @@ fn read_keys(files: &[PathBuf]) -> Vec<String> {
 
 pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> Result<()> {
     match command {
+        AuditCommand::Search {
+            consumer,
+            key,
+            ip,
+            status,
+            decision,
+            since,
+            until,
+            limit,
+            json,
+        } => {
+            if let Some(d) = &decision {
+                if d != "allow" && d != "deny" {
+                    usage(format!("--decision {d:?}: write allow or deny"));
+                }
+            }
+            let filter = Filter {
+                consumer,
+                key,
+                ip,
+                status,
+                decision,
+                since: since.map(|s| when("since", &s)),
+                until: until.map(|s| when("until", &s)),
+            };
+            let (dir, _) = ledger_dir(config, data_dir);
+            let limit = limit.unwrap_or(usize::MAX);
+            let mut found = 0usize;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            use std::io::Write;
+            if !json {
+                let _ = writeln!(
+                    out,
+                    "{:<8} {:<24} {:<7} {:>6} {:<24} {:<16} {:<14} {:<6} PATH",
+                    "SEQ", "TIME", "KIND", "STATUS", "REASON", "CONSUMER", "KEY", "METHOD"
+                );
+            }
+            apiwarden_gateway::ledger::read_records(&dir, |seq, payload| {
+                if found >= limit {
+                    return;
+                }
+                let Ok(e) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                    return;
+                };
+                if !filter.passes(&e) {
+                    return;
+                }
+                found += 1;
+                if json {
+                    let _ = out.write_all(payload);
+                    let _ = out.write_all(b"\n");
+                } else {
+                    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+                    let _ = writeln!(
+                        out,
+                        "{:<8} {:<24} {:<7} {:>6} {:<24} {:<16} {:<14} {:<6} {}",
+                        seq,
+                        s(&e["time"]).get(..23).unwrap_or("-"),
+                        s(&e["kind"]),
+                        e["response"]["status"].as_u64().unwrap_or(0),
+                        s(&e["decision"]["reason"]),
+                        s(&e["identity"]["consumer"]),
+                        s(&e["identity"]["key_id"]),
+                        s(&e["request"]["method"]),
+                        s(&e["request"]["path"]),
+                    );
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            drop(out);
+            if !json {
+                eprintln!("{found} events");
+            }
+            Ok(())
+        }
+        AuditCommand::Export { format, since } => {
+            if format != "json" {
+                usage(format!(
+                    "--format {format:?} is not built yet: this version exports json (NDJSON) only"
+                ));
+            }
+            let since = since.map(|s| when("since", &s));
+            let filter = Filter {
+                consumer: None,
+                key: None,
+                ip: None,
+                status: None,
+                decision: None,
+                since,
+                until: None,
+            };
+            let (dir, _) = ledger_dir(config, data_dir);
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            use std::io::Write;
+            apiwarden_gateway::ledger::read_records(&dir, |_, payload| {
+                let pass = since.is_none()
+                    || serde_json::from_slice::<serde_json::Value>(payload)
+                        .is_ok_and(|e| filter.passes(&e));
+                if pass {
+                    let _ = out.write_all(payload);
+                    let _ = out.write_all(b"\n");
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(())
+        }
         AuditCommand::Verify {
             from_checkpoint,
             public_key,

@@ -87,6 +87,8 @@ fn every_command_has_help() {
         vec!["audit", "consistency", "--help"],
         vec!["audit", "verify-proof", "--help"],
         vec!["audit", "public-key", "--help"],
+        vec!["audit", "search", "--help"],
+        vec!["audit", "export", "--help"],
     ] {
         let out = bin().args(&args).output().unwrap();
         assert!(out.status.success(), "{args:?}");

@@ -107,6 +107,36 @@ async fn create_use_rotate_revoke_from_the_command_line() {
     until(&node.addr, &key, 401);
     assert_eq!(get_with(&node.addr, "/orders", &new_key), 200);
 
+    // `audit search`: the refused request of the revoked key, by key id and decision.
+    std::thread::sleep(Duration::from_millis(100));
+    let (ok, out, err) = cli(
+        "audit",
+        &config,
+        &["search", "--key", &key_id, "--decision", "deny", "--json"],
+    );
+    assert!(ok, "{err}");
+    let found: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!found.is_empty(), "the refused requests are found");
+    assert!(found
+        .iter()
+        .all(|e| e["identity"]["key_id"] == key_id.as_str() && e["decision"]["outcome"] == "deny"));
+    let (ok, out, _) = cli(
+        "audit",
+        &config,
+        &["search", "--status", "200", "--since", "1h"],
+    );
+    assert!(
+        ok && out.lines().count() > 1 && out.contains("billing"),
+        "{out}"
+    );
+    let (ok, out, _) = cli("audit", &config, &["export", "--format", "json"]);
+    assert!(ok && out.lines().count() >= found.len(), "{out}");
+    let (ok, _, err) = cli("audit", &config, &["export", "--format", "cef"]);
+    assert!(!ok && err.contains("not built yet"), "{err}");
+
     // No secret in the audit trail.
     let _ = node.child.kill();
     let _ = node.child.wait();
