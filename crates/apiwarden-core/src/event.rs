@@ -196,6 +196,10 @@ pub struct RequestFields {
     pub bytes: u64,
     /// `websocket` (or another protocol) when the request was an upgrade.
     pub upgrade: Option<String>,
+    /// Configured sensitive headers (`audit.hmac_headers`), each as `hmac:<hex>`: HMAC-SHA256
+    /// under the ledger's salt, so equal values correlate without being stored.
+    #[serde(serialize_with = "pairs_as_object")]
+    pub headers_hmac: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -265,6 +269,15 @@ pub struct AuditEvent {
     pub phase: Option<&'static str>,
     /// On the outcome record of a `strict` request: the `seq` of its `received` record.
     pub received_seq: Option<u64>,
+}
+
+fn pairs_as_object<S: Serializer>(pairs: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(pairs.len()))?;
+    for (k, v) in pairs {
+        m.serialize_entry(k, v)?;
+    }
+    m.end()
 }
 
 fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -371,6 +384,11 @@ impl AuditEvent {
         j.key(k!("user_agent")).opt_str(r.user_agent.as_deref());
         j.key(k!("bytes")).u64(r.bytes);
         j.key(k!("upgrade")).opt_str(r.upgrade.as_deref());
+        j.key(k!("headers_hmac")).open();
+        for (name, value) in &r.headers_hmac {
+            j.name(name).str(value);
+        }
+        j.close();
         j.close();
         j.key(k!("response")).open();
         j.key(k!("status")).u64(u64::from(self.response.status));
@@ -487,6 +505,17 @@ impl Json<'_> {
         self.first = false;
     }
 
+    /// A key that is not known at compile time (escaped like any string).
+    fn name(&mut self, k: &str) -> &mut Self {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.str(k);
+        self.out.push(b':');
+        self
+    }
+
     /// Writes a key made by `k!`: `"name":`, with the comma before it when needed.
     fn key(&mut self, k: &[u8]) -> &mut Self {
         if !self.first {
@@ -580,12 +609,23 @@ impl Json<'_> {
 /// Replaces every value of a query string with `REDACTED`, keeping the parameter names; a
 /// parameter without `=` (which may itself be a secret, such as a bare token) is replaced whole.
 pub fn redact_query(query: &str) -> String {
+    redact_query_with(query, &[], &|_| String::new())
+}
+
+/// As [`redact_query`], except that the values of the parameters named in `hashed` are
+/// replaced by `hash(value)` (the ledger's `hmac:<hex>`), so that equal values correlate.
+pub fn redact_query_with(query: &str, hashed: &[String], hash: &dyn Fn(&str) -> String) -> String {
     let mut out = String::with_capacity(query.len());
     for (i, pair) in query.split('&').enumerate() {
         if i > 0 {
             out.push('&');
         }
         match pair.split_once('=') {
+            Some((k, v)) if hashed.iter().any(|h| h == k) => {
+                out.push_str(k);
+                out.push('=');
+                out.push_str(&hash(v));
+            }
             Some((k, _)) => {
                 out.push_str(k);
                 out.push_str("=REDACTED");

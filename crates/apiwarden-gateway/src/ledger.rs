@@ -193,6 +193,51 @@ pub fn signing_key(dir: &Path, origin: &str) -> Result<NoteSigner, LedgerError> 
     Ok(signer)
 }
 
+/// The ledger's salt for HMACs of sensitive values (`<dir>/salt`, 32 random bytes, made on
+/// first use, readable by its owner only).
+pub fn salt(dir: &Path) -> Result<Vec<u8>, LedgerError> {
+    let path = dir.join("salt");
+    match std::fs::read(&path) {
+        Ok(s) if s.len() == 32 => Ok(s),
+        Ok(_) => Err(LedgerError::BadKey(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            let mut s = vec![0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s)
+                .map_err(|_| LedgerError::Random)?;
+            // Another process may have made it meanwhile: theirs wins.
+            let tmp = dir.join(format!("salt.{}.tmp", std::process::id()));
+            write_private(&tmp, &s).map_err(io(&tmp))?;
+            if std::fs::hard_link(&tmp, &path).is_err() && !path.exists() {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(LedgerError::Io {
+                    path,
+                    error: std::io::Error::other("cannot create the salt"),
+                });
+            }
+            let _ = std::fs::remove_file(&tmp);
+            salt(dir)
+        }
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
+/// `hmac:<hex>` of `value` under the salt of the ledger in `dir` (`apiwarden audit hash`).
+pub fn hmac_of(dir: &Path, value: &str) -> Result<String, LedgerError> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salt(dir)?);
+    Ok(hmac_text(&key, value))
+}
+
+/// `hmac:<hex>`: HMAC-SHA256 of a value under the ledger's salt.
+pub fn hmac_text(key: &ring::hmac::Key, value: &str) -> String {
+    let tag = ring::hmac::sign(key, value.as_bytes());
+    let mut out = String::from("hmac:");
+    for b in tag.as_ref() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
 /// Every public key the ledger in `dir` has signed with (`keys/*.vkey`).
 pub fn verifier_keys(dir: &Path) -> Result<Vec<String>, LedgerError> {
     let keys = dir.join("keys");

@@ -57,6 +57,18 @@ pub struct Shared {
     pub blocks: ArcSwap<crate::blocklist::BlockSet>,
     pub node: Arc<str>,
     pub shutting_down: AtomicBool,
+    /// HMAC-SHA256 under the ledger's salt, for `audit.hmac_headers` and `audit.hmac_query`.
+    pub audit_hmac: Option<ring::hmac::Key>,
+}
+
+impl Shared {
+    /// `hmac:<hex>` of a sensitive value, or `REDACTED` when the salt could not be read.
+    pub fn audit_hash(&self, value: &str) -> String {
+        match &self.audit_hmac {
+            Some(k) => crate::ledger::hmac_text(k, value),
+            None => "REDACTED".into(),
+        }
+    }
 }
 
 impl Shared {
@@ -1157,7 +1169,22 @@ pub async fn handle(
     event.request.method = Some(req.method().as_str().to_string());
     let host = request_host(&req);
     event.request.host = host.map(str::to_string);
-    event.request.query = req.uri().query().map(redact_query);
+    let audit_cfg = &state.config.audit;
+    event.request.query = req.uri().query().map(|q| {
+        if audit_cfg.hmac_query.is_empty() {
+            redact_query(q)
+        } else {
+            apiwarden_core::event::redact_query_with(q, &audit_cfg.hmac_query, &|v| {
+                shared.audit_hash(v)
+            })
+        }
+    });
+    for name in &audit_cfg.hmac_headers {
+        if let Some(v) = req.headers().get(name.as_str()) {
+            let hashed = shared.audit_hash(&String::from_utf8_lossy(v.as_bytes()));
+            event.request.headers_hmac.push((name.clone(), hashed));
+        }
+    }
     event.request.user_agent = req
         .headers()
         .get(header::USER_AGENT)

@@ -89,6 +89,10 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print `hmac:<hex>` of VALUE under the ledger's salt: what `audit.hmac_headers` and
+    /// `audit.hmac_query` record for that value, to search for it (`audit search --json |
+    /// grep`).
+    Hash { value: String },
     /// Stream every event (from --since on) in a SIEM format. `json` (NDJSON, the ledger's
     /// own records) is built; `ocsf`, `ecs`, `cef` and `leef` are not yet.
     Export {
@@ -285,6 +289,19 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
             if !json {
                 eprintln!("{found} events");
             }
+            Ok(())
+        }
+        AuditCommand::Hash { value } => {
+            let (dir, _) = ledger_dir(config, data_dir);
+            if !dir.join("salt").exists() {
+                usage(format!(
+                    "{} has no salt yet: start the gateway once (it makes one)",
+                    dir.display()
+                ));
+            }
+            let text = apiwarden_gateway::ledger::hmac_of(&dir, &value)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{text}");
             Ok(())
         }
         AuditCommand::Export { format, since } => {

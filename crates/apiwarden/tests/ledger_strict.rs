@@ -68,9 +68,9 @@ fn checking_upstream(ledger: PathBuf, hits: Arc<AtomicUsize>) -> u16 {
 
 fn start(dir: &Path, up: u16, extra: &str) -> Node {
     let common = format!(
-        "[audit]\ndurability = \"strict\"\n\n\
+        "[audit]\ndurability = \"strict\"\n{extra}\n\
          [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up}\"\n\n\
-         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\nauth = [\"none\"]\n{extra}"
+         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\nauth = [\"none\"]\n"
     );
     // The node's data directory is `<dir>/data0`.
     start_node(dir, 0, &common)
@@ -216,5 +216,78 @@ fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     assert!(
         s.contains("apiwarden/node0"),
         "a checkpoint was written: {s}"
+    );
+}
+
+#[test]
+fn sensitive_values_are_recorded_as_hmacs_that_audit_hash_reproduces() {
+    let dir = temp_dir("hmac");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let up = checking_upstream(dir.join("data0/ledger"), hits);
+    let node = start(
+        &dir,
+        up,
+        "hmac_headers = [\"X-Customer-Id\"]\nhmac_query = [\"email\"]\n",
+    );
+    for (customer, email) in [
+        ("alice", "a%40example.org"),
+        ("alice", "b%40example.org"),
+        ("bob", "a%40example.org"),
+    ] {
+        let mut s = std::net::TcpStream::connect(&node.addr).unwrap();
+        write!(
+            s,
+            "GET /x?email={email}&page=2 HTTP/1.1\r\nHost: api\r\nX-Customer-Id: {customer}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    }
+    let mut node = node;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status();
+    let _ = node.child.wait();
+    let config = dir.join("node0.toml");
+    let hash = |v: &str| {
+        let (ok, out, err) = cli("audit", &config, &["hash", v]);
+        assert!(ok, "{err}");
+        out.trim().to_string()
+    };
+    let (alice, bob) = (hash("alice"), hash("bob"));
+    assert!(alice.starts_with("hmac:") && alice.len() == 5 + 64 && alice != bob);
+    let text = audit_text(&dir.join("data0"));
+    assert!(
+        !text.contains("alice") && !text.contains("example.org"),
+        "{text}"
+    );
+    let outcomes: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["kind"] == "request" && e["phase"].is_null())
+        .collect();
+    assert_eq!(outcomes.len(), 3);
+    let customers: Vec<&str> = outcomes
+        .iter()
+        .map(|e| {
+            e["request"]["headers_hmac"]["x-customer-id"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(customers, [alice.as_str(), alice.as_str(), bob.as_str()]);
+    let a = hash("a%40example.org");
+    assert_eq!(
+        outcomes[0]["request"]["query"],
+        format!("email={a}&page=REDACTED")
+    );
+    assert_eq!(
+        outcomes[0]["request"]["query"],
+        outcomes[2]["request"]["query"]
+    );
+    assert_ne!(
+        outcomes[0]["request"]["query"],
+        outcomes[1]["request"]["query"]
     );
 }

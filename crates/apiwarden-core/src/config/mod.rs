@@ -193,6 +193,10 @@ pub struct AuditConfig {
     pub checkpoint_interval: Duration,
     /// A second directory the latest checkpoint is copied to.
     pub checkpoint_copy: Option<PathBuf>,
+    /// Request headers recorded as HMAC-SHA256 under the ledger's salt (lower case).
+    pub hmac_headers: Vec<String>,
+    /// Query parameters whose values are recorded as HMAC-SHA256 instead of `REDACTED`.
+    pub hmac_query: Vec<String>,
 }
 
 /// One upstream target: `http://host:port` with an optional base path.
@@ -508,6 +512,8 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "storage.key_unused_after", default: "\"30d\"", example: "\"14d\"", doc: "`keys list` warns about keys not used for this long (revoke them)." },
     OptionDoc { key: "audit.durability", default: "\"strict\"", example: "\"batched\"", doc: "`strict`, `batched` or `async`: when an audit record must be on disk (enforced by the ledger)." },
     OptionDoc { key: "audit.checkpoint_interval", default: "\"1s\"", example: "\"5s\"", doc: "How often the ledger writes a signed checkpoint (C2SP signed note: origin, size, Merkle root, time), also when nothing happened, so a quiet period is provably quiet." },
+    OptionDoc { key: "audit.hmac_headers", default: "[]", example: "[\"x-customer-id\"]", doc: "Request headers recorded as `hmac:<hex>` (HMAC-SHA256 under the ledger's salt, `<data_dir>/ledger/salt`) in `request.headers_hmac`: equal values correlate, the values are not stored. `apiwarden audit hash VALUE` computes the same to search for a known value. `Authorization`, `Cookie`, `X-API-Key` and `Proxy-Authorization` are never recorded, hashed or not." },
+    OptionDoc { key: "audit.hmac_query", default: "[]", example: "[\"email\"]", doc: "Query parameters whose values are recorded as `hmac:<hex>` instead of `REDACTED` (the value as sent, percent-encoding included)." },
     OptionDoc { key: "audit.checkpoint_copy", default: "none", example: "\"/mnt/audit-copies/gw-1\"", doc: "A second directory (another disk, a mounted share) the latest checkpoint is copied to, so cutting the tail of the ledger or rolling it back is detectable: `apiwarden audit verify --from-checkpoint DIR/checkpoint`." },
     OptionDoc { key: "upstreams[].name", default: "required", example: "\"orders\"", doc: "Name that routes refer to; unique." },
     OptionDoc { key: "upstreams[].url", default: "required unless `targets`", example: "\"http://127.0.0.1:3000\"", doc: "One target: `http://host:port` with an optional base path that is put before every forwarded path." },

@@ -75,6 +75,10 @@ pub(crate) struct Audit {
     pub durability: Option<String>,
     pub checkpoint_interval: Option<String>,
     pub checkpoint_copy: Option<String>,
+    #[serde(default)]
+    pub hmac_headers: Vec<String>,
+    #[serde(default)]
+    pub hmac_query: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

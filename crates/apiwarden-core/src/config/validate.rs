@@ -326,6 +326,22 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             Durability::Strict
         }
     };
+    let hmac_headers: Vec<String> = audit
+        .hmac_headers
+        .iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    for (i, h) in hmac_headers.iter().enumerate() {
+        let at = [name("audit"), name("hmac_headers"), Key::Index(i)];
+        if matches!(
+            h.as_str(),
+            "authorization" | "cookie" | "x-api-key" | "proxy-authorization"
+        ) {
+            cx.error(&at, format!("{h:?} is a credential: it is never recorded, not even as an HMAC (a hash of a secret can be guessed offline)"));
+        } else if !http_token(h) {
+            cx.error(&at, format!("{h:?} is not a header name"));
+        }
+    }
     let checkpoint_interval = positive(
         &mut cx,
         audit.checkpoint_interval.as_deref(),
@@ -1094,6 +1110,8 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             durability,
             checkpoint_interval,
             checkpoint_copy: audit.checkpoint_copy.as_deref().map(rel),
+            hmac_headers: hmac_headers.clone(),
+            hmac_query: audit.hmac_query.clone(),
         },
         upstreams,
         routes,
