@@ -273,14 +273,66 @@ struct Tail {
 }
 
 /// Reads every segment, checking framing and sequence, and cuts a torn last record.
+/// The tree, chain head and size saved at the last checkpoint (`state`), if readable.
+fn saved_state(dir: &Path) -> Option<(u64, Hash, Tree)> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state")).ok()?).ok()?;
+    let size = v["size"].as_u64()?;
+    let hash =
+        |t: &serde_json::Value| -> Option<Hash> { B64.decode(t.as_str()?).ok()?.try_into().ok() };
+    let chain = hash(&v["chain"])?;
+    let frontier: Vec<Hash> = v["frontier"]
+        .as_array()?
+        .iter()
+        .map(hash)
+        .collect::<Option<_>>()?;
+    Some((size, chain, Tree::from_frontier(size, &frontier)?))
+}
+
+/// Reads the ledger from the last saved state on (the records it covers are not hashed
+/// again: `audit verify` checks them), checking framing and sequence, and cuts a torn last
+/// record. Without a usable state, or when it does not fit the segments, from the start.
 fn replay(dir: &Path) -> Result<(Tail, Option<Cut>), LedgerError> {
+    if let Some((size, chain, tree)) = saved_state(dir) {
+        match replay_from(dir, size, chain, tree) {
+            Ok(r) => return Ok(r),
+            Err(LedgerError::Corrupt { .. }) | Err(LedgerError::Sequence { .. }) => {
+                tracing::warn!(
+                    "the ledger's saved state does not fit its segments; reading them all"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    replay_from(dir, 0, CHAIN_START, Tree::new())
+}
+
+/// `replay`, trusting `tree` and `chain` for the first `skip` records.
+fn replay_from(
+    dir: &Path,
+    skip: u64,
+    chain: Hash,
+    tree: Tree,
+) -> Result<(Tail, Option<Cut>), LedgerError> {
     let segs = segments(dir)?;
-    let mut tree = Tree::new();
-    let mut chain = CHAIN_START;
-    let mut next_seq = 1;
+    let mut tree = tree;
+    let mut chain = chain;
     let mut cut = None;
     let last_index = segs.len().saturating_sub(1);
-    for (i, (first, path)) in segs.iter().enumerate() {
+    // Segments wholly covered by the saved state are not read.
+    let start = segs
+        .iter()
+        .rposition(|(first, _)| *first <= skip + 1)
+        .unwrap_or(0);
+    let mut next_seq = segs.get(start).map_or(1, |(first, _)| *first);
+    if skip > 0 && segs.is_empty() {
+        return Err(LedgerError::Sequence {
+            segment: dir.join("segments"),
+            expected: skip + 1,
+            found: 1,
+        });
+    }
+    for (i, (first, path)) in segs.iter().enumerate().skip(start) {
         if *first != next_seq {
             return Err(LedgerError::Sequence {
                 segment: path.clone(),
@@ -303,9 +355,11 @@ fn replay(dir: &Path) -> Result<(Tail, Option<Cut>), LedgerError> {
                             found: f.seq,
                         });
                     }
-                    let leaf = leaf_hash(f.payload);
-                    chain = frame::chain_next(&chain, &leaf);
-                    tree.push(leaf);
+                    if f.seq > skip {
+                        let leaf = leaf_hash(f.payload);
+                        chain = frame::chain_next(&chain, &leaf);
+                        tree.push(leaf);
+                    }
                     next_seq += 1;
                     offset += used;
                 }
@@ -340,10 +394,17 @@ fn replay(dir: &Path) -> Result<(Tail, Option<Cut>), LedgerError> {
             }
         }
     }
+    // The saved state covers records that are no longer there: read everything instead.
+    if next_seq - 1 < skip {
+        return Err(LedgerError::Sequence {
+            segment: dir.join("state"),
+            expected: skip,
+            found: next_seq - 1,
+        });
+    }
     let (segment, segment_len) = match segs.last() {
-        Some((first, path)) => {
+        Some((_, path)) => {
             let len = std::fs::metadata(path).map_err(io(path))?.len();
-            let _ = first;
             (path.clone(), len)
         }
         None => (segment_path(dir, 1), 0),
