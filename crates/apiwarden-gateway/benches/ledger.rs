@@ -180,6 +180,7 @@ fn open(dir: &Path, durability: Durability) -> LedgerSink {
         origin: "apiwarden/bench".into(),
         copy_to: None,
         segment_bytes: apiwarden_gateway::ledger::SEGMENT_BYTES,
+        encryption: None,
     })
     .unwrap();
     assert_eq!(opened.records, 0);

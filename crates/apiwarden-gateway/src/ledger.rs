@@ -54,6 +54,8 @@ pub struct LedgerOptions {
     /// A second directory the latest checkpoint is copied to.
     pub copy_to: Option<PathBuf>,
     pub segment_bytes: u64,
+    /// The master key (`audit.encryption_key`): records are sealed under a new data key.
+    pub encryption: Option<[u8; 32]>,
 }
 
 /// Why the ledger cannot be opened or read.
@@ -83,6 +85,8 @@ pub enum LedgerError {
     Random,
     #[error("the ledger's checkpoint signing: {0}")]
     Note(String),
+    #[error("{0}")]
+    Crypt(#[from] crate::ledger_crypt::CryptError),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> LedgerError + '_ {
@@ -454,6 +458,12 @@ impl LedgerSink {
         let seg_dir = opts.dir.join("segments");
         std::fs::create_dir_all(&seg_dir).map_err(io(&seg_dir))?;
         let signer = signing_key(&opts.dir, &opts.origin)?;
+        let sealer = match &opts.encryption {
+            Some(master) => Some(crate::ledger_crypt::Sealer::new_data_key(
+                &opts.dir, master,
+            )?),
+            None => None,
+        };
         let (tail, cut) = replay(&opts.dir)?;
         let records = tail.next_seq - 1;
         let file = OpenOptions::new()
@@ -467,6 +477,7 @@ impl LedgerSink {
         let writer = Writer {
             opts: opts.clone(),
             signer,
+            sealer,
             file,
             tail,
             healthy: healthy.clone(),
@@ -537,6 +548,7 @@ const TICK: Duration = Duration::from_millis(2);
 struct Writer {
     opts: LedgerOptions,
     signer: NoteSigner,
+    sealer: Option<crate::ledger_crypt::Sealer>,
     file: File,
     tail: Tail,
     healthy: Arc<AtomicBool>,
@@ -552,6 +564,7 @@ impl Writer {
         let mut durable: Vec<(u64, oneshot::Sender<Result<u64, ()>>)> = Vec::new();
         let mut batch: Vec<u8> = Vec::with_capacity(512 * 1024);
         let mut payload: Vec<u8> = Vec::with_capacity(4096);
+        let mut sealed: Vec<u8> = Vec::with_capacity(4096);
         // Records encoded into `batch` but not yet written: their sequence numbers are
         // taken, so they must reach the file before anything after them.
         loop {
@@ -579,6 +592,11 @@ impl Writer {
                         }
                         payload.clear();
                         e.write_json(&mut payload);
+                        if let Some(sealer) = &self.sealer {
+                            sealed.clear();
+                            sealer.seal(e.seq, &payload, &mut sealed);
+                            std::mem::swap(&mut payload, &mut sealed);
+                        }
                         if frame::encode(e.seq, &payload, &mut batch).is_err() {
                             // An event over 1 MiB cannot be framed: record that it existed.
                             tracing::error!(
@@ -772,6 +790,29 @@ pub fn read_records(dir: &Path, mut f: impl FnMut(u64, &[u8])) -> Result<u64, Le
     Ok(count)
 }
 
+/// [`read_records`], with sealed records opened (`opener`: the ledger's data keys, from
+/// `audit.encryption_key`). A sealed record without an opener is an error that says so.
+pub fn read_plain(
+    dir: &Path,
+    opener: Option<&crate::ledger_crypt::Opener>,
+    mut f: impl FnMut(u64, &[u8]),
+) -> Result<u64, LedgerError> {
+    let mut failed = None;
+    let n = read_records(dir, |seq, payload| {
+        if failed.is_some() {
+            return;
+        }
+        match crate::ledger_crypt::open_with(opener, seq, payload) {
+            Ok(plain) => f(seq, &plain),
+            Err(e) => failed = Some(e),
+        }
+    })?;
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(n),
+    }
+}
+
 /// Every event of the ledger in `dir` as JSON (for tools and tests; see [`read_records`]).
 pub fn read_events(dir: &Path) -> Result<Vec<serde_json::Value>, LedgerError> {
     let mut out = Vec::new();
@@ -796,6 +837,7 @@ mod tests {
             origin: "apiwarden/test".into(),
             copy_to: Some(dir.join("elsewhere")),
             segment_bytes: 16 * 1024,
+            encryption: None,
         }
     }
 
@@ -895,6 +937,77 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("audit verify"), "{text}");
         assert!(matches!(err, LedgerError::Corrupt { .. }), "{text}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn sealed_records_verify_without_the_key_and_read_with_it_across_key_rotations() {
+        use crate::ledger_crypt::{rewrap, CryptError, Opener};
+        let dir = temp();
+        let master = [7u8; 32];
+        let mut opts = options(&dir);
+        opts.encryption = Some(master);
+        for round in 0..2 {
+            let opened = LedgerSink::open(opts.clone()).unwrap();
+            for i in 0..100 {
+                opened.sink.record(event(round * 100 + i));
+            }
+            opened.sink.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            drop(opened);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let ledger = dir.join("ledger");
+        // Nothing readable on disk.
+        for (_, seg) in segments(&ledger).unwrap() {
+            let bytes = std::fs::read(seg).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains("event 1") && !text.contains("\"kind\""));
+        }
+        // Verify needs no key.
+        let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).expect("verifies");
+        assert_eq!(report.records, 200);
+        // Reading needs it: one data key per start, both opened.
+        let opener = Opener::load(&ledger, &master).unwrap();
+        let mut messages = Vec::new();
+        read_plain(&ledger, Some(&opener), |_, p| {
+            let v: serde_json::Value = serde_json::from_slice(p).unwrap();
+            messages.push(v["message"].as_str().unwrap().to_string());
+        })
+        .unwrap();
+        assert_eq!(messages.len(), 200);
+        assert_eq!(messages[150], "event 150");
+        assert_eq!(
+            std::fs::read_dir(ledger.join("datakeys")).unwrap().count(),
+            2
+        );
+        assert!(matches!(
+            read_plain(&ledger, None, |_, _| {}),
+            Err(LedgerError::Crypt(CryptError::NoKey(1)))
+        ));
+        // Master key rotation: the new key opens, the old one no longer does.
+        let new = [9u8; 32];
+        assert_eq!(rewrap(&ledger, &master, &new).unwrap(), 2);
+        assert!(matches!(
+            Opener::load(&ledger, &master),
+            Err(CryptError::WrongMaster(_))
+        ));
+        let opener = Opener::load(&ledger, &new).unwrap();
+        assert_eq!(read_plain(&ledger, Some(&opener), |_, _| {}).unwrap(), 200);
+        // A sealed record moved or altered does not open.
+        let mut sealed = None;
+        read_records(&ledger, |seq, p| {
+            if seq == 5 {
+                sealed = Some(p.to_vec());
+            }
+        })
+        .unwrap();
+        let sealed = sealed.unwrap();
+        assert!(opener.open(5, &sealed).is_ok());
+        assert!(matches!(
+            opener.open(6, &sealed),
+            Err(CryptError::BadRecord(6))
+        ));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -17,6 +17,7 @@ pub mod introspect;
 pub mod jwt;
 pub mod keystore;
 pub mod ledger;
+pub mod ledger_crypt;
 pub mod ledger_verify;
 pub mod limit;
 pub mod metrics;

@@ -53,7 +53,8 @@ pub fn run(cfg: &Config, days: u64, json: bool) -> Result<()> {
             set.insert(s.clone());
         }
     };
-    apiwarden_gateway::ledger::read_records(&ledger, |_, payload| {
+    let opener = crate::ledger_opener(cfg, &ledger)?;
+    apiwarden_gateway::ledger::read_plain(&ledger, opener.as_ref(), |_, payload| {
         if let Ok(e) = serde_json::from_slice::<serde_json::Value>(payload) {
             visit(e);
         }

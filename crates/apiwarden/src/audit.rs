@@ -93,6 +93,13 @@ pub enum AuditCommand {
     /// `audit.hmac_query` record for that value, to search for it (`audit search --json |
     /// grep`).
     Hash { value: String },
+    /// Master key rotation: wrap every data key of the ledger under the key in FILE (32
+    /// bytes, raw or 64 hex digits) instead of the current `audit.encryption_key`; then point
+    /// `audit.encryption_key` at FILE and destroy the old key.
+    Rewrap {
+        #[arg(long, value_name = "FILE")]
+        new_key: PathBuf,
+    },
     /// Stream every event (from --since on) in a SIEM format. `json` (NDJSON, the ledger's
     /// own records) is built; `ocsf`, `ecs`, `cef` and `leef` are not yet.
     Export {
@@ -195,6 +202,19 @@ fn ledger_dir(config: &Path, data_dir: Option<PathBuf>) -> (PathBuf, Option<Path
     }
 }
 
+/// The opener of sealed records, when the config sets `audit.encryption_key`.
+fn opener_for(
+    config: &Path,
+    data_dir: Option<PathBuf>,
+    dir: &Path,
+) -> Option<apiwarden_gateway::ledger_crypt::Opener> {
+    if !config.exists() {
+        return None;
+    }
+    let cfg = crate::load_with(config, data_dir).unwrap_or_else(|e| usage(format!("{e:#}")));
+    crate::ledger_opener(&cfg, dir).unwrap_or_else(|e| usage(format!("{e:#}")))
+}
+
 fn read_keys(files: &[PathBuf]) -> Vec<String> {
     let mut keys = Vec::new();
     for f in files {
@@ -215,6 +235,7 @@ fn read_keys(files: &[PathBuf]) -> Vec<String> {
 }
 
 pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> Result<()> {
+    let data_dir_for_opener = data_dir.clone();
     match command {
         AuditCommand::Search {
             consumer,
@@ -253,7 +274,8 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
                     "SEQ", "TIME", "KIND", "STATUS", "REASON", "CONSUMER", "KEY", "METHOD"
                 );
             }
-            apiwarden_gateway::ledger::read_records(&dir, |seq, payload| {
+            let opener = opener_for(config, data_dir_for_opener.clone(), &dir);
+            apiwarden_gateway::ledger::read_plain(&dir, opener.as_ref(), |seq, payload| {
                 if found >= limit {
                     return;
                 }
@@ -291,6 +313,25 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
             }
             Ok(())
         }
+        AuditCommand::Rewrap { new_key } => {
+            let cfg =
+                crate::load_with(config, data_dir).unwrap_or_else(|e| usage(format!("{e:#}")));
+            let Some(old) = &cfg.audit.encryption_key else {
+                usage("audit.encryption_key is not set: the ledger is not encrypted".into());
+            };
+            let old = crate::master_key(old)?;
+            let new =
+                crate::master_key(&apiwarden_core::config::SecretSource::File(new_key.clone()))?;
+            let dir = cfg.storage.data_dir.join("ledger");
+            let n = apiwarden_gateway::ledger_crypt::rewrap(&dir, &old, &new)?;
+            println!(
+                "{n} data keys of {} are now wrapped by {}; set audit.encryption_key = \"file:{}\" and destroy the old key",
+                dir.display(),
+                new_key.display(),
+                new_key.display()
+            );
+            Ok(())
+        }
         AuditCommand::Hash { value } => {
             let (dir, _) = ledger_dir(config, data_dir);
             if !dir.join("salt").exists() {
@@ -323,7 +364,8 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
             let (dir, _) = ledger_dir(config, data_dir);
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             use std::io::Write;
-            apiwarden_gateway::ledger::read_records(&dir, |_, payload| {
+            let opener = opener_for(config, data_dir_for_opener.clone(), &dir);
+            apiwarden_gateway::ledger::read_plain(&dir, opener.as_ref(), |_, payload| {
                 let pass = since.is_none()
                     || serde_json::from_slice::<serde_json::Value>(payload)
                         .is_ok_and(|e| filter.passes(&e));

@@ -277,6 +277,7 @@ fn run(cfg: Config, config_path: Option<PathBuf>, on_ready: Option<OnReady>) -> 
             origin: format!("apiwarden/{node}"),
             copy_to: cfg.audit.checkpoint_copy.clone(),
             segment_bytes: apiwarden_gateway::ledger::SEGMENT_BYTES,
+            encryption: cfg.audit.encryption_key.as_ref().map(master_key).transpose()?,
         })
         .context("cannot open the audit ledger; check storage.data_dir")?;
         tracing::info!(dir = %opened.sink.dir().display(), records = opened.records, "audit events go to the ledger");
@@ -319,6 +320,41 @@ fn run(cfg: Config, config_path: Option<PathBuf>, on_ready: Option<OnReady>) -> 
         }
         Ok(())
     })
+}
+
+/// The ledger's master key from where `audit.encryption_key` says.
+pub fn master_key(source: &apiwarden_core::config::SecretSource) -> Result<[u8; 32]> {
+    use apiwarden_core::config::SecretSource;
+    let (bytes, shown) = match source {
+        SecretSource::Env(n) => (
+            std::env::var_os(n)
+                .with_context(|| {
+                    format!("audit.encryption_key: environment variable {n} is not set")
+                })?
+                .into_encoded_bytes(),
+            format!("env:{n}"),
+        ),
+        SecretSource::File(p) | SecretSource::Generated(p) => (
+            std::fs::read(p)
+                .with_context(|| format!("audit.encryption_key: cannot read {}", p.display()))?,
+            format!("file:{}", p.display()),
+        ),
+    };
+    Ok(apiwarden_gateway::ledger_crypt::master_key(&bytes, &shown)?)
+}
+
+/// The opener of a ledger's sealed records, when the config sets `audit.encryption_key`.
+pub fn ledger_opener(
+    cfg: &Config,
+    dir: &Path,
+) -> Result<Option<apiwarden_gateway::ledger_crypt::Opener>> {
+    match &cfg.audit.encryption_key {
+        None => Ok(None),
+        Some(source) => Ok(Some(apiwarden_gateway::ledger_crypt::Opener::load(
+            dir,
+            &master_key(source)?,
+        )?)),
+    }
 }
 
 fn warn_unenforced(cfg: &Config) {

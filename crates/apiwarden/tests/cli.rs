@@ -89,6 +89,7 @@ fn every_command_has_help() {
         vec!["audit", "public-key", "--help"],
         vec!["audit", "search", "--help"],
         vec!["audit", "hash", "--help"],
+        vec!["audit", "rewrap", "--help"],
         vec!["audit", "export", "--help"],
     ] {
         let out = bin().args(&args).output().unwrap();

@@ -50,6 +50,7 @@ fn append(data: &Path, copy: &Path, n: u64, total: u64) {
             origin: "apiwarden/tamper-test".into(),
             copy_to: Some(copy.to_path_buf()),
             segment_bytes: 1 << 20,
+            encryption: None,
         })
         .unwrap();
         let node: Arc<str> = Arc::from("tamper-node");

@@ -197,6 +197,8 @@ pub struct AuditConfig {
     pub hmac_headers: Vec<String>,
     /// Query parameters whose values are recorded as HMAC-SHA256 instead of `REDACTED`.
     pub hmac_query: Vec<String>,
+    /// The master key that wraps the ledger's data keys (encryption at rest), if any.
+    pub encryption_key: Option<SecretSource>,
 }
 
 /// One upstream target: `http://host:port` with an optional base path.
@@ -514,6 +516,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "audit.checkpoint_interval", default: "\"1s\"", example: "\"5s\"", doc: "How often the ledger writes a signed checkpoint (C2SP signed note: origin, size, Merkle root, time), also when nothing happened, so a quiet period is provably quiet." },
     OptionDoc { key: "audit.hmac_headers", default: "[]", example: "[\"x-customer-id\"]", doc: "Request headers recorded as `hmac:<hex>` (HMAC-SHA256 under the ledger's salt, `<data_dir>/ledger/salt`) in `request.headers_hmac`: equal values correlate, the values are not stored. `apiwarden audit hash VALUE` computes the same to search for a known value. `Authorization`, `Cookie`, `X-API-Key` and `Proxy-Authorization` are never recorded, hashed or not." },
     OptionDoc { key: "audit.hmac_query", default: "[]", example: "[\"email\"]", doc: "Query parameters whose values are recorded as `hmac:<hex>` instead of `REDACTED` (the value as sent, percent-encoding included)." },
+    OptionDoc { key: "audit.encryption_key", default: "none (records stored in the clear)", example: "\"file:/etc/apiwarden/ledger.key\"", doc: "Encryption at rest: `file:PATH` or `env:NAME` holding a 32-byte master key (raw, or 64 hex digits). Each record is sealed with AES-256-GCM under a data key (a new one each start) that this key wraps. `audit verify` needs no key (the Merkle tree covers the sealed bytes); `audit search`, `audit export` and `access review` do. Rotate the master key with `apiwarden audit rewrap --new-key FILE`." },
     OptionDoc { key: "audit.checkpoint_copy", default: "none", example: "\"/mnt/audit-copies/gw-1\"", doc: "A second directory (another disk, a mounted share) the latest checkpoint is copied to, so cutting the tail of the ledger or rolling it back is detectable: `apiwarden audit verify --from-checkpoint DIR/checkpoint`." },
     OptionDoc { key: "upstreams[].name", default: "required", example: "\"orders\"", doc: "Name that routes refer to; unique." },
     OptionDoc { key: "upstreams[].url", default: "required unless `targets`", example: "\"http://127.0.0.1:3000\"", doc: "One target: `http://host:port` with an optional base path that is put before every forwarded path." },

@@ -79,6 +79,7 @@ pub(crate) struct Audit {
     pub hmac_headers: Vec<String>,
     #[serde(default)]
     pub hmac_query: Vec<String>,
+    pub encryption_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -342,6 +342,10 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             cx.error(&at, format!("{h:?} is not a header name"));
         }
     }
+    let encryption_key = audit
+        .encryption_key
+        .as_deref()
+        .and_then(|v| secret_source(&mut cx, v, &rel, &[name("audit"), name("encryption_key")]));
     let checkpoint_interval = positive(
         &mut cx,
         audit.checkpoint_interval.as_deref(),
@@ -1112,6 +1116,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             checkpoint_copy: audit.checkpoint_copy.as_deref().map(rel),
             hmac_headers: hmac_headers.clone(),
             hmac_query: audit.hmac_query.clone(),
+            encryption_key,
         },
         upstreams,
         routes,
