@@ -12,6 +12,7 @@
 //! | `POST /admin/v1/consumers` `{"name", "scopes"?, "roles"?, "allow_ips"?, "metadata"?}` | admin | adds a consumer to the store (`201`) or replaces one there (`200`) |
 //! | `DELETE /admin/v1/consumers/{name}` | admin | removes a consumer from the store and revokes its keys |
 //! | `GET /admin/v1/keys` | auditor | every key, as `keys list --json` |
+//! | `GET /admin/v1/audit?consumer=&key=&ip=&status=&decision=&since=&until=&limit=` | auditor | events from the ledger, as `audit search` (`since`/`until`: RFC 3339 or a duration back from now; `limit` default 100, at most 10 000) |
 //! | `POST /admin/v1/keys` `{"consumer", "scopes"?, "expires_in"?}` | admin | issues a key; the secret is in this answer only |
 //! | `POST /admin/v1/keys/{id}/rotate` `{"grace"?}` | admin | as `keys rotate` (default grace 24h) |
 //! | `POST /admin/v1/keys/{id}/revoke` | admin | as `keys revoke` |
@@ -271,6 +272,7 @@ async fn route(
     path: &str,
     req: Request<Incoming>,
 ) -> Done {
+    let query = req.uri().query().map(str::to_string);
     let parts: Vec<&str> = path
         .trim_start_matches("/admin/v1/")
         .split('/')
@@ -280,6 +282,7 @@ async fn route(
     let known = matches!(
         (method.as_str(), parts.as_slice()),
         ("GET", ["consumers"])
+            | ("GET", ["audit"])
             | ("POST", ["consumers"])
             | ("DELETE", ["consumers", _])
             | ("GET", ["keys"])
@@ -351,6 +354,14 @@ async fn route(
         )
     };
     match parts.as_slice() {
+        ["audit"] => match search(cfg, query.as_deref()).await {
+            Ok((events, scanned)) => ok(
+                StatusCode::OK,
+                json!({ "events": events, "count": events.len(), "scanned": scanned }),
+                format!("searched the audit ledger: {} events", events.len()),
+            ),
+            Err(e) => bad(e),
+        },
         ["consumers"] if *method == Method::GET => {
             let mut list: Vec<Value> = cfg
                 .consumers
@@ -540,4 +551,78 @@ async fn route(
         }
         _ => bad("no such call".into()),
     }
+}
+
+/// `GET /admin/v1/audit`: the ledger searched on a thread of its own (it reads files).
+async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), String> {
+    let mut filter = crate::ledger::SearchFilter::default();
+    let mut limit = 100usize;
+    let when = |k: &str, v: &str| -> Result<std::time::SystemTime, String> {
+        if let Ok(d) = humantime::parse_duration(v) {
+            return Ok(std::time::SystemTime::now()
+                .checked_sub(d)
+                .unwrap_or(std::time::UNIX_EPOCH));
+        }
+        humantime::parse_rfc3339_weak(v)
+            .map_err(|_| format!("{k}={v:?}: a duration back from now (1h) or an RFC 3339 time"))
+    };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = v.to_string();
+        match k {
+            "consumer" => filter.consumer = Some(v),
+            "key" => filter.key = Some(v),
+            "ip" => filter.ip = Some(v),
+            "status" => {
+                filter.status = Some(v.parse().map_err(|_| format!("status={v:?} is not a number"))?)
+            }
+            "decision" if v == "allow" || v == "deny" => filter.decision = Some(v),
+            "decision" => return Err(format!("decision={v:?}: allow or deny")),
+            "since" => filter.since = Some(when(k, &v)?),
+            "until" => filter.until = Some(when(k, &v)?),
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| format!("limit={v:?}: a number from 1 to 10000"))?
+            }
+            other => {
+                return Err(format!(
+                    "unknown parameter {other:?}: consumer, key, ip, status, decision, since, until, limit"
+                ))
+            }
+        }
+    }
+    let dir = cfg.storage.data_dir.join("ledger");
+    let key = cfg.audit.encryption_key.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let result = (|| -> Result<(Vec<Value>, u64), String> {
+            let opener = match &key {
+                Some(k) => Some(
+                    crate::ledger_crypt::master_from(k)
+                        .and_then(|m| crate::ledger_crypt::Opener::load(&dir, &m))
+                        .map_err(|e| e.to_string())?,
+                ),
+                None => None,
+            };
+            let mut found = Vec::new();
+            let scanned = crate::ledger::read_plain(&dir, opener.as_ref(), |_, payload| {
+                if found.len() >= limit {
+                    return;
+                }
+                if let Ok(e) = serde_json::from_slice::<Value>(payload) {
+                    if filter.passes(&e) {
+                        found.push(e);
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+            Ok((found, scanned))
+        })();
+        let _ = tx.send(result);
+    });
+    rx.await
+        .unwrap_or_else(|_| Err("the search stopped unexpectedly".into()))
 }

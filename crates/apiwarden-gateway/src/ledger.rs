@@ -813,6 +813,51 @@ pub fn read_plain(
     }
 }
 
+/// Whether an event (as JSON) passes the search filters.
+#[derive(Default)]
+pub struct SearchFilter {
+    pub consumer: Option<String>,
+    pub key: Option<String>,
+    pub ip: Option<String>,
+    pub status: Option<u16>,
+    pub decision: Option<String>,
+    pub since: Option<std::time::SystemTime>,
+    pub until: Option<std::time::SystemTime>,
+}
+
+impl SearchFilter {
+    pub fn passes(&self, e: &serde_json::Value) -> bool {
+        let is = |v: &serde_json::Value, want: &Option<String>| {
+            want.as_ref().is_none_or(|w| v.as_str() == Some(w.as_str()))
+        };
+        if !(is(&e["identity"]["consumer"], &self.consumer)
+            && is(&e["identity"]["key_id"], &self.key)
+            && is(&e["client"]["ip"], &self.ip)
+            && is(&e["decision"]["outcome"], &self.decision))
+        {
+            return false;
+        }
+        if self
+            .status
+            .is_some_and(|s| e["response"]["status"].as_u64() != Some(u64::from(s)))
+        {
+            return false;
+        }
+        if self.since.is_some() || self.until.is_some() {
+            let Some(t) = e["time"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+            else {
+                return false;
+            };
+            if self.since.is_some_and(|s| t < s) || self.until.is_some_and(|u| t > u) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 /// Every event of the ledger in `dir` as JSON (for tools and tests; see [`read_records`]).
 pub fn read_events(dir: &Path) -> Result<Vec<serde_json::Value>, LedgerError> {
     let mut out = Vec::new();

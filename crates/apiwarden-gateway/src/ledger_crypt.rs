@@ -73,6 +73,23 @@ pub fn master_key(bytes: &[u8], shown: &str) -> Result<[u8; 32], CryptError> {
         .map_err(|_| CryptError::BadMaster(shown.to_string(), format!("{} bytes", bytes.len())))
 }
 
+/// The master key from where `audit.encryption_key` says (raw bytes: no trimming beyond
+/// what [`master_key`] allows for hex).
+pub fn master_from(source: &apiwarden_core::config::SecretSource) -> Result<[u8; 32], CryptError> {
+    use apiwarden_core::config::SecretSource;
+    match source {
+        SecretSource::Env(n) => {
+            let v = std::env::var_os(n)
+                .ok_or_else(|| CryptError::BadMaster(format!("env:{n}"), "not set".into()))?;
+            master_key(&v.into_encoded_bytes(), &format!("env:{n}"))
+        }
+        SecretSource::File(p) | SecretSource::Generated(p) => {
+            let bytes = std::fs::read(p).map_err(io(p))?;
+            master_key(&bytes, &format!("file:{}", p.display()))
+        }
+    }
+}
+
 fn random<const N: usize>() -> Result<[u8; N], CryptError> {
     let mut b = [0u8; N];
     SystemRandom::new()

@@ -125,50 +125,6 @@ fn when(flag: &str, text: &str) -> std::time::SystemTime {
     })
 }
 
-/// Whether an event (as JSON) passes the search filters.
-struct Filter {
-    consumer: Option<String>,
-    key: Option<String>,
-    ip: Option<String>,
-    status: Option<u16>,
-    decision: Option<String>,
-    since: Option<std::time::SystemTime>,
-    until: Option<std::time::SystemTime>,
-}
-
-impl Filter {
-    fn passes(&self, e: &serde_json::Value) -> bool {
-        let is = |v: &serde_json::Value, want: &Option<String>| {
-            want.as_ref().is_none_or(|w| v.as_str() == Some(w.as_str()))
-        };
-        if !(is(&e["identity"]["consumer"], &self.consumer)
-            && is(&e["identity"]["key_id"], &self.key)
-            && is(&e["client"]["ip"], &self.ip)
-            && is(&e["decision"]["outcome"], &self.decision))
-        {
-            return false;
-        }
-        if self
-            .status
-            .is_some_and(|s| e["response"]["status"].as_u64() != Some(u64::from(s)))
-        {
-            return false;
-        }
-        if self.since.is_some() || self.until.is_some() {
-            let Some(t) = e["time"]
-                .as_str()
-                .and_then(|t| humantime::parse_rfc3339(t).ok())
-            else {
-                return false;
-            };
-            if self.since.is_some_and(|s| t < s) || self.until.is_some_and(|u| t > u) {
-                return false;
-            }
-        }
-        true
-    }
-}
-
 /// Prints the error and exits: 1 for tampering, 2 for usage and I/O errors.
 fn fail(e: &VerifyError, json: bool) -> ! {
     if json {
@@ -253,7 +209,7 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
                     usage(format!("--decision {d:?}: write allow or deny"));
                 }
             }
-            let filter = Filter {
+            let filter = apiwarden_gateway::ledger::SearchFilter {
                 consumer,
                 key,
                 ip,
@@ -352,7 +308,7 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
                 ));
             }
             let since = since.map(|s| when("since", &s));
-            let filter = Filter {
+            let filter = apiwarden_gateway::ledger::SearchFilter {
                 consumer: None,
                 key: None,
                 ip: None,

@@ -324,23 +324,7 @@ fn run(cfg: Config, config_path: Option<PathBuf>, on_ready: Option<OnReady>) -> 
 
 /// The ledger's master key from where `audit.encryption_key` says.
 pub fn master_key(source: &apiwarden_core::config::SecretSource) -> Result<[u8; 32]> {
-    use apiwarden_core::config::SecretSource;
-    let (bytes, shown) = match source {
-        SecretSource::Env(n) => (
-            std::env::var_os(n)
-                .with_context(|| {
-                    format!("audit.encryption_key: environment variable {n} is not set")
-                })?
-                .into_encoded_bytes(),
-            format!("env:{n}"),
-        ),
-        SecretSource::File(p) | SecretSource::Generated(p) => (
-            std::fs::read(p)
-                .with_context(|| format!("audit.encryption_key: cannot read {}", p.display()))?,
-            format!("file:{}", p.display()),
-        ),
-    };
-    Ok(apiwarden_gateway::ledger_crypt::master_key(&bytes, &shown)?)
+    Ok(apiwarden_gateway::ledger_crypt::master_from(source)?)
 }
 
 /// The opener of a ledger's sealed records, when the config sets `audit.encryption_key`.

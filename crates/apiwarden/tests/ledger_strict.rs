@@ -303,10 +303,16 @@ fn an_encrypted_ledger_verifies_without_the_key_and_searches_with_it() {
     .unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let up = checking_upstream(dir.join("data0/ledger"), hits);
+    let token = "auditor-token-0123456789abcdef0123456789";
+    std::fs::write(dir.join("auditor.token"), token).unwrap();
     let node = start(
         &dir,
         up,
-        &format!("encryption_key = \"file:{}\"\n", key.display()),
+        &format!(
+            "encryption_key = \"file:{}\"\n\n[admin.tokens.audit]\nrole = \"auditor\"\nsecret = \"file:{}\"\n",
+            key.display(),
+            dir.join("auditor.token").display()
+        ),
     );
     for i in 0..5 {
         // The upstream cannot read sealed records: it answers "missing", which is fine here.
@@ -315,6 +321,24 @@ fn an_encrypted_ledger_verifies_without_the_key_and_searches_with_it() {
             200
         );
     }
+    // The auditor role searches through the admin API (the gateway opens sealed records).
+    std::thread::sleep(Duration::from_millis(300));
+    let mut a = std::net::TcpStream::connect(&node.admin).unwrap();
+    write!(
+        a,
+        "GET /admin/v1/audit?status=200&limit=3 HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    a.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body: serde_json::Value =
+        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["count"], 3, "{body}");
+    assert!(body["events"][0]["request"]["path"]
+        .as_str()
+        .unwrap()
+        .starts_with("/sealed/"));
     let mut node = node;
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &node.child.id().to_string()])
