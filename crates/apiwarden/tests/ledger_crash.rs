@@ -45,6 +45,45 @@ fn get(addr: &str) -> Option<(u16, String)> {
     Some((status, rid))
 }
 
+/// A fast upstream (a raw listener answering 200 to everything) and a config in `dir` for a
+/// gateway in front of it with `durability` (the rest of the `[audit]` line may follow):
+/// the config file, the API address and the admin port.
+fn setup(dir: &std::path::Path, durability: &str) -> (std::path::PathBuf, String, u16) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0
+                        || s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let (port, admin) = (free_port(), free_port());
+    let config = dir.join("apiwarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nnode = \"crash\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+             [storage]\ndata_dir = \"data\"\n\n\
+             [audit]\ndurability = \"{durability}\"\n\n\
+             [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up}\"\n\n\
+             [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\nauth = [\"none\"]\n"
+        ),
+    )
+    .unwrap();
+    (config, format!("127.0.0.1:{port}"), admin)
+}
+
 fn start(config: &std::path::Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_apiwarden"))
         .args(["serve", "--config"])
@@ -58,43 +97,7 @@ fn start(config: &std::path::Path) -> std::process::Child {
 #[test]
 fn killed_under_load_the_ledger_verifies_and_every_2xx_has_its_record() {
     let dir = temp_dir("crash");
-    let up = {
-        // A fast upstream: a raw listener answering 200.
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0
-                            || s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                                .is_err()
-                        {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        port
-    };
-    let (port, admin) = (free_port(), free_port());
-    let config = dir.join("apiwarden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nnode = \"crash\"\n\n\
-             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
-             [storage]\ndata_dir = \"data\"\n\n\
-             [audit]\ndurability = \"strict\"\ncheckpoint_interval = \"100ms\"\n\n\
-             [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up}\"\n\n\
-             [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\nauth = [\"none\"]\n"
-        ),
-    )
-    .unwrap();
-    let addr = format!("127.0.0.1:{port}");
+    let (config, addr, admin) = setup(&dir, "strict\"\ncheckpoint_interval = \"100ms");
     let answered: Arc<Mutex<Vec<String>>> = Arc::default();
     // Pseudo-random kill moments, different on every run.
     let mut seed = apiwarden_gateway::now_ms();
@@ -185,42 +188,7 @@ fn killed_under_load_the_ledger_verifies_and_every_2xx_has_its_record() {
 #[test]
 fn killed_in_batched_mode_only_the_last_moments_are_lost() {
     let dir = temp_dir("crash-batched");
-    let up = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0
-                            || s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                                .is_err()
-                        {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        port
-    };
-    let (port, admin) = (free_port(), free_port());
-    let config = dir.join("apiwarden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\nlisten = \"127.0.0.1:{port}\"\nnode = \"crash\"\n\n\
-             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
-             [storage]\ndata_dir = \"data\"\n\n\
-             [audit]\ndurability = \"batched\"\n\n\
-             [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up}\"\n\n\
-             [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\nauth = [\"none\"]\n"
-        ),
-    )
-    .unwrap();
-    let addr = format!("127.0.0.1:{port}");
+    let (config, addr, admin) = setup(&dir, "batched");
     let mut child = start(&config);
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", admin)).is_err() {
