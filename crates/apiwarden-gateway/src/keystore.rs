@@ -875,7 +875,9 @@ fn warn_if_readable_by_others(path: &std::path::Path) {
 /// Creates `path` readable by its owner only, whole or not at all: the bytes go to a private
 /// temporary file, are synced, and the file is then linked to `path` (which fails if another
 /// process got there first: its pepper wins). An existing file is left alone.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Creates a file readable by its owner only with `bytes`, unless another process created it
+/// first (then theirs is kept: callers read the file back). Used for secrets made on first use.
+pub(crate) fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     // A name of its own per attempt (threads of one process race too).

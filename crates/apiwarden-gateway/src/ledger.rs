@@ -144,21 +144,6 @@ pub fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LedgerError> {
     Ok(out)
 }
 
-/// Writes a file readable by its owner only, atomically.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 /// Writes a file atomically (temp file, fsync, rename).
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
@@ -180,8 +165,9 @@ pub fn signing_key(dir: &Path, origin: &str) -> Result<NoteSigner, LedgerError> 
             let mut seed = [0u8; 32];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
                 .map_err(|_| LedgerError::Random)?;
-            write_private(&path, &seed).map_err(io(&path))?;
-            seed
+            // Two processes starting at once: the first key written is the one both use.
+            crate::keystore::write_private(&path, &seed).map_err(io(&path))?;
+            return signing_key(dir, origin);
         }
         Err(e) => return Err(io(&path)(e)),
     };
@@ -209,17 +195,8 @@ pub fn salt(dir: &Path) -> Result<Vec<u8>, LedgerError> {
             let mut s = vec![0u8; 32];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s)
                 .map_err(|_| LedgerError::Random)?;
-            // Another process may have made it meanwhile: theirs wins.
-            let tmp = dir.join(format!("salt.{}.tmp", std::process::id()));
-            write_private(&tmp, &s).map_err(io(&tmp))?;
-            if std::fs::hard_link(&tmp, &path).is_err() && !path.exists() {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(LedgerError::Io {
-                    path,
-                    error: std::io::Error::other("cannot create the salt"),
-                });
-            }
-            let _ = std::fs::remove_file(&tmp);
+            // Another process may have made it meanwhile: theirs is kept and read back.
+            crate::keystore::write_private(&path, &s).map_err(io(&path))?;
             salt(dir)
         }
         Err(e) => Err(io(&path)(e)),
@@ -235,11 +212,7 @@ pub fn hmac_of(dir: &Path, value: &str) -> Result<String, LedgerError> {
 /// `hmac:<hex>`: HMAC-SHA256 of a value under the ledger's salt.
 pub fn hmac_text(key: &ring::hmac::Key, value: &str) -> String {
     let tag = ring::hmac::sign(key, value.as_bytes());
-    let mut out = String::from("hmac:");
-    for b in tag.as_ref() {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("hmac:{}", apiwarden_core::apikey::hex(tag.as_ref()))
 }
 
 /// Every public key the ledger in `dir` has signed with (`keys/*.vkey`).

@@ -258,7 +258,7 @@ impl ClientCert {
             dns_names,
             uris,
             emails,
-            fingerprint: hex(digest.as_ref()),
+            fingerprint: apiwarden_core::apikey::hex(digest.as_ref()),
         })
     }
 
@@ -285,16 +285,6 @@ impl ClientCert {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-    s
-}
-
 /// RFC 4514: the RDNs in reverse order, `+` between the attributes of one RDN, the usual
 /// short names, other attribute types as dotted OIDs, and a value that is not a string as
 /// `#` and the hex of its content.
@@ -319,7 +309,7 @@ fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
                     };
                     let value = match atv.as_str() {
                         Ok(v) => escape_value(v),
-                        Err(_) => format!("#{}", hex(atv.as_slice())),
+                        Err(_) => format!("#{}", apiwarden_core::apikey::hex(atv.as_slice())),
                     };
                     format!("{key}={value}")
                 })
@@ -347,7 +337,7 @@ fn escape_value(v: &str) -> String {
                 let mut buf = [0u8; 4];
                 for b in c.encode_utf8(&mut buf).bytes() {
                     out.push('\\');
-                    out.push_str(&hex(&[b]).to_ascii_uppercase());
+                    out.push_str(&apiwarden_core::apikey::hex(&[b]).to_ascii_uppercase());
                 }
             }
             c => out.push(c),
@@ -367,7 +357,7 @@ mod tests {
         assert_eq!(escape_value("#x "), "\\#x\\ ");
         assert_eq!(escape_value(" x"), "\\ x");
         assert_eq!(escape_value("a\nb"), "a\\0Ab");
-        assert_eq!(hex(&[0, 0xab, 0x7f]), "00ab7f");
+        assert_eq!(apiwarden_core::apikey::hex(&[0, 0xab, 0x7f]), "00ab7f");
     }
 
     #[test]
@@ -400,7 +390,9 @@ mod tests {
         assert_eq!(c.fingerprint.len(), 64);
         assert_eq!(
             c.fingerprint,
-            hex(ring::digest::digest(&ring::digest::SHA256, cert.der()).as_ref())
+            apiwarden_core::apikey::hex(
+                ring::digest::digest(&ring::digest::SHA256, cert.der()).as_ref()
+            )
         );
         assert!(c.is_named("BILLING.internal"));
         // The CN does not count next to SANs (RFC 6125): the SANs are the names.

@@ -84,45 +84,56 @@ fn setup(dir: &std::path::Path, durability: &str) -> (std::path::PathBuf, String
     (config, format!("127.0.0.1:{port}"), admin)
 }
 
-fn start(config: &std::path::Path) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_apiwarden"))
+/// Starts `apiwarden serve` and waits until its admin listener answers.
+fn start(config: &std::path::Path, admin: u16) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_apiwarden"))
         .args(["serve", "--config"])
         .arg(config)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Four clients sending requests until `stop`, each 2xx answer noted with when it arrived.
+fn load(
+    addr: &str,
+    answered: &Arc<Mutex<Vec<(String, Instant)>>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..4)
+        .map(|_| {
+            let (addr, stop, answered) = (addr.to_string(), stop.clone(), answered.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    if let Some((status, rid)) = get(&addr) {
+                        if (200..300).contains(&status) {
+                            answered.lock().unwrap().push((rid, Instant::now()));
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
 }
 
 #[test]
 fn killed_under_load_the_ledger_verifies_and_every_2xx_has_its_record() {
     let dir = temp_dir("crash");
     let (config, addr, admin) = setup(&dir, "strict\"\ncheckpoint_interval = \"100ms");
-    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    let answered: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
     // Pseudo-random kill moments, different on every run.
     let mut seed = apiwarden_gateway::now_ms();
     for round in 0..3 {
-        let mut child = start(&config);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", admin)).is_err() {
-            assert!(Instant::now() < deadline, "serve did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut child = start(&config, admin);
         let stop = Arc::new(AtomicBool::new(false));
-        let clients: Vec<_> = (0..4)
-            .map(|_| {
-                let (addr, stop, answered) = (addr.clone(), stop.clone(), answered.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Relaxed) {
-                        if let Some((status, rid)) = get(&addr) {
-                            if (200..300).contains(&status) {
-                                answered.lock().unwrap().push(rid);
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
+        let clients = load(&addr, &answered, &stop);
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -140,12 +151,7 @@ fn killed_under_load_the_ledger_verifies_and_every_2xx_has_its_record() {
         );
 
         // A restart recovers (cutting a torn record, if any), then stops cleanly.
-        let mut child = start(&config);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", admin)).is_err() {
-            assert!(Instant::now() < deadline, "serve did not restart");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut child = start(&config, admin);
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
@@ -170,7 +176,11 @@ fn killed_under_load_the_ledger_verifies_and_every_2xx_has_its_record() {
             .filter_map(|e| e["request_id"].as_str().map(str::to_string))
             .collect();
         let answered = answered.lock().unwrap();
-        let missing: Vec<&String> = answered.iter().filter(|r| !received.contains(*r)).collect();
+        let missing: Vec<&String> = answered
+            .iter()
+            .map(|(r, _)| r)
+            .filter(|r| !received.contains(*r))
+            .collect();
         assert!(
             missing.is_empty(),
             "round {round}: {} of {} requests answered 2xx have no record: {:?}",
@@ -189,29 +199,11 @@ fn killed_under_load_the_ledger_verifies_and_every_2xx_has_its_record() {
 fn killed_in_batched_mode_only_the_last_moments_are_lost() {
     let dir = temp_dir("crash-batched");
     let (config, addr, admin) = setup(&dir, "batched");
-    let mut child = start(&config);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", admin)).is_err() {
-        assert!(Instant::now() < deadline, "serve did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = start(&config, admin);
     // Every 2xx answer with the moment it arrived.
     let answered: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (addr, stop, answered) = (addr.clone(), stop.clone(), answered.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Relaxed) {
-                    if let Some((status, rid)) = get(&addr) {
-                        if (200..300).contains(&status) {
-                            answered.lock().unwrap().push((rid, Instant::now()));
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
+    let clients = load(&addr, &answered, &stop);
     std::thread::sleep(Duration::from_millis(800));
     child.kill().unwrap();
     let killed = Instant::now();
