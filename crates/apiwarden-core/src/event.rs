@@ -108,6 +108,9 @@ pub enum Reason {
     AdminAction,
     /// At start, a torn last ledger record (a crash in the middle of a write) was cut off.
     LedgerRecordCut,
+    /// Retention deleted the oldest sealed segments of the ledger (the event names the range
+    /// and the retention anchor the ledger now starts from).
+    LedgerRetention,
     /// The audit ledger could not make the request's record durable (`strict`), or cannot
     /// write at all and the route fails closed: nothing was forwarded.
     AuditUnavailable,
@@ -153,6 +156,7 @@ impl Reason {
             Reason::Blocked => "blocked",
             Reason::AdminAction => "admin.action",
             Reason::LedgerRecordCut => "ledger.record_cut",
+            Reason::LedgerRetention => "ledger.retention",
             Reason::AuditUnavailable => "audit.unavailable",
         }
     }

@@ -1,5 +1,5 @@
 //! apiwarden's domain types: the configuration model, path normalisation, routing, the audit
-//! event, and the audit ledger's cryptography (`ledger`).
+//! event, the audit ledger's cryptography (`ledger`) and the SIEM formats of its events (`siem`).
 //!
 //! Architecture invariant: this crate does no I/O and knows nothing of HTTP libraries or tokio;
 //! everything here is a pure function of its inputs, so it can be tested and fuzzed alone.
@@ -14,6 +14,7 @@ pub mod limit;
 pub mod net;
 pub mod path;
 pub mod router;
+pub mod siem;
 pub mod units;
 
 /// A small deterministic generator for the randomised tests (no dependency, same cases on

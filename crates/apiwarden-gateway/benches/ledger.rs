@@ -180,6 +180,9 @@ fn open(dir: &Path, durability: Durability) -> LedgerSink {
         origin: "apiwarden/bench".into(),
         copy_to: None,
         segment_bytes: apiwarden_gateway::ledger::SEGMENT_BYTES,
+        segment_max_age: apiwarden_gateway::ledger::SEGMENT_MAX_AGE,
+        retention: None,
+        node: "bench".into(),
         encryption: None,
     })
     .unwrap();

@@ -608,17 +608,13 @@ async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), 
                 None => None,
             };
             let mut found = Vec::new();
-            let scanned = crate::ledger::read_plain(&dir, opener.as_ref(), |_, payload| {
-                if found.len() >= limit {
-                    return;
-                }
-                if let Ok(e) = serde_json::from_slice::<Value>(payload) {
-                    if filter.passes(&e) {
-                        found.push(e);
-                    }
-                }
-            })
-            .map_err(|e| e.to_string())?;
+            let stats =
+                crate::ledger_index::search(&dir, opener.as_ref(), &filter, limit, |_, _, e| {
+                    found.push(e.clone())
+                })
+                .map_err(|e| e.to_string())?;
+            // Records read: the index's candidates, and those past it read one by one.
+            let scanned = stats.candidates + stats.scanned;
             Ok((found, scanned))
         })();
         let _ = tx.send(result);

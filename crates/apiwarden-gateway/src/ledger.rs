@@ -18,6 +18,17 @@
 //!   from there.
 //! - `state`: the tree's frontier, the chain head and the size at the last checkpoint, so a
 //!   start replays only what came after it.
+//! - `seals/<first seq>.seal`: written when a segment is sealed (past `audit.segment_size`,
+//!   or older than `audit.segment_max_age`), before the next one is begun: a signed
+//!   [`Anchor`] (a checkpoint of the records up to the segment's last one, whose extension
+//!   lines carry the chain head and the Merkle frontier there).
+//! - `retention`: with `audit.retention`, the seal of the last segment retention deleted,
+//!   written durably *before* any segment is unlinked; `audit verify` starts the chain and
+//!   the tree from it when the first segment does not start at record 1. Only a prefix of
+//!   sealed segments is ever deleted, each older than the retention, covered by a checkpoint
+//!   already written, and passed by every cursor `audit.retention_requires_export` names
+//!   (`cursors/<NAME>`: the last exported sequence number); each deletion is recorded in the
+//!   ledger as a `system` event (`ledger.retention`).
 //!
 //! On start the last segment is read to its end: a torn last record (a crash in the middle
 //! of a write) is cut off and reported ([`Opened::cut`]), never silently; a bad record with
@@ -28,7 +39,7 @@ use apiwarden_core::config::Durability;
 use apiwarden_core::event::AuditEvent;
 use apiwarden_core::ledger::frame::{self, FrameError, CHAIN_START};
 use apiwarden_core::ledger::merkle::{leaf_hash, Hash, Tree};
-use apiwarden_core::ledger::note::{Checkpoint, NoteSigner};
+use apiwarden_core::ledger::note::{Checkpoint, NoteSigner, Verifier};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use std::fs::{File, OpenOptions};
@@ -39,8 +50,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-/// Segments are closed and a new one begun past this size.
+/// Segments are closed and a new one begun past this size (`audit.segment_size`'s default).
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+/// A segment holding records for longer than this is sealed (`audit.segment_max_age`'s
+/// default).
+pub const SEGMENT_MAX_AGE: Duration = Duration::from_secs(86_400);
+
+/// How often, at most, the writer looks for segments that retention may delete.
+const RETENTION_EVERY: Duration = Duration::from_secs(1);
+
+/// What retention may delete (`audit.retention`, `audit.retention_requires_export`).
+#[derive(Clone, Debug)]
+pub struct Retention {
+    /// Sealed segments whose last write is older than this are deleted.
+    pub max_age: Duration,
+    /// Export cursors (`cursors/<NAME>`) that must have passed a segment's last record.
+    pub requires_export: Vec<String>,
+}
 
 /// How the ledger is set up.
 #[derive(Clone, Debug)]
@@ -54,6 +81,12 @@ pub struct LedgerOptions {
     /// A second directory the latest checkpoint is copied to.
     pub copy_to: Option<PathBuf>,
     pub segment_bytes: u64,
+    /// A segment holding records for longer than this is sealed, even if small.
+    pub segment_max_age: Duration,
+    /// Retention: `None` keeps every record.
+    pub retention: Option<Retention>,
+    /// The node name of the events the ledger writes itself (what retention deleted).
+    pub node: Arc<str>,
     /// The master key (`audit.encryption_key`): records are sealed under a new data key.
     pub encryption: Option<[u8; 32]>,
 }
@@ -78,6 +111,12 @@ pub enum LedgerError {
         segment: PathBuf,
         expected: u64,
         found: u64,
+    },
+    #[error("the audit ledger starts at record {first} ({segment}) but {why}: records 1 to {} are unaccounted for (deleted outside of retention?); nothing was changed — run `apiwarden audit verify`", first - 1)]
+    NoAnchor {
+        segment: PathBuf,
+        first: u64,
+        why: String,
     },
     #[error("the ledger signing key {0} is not a 32-byte Ed25519 seed; restore it, or move it away to start a new key (keep keys/ so old checkpoints stay verifiable)")]
     BadKey(PathBuf),
@@ -151,6 +190,210 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// Makes the entries of directory `dir` (files created, renamed, removed) durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The seal of the segment whose first record is `first`.
+fn seal_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join("seals").join(format!("{first:020}.seal"))
+}
+
+/// The retention anchor of the ledger in `dir`.
+pub fn anchor_path(dir: &Path) -> PathBuf {
+    dir.join("retention")
+}
+
+/// The export cursor `name` of the ledger in `dir`: the decimal sequence number of the last
+/// record exported, then a newline.
+pub fn cursor_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join("cursors").join(name)
+}
+
+/// The signed state of the ledger after record `size`: a checkpoint (origin, size, root) whose
+/// extension lines also carry what it is, the hash chain head and the Merkle frontier there,
+/// so that checking can resume at that point without the records before it:
+///
+/// ```text
+/// apiwarden/node-1
+/// 1234
+/// <base64 root>
+/// time 2025-01-01T00:00:00Z
+/// kind retention-anchor            or segment-seal
+/// chain <base64 chain head after record 1234>
+/// frontier <base64> <base64> …     one hash per set bit of the size, largest subtree first
+///
+/// — apiwarden/node-1 <signature>
+/// ```
+///
+/// A segment's seal (`segment-seal`) is signed when the segment is closed. Only a
+/// `retention-anchor`, signed when retention deletes the records up to it, lets `audit verify`
+/// start after record 1: a seal cannot stand in for one, so deleting segments by hand stays
+/// evident even though every sealed segment has a signed seal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Anchor {
+    pub size: u64,
+    pub root: Hash,
+    pub chain: Hash,
+    pub frontier: Vec<Hash>,
+    /// [`SEAL`] or [`RETENTION_ANCHOR`] (the `kind` line).
+    pub kind: String,
+    /// When it was signed (the `time` line), if given.
+    pub time: Option<String>,
+    /// The signed note itself.
+    pub note: String,
+}
+
+/// The `kind` of a segment's seal.
+pub const SEAL: &str = "segment-seal";
+/// The `kind` of the retention anchor.
+pub const RETENTION_ANCHOR: &str = "retention-anchor";
+
+impl Anchor {
+    /// The Merkle tree at the anchor, to append the records after it.
+    pub fn tree(&self) -> Tree {
+        Tree::from_frontier(self.size, &self.frontier).unwrap_or_default()
+    }
+}
+
+/// Why an anchor is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AnchorError {
+    #[error("it does not verify: {0}")]
+    Signature(String),
+    #[error("{0}")]
+    Content(String),
+}
+
+/// Signs the state at `tree` and `chain` as an [`Anchor`] note of `kind`.
+fn anchor_note(
+    signer: &NoteSigner,
+    origin: &str,
+    kind: &str,
+    tree: &Tree,
+    chain: &Hash,
+) -> Result<String, apiwarden_core::ledger::note::NoteError> {
+    let mut frontier = String::from("frontier");
+    for h in tree.frontier() {
+        frontier.push(' ');
+        frontier.push_str(&B64.encode(h));
+    }
+    signer.sign(&Checkpoint {
+        origin: origin.to_string(),
+        size: tree.size(),
+        root: tree.root(),
+        extensions: vec![
+            format!(
+                "time {}",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            ),
+            format!("kind {kind}"),
+            format!("chain {}", B64.encode(chain)),
+            frontier,
+        ],
+    })
+}
+
+/// Verifies an [`Anchor`] note against `verifiers` and reads it: its signature, its chain and
+/// frontier lines, and that the frontier's root is the signed root.
+pub fn parse_anchor(note: &str, verifiers: &[Verifier]) -> Result<Anchor, AnchorError> {
+    let cp = apiwarden_core::ledger::note::verify(note, verifiers)
+        .map_err(|e| AnchorError::Signature(e.to_string()))?;
+    let hash = |t: &str| -> Option<Hash> { B64.decode(t).ok()?.try_into().ok() };
+    let (mut chain, mut frontier, mut time, mut kind) = (None, None, None, None);
+    for line in &cp.extensions {
+        let (key, value) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        match key {
+            "chain" if chain.is_none() => {
+                chain = Some(hash(value).ok_or_else(|| {
+                    AnchorError::Content(format!("the chain line {line:?} is not a base64 hash"))
+                })?)
+            }
+            "frontier" if frontier.is_none() => {
+                frontier = Some(
+                    value
+                        .split(' ')
+                        .filter(|h| !h.is_empty())
+                        .map(hash)
+                        .collect::<Option<Vec<Hash>>>()
+                        .ok_or_else(|| {
+                            AnchorError::Content(
+                                "the frontier line holds something that is not a base64 hash"
+                                    .into(),
+                            )
+                        })?,
+                )
+            }
+            "kind" if kind.is_none() => kind = Some(value.to_string()),
+            "chain" | "frontier" | "kind" => {
+                return Err(AnchorError::Content(format!("it has two {key} lines")))
+            }
+            "time" => time = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    let kind = kind.ok_or_else(|| {
+        AnchorError::Content("it has no kind line: it is a checkpoint, not an anchor".into())
+    })?;
+    let chain = chain.ok_or_else(|| {
+        AnchorError::Content("it has no chain line: it is a checkpoint, not an anchor".into())
+    })?;
+    let frontier = frontier.ok_or_else(|| {
+        AnchorError::Content("it has no frontier line: it is a checkpoint, not an anchor".into())
+    })?;
+    let tree = Tree::from_frontier(cp.size, &frontier).ok_or_else(|| {
+        AnchorError::Content(format!(
+            "its frontier has {} hashes where a tree of {} records has {}",
+            frontier.len(),
+            cp.size,
+            cp.size.count_ones()
+        ))
+    })?;
+    if tree.root() != cp.root {
+        return Err(AnchorError::Content(format!(
+            "its frontier does not lead to its signed root of {} records",
+            cp.size
+        )));
+    }
+    Ok(Anchor {
+        size: cp.size,
+        root: cp.root,
+        chain,
+        frontier,
+        kind,
+        time,
+        note: note.to_string(),
+    })
+}
+
+/// The retention anchor of the ledger in `dir` (`retention`), verified, if there is one.
+pub fn read_anchor(dir: &Path, verifiers: &[Verifier]) -> Result<Option<Anchor>, AnchorError> {
+    match std::fs::read_to_string(anchor_path(dir)) {
+        Ok(note) => {
+            let a = parse_anchor(&note, verifiers)?;
+            if a.kind != RETENTION_ANCHOR {
+                return Err(AnchorError::Content(format!(
+                    "it is a {}, not a {RETENTION_ANCHOR}: records may only be deleted by retention",
+                    a.kind
+                )));
+            }
+            Ok(Some(a))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AnchorError::Content(format!("it cannot be read: {e}"))),
+    }
+}
+
+/// The parsed public keys of the ledger in `dir` (`keys/*.vkey`), unreadable ones left out.
+fn own_verifiers(dir: &Path) -> Vec<Verifier> {
+    verifier_keys(dir)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|k| Verifier::parse(k).ok())
+        .collect()
 }
 
 /// The signing key of the ledger in `dir`, made on first use; its public key is kept in
@@ -268,7 +511,9 @@ fn saved_state(dir: &Path) -> Option<(u64, Hash, Tree)> {
 
 /// Reads the ledger from the last saved state on (the records it covers are not hashed
 /// again: `audit verify` checks them), checking framing and sequence, and cuts a torn last
-/// record. Without a usable state, or when it does not fit the segments, from the start.
+/// record. Without a usable state, or when it does not fit the segments, from the start: from
+/// record 1, or from the retention anchor when retention deleted the oldest records (a first
+/// segment after record 1 without an anchor that reaches it stops the start).
 fn replay(dir: &Path) -> Result<(Tail, Option<Cut>), LedgerError> {
     if let Some((size, chain, tree)) = saved_state(dir) {
         match replay_from(dir, size, chain, tree) {
@@ -280,6 +525,38 @@ fn replay(dir: &Path) -> Result<(Tail, Option<Cut>), LedgerError> {
             }
             Err(e) => return Err(e),
         }
+    }
+    let segs = segments(dir)?;
+    let first = segs.first().map_or(1, |(f, _)| *f);
+    let anchor = read_anchor(dir, &own_verifiers(dir));
+    if let Ok(Some(a)) = &anchor {
+        // (An anchor past the first segment's start: a retention interrupted between writing
+        // the anchor and unlinking the segments it covers.)
+        if a.size + 1 >= first {
+            match replay_from(dir, a.size, a.chain, a.tree()) {
+                Ok(r) => return Ok(r),
+                Err(LedgerError::Corrupt { .. }) | Err(LedgerError::Sequence { .. })
+                    if first == 1 =>
+                {
+                    tracing::warn!(
+                        "the ledger's retention anchor does not fit its segments; reading them all"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if first > 1 {
+        let why = match anchor {
+            Ok(Some(a)) => format!("the retention anchor covers only records 1 to {}", a.size),
+            Ok(None) => "there is no retention anchor (`retention`)".into(),
+            Err(e) => format!("the retention anchor is refused ({e})"),
+        };
+        return Err(LedgerError::NoAnchor {
+            segment: segs[0].1.clone(),
+            first,
+            why,
+        });
     }
     replay_from(dir, 0, CHAIN_START, Tree::new())
 }
@@ -302,6 +579,16 @@ fn replay_from(
         .rposition(|(first, _)| *first <= skip + 1)
         .unwrap_or(0);
     let mut next_seq = segs.get(start).map_or(1, |(first, _)| *first);
+    // The records between what `tree` covers and the first segment are gone.
+    if let Some((first, path)) = segs.get(start) {
+        if *first > skip + 1 {
+            return Err(LedgerError::Sequence {
+                segment: path.clone(),
+                expected: skip + 1,
+                found: *first,
+            });
+        }
+    }
     if skip > 0 && segs.is_empty() {
         return Err(LedgerError::Sequence {
             segment: dir.join("segments"),
@@ -398,6 +685,97 @@ fn replay_from(
     ))
 }
 
+/// Writes the seal of every sealed segment (all but the last) that has none, or one that does
+/// not verify or does not end where the next segment begins, reading the records from where
+/// the ledger starts (record 1, or the retention anchor) to the last of them. Returns how many
+/// were written.
+fn seal_missing(
+    dir: &Path,
+    signer: &NoteSigner,
+    origin: &str,
+    verifiers: &[Verifier],
+) -> Result<usize, LedgerError> {
+    let segs = segments(dir)?;
+    if segs.len() < 2 {
+        return Ok(0);
+    }
+    let fits = |i: usize| {
+        std::fs::read_to_string(seal_path(dir, segs[i].0))
+            .ok()
+            .and_then(|n| parse_anchor(&n, verifiers).ok())
+            .is_some_and(|a| a.size + 1 == segs[i + 1].0)
+    };
+    let missing: Vec<usize> = (0..segs.len() - 1).filter(|&i| !fits(i)).collect();
+    let Some(&last) = missing.last() else {
+        return Ok(0);
+    };
+    let first = segs[0].0;
+    let (mut tree, mut chain) = if first == 1 {
+        (Tree::new(), CHAIN_START)
+    } else {
+        match read_anchor(dir, verifiers) {
+            Ok(Some(a)) if a.size + 1 >= first => (a.tree(), a.chain),
+            _ => {
+                return Err(LedgerError::NoAnchor {
+                    segment: segs[0].1.clone(),
+                    first,
+                    why: "there is no retention anchor that reaches it".into(),
+                })
+            }
+        }
+    };
+    let skip = tree.size();
+    let seals = dir.join("seals");
+    std::fs::create_dir_all(&seals).map_err(io(&seals))?;
+    let mut written = 0;
+    let mut next_seq = first;
+    for (i, (seg_first, path)) in segs.iter().enumerate().take(last + 1) {
+        if *seg_first != next_seq {
+            return Err(LedgerError::Sequence {
+                segment: path.clone(),
+                expected: next_seq,
+                found: *seg_first,
+            });
+        }
+        let bytes = std::fs::read(path).map_err(io(path))?;
+        let mut offset = 0;
+        while offset < bytes.len() {
+            let (f, used) =
+                frame::decode(&bytes[offset..]).map_err(|error| LedgerError::Corrupt {
+                    segment: path.clone(),
+                    after_seq: next_seq - 1,
+                    offset: offset as u64,
+                    error,
+                })?;
+            if f.seq != next_seq {
+                return Err(LedgerError::Sequence {
+                    segment: path.clone(),
+                    expected: next_seq,
+                    found: f.seq,
+                });
+            }
+            if f.seq > skip {
+                let leaf = leaf_hash(f.payload);
+                chain = frame::chain_next(&chain, &leaf);
+                tree.push(leaf);
+            }
+            next_seq += 1;
+            offset += used;
+        }
+        // (A segment that ends at or before the anchor is left over from an interrupted
+        // retention and needs no seal.)
+        if missing.contains(&i) && tree.size() == next_seq - 1 {
+            let note = anchor_note(signer, origin, SEAL, &tree, &chain)
+                .map_err(|e| LedgerError::Note(e.to_string()))?;
+            let at = seal_path(dir, *seg_first);
+            write_atomic(&at, note.as_bytes()).map_err(io(&at))?;
+            written += 1;
+        }
+    }
+    sync_dir(&seals).map_err(io(&seals))?;
+    Ok(written)
+}
+
 /// The length a frame at the start of `buf` claims (header, payload, checksum), if its
 /// header is there to say.
 fn declared_end(buf: &[u8]) -> Option<usize> {
@@ -439,6 +817,42 @@ impl LedgerSink {
         };
         let (tail, cut) = replay(&opts.dir)?;
         let records = tail.next_seq - 1;
+        let mut verifiers = own_verifiers(&opts.dir);
+        verifiers.push(signer.verifier());
+        if opts.retention.is_some() {
+            // Segments sealed before this version (or whose seal was lost) get theirs now,
+            // so that retention can pass them.
+            match seal_missing(&opts.dir, &signer, &opts.origin, &verifiers) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(segments = n, "sealed older ledger segments for retention"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot seal older ledger segments; retention stops before them")
+                }
+            }
+        }
+        // A segment's age counts from its first record: for the one reopened, from the file.
+        let segment_born = std::fs::metadata(&tail.segment)
+            .ok()
+            .filter(|m| m.len() > 0)
+            .and_then(|m| m.created().or_else(|_| m.modified()).ok());
+        // The index's hashes are keyed by the master key when records are sealed (so the index
+        // tells nothing without it), else by the salt.
+        let (index_key, opener) = match &opts.encryption {
+            Some(master) => (
+                crate::ledger_index::IndexKey::from_master(master),
+                crate::ledger_crypt::Opener::load(&opts.dir, master).ok(),
+            ),
+            None => (
+                crate::ledger_index::IndexKey::from_salt(&salt(&opts.dir)?),
+                None,
+            ),
+        };
+        let index = crate::ledger_index::SidecarWriter::open(
+            &tail.segment,
+            tail.segment_len,
+            index_key,
+            opener.as_ref(),
+        );
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -456,6 +870,15 @@ impl LedgerSink {
             healthy: healthy.clone(),
             written: written.clone(),
             last_checkpoint: None,
+            index,
+            index_key,
+            verifiers,
+            covered: 0,
+            last_retention: None,
+            retention_held: None,
+            own: Vec::new(),
+            segment_born,
+            rotate_failed: None,
         };
         let thread = std::thread::Builder::new()
             .name("audit-ledger".into())
@@ -527,6 +950,23 @@ struct Writer {
     healthy: Arc<AtomicBool>,
     written: Arc<AtomicU64>,
     last_checkpoint: Option<Instant>,
+    /// The search index of the segment being written (`None` when it could not be kept:
+    /// searches then read that segment's records one by one).
+    index: Option<crate::ledger_index::SidecarWriter>,
+    index_key: crate::ledger_index::IndexKey,
+    /// The ledger's public keys, for its seals.
+    verifiers: Vec<Verifier>,
+    /// The size of the last checkpoint written.
+    covered: u64,
+    last_retention: Option<Instant>,
+    /// Why retention last stopped short (logged once per reason).
+    retention_held: Option<String>,
+    /// Events the writer records itself (retention), taken before the queue.
+    own: Vec<AuditEvent>,
+    /// When the segment being written received its first record (`None` while empty).
+    segment_born: Option<std::time::SystemTime>,
+    /// The last failed rotation: retried at most once a second.
+    rotate_failed: Option<Instant>,
 }
 
 impl Writer {
@@ -543,7 +983,10 @@ impl Writer {
         loop {
             let mut disconnected = false;
             loop {
-                let msg = rx.try_recv();
+                let msg = match self.own.pop() {
+                    Some(e) => Ok(Msg::Event(Box::new(e))),
+                    None => rx.try_recv(),
+                };
                 let (event, waiter) = match msg {
                     Ok(Msg::Event(e)) => (Some(e), None),
                     Ok(Msg::Durable(e, w)) => (Some(e), Some(w)),
@@ -570,6 +1013,7 @@ impl Writer {
                             sealer.seal(e.seq, &payload, &mut sealed);
                             std::mem::swap(&mut payload, &mut sealed);
                         }
+                        let offset = self.tail.segment_len + batch.len() as u64;
                         if frame::encode(e.seq, &payload, &mut batch).is_err() {
                             // An event over 1 MiB cannot be framed: record that it existed.
                             tracing::error!(
@@ -581,6 +1025,9 @@ impl Writer {
                             let stub = serde_json::json!({"seq": e.seq, "event_id": e.event_id, "error": "event too large to record", "bytes": payload.capacity()});
                             payload.extend_from_slice(stub.to_string().as_bytes());
                             let _ = frame::encode(e.seq, &payload, &mut batch);
+                        }
+                        if let Some(index) = &mut self.index {
+                            index.push(&e, offset);
                         }
                         let leaf = leaf_hash(&payload);
                         self.tail.chain = frame::chain_next(&self.tail.chain, &leaf);
@@ -600,6 +1047,11 @@ impl Writer {
                 let _ = w.send(if ok { Ok(seq) } else { Err(()) });
             }
             if batch.is_empty() {
+                // A flush (the gateway shutting down) also gets a checkpoint of everything
+                // written, before it is answered: the process may exit right after.
+                if !waiting.is_empty() {
+                    self.checkpoint();
+                }
                 for w in waiting.drain(..) {
                     let _ = w.send(());
                 }
@@ -608,7 +1060,13 @@ impl Writer {
                         .last_checkpoint
                         .is_none_or(|t| t.elapsed() >= self.opts.checkpoint_interval)
                 {
+                    if !disconnected {
+                        self.rotate_by_age();
+                    }
                     self.checkpoint();
+                    if !disconnected {
+                        self.retain();
+                    }
                 }
             }
             if disconnected && batch.is_empty() {
@@ -636,6 +1094,10 @@ impl Writer {
                 self.tail.segment_len += batch.len() as u64;
                 batch.clear();
                 self.written.store(self.tail.next_seq - 1, Relaxed);
+                if self.index.as_mut().is_some_and(|i| !i.write()) {
+                    tracing::warn!(segment = %self.tail.segment.display(), "cannot write the ledger's search index; searches read this segment's records one by one");
+                    self.index = None;
+                }
                 if !self.healthy.swap(true, Relaxed) {
                     tracing::info!("the audit ledger can write again");
                 }
@@ -654,16 +1116,27 @@ impl Writer {
         }
     }
 
-    /// Closes the full segment and begins the next one.
+    /// Closes the full segment (synced, then sealed: see [`Writer::seal`]) and begins the
+    /// next one.
     fn rotate(&mut self) {
+        if self
+            .rotate_failed
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
         let next = segment_path(&self.opts.dir, self.tail.next_seq);
         match self
             .file
             .sync_all()
+            .and_then(|_| self.seal())
             .and_then(|_| OpenOptions::new().create(true).append(true).open(&next))
         {
             Ok(f) => {
+                self.rotate_failed = None;
+                self.segment_born = None;
                 self.file = f;
+                self.index = crate::ledger_index::SidecarWriter::create(&next, self.index_key);
                 self.tail.segment = next;
                 self.tail.segment_len = 0;
                 if let Ok(d) = File::open(self.opts.dir.join("segments")) {
@@ -671,8 +1144,276 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot begin a new ledger segment; the current one keeps growing")
+                self.rotate_failed = Some(Instant::now());
+                tracing::error!(error = %e, "cannot seal the ledger segment and begin a new one; the current one keeps growing")
             }
+        }
+    }
+
+    /// Writes the seal of the segment being closed (`seals/<first seq>.seal`): the signed
+    /// tree size, root, chain head and frontier after its last record, all synced already.
+    /// Retention copies it to `retention` when it deletes this segment, and `audit verify`
+    /// starts from there. No new segment is begun without it.
+    fn seal(&self) -> std::io::Result<()> {
+        let first = self
+            .tail
+            .segment
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u64>().ok())
+            .ok_or_else(|| std::io::Error::other("a segment name that is not a sequence number"))?;
+        let note = anchor_note(
+            &self.signer,
+            &self.opts.origin,
+            SEAL,
+            &self.tail.tree,
+            &self.tail.chain,
+        )
+        .map_err(std::io::Error::other)?;
+        let seals = self.opts.dir.join("seals");
+        std::fs::create_dir_all(&seals)?;
+        write_atomic(&seal_path(&self.opts.dir, first), note.as_bytes())?;
+        sync_dir(&seals)
+    }
+
+    /// Seals the segment being written when its first record is older than
+    /// `audit.segment_max_age`, so that retention can delete by age on a quiet node too.
+    fn rotate_by_age(&mut self) {
+        if self.tail.segment_len == 0 {
+            return;
+        }
+        let born = *self
+            .segment_born
+            .get_or_insert_with(std::time::SystemTime::now);
+        if born.elapsed().unwrap_or_default() >= self.opts.segment_max_age {
+            self.rotate();
+        }
+    }
+
+    /// Retention (`audit.retention`), at most every [`RETENTION_EVERY`]: deletes the oldest
+    /// sealed segments, as long as each one's last write is older than the retention, a
+    /// checkpoint already written covers its last record, and every required export cursor
+    /// has passed it. Never the segment being written, only a prefix of the ledger. A
+    /// retention anchor at the new start (signed now, from the verified seal of the last
+    /// segment deleted) is written durably before anything is unlinked; then a `system` event
+    /// (`ledger.retention`) records what was deleted.
+    fn retain(&mut self) {
+        let Some(retention) = self.opts.retention.clone() else {
+            return;
+        };
+        if self
+            .last_retention
+            .is_some_and(|t| t.elapsed() < RETENTION_EVERY)
+        {
+            return;
+        }
+        self.last_retention = Some(Instant::now());
+        let dir = self.opts.dir.clone();
+        let dir = &dir;
+        let segs = match segments(dir) {
+            Ok(s) => s,
+            Err(e) => return self.hold(format!("cannot list the segments: {e}")),
+        };
+        // Only sealed segments: never the one being written (the last).
+        if segs.len() < 2 || segs.last().map(|(_, p)| p) != Some(&self.tail.segment) {
+            return;
+        }
+        // Records an earlier retention already gave up (it was interrupted before unlinking
+        // all of them) go whatever the conditions now.
+        let given_up = read_anchor(dir, &self.verifiers)
+            .ok()
+            .flatten()
+            .map_or(0, |a| a.size);
+        // Never over a gap: what was deleted by other means stays evident.
+        if segs[0].0 > given_up + 1 {
+            return self.hold(format!(
+                "the ledger starts at record {} but no retention anchor covers the records before; run `apiwarden audit verify`",
+                segs[0].0
+            ));
+        }
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(retention.max_age)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let mut exported = u64::MAX;
+        let mut cursors = Vec::new();
+        for name in &retention.requires_export {
+            let at = cursor_path(dir, name);
+            let seq = match std::fs::read_to_string(&at) {
+                Ok(text) => text.trim().parse::<u64>().unwrap_or_else(|_| {
+                    tracing::warn!(cursor = %at.display(), "an export cursor that does not hold a sequence number counts as nothing exported");
+                    0
+                }),
+                Err(_) => 0,
+            };
+            exported = exported.min(seq);
+            cursors.push(format!("{name} at {seq}"));
+        }
+        // The longest prefix that may go.
+        let mut deletable = 0;
+        let mut why = None;
+        for i in 0..segs.len() - 1 {
+            let last = segs[i + 1].0 - 1;
+            if last > given_up {
+                let old = std::fs::metadata(&segs[i].1)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t <= cutoff);
+                if !old {
+                    break;
+                }
+                if last > self.covered {
+                    why = Some(format!("record {last} is not covered by a checkpoint yet"));
+                    break;
+                }
+                if last > exported {
+                    why = Some(format!(
+                        "record {last} is not exported yet (cursors: {})",
+                        cursors.join(", ")
+                    ));
+                    break;
+                }
+                // Its seal, signed when it was closed, must end where the next segment
+                // begins: a segment missing in between is never deleted over.
+                let sealed = std::fs::read_to_string(seal_path(dir, segs[i].0))
+                    .ok()
+                    .and_then(|n| parse_anchor(&n, &self.verifiers).ok())
+                    .is_some_and(|a| a.size == last);
+                if !sealed {
+                    why = Some(format!(
+                        "segment {} has no valid seal ending at record {last} (seals/): run `apiwarden audit verify`; a restart seals a segment that has none",
+                        segs[i].1.display()
+                    ));
+                    break;
+                }
+            }
+            deletable = i + 1;
+        }
+        if deletable == 0 {
+            if let Some(why) = why {
+                self.hold(format!("segments past the retention are kept: {why}"));
+            }
+            return;
+        }
+        let boundary = segs[deletable].0 - 1;
+        let mut anchor = None;
+        if boundary > given_up {
+            // The seal of the last segment to go gives the state there, signed when it was
+            // closed; the anchor says, signed now, that retention deleted everything before.
+            let seal = std::fs::read_to_string(seal_path(dir, segs[deletable - 1].0))
+                .ok()
+                .and_then(|n| parse_anchor(&n, &self.verifiers).ok())
+                .filter(|a| a.size == boundary);
+            let Some(seal) = seal else {
+                return self.hold(format!(
+                    "segment {} has no valid seal (seals/); restart the gateway to seal it",
+                    segs[deletable - 1].1.display()
+                ));
+            };
+            let note = match anchor_note(
+                &self.signer,
+                &self.opts.origin,
+                RETENTION_ANCHOR,
+                &seal.tree(),
+                &seal.chain,
+            ) {
+                Ok(n) => n,
+                Err(e) => return self.hold(format!("cannot sign the retention anchor: {e}")),
+            };
+            // Durable before anything is unlinked: a crash after it leaves a ledger that
+            // verifies (and whose remaining records up to it go at the next pass).
+            let at = anchor_path(dir);
+            if let Err(e) = write_atomic(&at, note.as_bytes()).and_then(|_| sync_dir(dir)) {
+                return self.hold(format!("cannot write the retention anchor: {e}"));
+            }
+            anchor = Some(seal);
+        }
+        self.retention_held = None;
+        let mut names = Vec::new();
+        let mut bytes = 0u64;
+        let mut failed = None;
+        for (_, path) in &segs[..deletable] {
+            let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            if let Err(e) = std::fs::remove_file(path) {
+                failed = Some(format!("{}: {e}", path.display()));
+                break;
+            }
+            bytes += len;
+            names.push(
+                path.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            // The segment's search index goes with it.
+            let _ = std::fs::remove_file(path.with_extension("idx"));
+        }
+        let _ = sync_dir(&dir.join("segments"));
+        let first = segs[0].0;
+        let deleted_to = segs[names.len()].0 - 1;
+        // Seals before the new start are of no use any more.
+        if let Ok(entries) = std::fs::read_dir(dir.join("seals")) {
+            for entry in entries.flatten() {
+                let stale = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".seal"))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|f| f <= deleted_to);
+                if stale {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+            let _ = sync_dir(&dir.join("seals"));
+        }
+        let (anchor_size, anchor_root) = match &anchor {
+            Some(a) => (a.size, a.root),
+            None => match read_anchor(dir, &self.verifiers) {
+                Ok(Some(a)) => (a.size, a.root),
+                _ => (given_up, [0; 32]),
+            },
+        };
+        let mut message = if names.is_empty() {
+            format!(
+                "ledger retention wrote a retention anchor of {anchor_size} records but deleted nothing"
+            )
+        } else {
+            format!(
+                "ledger retention deleted records {first} to {deleted_to} ({} sealed segment{}: {}; {bytes} bytes), each last written more than {} ago and covered by a signed checkpoint of {} records{}; the ledger now starts at record {}, after the signed retention anchor of {anchor_size} records (root {})",
+                names.len(),
+                if names.len() == 1 { "" } else { "s" },
+                names.join(", "),
+                humantime::format_duration(retention.max_age),
+                self.covered,
+                if cursors.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and exported (cursors: {})", cursors.join(", "))
+                },
+                deleted_to + 1,
+                B64.encode(anchor_root),
+            )
+        };
+        if let Some(f) = &failed {
+            message.push_str(&format!("; stopped: cannot delete {f}"));
+            tracing::error!("{message}");
+        } else {
+            tracing::info!("{message}");
+        }
+        let mut e = AuditEvent::new(
+            apiwarden_core::event::EventKind::System,
+            crate::ids::new_id(),
+            self.opts.node.clone(),
+        );
+        e.decision.outcome = apiwarden_core::event::Outcome::Allow;
+        e.decision.reason = apiwarden_core::event::Reason::LedgerRetention;
+        e.message = Some(message);
+        self.own.push(e);
+    }
+
+    /// Logs why retention keeps segments it would delete, once per reason.
+    fn hold(&mut self, why: String) {
+        if self.retention_held.as_ref() != Some(&why) {
+            tracing::warn!("audit ledger retention: {why}");
+            self.retention_held = Some(why);
         }
     }
 
@@ -711,6 +1452,7 @@ impl Writer {
             tracing::error!(error = %e, "cannot write a ledger checkpoint");
             return;
         }
+        self.covered = cp.size;
         if let Some(copy) = &self.opts.copy_to {
             let r = std::fs::create_dir_all(copy)
                 .and_then(|_| write_atomic(&copy.join("checkpoint"), note.as_bytes()));
@@ -855,6 +1597,9 @@ mod tests {
             origin: "apiwarden/test".into(),
             copy_to: Some(dir.join("elsewhere")),
             segment_bytes: 16 * 1024,
+            segment_max_age: SEGMENT_MAX_AGE,
+            retention: None,
+            node: "t".into(),
             encryption: None,
         }
     }
@@ -906,6 +1651,243 @@ mod tests {
         read_records(&dir.join("ledger"), |_, p| leaves.push(leaf_hash(p))).unwrap();
         assert_eq!(cp.root, apiwarden_core::ledger::merkle::root(&leaves));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Waits (up to 10 s) until `f` holds.
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(10), "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn firsts(ledger: &Path) -> Vec<u64> {
+        segments(ledger).unwrap().iter().map(|(f, _)| *f).collect()
+    }
+
+    /// Records events, 40 to a batch (segments rotate between batches).
+    async fn write_events(sink: &LedgerSink, range: std::ops::Range<usize>) {
+        for i in range {
+            sink.record(event(i));
+            if i % 40 == 39 {
+                sink.flush().await.unwrap();
+            }
+        }
+        sink.flush().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_only_an_old_covered_exported_prefix_after_its_anchor() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let mut opts = options(&dir);
+        opts.retention = Some(Retention {
+            max_age: Duration::from_millis(500),
+            requires_export: vec!["siem".into()],
+        });
+        let opened = LedgerSink::open(opts.clone()).unwrap();
+        write_events(&opened.sink, 0..400).await;
+        let before = firsts(&ledger);
+        assert!(before.len() >= 4, "{before:?}");
+        // Sealed segments have their seal, signed, with the chain head and frontier.
+        let verifiers = own_verifiers(&ledger);
+        for w in before.windows(2) {
+            let seal = std::fs::read_to_string(seal_path(&ledger, w[0])).unwrap();
+            let a = parse_anchor(&seal, &verifiers).unwrap();
+            assert_eq!((a.size, a.kind.as_str()), (w[1] - 1, SEAL));
+        }
+        // Old enough, covered, but never exported: kept.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(firsts(&ledger), before);
+        assert!(!anchor_path(&ledger).exists());
+        // Exported up to the end of the second segment (not quite to the end of the third):
+        // the first two go, the anchor at their end first.
+        std::fs::create_dir_all(ledger.join("cursors")).unwrap();
+        std::fs::write(cursor_path(&ledger, "siem"), format!("{}\n", before[3] - 2)).unwrap();
+        until("the first two segments deleted", || {
+            firsts(&ledger)[0] == before[2]
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(firsts(&ledger), before[2..], "nothing past the cursor");
+        let anchor = read_anchor(&ledger, &verifiers).unwrap().unwrap();
+        assert_eq!(
+            (anchor.size, anchor.kind.as_str()),
+            (before[2] - 1, RETENTION_ANCHOR)
+        );
+        assert!(!seal_path(&ledger, before[0]).exists());
+        assert!(!seal_path(&ledger, before[1]).exists());
+        assert!(seal_path(&ledger, before[2]).exists());
+        // The deletion is itself an event, naming the range.
+        opened.sink.flush().await.unwrap();
+        let events = read_events(&ledger).unwrap();
+        let e = events
+            .iter()
+            .find(|e| e["decision"]["reason"] == "ledger.retention")
+            .expect("a retention event");
+        assert_eq!(e["kind"], "system");
+        let msg = e["message"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("deleted records 1 to {}", before[2] - 1)),
+            "{msg}"
+        );
+        assert!(msg.contains(&format!("{:020}.seg", before[1])), "{msg}");
+        assert!(msg.contains("siem at"), "{msg}");
+        // Verify starts at the boundary.
+        let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        let b = report.retention.clone().expect("a retention boundary");
+        assert_eq!(
+            (b.anchor_size, b.first, b.leftover),
+            (before[2] - 1, before[2], None)
+        );
+        assert!(b.checkpoints_skipped > 0);
+        // Everything exported: every sealed segment goes, never the one being written.
+        std::fs::write(cursor_path(&ledger, "siem"), "1000000\n").unwrap();
+        let last = *before.last().unwrap();
+        until("all sealed segments deleted", || firsts(&ledger) == [last]).await;
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        // A start without the state file replays from the anchor; young segments stay.
+        std::fs::remove_file(ledger.join("state")).unwrap();
+        opts.retention = Some(Retention {
+            max_age: Duration::from_secs(3600),
+            requires_export: vec![],
+        });
+        let opened = LedgerSink::open(opts.clone()).unwrap();
+        let records = opened.records;
+        assert!(records >= 402, "{records}");
+        write_events(&opened.sink, 400..700).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(firsts(&ledger)[0], last, "young segments are kept");
+        assert!(firsts(&ledger).len() > 2);
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        assert_eq!(report.records, records + 300);
+        assert_eq!(report.retention.unwrap().first, last);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn retention_waits_for_a_checkpoint_covering_the_segments() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let mut opts = options(&dir);
+        opts.retention = Some(Retention {
+            max_age: Duration::from_millis(1),
+            requires_export: vec![],
+        });
+        // No checkpoint can be written while its log is a directory.
+        std::fs::create_dir_all(ledger.join("checkpoints.log")).unwrap();
+        let opened = LedgerSink::open(opts).unwrap();
+        write_events(&opened.sink, 0..300).await;
+        assert!(firsts(&ledger).len() >= 3);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            firsts(&ledger)[0],
+            1,
+            "nothing deleted that no checkpoint covers"
+        );
+        assert!(!anchor_path(&ledger).exists());
+        std::fs::remove_dir(ledger.join("checkpoints.log")).unwrap();
+        until("deleted once covered", || firsts(&ledger)[0] > 1).await;
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn retention_never_deletes_over_a_segment_deleted_by_hand() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let mut opts = options(&dir);
+        opts.retention = Some(Retention {
+            max_age: Duration::from_millis(1),
+            requires_export: vec!["siem".into()],
+        });
+        let opened = LedgerSink::open(opts).unwrap();
+        write_events(&opened.sink, 0..300).await;
+        let before = firsts(&ledger);
+        assert!(before.len() >= 4, "{before:?}");
+        std::fs::remove_file(segment_path(&ledger, before[1])).unwrap();
+        std::fs::create_dir_all(ledger.join("cursors")).unwrap();
+        std::fs::write(cursor_path(&ledger, "siem"), "1000000\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(firsts(&ledger)[0], 1, "the gap stays evident");
+        assert!(!anchor_path(&ledger).exists());
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let err = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap_err();
+        assert_eq!(err.kind(), "missing", "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_retention_still_verifies_and_is_finished_at_the_next_start() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let mut opts = options(&dir);
+        opts.retention = Some(Retention {
+            max_age: Duration::from_millis(1),
+            requires_export: vec!["siem".into()],
+        });
+        let opened = LedgerSink::open(opts.clone()).unwrap();
+        write_events(&opened.sink, 0..300).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = firsts(&ledger);
+        assert!(before.len() >= 3, "{before:?}");
+        // A copy before retention, to put into the state a crash would leave.
+        let copy = dir.join("copy");
+        copy_dir(&ledger, &copy);
+        std::fs::create_dir_all(ledger.join("cursors")).unwrap();
+        std::fs::write(cursor_path(&ledger, "siem"), format!("{}\n", before[2] - 1)).unwrap();
+        let opened = LedgerSink::open(opts.clone()).unwrap();
+        until("two segments deleted", || firsts(&ledger)[0] == before[2]).await;
+        drop(opened);
+        // The anchor written, nothing unlinked yet: every record is still checked, the anchor
+        // too.
+        std::fs::copy(anchor_path(&ledger), anchor_path(&copy)).unwrap();
+        let report = crate::ledger_verify::verify(&copy, None, &mut |_, _| {}).unwrap();
+        let b = report.retention.unwrap();
+        assert!(b.anchor_checked);
+        assert_eq!(b.leftover, Some((1, before[2] - 1)));
+        // The first segment unlinked, not the second.
+        std::fs::remove_file(segment_path(&copy, 1)).unwrap();
+        let report = crate::ledger_verify::verify(&copy, None, &mut |_, _| {}).unwrap();
+        let b = report.retention.unwrap();
+        assert_eq!(b.leftover, Some((before[1], before[2] - 1)));
+        assert!(!b.anchor_checked);
+        // The next start finishes the job (whatever the cursors say now), from the anchor.
+        std::fs::remove_file(copy.join("state")).unwrap();
+        let mut copy_opts = opts.clone();
+        copy_opts.dir = copy.clone();
+        let opened = LedgerSink::open(copy_opts).unwrap();
+        assert_eq!(opened.records, 300);
+        until("the leftover segment deleted", || {
+            firsts(&copy)[0] == before[2]
+        })
+        .await;
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let report = crate::ledger_verify::verify(&copy, None, &mut |_, _| {}).unwrap();
+        assert_eq!(report.retention.unwrap().leftover, None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &to.join(entry.file_name()));
+            } else {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
     }
 
     #[tokio::test]

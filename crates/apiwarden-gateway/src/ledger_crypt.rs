@@ -220,6 +220,7 @@ fn unwrap(id: u32, path: &Path, file: &[u8], master: &[u8; 32]) -> Result<Vec<u8
 /// Opens sealed records: every data key of the ledger, unwrapped.
 pub struct Opener {
     keys: HashMap<u32, LessSafeKey>,
+    index_key: crate::ledger_index::IndexKey,
 }
 
 impl Opener {
@@ -228,7 +229,15 @@ impl Opener {
         for (id, path, file) in data_key_files(dir)? {
             keys.insert(id, aes(&unwrap(id, &path, &file, master)?));
         }
-        Ok(Opener { keys })
+        Ok(Opener {
+            keys,
+            index_key: crate::ledger_index::IndexKey::from_master(master),
+        })
+    }
+
+    /// The key of the search index's hashes (derived from the master key).
+    pub fn index_key(&self) -> crate::ledger_index::IndexKey {
+        self.index_key
     }
 
     /// The plaintext of record `seq`'s payload (as is when it was not sealed).

@@ -9,15 +9,22 @@
 //! never changes a file: a torn last record that the gateway would cut on its next start is
 //! reported too.
 //!
+//! After retention deleted the oldest segments, the first segment starts at record S > 1: the
+//! signed retention anchor (`retention`, see [`ledger::Anchor`]) must then cover exactly
+//! records 1 to S-1 (or more, when a retention was interrupted before unlinking all it had
+//! given up), and the chain and the tree start from its chain head and Merkle frontier.
+//! Checkpoints of fewer records are skipped and counted; a held checkpoint of fewer records
+//! cannot be checked ([`VerifyError::PredatesRetention`]).
+//!
 //! [`prove`] and [`consistency`] keep the leaf hashes (32 bytes a record) of the records a
-//! checkpoint covers and print RFC 6962 proofs; [`verify_proof`] checks either kind of proof
-//! with nothing but the public key(s).
+//! checkpoint covers (after retention: of the records kept, with the anchor's frontier standing
+//! for the rest) and print RFC 6962 proofs; [`verify_proof`] checks either kind of proof with
+//! nothing but the public key(s).
 
 use crate::ledger;
 use apiwarden_core::ledger::frame::{self, FrameError, CHAIN_START, HEADER_LEN};
 use apiwarden_core::ledger::merkle::{
-    consistency_proof, inclusion_proof, leaf_hash, root, verify_consistency, verify_inclusion,
-    Hash, Tree, EMPTY_ROOT,
+    leaf_hash, verify_consistency, verify_inclusion, Hash, Pruned, Tree, EMPTY_ROOT,
 };
 use apiwarden_core::ledger::note::{self, Checkpoint, Verifier};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -94,6 +101,29 @@ pub enum VerifyError {
         records: u64,
         covers: u64,
     },
+    /// The first segment starts after record 1 and no retention anchor accounts for the
+    /// records before it (or the anchor stops short of them).
+    #[error("{segment}: the ledger starts at record {first}, but {why}: records {from} to {} are missing — they were deleted outside of retention, or the retention anchor was replaced", first - 1)]
+    PrefixMissing {
+        segment: String,
+        first: u64,
+        /// The first record missing.
+        from: u64,
+        why: String,
+    },
+    /// The retention anchor (`retention`) is signed but not a usable anchor.
+    #[error("the retention anchor (retention): {reason}")]
+    BadAnchor { reason: String },
+    /// A record that retention deleted (`prove`).
+    #[error("record {seq} was deleted by retention (the ledger starts at record {first}; the retention anchor covers records 1 to {})", first - 1)]
+    Deleted { seq: u64, first: u64 },
+    /// A checkpoint smaller than the retention boundary: its root cannot be recomputed.
+    #[error("{checkpoint} covers {size} records, which predates the retention boundary: records 1 to {boundary} were deleted by retention, so its root can no longer be recomputed; give a checkpoint of {boundary} records or more (the latest copy that audit.checkpoint_copy keeps will do)")]
+    PredatesRetention {
+        checkpoint: String,
+        size: u64,
+        boundary: u64,
+    },
     /// A proof does not verify.
     #[error("the proof does not verify: {0}")]
     BadProof(String),
@@ -113,7 +143,11 @@ impl VerifyError {
     /// 1 for a ledger or proof that does not verify, 2 for usage and I/O errors.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VerifyError::Io { .. } | VerifyError::Usage(_) | VerifyError::NotCovered { .. } => 2,
+            VerifyError::Io { .. }
+            | VerifyError::Usage(_)
+            | VerifyError::NotCovered { .. }
+            | VerifyError::Deleted { .. }
+            | VerifyError::PredatesRetention { .. } => 2,
             _ => 1,
         }
     }
@@ -130,6 +164,10 @@ impl VerifyError {
             VerifyError::Truncated { .. } => "truncated",
             VerifyError::BadSignature { .. } => "bad_signature",
             VerifyError::RolledBack { .. } => "rolled_back",
+            VerifyError::PrefixMissing { .. } => "missing",
+            VerifyError::BadAnchor { .. } => "bad_anchor",
+            VerifyError::Deleted { .. } => "deleted",
+            VerifyError::PredatesRetention { .. } => "predates_retention",
             VerifyError::BadProof(_) => "bad_proof",
             VerifyError::NotCovered { .. } => "not_covered",
             VerifyError::Io { .. } => "io",
@@ -146,7 +184,8 @@ impl VerifyError {
             | VerifyError::Misnamed { segment, .. }
             | VerifyError::RootMismatch { segment, .. }
             | VerifyError::ChainMismatch { segment, .. }
-            | VerifyError::Truncated { segment, .. } => Some(segment),
+            | VerifyError::Truncated { segment, .. }
+            | VerifyError::PrefixMissing { segment, .. } => Some(segment),
             _ => None,
         }
     }
@@ -163,7 +202,8 @@ impl VerifyError {
             VerifyError::Truncated { records, .. } | VerifyError::RolledBack { records, .. } => {
                 Some(records + 1)
             }
-            VerifyError::NotCovered { seq, .. } => Some(*seq),
+            VerifyError::NotCovered { seq, .. } | VerifyError::Deleted { seq, .. } => Some(*seq),
+            VerifyError::PrefixMissing { from, .. } => Some(*from),
             _ => None,
         }
     }
@@ -225,6 +265,31 @@ pub struct Report {
     pub held: Option<u64>,
     /// Where the hash chain was checked against the `state` file.
     pub chain_checked_at: Option<u64>,
+    /// Where retention left the ledger, when it deleted records.
+    pub retention: Option<Boundary>,
+}
+
+/// The retention boundary the ledger starts from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Boundary {
+    /// Records 1 to `anchor_size` were deleted by retention; the signed retention anchor
+    /// holds the tree and chain after record `anchor_size`.
+    pub anchor_size: u64,
+    pub anchor_root: Hash,
+    /// When the anchor was signed (its `time` line).
+    pub anchor_time: Option<String>,
+    /// The first record kept (the first segment's first record).
+    pub first: u64,
+    /// Records still on disk that the anchor already covers (a retention interrupted before
+    /// it unlinked them all; the gateway deletes them on its next pass): their framing and
+    /// sequence were checked, not their hashes.
+    pub leftover: Option<(u64, u64)>,
+    /// Checkpoints of fewer records than the anchor: their roots cannot be recomputed, so
+    /// they were skipped (they are counted here, not in `checkpoints_checked`).
+    pub checkpoints_skipped: usize,
+    /// Whether the anchor was checked against the records themselves (the ledger still
+    /// starts at record 1: a retention interrupted before it unlinked anything).
+    pub anchor_checked: bool,
 }
 
 impl Report {
@@ -240,6 +305,15 @@ impl Report {
             "covered": self.covered,
             "held": self.held,
             "chain_checked_at": self.chain_checked_at,
+            "retention": self.retention.as_ref().map(|b| json!({
+                "deleted_through": b.anchor_size,
+                "first_record": b.first,
+                "anchor_size": b.anchor_size,
+                "anchor_root": B64.encode(b.anchor_root),
+                "anchor_time": b.anchor_time,
+                "leftover": b.leftover.map(|(from, to)| json!([from, to])),
+                "checkpoints_skipped": b.checkpoints_skipped,
+            })),
         })
     }
 }
@@ -457,11 +531,13 @@ impl FrameReader {
 /// What [`scan`] calls for each record: (segment index, seq, payload) → go on?
 type Visit<'a> = dyn FnMut(usize, u64, &[u8]) -> Result<bool, VerifyError> + 'a;
 
-/// Streams every record of the ledger in order, checking framing, segment names and sequence
-/// continuity, and calls `visit(segment index, seq, payload)` for each (until it returns
-/// `false`). Returns the number of records visited.
+/// Streams every record of the ledger in order from record `first` (1, or the first kept after
+/// retention), checking framing, segment names and sequence continuity, and calls
+/// `visit(segment index, seq, payload)` for each (until it returns `false`). Returns the last
+/// sequence number visited and the bytes read.
 fn scan(
     segs: &[Seg],
+    first: u64,
     progress: &mut dyn FnMut(u64, u64),
     visit: &mut Visit<'_>,
 ) -> Result<(u64, u64), VerifyError> {
@@ -471,7 +547,7 @@ fn scan(
         .sum();
     let mut read = 0u64;
     let mut last_report = 0u64;
-    let mut expected = 1u64;
+    let mut expected = first;
     // A record numbered above the next expected one: a gap, unless the missing numbers turn
     // up later (then the records were reordered). (segment label, expected, found)
     let mut gap: Option<(String, u64, u64)> = None;
@@ -575,6 +651,87 @@ fn read_state(dir: &Path) -> Option<(u64, Hash)> {
     Some((size, chain.try_into().ok()?))
 }
 
+/// Where checking starts: at record 1, or after the retention anchor when retention deleted
+/// the oldest records.
+struct Start {
+    /// The records only the anchor vouches for (0 without retention).
+    base: u64,
+    tree: Tree,
+    chain: Hash,
+    /// The retention anchor, if there is one.
+    anchor: Option<ledger::Anchor>,
+    /// The first segment's first record.
+    first: u64,
+}
+
+/// Reads and checks the retention anchor (`retention`) and decides where checking starts: a
+/// first segment after record 1 needs a valid anchor (signed by a trusted key, its frontier
+/// leading to its signed root) that reaches it.
+fn start(dir: &Path, segs: &[Seg], verifiers: &[Verifier]) -> Result<Start, VerifyError> {
+    let first = segs.first().map_or(1, |s| s.first);
+    let path = ledger::anchor_path(dir);
+    let label = "the retention anchor (retention)".to_string();
+    let anchor = match std::fs::read_to_string(&path) {
+        Ok(note) => Some(match ledger::parse_anchor(&note, verifiers) {
+            Ok(a) if a.kind == ledger::RETENTION_ANCHOR => a,
+            Ok(a) => {
+                return Err(VerifyError::BadAnchor {
+                    reason: format!(
+                        "it is a {} (signed when a segment was closed), not a {}: records may only be deleted by retention, which signs its own anchor",
+                        a.kind,
+                        ledger::RETENTION_ANCHOR
+                    ),
+                })
+            }
+            Err(ledger::AnchorError::Signature(e)) => {
+                return Err(VerifyError::BadSignature {
+                    checkpoint: label,
+                    reason: format!("the retention anchor does not verify ({e}): it was altered or forged, so where the ledger may start cannot be trusted"),
+                })
+            }
+            Err(ledger::AnchorError::Content(e)) => {
+                return Err(VerifyError::BadAnchor { reason: e })
+            }
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&path)(e)),
+    };
+    if first == 1 {
+        return Ok(Start {
+            base: 0,
+            tree: Tree::new(),
+            chain: CHAIN_START,
+            anchor,
+            first,
+        });
+    }
+    let segment = segs[0].label.clone();
+    match anchor {
+        None => Err(VerifyError::PrefixMissing {
+            segment,
+            first,
+            from: 1,
+            why: "there is no retention anchor (retention) to start from".into(),
+        }),
+        Some(a) if a.size + 1 < first => Err(VerifyError::PrefixMissing {
+            segment,
+            first,
+            from: a.size + 1,
+            why: format!(
+                "the retention anchor covers records 1 to {} only, which does not reach the first segment's start",
+                a.size
+            ),
+        }),
+        Some(a) => Ok(Start {
+            base: a.size,
+            tree: a.tree(),
+            chain: a.chain,
+            anchor: Some(a),
+            first,
+        }),
+    }
+}
+
 /// Verifies the ledger in `dir` against its own public keys (`keys/*.vkey`); see
 /// [`verify_with`].
 pub fn verify(
@@ -590,6 +747,12 @@ pub fn verify(
 /// `vkeys`, or the ledger's `keys/*.vkey` when `None`). With `held` (a signed note kept
 /// elsewhere), also that the ledger is consistent with it. `progress(bytes read, total)` is
 /// called as the segments are read. Never changes a file.
+///
+/// After retention (the first segment starts after record 1) the chain and the tree start
+/// from the retention anchor; checkpoints of fewer records cannot be recomputed and are
+/// skipped (counted in [`Boundary::checkpoints_skipped`]), and a held checkpoint of fewer
+/// records is [`VerifyError::PredatesRetention`] (exit 2: it cannot be checked, which is not
+/// evidence of tampering).
 pub fn verify_with(
     dir: &Path,
     held: Option<&str>,
@@ -619,6 +782,21 @@ pub fn verify_with(
         });
     }
     let segs = segment_list(dir)?;
+    let st = start(dir, &segs, &verifiers)?;
+    let base = st.base;
+    // A ledger that still starts at record 1 under its anchor (a retention interrupted before
+    // it unlinked anything): the anchor is checked like a checkpoint, chain included.
+    let mut anchor_chain = None;
+    if let (0, Some(a)) = (base, &st.anchor) {
+        cps.push(Cp {
+            label: "the retention anchor (retention)".into(),
+            size: a.size,
+            root: a.root,
+            note: a.note.clone(),
+            held: false,
+        });
+        anchor_chain = Some((a.size, a.chain));
+    }
     // Checkpoints in the order the scan reaches them; the ledger's own before a held one of
     // the same size.
     let mut order: Vec<usize> = (0..cps.len()).collect();
@@ -628,24 +806,54 @@ pub fn verify_with(
         .first()
         .map_or_else(|| "segments/".to_string(), |s| s.label.clone());
     let mut next = 0;
-    let mut good = 0u64;
+    let mut good = base;
     let mut checked = 0usize;
-    while next < order.len() && cps[order[next]].size == 0 {
+    let mut skipped = 0usize;
+    // Checkpoints up to where checking starts: of the empty tree, or before the retention
+    // boundary (skipped), or at it (against the anchor's root).
+    let start_root = st
+        .anchor
+        .as_ref()
+        .filter(|_| base > 0)
+        .map_or(EMPTY_ROOT, |a| a.root);
+    while next < order.len() && cps[order[next]].size <= base {
         let cp = &cps[order[next]];
-        if cp.root != EMPTY_ROOT {
-            return Err(VerifyError::RootMismatch {
-                segment: first_label,
-                checkpoint: cp.label.clone(),
-                size: 0,
-                from: 1,
-            });
+        if cp.size < base {
+            if cp.held {
+                return Err(VerifyError::PredatesRetention {
+                    checkpoint: cp.label.clone(),
+                    size: cp.size,
+                    boundary: base,
+                });
+            }
+            skipped += 1;
+        } else {
+            if cp.root != start_root {
+                return Err(VerifyError::RootMismatch {
+                    segment: first_label,
+                    checkpoint: cp.label.clone(),
+                    size: base,
+                    from: 1,
+                });
+            }
+            checked += 1;
         }
-        checked += 1;
         next += 1;
     }
-    let mut tree = Tree::new();
-    let mut chain = CHAIN_START;
+    let mut tree = st.tree.clone();
+    let mut chain = st.chain;
     let mut chain_checked_at = None;
+    if let Some((size, head)) = state {
+        if size == base && base > 0 {
+            if head != chain {
+                return Err(VerifyError::ChainMismatch {
+                    segment: first_label,
+                    at: base,
+                });
+            }
+            chain_checked_at = Some(base);
+        }
+    }
     // The first record of each segment reached, to name the segment of a record.
     let mut starts: Vec<(u64, usize)> = Vec::new();
     let segment_of = |starts: &[(u64, usize)], seq: u64| -> String {
@@ -653,9 +861,13 @@ pub fn verify_with(
         let si = if i == 0 { 0 } else { starts[i - 1].1 };
         segs.get(si).map_or_else(String::new, |s| s.label.clone())
     };
-    let (records, bytes) = scan(&segs, progress, &mut |si, seq, payload| {
+    let (records, bytes) = scan(&segs, st.first, progress, &mut |si, seq, payload| {
         if starts.last().is_none_or(|(_, s)| *s != si) {
             starts.push((seq, si));
+        }
+        // Left over from an interrupted retention: only the anchor vouches for them.
+        if seq <= base {
+            return Ok(true);
         }
         let leaf = leaf_hash(payload);
         chain = frame::chain_next(&chain, &leaf);
@@ -686,6 +898,13 @@ pub fn verify_with(
                     });
                 }
                 chain_checked_at = Some(seq);
+            }
+        }
+        if let Some((size, head)) = anchor_chain {
+            if size == seq && head != chain {
+                return Err(VerifyError::BadAnchor {
+                    reason: format!("its chain head after record {seq} is not the records' (while its root is): the anchor was signed over a different chain"),
+                });
             }
         }
         Ok(true)
@@ -730,21 +949,35 @@ pub fn verify_with(
             .unwrap_or(0),
         held: cps.iter().find(|c| c.held).map(|c| c.size),
         chain_checked_at,
+        retention: st.anchor.as_ref().map(|a| Boundary {
+            anchor_size: a.size,
+            anchor_root: a.root,
+            anchor_time: a.time.clone(),
+            first: st.first,
+            leftover: (st.first <= a.size).then_some((st.first, a.size)),
+            checkpoints_skipped: skipped,
+            anchor_checked: base == 0,
+        }),
     })
 }
 
-/// The leaf hashes of the first `size` records, and the payload of record `want` if asked.
+/// The leaf hashes of the records after `st.base` up to record `size`, and the payload of
+/// record `want` if asked.
 fn leaves(
     segs: &[Seg],
+    st: &Start,
     size: u64,
     want: Option<u64>,
 ) -> Result<(Vec<Hash>, Option<Vec<u8>>), VerifyError> {
-    let mut out = Vec::with_capacity(size.min(1 << 24) as usize);
+    let mut out = Vec::with_capacity(size.saturating_sub(st.base).min(1 << 24) as usize);
     let mut payload = None;
-    if size == 0 {
+    if size <= st.base {
         return Ok((out, payload));
     }
-    scan(segs, &mut |_, _| {}, &mut |_, seq, p| {
+    scan(segs, st.first, &mut |_, _| {}, &mut |_, seq, p| {
+        if seq <= st.base {
+            return Ok(true);
+        }
         out.push(leaf_hash(p));
         if Some(seq) == want {
             payload = Some(p.to_vec());
@@ -754,22 +987,27 @@ fn leaves(
     Ok((out, payload))
 }
 
+/// The tree of `leaves` (from [`leaves`]) after what the start's frontier covers.
+fn pruned<'a>(st: &'a Start, leaves: &'a [Hash]) -> Pruned<'a> {
+    Pruned::new(st.base, st.tree.frontier(), leaves).expect("a tree's frontier fits its size")
+}
+
 /// The checkpoint to prove against: the largest one of the ledger covering `size` records
 /// (the last written of equal ones).
 fn covering(cps: &[Cp], size: u64) -> Option<&Cp> {
     cps.iter().filter(|c| c.size >= size).max_by_key(|c| c.size)
 }
 
-fn check_root(segs: &[Seg], leaves: &[Hash], cp: &Cp) -> Result<(), VerifyError> {
-    if (leaves.len() as u64) < cp.size {
+fn check_root(segs: &[Seg], tree: &Pruned<'_>, cp: &Cp) -> Result<(), VerifyError> {
+    if tree.size() < cp.size {
         return Err(VerifyError::Truncated {
             segment: segs.last().map_or_else(String::new, |s| s.label.clone()),
-            records: leaves.len() as u64,
+            records: tree.size(),
             checkpoint: cp.label.clone(),
             covers: cp.size,
         });
     }
-    if root(leaves) != cp.root {
+    if tree.root(cp.size) != Some(cp.root) {
         return Err(VerifyError::RootMismatch {
             segment: segs.first().map_or_else(String::new, |s| s.label.clone()),
             checkpoint: cp.label.clone(),
@@ -801,16 +1039,27 @@ pub fn prove(dir: &Path, seq: u64) -> Result<Value, VerifyError> {
     }
     let verifiers = ledger_verifiers(dir)?;
     let cps = ledger_checkpoints(dir, &verifiers)?;
+    let segs = segment_list(dir)?;
+    let st = start(dir, &segs, &verifiers)?;
+    if seq <= st.base {
+        return Err(VerifyError::Deleted {
+            seq,
+            first: st.base + 1,
+        });
+    }
     let Some(cp) = covering(&cps, seq) else {
         return Err(VerifyError::NotCovered {
             seq,
             latest: cps.iter().map(|c| c.size).max().unwrap_or(0),
         });
     };
-    let segs = segment_list(dir)?;
-    let (leaves, payload) = leaves(&segs, cp.size, Some(seq))?;
-    check_root(&segs, &leaves, cp)?;
+    let (leaves, payload) = leaves(&segs, &st, cp.size, Some(seq))?;
+    let tree = pruned(&st, &leaves);
+    check_root(&segs, &tree, cp)?;
     let payload = payload.ok_or_else(|| VerifyError::Usage(format!("record {seq} not found")))?;
+    let audit_path = tree
+        .inclusion_proof(seq - 1, cp.size)
+        .ok_or_else(|| VerifyError::Usage(format!("record {seq} not found")))?;
     let record: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
     Ok(json!({
         "type": "inclusion",
@@ -819,7 +1068,7 @@ pub fn prove(dir: &Path, seq: u64) -> Result<Value, VerifyError> {
         "seq": seq,
         "leaf_index": seq - 1,
         "tree_size": cp.size,
-        "audit_path": b64_list(&inclusion_proof(&leaves, seq - 1)),
+        "audit_path": b64_list(&audit_path),
         "checkpoint": cp.note,
     }))
 }
@@ -854,14 +1103,31 @@ pub fn consistency(dir: &Path, old_size: u64, new_size: Option<u64>) -> Result<V
         )));
     }
     let segs = segment_list(dir)?;
-    let (leaves, _) = leaves(&segs, new.size, None)?;
-    check_root(&segs, &leaves, new)?;
-    check_root(&segs, &leaves[..old.size as usize], old)?;
+    let st = start(dir, &segs, &verifiers)?;
+    for cp in [old, new] {
+        if cp.size > 0 && cp.size < st.base {
+            return Err(VerifyError::PredatesRetention {
+                checkpoint: format!("the checkpoint of {} records ({})", cp.size, cp.label),
+                size: cp.size,
+                boundary: st.base,
+            });
+        }
+    }
+    let (leaves, _) = leaves(&segs, &st, new.size, None)?;
+    let tree = pruned(&st, &leaves);
+    check_root(&segs, &tree, new)?;
+    check_root(&segs, &tree, old)?;
+    let proof = tree.consistency_proof(old.size, new.size).ok_or_else(|| {
+        VerifyError::Usage(format!(
+            "no consistency proof from {} to {} records",
+            old.size, new.size
+        ))
+    })?;
     Ok(json!({
         "type": "consistency",
         "old_size": old.size,
         "new_size": new.size,
-        "proof": b64_list(&consistency_proof(&leaves, old.size)),
+        "proof": b64_list(&proof),
         "old_checkpoint": old.note,
         "new_checkpoint": new.note,
     }))
@@ -1021,6 +1287,9 @@ mod tests {
             origin: "apiwarden/test".into(),
             copy_to: Some(copy.clone()),
             segment_bytes: 64 << 10,
+            segment_max_age: ledger::SEGMENT_MAX_AGE,
+            retention: None,
+            node: "test-node".into(),
             encryption: None,
         })
         .unwrap();
@@ -1143,6 +1412,307 @@ mod tests {
         }
         let c = consistency(&dir, 3000, Some(3000)).unwrap();
         assert!(verify_proof(&c.to_string(), &vkeys).is_ok());
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &to.join(entry.file_name()));
+            } else {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
+    }
+
+    /// A ledger of about `n` events in 8 KiB segments whose oldest ones retention deleted,
+    /// then more events and checkpoints after that.
+    async fn build_retained(n: u64) -> PathBuf {
+        let dir = temp_dir("retained").join("ledger");
+        let opened = LedgerSink::open(LedgerOptions {
+            dir: dir.clone(),
+            durability: Durability::Async,
+            checkpoint_interval: Duration::from_millis(20),
+            origin: "apiwarden/test".into(),
+            copy_to: None,
+            segment_bytes: 8 << 10,
+            segment_max_age: ledger::SEGMENT_MAX_AGE,
+            retention: Some(ledger::Retention {
+                max_age: Duration::ZERO,
+                requires_export: vec![],
+            }),
+            node: "test-node".into(),
+            encryption: None,
+        })
+        .unwrap();
+        let node: Arc<str> = Arc::from("test-node");
+        for i in 0..n {
+            let mut e = AuditEvent::new(EventKind::System, crate::ids::new_id(), node.clone());
+            e.message = Some(format!("event {i}"));
+            opened.sink.record(Box::new(e));
+            if i % 50 == 49 {
+                opened.sink.flush().await.unwrap();
+            }
+            if i % 100 == 99 {
+                // Checkpoints along the way.
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            if i == n / 2 {
+                let t = Instant::now();
+                // (Retention looks once a second.)
+                while ledger::segments(&dir).unwrap()[0].0 < n / 4 {
+                    assert!(t.elapsed() < Duration::from_secs(10), "no retention");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        opened.sink.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        dir
+    }
+
+    /// Signs `cp` with the key of the ledger in `dir`: what only the gateway can do.
+    fn sign_as_ledger(dir: &Path, cp: &Checkpoint) -> String {
+        let seed: [u8; 32] = std::fs::read(dir.join("signing.key"))
+            .unwrap()
+            .try_into()
+            .unwrap();
+        note::NoteSigner::new("apiwarden/test", seed)
+            .unwrap()
+            .sign(cp)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn verify_starts_at_the_retention_anchor_and_refuses_what_does_not_fit() {
+        let dir = build_retained(1200).await;
+        let root_dir = dir.parent().unwrap().to_path_buf();
+        let segs = segment_list(&dir).unwrap();
+        let first = segs[0].first;
+        assert!(first > 1 && segs.len() >= 2, "first segment {first}");
+        let report = verify(&dir, None, &mut |_, _| {}).unwrap();
+        let b = report.retention.clone().expect("a boundary");
+        assert_eq!(
+            (b.anchor_size, b.first, b.leftover),
+            (first - 1, first, None)
+        );
+        let sizes: Vec<u64> = ledger_checkpoints(&dir, &ledger_verifiers(&dir).unwrap())
+            .unwrap()
+            .iter()
+            .map(|c| c.size)
+            .collect();
+        assert!(
+            b.checkpoints_skipped > 0,
+            "first {first}, checkpoints {sizes:?}"
+        );
+        assert!(report.checkpoints_checked > 0);
+        assert_eq!(report.covered, report.records);
+        let j = report.to_json();
+        assert_eq!(j["retention"]["first_record"], first);
+
+        // Proofs: of a record kept, from the anchor's frontier; of a deleted one, refused.
+        let vkeys = ledger::verifier_keys(&dir).unwrap();
+        for seq in [first, first + 1, report.records] {
+            let proof = prove(&dir, seq).unwrap();
+            assert_eq!(
+                verify_proof(&proof.to_string(), &vkeys).unwrap().size,
+                report.records
+            );
+        }
+        let err = prove(&dir, 1).unwrap_err();
+        assert!(matches!(err, VerifyError::Deleted { seq: 1, .. }), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains(&format!(
+                "deleted by retention (the ledger starts at record {first}"
+            )),
+            "{err}"
+        );
+        // Consistency from a checkpoint at or after the boundary; not from before it.
+        let cps = ledger_checkpoints(&dir, &ledger_verifiers(&dir).unwrap()).unwrap();
+        let after = cps
+            .iter()
+            .map(|c| c.size)
+            .find(|s| *s >= first - 1 && *s < report.records)
+            .expect("a checkpoint after the boundary");
+        let c = consistency(&dir, after, None).unwrap();
+        assert_eq!(
+            verify_proof(&c.to_string(), &vkeys).unwrap().size,
+            report.records
+        );
+        let before = cps
+            .iter()
+            .find(|c| c.size > 0 && c.size < first - 1)
+            .unwrap();
+        let err = consistency(&dir, before.size, None).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::PredatesRetention { .. }),
+            "{err}"
+        );
+        // A held checkpoint from before the boundary cannot be checked (exit 2, not 1).
+        let err = verify(&dir, Some(&before.note), &mut |_, _| {}).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::PredatesRetention { .. }),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("predates the retention boundary"),
+            "{err}"
+        );
+        let latest = std::fs::read_to_string(dir.join("checkpoint")).unwrap();
+        assert!(verify(&dir, Some(&latest), &mut |_, _| {}).is_ok());
+
+        let case = |name: &str| {
+            let d = root_dir.join(name);
+            copy_dir(&dir, &d);
+            d
+        };
+        let anchor_note = std::fs::read_to_string(ledger::anchor_path(&dir)).unwrap();
+        let anchor = ledger::parse_anchor(&anchor_note, &ledger_verifiers(&dir).unwrap()).unwrap();
+
+        // The anchor removed: records 1 .. first-1 are simply missing.
+        let d = case("no-anchor");
+        std::fs::remove_file(ledger::anchor_path(&d)).unwrap();
+        let err = verify(&d, None, &mut |_, _| {}).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::PrefixMissing { from: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(
+            (err.exit_code(), err.kind(), err.seq()),
+            (1, "missing", Some(1))
+        );
+        assert!(
+            err.to_string()
+                .contains(&format!("records 1 to {} are missing", first - 1)),
+            "{err}"
+        );
+        assert!(prove(&d, first).is_err());
+
+        // A byte of the anchor's signature changed.
+        let d = case("anchor-signature");
+        let (body, sig) = anchor_note.trim_end().rsplit_once(' ').unwrap();
+        let mut raw = B64.decode(sig).unwrap();
+        raw[10] ^= 1;
+        std::fs::write(
+            ledger::anchor_path(&d),
+            format!("{body} {}\n", B64.encode(&raw)),
+        )
+        .unwrap();
+        let err = verify(&d, None, &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, VerifyError::BadSignature { .. }), "{err}");
+        assert!(err.to_string().contains("retention anchor"), "{err}");
+
+        // Signed with the right key, but its frontier does not lead to its root.
+        let d = case("anchor-frontier");
+        let mut ext: Vec<String> = anchor_note
+            .lines()
+            .skip(3)
+            .take_while(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        let fake_frontier = |ext: &mut Vec<String>| {
+            let n = anchor.frontier.len();
+            let i = ext.iter().position(|l| l.starts_with("frontier")).unwrap();
+            ext[i] = format!(
+                "frontier{}",
+                format!(" {}", B64.encode([5u8; 32])).repeat(n)
+            );
+        };
+        fake_frontier(&mut ext);
+        let cp = Checkpoint {
+            origin: "apiwarden/test".into(),
+            size: anchor.size,
+            root: anchor.root,
+            extensions: ext.clone(),
+        };
+        std::fs::write(ledger::anchor_path(&d), sign_as_ledger(&d, &cp)).unwrap();
+        let err = verify(&d, None, &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, VerifyError::BadAnchor { .. }), "{err}");
+        assert!(err.to_string().contains("frontier does not lead"), "{err}");
+
+        // Signed, self-consistent, but not the tree of the records: the first checkpoint after
+        // it tells.
+        let d = case("anchor-other-tree");
+        let forged: Vec<Hash> = (0..anchor.frontier.len())
+            .map(|i| [i as u8 + 1; 32])
+            .collect();
+        let cp = Checkpoint {
+            origin: "apiwarden/test".into(),
+            size: anchor.size,
+            root: Tree::from_frontier(anchor.size, &forged).unwrap().root(),
+            extensions: ext
+                .iter()
+                .map(|l| {
+                    if l.starts_with("frontier") {
+                        format!("frontier {}", b64_list(&forged).join(" "))
+                    } else {
+                        l.clone()
+                    }
+                })
+                .collect(),
+        };
+        std::fs::write(ledger::anchor_path(&d), sign_as_ledger(&d, &cp)).unwrap();
+        let err = verify(&d, None, &mut |_, _| {}).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::RootMismatch { .. } | VerifyError::ChainMismatch { .. }
+            ),
+            "{err}"
+        );
+
+        // A segment's seal put in the anchor's place.
+        let d = case("seal-as-anchor");
+        let seal = std::fs::read_dir(d.join("seals"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::copy(seal, ledger::anchor_path(&d)).unwrap();
+        let err = verify(&d, None, &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, VerifyError::BadAnchor { .. }), "{err}");
+        assert!(err.to_string().contains("segment-seal"), "{err}");
+
+        // The first segment kept deleted by hand: the anchor no longer reaches the start.
+        let d = case("first-kept-deleted");
+        std::fs::remove_file(d.join("segments").join(segs[0].path.file_name().unwrap())).unwrap();
+        let err = verify(&d, None, &mut |_, _| {}).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::PrefixMissing { from, .. } if from == first),
+            "{err}"
+        );
+        assert!(err.to_string().contains("does not reach"), "{err}");
+
+        // A segment in the middle deleted: missing, as ever.
+        let d = case("middle-deleted");
+        let mid = &segment_list(&d).unwrap()[1];
+        std::fs::remove_file(&mid.path).unwrap();
+        let err = verify(&d, None, &mut |_, _| {}).unwrap_err();
+        assert!(matches!(err, VerifyError::Missing { .. }), "{err}");
+        assert_eq!(err.seq(), Some(mid.first));
+        let _ = std::fs::remove_dir_all(root_dir);
+    }
+
+    #[tokio::test]
+    async fn a_prefix_deleted_without_retention_is_missing() {
+        let (dir, _) = build(1000).await;
+        let segs = segment_list(&dir).unwrap();
+        std::fs::remove_file(&segs[0].path).unwrap();
+        let err = verify(&dir, None, &mut |_, _| {}).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::PrefixMissing { from: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 1);
+        let msg = err.to_string();
+        assert!(msg.contains("there is no retention anchor"), "{msg}");
+        assert!(msg.contains(&segs[1].label), "{msg}");
         let _ = std::fs::remove_dir_all(dir.parent().unwrap());
     }
 

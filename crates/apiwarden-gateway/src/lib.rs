@@ -18,6 +18,7 @@ pub mod jwt;
 pub mod keystore;
 pub mod ledger;
 pub mod ledger_crypt;
+pub mod ledger_index;
 pub mod ledger_verify;
 pub mod limit;
 pub mod metrics;

@@ -88,7 +88,9 @@ pub fn status_and_message(reason: Reason) -> (StatusCode, &'static str) {
         ),
         Reason::Blocked => (StatusCode::FORBIDDEN, "this client is blocked"),
         Reason::AdminAction => (StatusCode::OK, "ok"),
-        Reason::LedgerRecordCut => (StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        Reason::LedgerRecordCut | Reason::LedgerRetention => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        }
         Reason::AuditUnavailable => (
             StatusCode::SERVICE_UNAVAILABLE,
             "the request cannot be recorded now, so it was not forwarded; retry later",

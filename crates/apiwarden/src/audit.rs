@@ -59,8 +59,9 @@ pub enum AuditCommand {
     /// Print the public key(s) the ledger's checkpoints are signed with (every key it has used,
     /// one vkey a line), to give to auditors.
     PublicKey,
-    /// Find events: every filter given must match. A table, or NDJSON with --json. Reads the
-    /// ledger from the start (no index yet).
+    /// Find events: every filter given must match. A table, or NDJSON with --json. Uses the
+    /// ledger's search index (segments/*.idx; made for older segments on first use) and reads
+    /// only the records that may match.
     Search {
         #[arg(long)]
         consumer: Option<String>,
@@ -100,15 +101,106 @@ pub enum AuditCommand {
         #[arg(long, value_name = "FILE")]
         new_key: PathBuf,
     },
-    /// Stream every event (from --since on) in a SIEM format. `json` (NDJSON, the ledger's
-    /// own records) is built; `ocsf`, `ecs`, `cef` and `leef` are not yet.
+    /// Stream the ledger's events to standard output, one line each, in a format a SIEM
+    /// ingests directly (Splunk, Elastic, QRadar, ArcSight, an OCSF data lake). Values are the
+    /// ledger's own: queries stay redacted, `hmac:` values stay HMACs. With --cursor, only
+    /// what is new since the last run with the same NAME (at least once: a run that fails
+    /// before its output is flushed exports the same events again next time).
     Export {
-        #[arg(long, default_value = "json")]
-        format: String,
+        /// The output format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: ExportFormat,
         /// From this time on: a duration back from now (`24h`) or an RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
+        /// A named, persisted position: start after the sequence number saved in
+        /// `<data_dir>/ledger/cursors/NAME` (no file: from the start) and, once the output is
+        /// flushed, save there the last sequence number exported. NAME: letters, digits, `_`
+        /// and `-`, at most 64.
+        #[arg(long, value_name = "NAME", value_parser = cursor_name)]
+        cursor: Option<String>,
     },
+}
+
+/// The formats of `audit export` (`apiwarden_core::siem` maps the events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// NDJSON: the ledger's records as they are.
+    Json,
+    /// OCSF API Activity (class 6003), one JSON object a line.
+    Ocsf,
+    /// Elastic Common Schema, one JSON document a line.
+    Ecs,
+    /// ArcSight Common Event Format (CEF:0).
+    Cef,
+    /// QRadar Log Event Extended Format 2.0, tab-delimited.
+    Leef,
+}
+
+impl ExportFormat {
+    fn siem(self) -> apiwarden_core::siem::Format {
+        use apiwarden_core::siem::Format;
+        match self {
+            ExportFormat::Json => Format::Json,
+            ExportFormat::Ocsf => Format::Ocsf,
+            ExportFormat::Ecs => Format::Ecs,
+            ExportFormat::Cef => Format::Cef,
+            ExportFormat::Leef => Format::Leef,
+        }
+    }
+}
+
+/// `--cursor NAME`: `[A-Za-z0-9_-]{1,64}`, so it is always one plain file name.
+fn cursor_name(name: &str) -> Result<String, String> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err("a cursor name is 1 to 64 letters, digits, '_' or '-'".into())
+    }
+}
+
+/// The sequence number saved in a cursor file; `None` when there is no file yet.
+fn read_cursor(path: &Path) -> Option<u64> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Some(text.trim().parse().unwrap_or_else(|_| {
+            usage(format!(
+                "the cursor {} does not hold a sequence number ({:?}): fix or delete it",
+                path.display(),
+                text.trim()
+            ))
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => usage(format!("cannot read the cursor {}: {e}", path.display())),
+    }
+}
+
+/// Saves `seq` (decimal, a newline) in the cursor file, atomically and durably: a temporary
+/// file, fsync, rename over the cursor, fsync of the directory. Retention reads these files
+/// to know what was exported.
+fn write_cursor(path: &Path, seq: u64) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("cursor");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("{seq}\n").as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// `1h` (that long ago) or an RFC 3339 time.
@@ -220,7 +312,6 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
             };
             let (dir, _) = ledger_dir(config, data_dir);
             let limit = limit.unwrap_or(usize::MAX);
-            let mut found = 0usize;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             use std::io::Write;
             if !json {
@@ -231,41 +322,42 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
                 );
             }
             let opener = opener_for(config, data_dir_for_opener.clone(), &dir);
-            apiwarden_gateway::ledger::read_plain(&dir, opener.as_ref(), |seq, payload| {
-                if found >= limit {
-                    return;
-                }
-                let Ok(e) = serde_json::from_slice::<serde_json::Value>(payload) else {
-                    return;
-                };
-                if !filter.passes(&e) {
-                    return;
-                }
-                found += 1;
-                if json {
-                    let _ = out.write_all(payload);
-                    let _ = out.write_all(b"\n");
-                } else {
-                    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
-                    let _ = writeln!(
-                        out,
-                        "{:<8} {:<24} {:<7} {:>6} {:<24} {:<16} {:<14} {:<6} {}",
-                        seq,
-                        s(&e["time"]).get(..23).unwrap_or("-"),
-                        s(&e["kind"]),
-                        e["response"]["status"].as_u64().unwrap_or(0),
-                        s(&e["decision"]["reason"]),
-                        s(&e["identity"]["consumer"]),
-                        s(&e["identity"]["key_id"]),
-                        s(&e["request"]["method"]),
-                        s(&e["request"]["path"]),
-                    );
-                }
-            })
+            let stats = apiwarden_gateway::ledger_index::search(
+                &dir,
+                opener.as_ref(),
+                &filter,
+                limit,
+                |seq, payload, e| {
+                    if json {
+                        let _ = out.write_all(payload);
+                        let _ = out.write_all(b"\n");
+                    } else {
+                        let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+                        let _ = writeln!(
+                            out,
+                            "{:<8} {:<24} {:<7} {:>6} {:<24} {:<16} {:<14} {:<6} {}",
+                            seq,
+                            s(&e["time"]).get(..23).unwrap_or("-"),
+                            s(&e["kind"]),
+                            e["response"]["status"].as_u64().unwrap_or(0),
+                            s(&e["decision"]["reason"]),
+                            s(&e["identity"]["consumer"]),
+                            s(&e["identity"]["key_id"]),
+                            s(&e["request"]["method"]),
+                            s(&e["request"]["path"]),
+                        );
+                    }
+                },
+            )
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let found = stats.found;
             drop(out);
             if !json {
-                eprintln!("{found} events");
+                eprintln!(
+                    "{found} events ({} index entries compared, {} records read)",
+                    stats.entries,
+                    stats.candidates + stats.scanned
+                );
             }
             Ok(())
         }
@@ -301,37 +393,28 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
             println!("{text}");
             Ok(())
         }
-        AuditCommand::Export { format, since } => {
-            if format != "json" {
-                usage(format!(
-                    "--format {format:?} is not built yet: this version exports json (NDJSON) only"
-                ));
-            }
+        AuditCommand::Export {
+            format,
+            since,
+            cursor,
+        } => {
             let since = since.map(|s| when("since", &s));
             let filter = apiwarden_gateway::ledger::SearchFilter {
-                consumer: None,
-                key: None,
-                ip: None,
-                status: None,
-                decision: None,
                 since,
-                until: None,
+                ..Default::default()
             };
             let (dir, _) = ledger_dir(config, data_dir);
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            use std::io::Write;
+            let cursor_file = cursor.map(|name| ledger::cursor_path(&dir, &name));
+            let after = cursor_file.as_deref().and_then(read_cursor);
             let opener = opener_for(config, data_dir_for_opener.clone(), &dir);
-            apiwarden_gateway::ledger::read_plain(&dir, opener.as_ref(), |_, payload| {
-                let pass = since.is_none()
-                    || serde_json::from_slice::<serde_json::Value>(payload)
-                        .is_ok_and(|e| filter.passes(&e));
-                if pass {
-                    let _ = out.write_all(payload);
-                    let _ = out.write_all(b"\n");
-                }
-            })
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok(())
+            export(
+                &dir,
+                opener.as_ref(),
+                format,
+                &filter,
+                after,
+                cursor_file.as_deref(),
+            )
         }
         AuditCommand::Verify {
             from_checkpoint,
@@ -406,6 +489,90 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
     }
 }
 
+/// `audit export`: every record after `after` that passes `filter`, one line each in
+/// `format`; then, with a cursor file, the last sequence number written to it once the
+/// output is flushed. A record that cannot be read or written stops the export (after saving
+/// the cursor up to the records already out, when they were flushed): nothing is skipped.
+fn export(
+    dir: &Path,
+    opener: Option<&apiwarden_gateway::ledger_crypt::Opener>,
+    format: ExportFormat,
+    filter: &apiwarden_gateway::ledger::SearchFilter,
+    after: Option<u64>,
+    cursor_file: Option<&Path>,
+) -> Result<()> {
+    let format = format.siem();
+    let by_time = filter.since.is_some();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut last = None;
+    let mut write_failed = None;
+    let mut bad_record = None;
+    let mut first_new = None;
+    let read = ledger::read_plain(dir, opener, |seq, payload| {
+        if write_failed.is_some() || bad_record.is_some() || after.is_some_and(|a| seq <= a) {
+            return;
+        }
+        first_new.get_or_insert(seq);
+        let event = if format != apiwarden_core::siem::Format::Json || by_time {
+            match serde_json::from_slice::<serde_json::Value>(payload) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    bad_record = Some(format!("record {seq} is not a JSON event: {e}"));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        if by_time && !event.as_ref().is_some_and(|e| filter.passes(e)) {
+            return;
+        }
+        let written = match &event {
+            Some(e) if format != apiwarden_core::siem::Format::Json => {
+                let mut line = apiwarden_core::siem::to_line(format, e);
+                line.push('\n');
+                out.write_all(line.as_bytes())
+            }
+            _ => out.write_all(payload).and_then(|_| out.write_all(b"\n")),
+        };
+        match written {
+            Ok(()) => last = Some(seq),
+            Err(e) => write_failed = Some(e),
+        }
+    });
+    let flushed = match write_failed {
+        Some(e) => Err(e),
+        None => out.flush(),
+    };
+    drop(out);
+    if let Err(e) = flushed {
+        // Which lines got out is unknown: the cursor stays, they are exported again.
+        anyhow::bail!("cannot write the export: {e}");
+    }
+    if let (Some(file), Some(seq)) = (cursor_file, last) {
+        write_cursor(file, seq).map_err(|e| {
+            anyhow::anyhow!(
+                "the events up to {seq} were exported but the cursor {} could not be saved ({e}): the next run exports them again",
+                file.display()
+            )
+        })?;
+    }
+    if let (Some(a), Some(first)) = (after, first_new) {
+        if first > a + 1 {
+            eprintln!(
+                "warning: records {} to {} are no longer in the ledger (retention deleted them) and were never exported with this cursor",
+                a + 1,
+                first - 1
+            );
+        }
+    }
+    read.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(msg) = bad_record {
+        anyhow::bail!("{msg}");
+    }
+    Ok(())
+}
+
 fn verify(
     dir: &Path,
     from_checkpoint: Option<PathBuf>,
@@ -437,14 +604,51 @@ fn verify(
                 println!("{v}");
                 return Ok(());
             }
+            let records = match &report.retention {
+                Some(b) if b.first > 1 => format!(
+                    "records {} to {} ({} kept)",
+                    b.first,
+                    report.records,
+                    (report.records + 1).saturating_sub(b.first)
+                ),
+                _ => format!("{} records", report.records),
+            };
             println!(
-                "intact: {} records in {} segments ({}), {} signed checkpoints checked, root {}",
-                report.records,
+                "intact: {records} in {} segments ({}), {} signed checkpoints checked, root {}",
                 report.segments,
                 human_bytes(report.bytes),
                 report.checkpoints_checked,
                 ledger_verify::b64(&report.last_root)
             );
+            if let Some(b) = &report.retention {
+                let signed = b
+                    .anchor_time
+                    .as_deref()
+                    .map_or(String::new(), |t| format!(", signed {t}"));
+                if b.anchor_checked {
+                    println!(
+                        "retention boundary: the retention anchor of {} records (root {}{signed}) matches the records; they are still here (a retention was interrupted) and the gateway deletes them on its next pass",
+                        b.anchor_size,
+                        ledger_verify::b64(&b.anchor_root)
+                    );
+                } else {
+                    println!(
+                        "retention boundary: records 1 to {} were deleted by retention; checked from the signed retention anchor of {} records (root {}{signed})",
+                        b.anchor_size,
+                        b.anchor_size,
+                        ledger_verify::b64(&b.anchor_root)
+                    );
+                    if let Some((from, to)) = b.leftover {
+                        println!("records {from} to {to} are left from an interrupted retention: their framing and sequence were checked, not their hashes (the anchor already covers them); the gateway deletes them on its next pass");
+                    }
+                    if b.checkpoints_skipped > 0 {
+                        println!(
+                            "{} older checkpoints (of fewer than {} records) predate the boundary and were skipped",
+                            b.checkpoints_skipped, b.anchor_size
+                        );
+                    }
+                }
+            }
             if let (Some(size), Some(p)) = (report.held, &held_path) {
                 println!(
                     "consistent with the checkpoint held at {} ({size} records)",

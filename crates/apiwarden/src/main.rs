@@ -276,7 +276,13 @@ fn run(cfg: Config, config_path: Option<PathBuf>, on_ready: Option<OnReady>) -> 
             checkpoint_interval: cfg.audit.checkpoint_interval,
             origin: format!("apiwarden/{node}"),
             copy_to: cfg.audit.checkpoint_copy.clone(),
-            segment_bytes: apiwarden_gateway::ledger::SEGMENT_BYTES,
+            segment_bytes: cfg.audit.segment_size,
+            segment_max_age: cfg.audit.segment_max_age,
+            retention: cfg.audit.retention.map(|max_age| apiwarden_gateway::ledger::Retention {
+                max_age,
+                requires_export: cfg.audit.retention_requires_export.clone(),
+            }),
+            node: Arc::from(node.as_str()),
             encryption: cfg.audit.encryption_key.as_ref().map(master_key).transpose()?,
         })
         .context("cannot open the audit ledger; check storage.data_dir")?;

@@ -50,6 +50,9 @@ fn append(data: &Path, copy: &Path, n: u64, total: u64) {
             origin: "apiwarden/tamper-test".into(),
             copy_to: Some(copy.to_path_buf()),
             segment_bytes: 1 << 20,
+            segment_max_age: apiwarden_gateway::ledger::SEGMENT_MAX_AGE,
+            retention: None,
+            node: "tamper-node".into(),
             encryption: None,
         })
         .unwrap();

@@ -199,6 +199,16 @@ pub struct AuditConfig {
     pub hmac_query: Vec<String>,
     /// The master key that wraps the ledger's data keys (encryption at rest), if any.
     pub encryption_key: Option<SecretSource>,
+    /// A segment is sealed and a new one begun past this size.
+    pub segment_size: u64,
+    /// A segment older than this is sealed and a new one begun, even if small.
+    pub segment_max_age: Duration,
+    /// Sealed segments whose last write is older than this are deleted (once covered by a
+    /// checkpoint and exported); `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// Export cursors (`<data_dir>/ledger/cursors/NAME`) that must have passed a segment's
+    /// last record before retention deletes it.
+    pub retention_requires_export: Vec<String>,
 }
 
 /// One upstream target: `http://host:port` with an optional base path.
@@ -518,6 +528,10 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "audit.hmac_query", default: "[]", example: "[\"email\"]", doc: "Query parameters whose values are recorded as `hmac:<hex>` instead of `REDACTED` (the value as sent, percent-encoding included)." },
     OptionDoc { key: "audit.encryption_key", default: "none (records stored in the clear)", example: "\"file:/etc/apiwarden/ledger.key\"", doc: "Encryption at rest: `file:PATH` or `env:NAME` holding a 32-byte master key (raw, or 64 hex digits). Each record is sealed with AES-256-GCM under a data key (a new one each start) that this key wraps. `audit verify` needs no key (the Merkle tree covers the sealed bytes); `audit search`, `audit export` and `access review` do. Rotate the master key with `apiwarden audit rewrap --new-key FILE`." },
     OptionDoc { key: "audit.checkpoint_copy", default: "none", example: "\"/mnt/audit-copies/gw-1\"", doc: "A second directory (another disk, a mounted share) the latest checkpoint is copied to, so cutting the tail of the ledger or rolling it back is detectable: `apiwarden audit verify --from-checkpoint DIR/checkpoint`." },
+    OptionDoc { key: "audit.segment_size", default: "\"64MiB\"", example: "\"256MiB\"", doc: "The ledger's segments (`<data_dir>/ledger/segments/*.seg`) are sealed and a new one begun once they reach this size (at least 1 KiB). A sealed segment is never written again; retention deletes whole sealed segments." },
+    OptionDoc { key: "audit.segment_max_age", default: "\"1d\"", example: "\"6h\"", doc: "A segment holding records for longer than this is sealed and a new one begun even if it is small, so that retention can delete by age on a quiet node." },
+    OptionDoc { key: "audit.retention", default: "none (keep forever)", example: "\"90d\"", doc: "Delete sealed segments whose last write is older than this: only the oldest ones (a prefix of the ledger, never the segment being written), only when a signed checkpoint covers every record in them, and only when every cursor of `audit.retention_requires_export` has passed them. Before deleting, a signed retention anchor (`<data_dir>/ledger/retention`: the tree size, root, chain head and Merkle frontier at the boundary) is written, so `audit verify` checks the rest from there; each deletion is recorded as a `system` event (`decision.reason = ledger.retention`) naming the records, segments and bytes deleted." },
+    OptionDoc { key: "audit.retention_requires_export", default: "[]", example: "[\"siem\"]", doc: "Export cursor names (`apiwarden audit export --cursor NAME`): retention deletes a segment only when every named cursor file `<data_dir>/ledger/cursors/NAME` holds a sequence number at or past the segment's last record (a missing cursor means nothing was exported, so nothing is deleted)." },
     OptionDoc { key: "upstreams[].name", default: "required", example: "\"orders\"", doc: "Name that routes refer to; unique." },
     OptionDoc { key: "upstreams[].url", default: "required unless `targets`", example: "\"http://127.0.0.1:3000\"", doc: "One target: `http://host:port` with an optional base path that is put before every forwarded path." },
     OptionDoc { key: "upstreams[].targets", default: "none", example: "[\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001\"]", doc: "Several targets instead of `url`: round-robin, and a target that fails `failure_threshold` times in a row is skipped for `cooldown`." },

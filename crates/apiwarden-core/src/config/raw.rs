@@ -80,6 +80,11 @@ pub(crate) struct Audit {
     #[serde(default)]
     pub hmac_query: Vec<String>,
     pub encryption_key: Option<String>,
+    pub segment_size: Option<Size>,
+    pub segment_max_age: Option<String>,
+    pub retention: Option<String>,
+    #[serde(default)]
+    pub retention_requires_export: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

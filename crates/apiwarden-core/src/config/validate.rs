@@ -352,6 +352,47 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         "1s",
         &[name("audit"), name("checkpoint_interval")],
     );
+    let segment_size = size(
+        &mut cx,
+        audit.segment_size.as_ref(),
+        64 << 20,
+        &[name("audit"), name("segment_size")],
+    );
+    if segment_size < 1024 {
+        cx.error(
+            &[name("audit"), name("segment_size")],
+            "segment_size must be at least 1KiB",
+        );
+    }
+    let segment_max_age = positive(
+        &mut cx,
+        audit.segment_max_age.as_deref(),
+        "1d",
+        &[name("audit"), name("segment_max_age")],
+    );
+    let retention = audit
+        .retention
+        .as_deref()
+        .map(|r| positive(&mut cx, Some(r), r, &[name("audit"), name("retention")]));
+    let mut export_cursors: Vec<String> = Vec::new();
+    for (i, c) in audit.retention_requires_export.iter().enumerate() {
+        let at = [
+            name("audit"),
+            name("retention_requires_export"),
+            Key::Index(i),
+        ];
+        let valid = !c.is_empty()
+            && c.len() <= 64
+            && c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
+        if !valid {
+            cx.error(&at, format!("{c:?} is not an export cursor name: use letters, digits, '_' and '-' (up to 64), as given to `audit export --cursor`"));
+        } else if export_cursors.contains(c) {
+            cx.error(&at, format!("cursor {c:?} is listed twice"));
+        } else {
+            export_cursors.push(c.clone());
+        }
+    }
 
     // [[upstreams]]
     let mut upstreams = Vec::new();
@@ -1117,6 +1158,10 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             hmac_headers: hmac_headers.clone(),
             hmac_query: audit.hmac_query.clone(),
             encryption_key,
+            segment_size,
+            segment_max_age,
+            retention,
+            retention_requires_export: export_cursors,
         },
         upstreams,
         routes,
@@ -1580,6 +1625,13 @@ colour = "blue"
             ("[[consumers]]\nname = \"c\"\nscopes = [\"orders read\"]\n", "without spaces"),
             (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a\"\nupstream = \"u\"\nauth = [\"none\"]\nroles = [\"x\"]\n"), "roles need an authenticated caller"),
             ("[limits.l]\nrate = \"1/d\"\nburst = 100000\n", "ten years"),
+            ("[audit]\nsegment_size = \"100B\"\n", "at least 1KiB"),
+            ("[audit]\nsegment_size = \"lots\"\n", "invalid size"),
+            ("[audit]\nsegment_max_age = \"0s\"\n", "longer than zero"),
+            ("[audit]\nretention = \"forever\"\n", "invalid duration"),
+            ("[audit]\nretention = \"0s\"\n", "longer than zero"),
+            ("[audit]\nretention_requires_export = [\"../x\"]\n", "not an export cursor name"),
+            ("[audit]\nretention_requires_export = [\"siem\", \"siem\"]\n", "listed twice"),
         ];
         for (text, want) in cases {
             let errs = parse(text, "v.toml").expect_err(text).to_string();
@@ -1651,6 +1703,37 @@ colour = "blue"
         );
         assert_eq!(c.storage.redis_prefix, "apiwarden");
         assert_eq!(c.storage.redis_timeout, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn audit_segments_and_retention() {
+        let c = parse("", "r.toml").unwrap();
+        assert_eq!(c.audit.segment_size, 64 << 20);
+        assert_eq!(c.audit.segment_max_age, Duration::from_secs(86_400));
+        assert_eq!(c.audit.retention, None);
+        assert!(c.audit.retention_requires_export.is_empty());
+        let text = "[audit]\nsegment_size = \"4KiB\"\nsegment_max_age = \"1h\"\nretention = \"90d\"\nretention_requires_export = [\"siem\", \"archive-1\"]\n";
+        let c = parse(text, "r.toml").unwrap();
+        assert_eq!(c.audit.segment_size, 4096);
+        assert_eq!(c.audit.segment_max_age, Duration::from_secs(3600));
+        assert_eq!(c.audit.retention, Some(Duration::from_secs(90 * 86_400)));
+        assert_eq!(c.audit.retention_requires_export, ["siem", "archive-1"]);
+        // Errors name the line and column of the value.
+        let errs = parse(
+            "[audit]\nsegment_max_age = \"1d\"\nretention = \"soon\"\n",
+            "r.toml",
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!(errs.len(), 1);
+        assert_eq!((errs[0].line, errs[0].column), (3, 13), "{}", errs[0]);
+        let errs = parse(
+            "[audit]\nretention_requires_export = [\"ok\", \"a/b\"]\n",
+            "r.toml",
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!((errs[0].line, errs[0].column), (2, 36), "{}", errs[0]);
     }
 
     #[test]

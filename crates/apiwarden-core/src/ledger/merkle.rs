@@ -14,6 +14,8 @@
 //!   §2.1.3.2) and [`consistency_proof`] / [`verify_consistency`] (RFC 6962 §2.1.2, verified with
 //!   RFC 9162 §2.1.4.2). Generation takes the whole slice of leaf hashes (O(n) hashing); the
 //!   verifiers take only the proof and the roots, O(log n).
+//! - [`Pruned`]: the same roots and proofs for a tree whose first leaves are known only by the
+//!   frontier at their end (the ledger after retention deleted its oldest records).
 //!
 //! Proof elements are ordered from the leaf's end to the root's end, as in both RFCs.
 
@@ -176,24 +178,36 @@ impl Tree {
 pub fn inclusion_proof(leaves: &[Hash], index: u64) -> Vec<Hash> {
     let n = leaves.len() as u64;
     assert!(index < n, "leaf index {index} is not in a tree of size {n}");
+    path_with(n, index, &mut |lo, hi| {
+        Some(subtree_root(&leaves[lo as usize..hi as usize]))
+    })
+    .expect("every subtree of whole leaves has a root")
+}
+
+/// PATH(index, D[0:n]) with the subtree roots from `mth(lo, hi)`; `None` when one is not known.
+fn path_with(
+    n: u64,
+    index: u64,
+    mth: &mut dyn FnMut(u64, u64) -> Option<Hash>,
+) -> Option<Vec<Hash>> {
     // Walk down from the root; each step keeps the half holding the leaf and records the other
     // half's root. That records the path from the root down, so it is reversed at the end.
     let mut proof = Vec::with_capacity(64 - n.leading_zeros() as usize);
-    let (mut lo, mut hi, mut m) = (0usize, leaves.len(), index);
+    let (mut lo, mut hi, mut m) = (0u64, n, index);
     while hi - lo > 1 {
-        let k = split((hi - lo) as u64);
-        let mid = lo + k as usize;
+        let k = split(hi - lo);
+        let mid = lo + k;
         if m < k {
-            proof.push(subtree_root(&leaves[mid..hi]));
+            proof.push(mth(mid, hi)?);
             hi = mid;
         } else {
-            proof.push(subtree_root(&leaves[lo..mid]));
+            proof.push(mth(lo, mid)?);
             lo = mid;
             m -= k;
         }
     }
     proof.reverse();
-    proof
+    Some(proof)
 }
 
 /// Whether `proof` shows that `leaf` is the leaf at `index` of the tree of `size` leaves whose
@@ -240,21 +254,34 @@ pub fn consistency_proof(leaves: &[Hash], old_size: u64) -> Vec<Hash> {
         old_size <= n,
         "old size {old_size} is larger than the tree ({n})"
     );
+    consistency_with(n, old_size, &mut |lo, hi| {
+        Some(subtree_root(&leaves[lo as usize..hi as usize]))
+    })
+    .expect("every subtree of whole leaves has a root")
+}
+
+/// PROOF(old_size, D[0:n]) with the subtree roots from `mth(lo, hi)`; `None` when one is not
+/// known.
+fn consistency_with(
+    n: u64,
+    old_size: u64,
+    mth: &mut dyn FnMut(u64, u64) -> Option<Hash>,
+) -> Option<Vec<Hash>> {
     if old_size == 0 || old_size == n {
-        return Vec::new();
+        return Some(Vec::new());
     }
     // SUBPROOF(m, D[lo:hi], whole), unrolled from the top; like the inclusion proof it is
     // collected root-first and reversed.
     let mut proof = Vec::with_capacity(2 * (64 - n.leading_zeros() as usize));
-    let (mut lo, mut hi, mut m, mut whole) = (0usize, leaves.len(), old_size, true);
-    while m != (hi - lo) as u64 {
-        let k = split((hi - lo) as u64);
-        let mid = lo + k as usize;
+    let (mut lo, mut hi, mut m, mut whole) = (0u64, n, old_size, true);
+    while m != hi - lo {
+        let k = split(hi - lo);
+        let mid = lo + k;
         if m <= k {
-            proof.push(subtree_root(&leaves[mid..hi]));
+            proof.push(mth(mid, hi)?);
             hi = mid;
         } else {
-            proof.push(subtree_root(&leaves[lo..mid]));
+            proof.push(mth(lo, mid)?);
             lo = mid;
             m -= k;
             whole = false;
@@ -263,10 +290,101 @@ pub fn consistency_proof(leaves: &[Hash], old_size: u64) -> Vec<Hash> {
     // SUBPROOF(m, D[m], false) = {MTH(D[m])}: the old tree is not a whole subtree of the new one
     // here, so the verifier needs this subtree's root.
     if !whole {
-        proof.push(subtree_root(&leaves[lo..hi]));
+        proof.push(mth(lo, hi)?);
     }
     proof.reverse();
-    proof
+    Some(proof)
+}
+
+/// A tree whose first `base` leaves are known only by their frontier at `base` (the roots of
+/// the perfect subtrees [`Tree::frontier`] keeps), followed by `leaves`: what is left of the
+/// ledger once retention deleted its oldest records. Every subtree root a proof about a leaf at
+/// `base` or later needs can still be computed, and so can every root and every consistency
+/// proof from a size of `base` or more.
+#[derive(Clone, Copy, Debug)]
+pub struct Pruned<'a> {
+    base: u64,
+    frontier: &'a [Hash],
+    leaves: &'a [Hash],
+}
+
+impl<'a> Pruned<'a> {
+    /// `None` when `frontier` does not have one hash per set bit of `base`.
+    pub fn new(base: u64, frontier: &'a [Hash], leaves: &'a [Hash]) -> Option<Pruned<'a>> {
+        (frontier.len() == base.count_ones() as usize).then_some(Pruned {
+            base,
+            frontier,
+            leaves,
+        })
+    }
+
+    /// The number of leaves, those only known by the frontier included.
+    pub fn size(&self) -> u64 {
+        self.base + self.leaves.len() as u64
+    }
+
+    /// MTH(D[lo:hi]), if it can be computed: a range of the pruned part must be made of whole
+    /// frontier subtrees.
+    fn mth(&self, lo: u64, hi: u64) -> Option<Hash> {
+        if lo >= hi || hi > self.size() {
+            return None;
+        }
+        if lo >= self.base {
+            let (a, b) = ((lo - self.base) as usize, (hi - self.base) as usize);
+            return Some(subtree_root(&self.leaves[a..b]));
+        }
+        if hi <= self.base {
+            // One of the frontier's subtrees?
+            let mut start = 0u64;
+            let mut i = 0;
+            for bit in (0..64).rev() {
+                if self.base & (1 << bit) != 0 {
+                    let end = start + (1 << bit);
+                    if start == lo && end == hi {
+                        return Some(self.frontier[i]);
+                    }
+                    if start >= hi {
+                        break;
+                    }
+                    start = end;
+                    i += 1;
+                }
+            }
+        }
+        if hi - lo < 2 {
+            return None;
+        }
+        let k = split(hi - lo);
+        Some(node_hash(&self.mth(lo, lo + k)?, &self.mth(lo + k, hi)?))
+    }
+
+    /// The tree head of the first `size` leaves; `None` below `base` (except at 0 and `base`)
+    /// or past the end.
+    pub fn root(&self, size: u64) -> Option<Hash> {
+        match size {
+            0 => Some(EMPTY_ROOT),
+            s if s > self.size() => None,
+            s => self.mth(0, s),
+        }
+    }
+
+    /// [`inclusion_proof`] of leaf `index` in the tree of the first `size` leaves; `None` for a
+    /// leaf of the pruned part or beyond `size`.
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Option<Vec<Hash>> {
+        if index < self.base || index >= size || size > self.size() {
+            return None;
+        }
+        path_with(size, index, &mut |lo, hi| self.mth(lo, hi))
+    }
+
+    /// [`consistency_proof`] from the tree of `old_size` leaves to the tree of `size`; `None`
+    /// when `old_size` is below `base` (and not 0), or the sizes are out of order or range.
+    pub fn consistency_proof(&self, old_size: u64, size: u64) -> Option<Vec<Hash>> {
+        if old_size > size || size > self.size() || (old_size > 0 && old_size < self.base) {
+            return None;
+        }
+        consistency_with(size, old_size, &mut |lo, hi| self.mth(lo, hi))
+    }
 }
 
 /// Whether `proof` shows that the tree of `old_size` leaves with head `old_root` is a prefix of
@@ -719,6 +837,47 @@ mod tests {
                 assert_eq!(proof, naive::proof(m, &d), "{m} -> {n}");
                 let old = naive::mth(&d[..m]);
                 assert!(verify_consistency(m as u64, n as u64, &old, &r, &proof));
+            }
+        }
+    }
+
+    #[test]
+    fn a_pruned_tree_gives_the_same_roots_and_proofs_from_its_frontier() {
+        for n in 1..=40u64 {
+            let leaves: Vec<Hash> = (0..n).map(|i| leaf_hash(&[i as u8, 0xa5])).collect();
+            for base in 0..=n {
+                let mut tree = Tree::new();
+                for l in &leaves[..base as usize] {
+                    tree.push(*l);
+                }
+                let p = Pruned::new(base, tree.frontier(), &leaves[base as usize..]).unwrap();
+                assert_eq!(p.size(), n);
+                for size in base.max(1)..=n {
+                    assert_eq!(
+                        p.root(size),
+                        Some(root(&leaves[..size as usize])),
+                        "{base} {size}"
+                    );
+                    for index in base..size {
+                        assert_eq!(
+                            p.inclusion_proof(index, size),
+                            Some(inclusion_proof(&leaves[..size as usize], index)),
+                            "base {base}, leaf {index} of {size}"
+                        );
+                    }
+                    for old in (base..=size).chain([0]) {
+                        assert_eq!(
+                            p.consistency_proof(old, size),
+                            Some(consistency_proof(&leaves[..size as usize], old)),
+                            "base {base}, {old} -> {size}"
+                        );
+                    }
+                }
+                if base > 1 {
+                    assert_eq!(p.inclusion_proof(base - 1, n), None);
+                    assert_eq!(p.consistency_proof(base - 1, n), None);
+                }
+                assert_eq!(p.root(n + 1), None);
             }
         }
     }
