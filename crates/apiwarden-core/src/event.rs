@@ -170,39 +170,56 @@ impl Serialize for Reason {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Client {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpAddr>,
     /// The `X-Forwarded-For` header as received, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub forwarded_for: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct IdentityFields {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub consumer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
     /// `none`, `api_key`, `jwt`, `introspection` or `mtls`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     pub scopes: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RequestFields {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// The route's path as written in the config (a template such as `/orders/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<Arc<str>>,
     /// The route's name (an extension of schema 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub route_name: Option<Arc<str>>,
     /// The query string with every value replaced by `REDACTED`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
     pub bytes: u64,
     /// `websocket` (or another protocol) when the request was an upgrade.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<String>,
     /// Configured sensitive headers (`audit.hmac_headers`), each as `hmac:<hex>`: HMAC-SHA256
     /// under the ledger's salt, so equal values correlate without being stored.
-    #[serde(serialize_with = "pairs_as_object")]
+    #[serde(
+        serialize_with = "pairs_as_object",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub headers_hmac: Vec<(String, String)>,
 }
 
@@ -215,8 +232,11 @@ pub struct ResponseFields {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct UpstreamFields {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
 }
 
@@ -224,6 +244,7 @@ pub struct UpstreamFields {
 pub struct DecisionFields {
     pub outcome: Outcome,
     pub reason: Reason,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
 }
 
@@ -239,8 +260,17 @@ impl Default for DecisionFields {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TlsFields {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_subject: Option<String>,
+}
+
+impl TlsFields {
+    /// No TLS facts (a plain-HTTP request): the event leaves `tls` out.
+    pub fn is_empty(&self) -> bool {
+        self.version.is_none() && self.client_subject.is_none()
+    }
 }
 
 /// One audit event.
@@ -254,6 +284,7 @@ pub struct AuditEvent {
     pub time: SystemTime,
     pub node: Arc<str>,
     pub kind: EventKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<Uuid>,
     pub client: Client,
     pub identity: IdentityFields,
@@ -261,17 +292,23 @@ pub struct AuditEvent {
     pub response: ResponseFields,
     pub upstream: UpstreamFields,
     pub decision: DecisionFields,
+    #[serde(skip_serializing_if = "TlsFields::is_empty")]
     pub tls: TlsFields,
     /// What went wrong after the request was allowed (a [`Reason`] code), if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<Reason>,
     /// A sentence for `system` and `admin` events.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// Who did an `admin` action (`cli:USER@HOST`, an admin token's name).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
     /// `received`: the record a `strict` ledger makes durable before the request is
     /// forwarded; the request's outcome follows in a second record without a phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub phase: Option<&'static str>,
     /// On the outcome record of a `strict` request: the `seq` of its `received` record.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub received_seq: Option<u64>,
 }
 
@@ -316,8 +353,12 @@ impl AuditEvent {
 }
 
 /// The canonical JSON encoding of an event: the same document as its `Serialize`
-/// implementation (a test checks), written directly into a buffer. This is what sinks write;
-/// it costs a fraction of a generic serialiser on the hot path of the audit writer.
+/// implementation (a test checks), written directly into a buffer. A field without a value
+/// (`None`, no HMAC'd headers, no TLS facts) is left out rather than written as `null`: a
+/// reader sees the same thing (`event["tls"]["version"]` is `null` either way) and a typical
+/// request event is about a fifth smaller, which is a fifth less to hash, write and verify.
+/// This is what sinks write; it costs a fraction of a generic serialiser on the hot path of
+/// the audit writer.
 impl AuditEvent {
     pub fn write_json(&self, out: &mut Vec<u8>) {
         out.reserve(1024);
@@ -337,13 +378,12 @@ impl AuditEvent {
             EventKind::Admin => "admin",
             EventKind::System => "system",
         });
-        match self.request_id {
-            Some(id) => j.key(k!("request_id")).uuid(id),
-            None => j.key(k!("request_id")).null(),
+        if let Some(id) = self.request_id {
+            j.key(k!("request_id")).uuid(id);
         }
         j.key(k!("client")).open();
-        match self.client.ip {
-            Some(ip) => {
+        if let Some(ip) = self.client.ip {
+            {
                 j.key(k!("ip"));
                 j.out.push(b'"');
                 match ip {
@@ -362,37 +402,35 @@ impl AuditEvent {
                 }
                 j.out.push(b'"');
             }
-            None => {
-                j.key(k!("ip")).null();
-            }
         }
-        j.key(k!("forwarded_for"))
-            .opt_str(self.client.forwarded_for.as_deref());
+        j.opt_str(k!("forwarded_for"), self.client.forwarded_for.as_deref());
         j.close();
         let id = &self.identity;
         j.key(k!("identity")).open();
-        j.key(k!("consumer")).opt_str(id.consumer.as_deref());
-        j.key(k!("key_id")).opt_str(id.key_id.as_deref());
-        j.key(k!("method")).opt_str(id.method);
-        j.key(k!("subject")).opt_str(id.subject.as_deref());
+        j.opt_str(k!("consumer"), id.consumer.as_deref());
+        j.opt_str(k!("key_id"), id.key_id.as_deref());
+        j.opt_str(k!("method"), id.method);
+        j.opt_str(k!("subject"), id.subject.as_deref());
         j.key(k!("scopes")).strs(&id.scopes);
         j.close();
         let r = &self.request;
         j.key(k!("request")).open();
-        j.key(k!("method")).opt_str(r.method.as_deref());
-        j.key(k!("host")).opt_str(r.host.as_deref());
-        j.key(k!("path")).opt_str(r.path.as_deref());
-        j.key(k!("route")).opt_str(r.route.as_deref());
-        j.key(k!("route_name")).opt_str(r.route_name.as_deref());
-        j.key(k!("query")).opt_str(r.query.as_deref());
-        j.key(k!("user_agent")).opt_str(r.user_agent.as_deref());
+        j.opt_str(k!("method"), r.method.as_deref());
+        j.opt_str(k!("host"), r.host.as_deref());
+        j.opt_str(k!("path"), r.path.as_deref());
+        j.opt_str(k!("route"), r.route.as_deref());
+        j.opt_str(k!("route_name"), r.route_name.as_deref());
+        j.opt_str(k!("query"), r.query.as_deref());
+        j.opt_str(k!("user_agent"), r.user_agent.as_deref());
         j.key(k!("bytes")).u64(r.bytes);
-        j.key(k!("upgrade")).opt_str(r.upgrade.as_deref());
-        j.key(k!("headers_hmac")).open();
-        for (name, value) in &r.headers_hmac {
-            j.name(name).str(value);
+        j.opt_str(k!("upgrade"), r.upgrade.as_deref());
+        if !r.headers_hmac.is_empty() {
+            j.key(k!("headers_hmac")).open();
+            for (name, value) in &r.headers_hmac {
+                j.name(name).str(value);
+            }
+            j.close();
         }
-        j.close();
         j.close();
         j.key(k!("response")).open();
         j.key(k!("status")).u64(u64::from(self.response.status));
@@ -401,12 +439,11 @@ impl AuditEvent {
         j.close();
         let u = &self.upstream;
         j.key(k!("upstream")).open();
-        j.key(k!("name")).opt_str(u.name.as_deref());
-        j.key(k!("target")).opt_str(u.target.as_deref());
-        match u.latency_us {
-            Some(n) => j.key(k!("latency_us")).u64(n),
-            None => j.key(k!("latency_us")).null(),
-        };
+        j.opt_str(k!("name"), u.name.as_deref());
+        j.opt_str(k!("target"), u.target.as_deref());
+        if let Some(n) = u.latency_us {
+            j.key(k!("latency_us")).u64(n);
+        }
         j.close();
         let d = &self.decision;
         j.key(k!("decision")).open();
@@ -415,21 +452,21 @@ impl AuditEvent {
             Outcome::Deny => "deny",
         });
         j.key(k!("reason")).str(d.reason.as_str());
-        j.key(k!("policy")).opt_str(d.policy.as_deref());
+        j.opt_str(k!("policy"), d.policy.as_deref());
         j.close();
-        j.key(k!("tls")).open();
-        j.key(k!("version")).opt_str(self.tls.version);
-        j.key(k!("client_subject"))
-            .opt_str(self.tls.client_subject.as_deref());
-        j.close();
-        j.key(k!("error")).opt_str(self.error.map(Reason::as_str));
-        j.key(k!("message")).opt_str(self.message.as_deref());
-        j.key(k!("actor")).opt_str(self.actor.as_deref());
-        j.key(k!("phase")).opt_str(self.phase);
-        match self.received_seq {
-            Some(n) => j.key(k!("received_seq")).u64(n),
-            None => j.key(k!("received_seq")).null(),
-        };
+        if !self.tls.is_empty() {
+            j.key(k!("tls")).open();
+            j.opt_str(k!("version"), self.tls.version);
+            j.opt_str(k!("client_subject"), self.tls.client_subject.as_deref());
+            j.close();
+        }
+        j.opt_str(k!("error"), self.error.map(Reason::as_str));
+        j.opt_str(k!("message"), self.message.as_deref());
+        j.opt_str(k!("actor"), self.actor.as_deref());
+        j.opt_str(k!("phase"), self.phase);
+        if let Some(n) = self.received_seq {
+            j.key(k!("received_seq")).u64(n);
+        }
         j.close();
     }
 }
@@ -538,10 +575,6 @@ impl Json<'_> {
         self.out.extend_from_slice(&buf);
     }
 
-    fn null(&mut self) {
-        self.out.extend_from_slice(b"null");
-    }
-
     fn u64(&mut self, mut n: u64) {
         let mut buf = [0u8; 20];
         let mut i = buf.len();
@@ -591,10 +624,10 @@ impl Json<'_> {
         self.out.push(b'"');
     }
 
-    fn opt_str(&mut self, s: Option<&str>) {
-        match s {
-            Some(s) => self.str(s),
-            None => self.null(),
+    /// A string field, left out when there is no value (the canonical form has no `null`s).
+    fn opt_str(&mut self, k: &[u8], s: Option<&str>) {
+        if let Some(s) = s {
+            self.key(k).str(s);
         }
     }
 
@@ -687,6 +720,7 @@ mod tests {
         e.upstream.latency_us = Some(7);
         e.error = Some(Reason::UpstreamTimeout);
         e.tls.version = Some("TLSv1.3");
+        e.request.headers_hmac = vec![("x-account".into(), "hmac:00ff".into())];
         let mut buf = Vec::new();
         e.write_json(&mut buf);
         let canonical: serde_json::Value = serde_json::from_slice(&buf).unwrap();
@@ -703,6 +737,15 @@ mod tests {
             serde_json::from_slice::<serde_json::Value>(&buf).unwrap(),
             serde_json::to_value(&blank).unwrap()
         );
+        // Fields without a value are left out, in both encodings, in the same order.
+        assert_eq!(buf, serde_json::to_vec(&blank).unwrap());
+        let text = String::from_utf8(buf).unwrap();
+        assert!(!text.contains("null"), "{text}");
+        assert!(
+            !text.contains("tls") && !text.contains("headers_hmac"),
+            "{text}"
+        );
+        assert!(text.contains(r#""client":{}"#), "{text}");
     }
 
     #[test]

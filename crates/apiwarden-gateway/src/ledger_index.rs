@@ -603,7 +603,7 @@ mod tests {
             checkpoint_interval: Duration::from_millis(50),
             origin: "apiwarden/test".into(),
             copy_to: None,
-            segment_bytes: 64 * 1024,
+            segment_bytes: 16 * 1024,
             segment_max_age: crate::ledger::SEGMENT_MAX_AGE,
             retention: None,
             node: "test".into(),
@@ -640,6 +640,10 @@ mod tests {
         let opened = LedgerSink::open(opts.clone()).unwrap();
         for i in range {
             opened.sink.record(event(i));
+            // Written in several batches, so that segments rotate near their size.
+            if i % 200 == 199 {
+                opened.sink.flush().await.unwrap();
+            }
         }
         opened.sink.flush().await.unwrap();
         drop(opened);

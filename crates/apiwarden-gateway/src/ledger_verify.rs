@@ -2,7 +2,8 @@
 //! ledger written by [`crate::ledger`] (its layout is documented there).
 //!
 //! [`verify`] streams every segment once, in order, keeping O(log n) memory (the Merkle
-//! frontier and the chain head): framing and checksums, segment names against their first
+//! frontier and the chain head, plus a few batches of records whose leaf hashes are computed on
+//! one thread per core: [`scan_leaves`]): framing and checksums, segment names against their first
 //! record, sequence continuity from 1, the hash chain against the `state` file, the Merkle
 //! root at the size of every checkpoint in `checkpoints.log` and `checkpoint` (each signature
 //! verified first, against `keys/*.vkey`), and optionally a checkpoint held elsewhere. It
@@ -642,6 +643,173 @@ fn scan(
     Ok((expected - 1, read))
 }
 
+/// Records handed to the leaf-hashing threads together: their payloads back to back.
+struct Batch {
+    /// The batch's place in the ledger's order.
+    id: u64,
+    data: Vec<u8>,
+    /// (segment index, seq, end of the payload in `data`); each starts where the last ended.
+    recs: Vec<(usize, u64, usize)>,
+    leaves: Vec<Hash>,
+}
+
+/// Payload bytes per batch: large enough that handing a batch over costs little per record,
+/// small enough to stay in a core's cache while it is hashed.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// [`scan`], with the leaf hash of every record computed on `threads` threads, and
+/// `visit(segment index, seq, leaf)` called in ledger order on the calling thread. Only the
+/// leaf hashes are independent of each other (the chain and the tree are serial), but they are
+/// most of the work: over a kilobyte of SHA-256 a record against two 64-byte blocks for the
+/// chain link and the tree node. A scan error is returned after every record before it was
+/// visited, so the first problem in ledger order is the one reported.
+fn scan_leaves(
+    segs: &[Seg],
+    first: u64,
+    threads: usize,
+    batch_bytes: usize,
+    progress: &mut dyn FnMut(u64, u64),
+    visit: &mut dyn FnMut(usize, u64, &Hash) -> Result<(), VerifyError>,
+) -> Result<(u64, u64), VerifyError> {
+    use std::collections::BTreeMap;
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    let threads = threads.max(1);
+    // Batches in flight: enough to keep every thread busy while the next one fills.
+    let depth = 2 * threads + 2;
+    let (work_tx, work_rx) = mpsc::sync_channel::<Batch>(depth);
+    let work_rx = Mutex::new(work_rx);
+    let (done_tx, done_rx) = mpsc::channel::<Batch>();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let work_rx = &work_rx;
+            scope.spawn(move || loop {
+                let next = work_rx.lock().map(|rx| rx.recv());
+                let Ok(Ok(mut b)) = next else { return };
+                b.leaves.clear();
+                let mut start = 0;
+                for &(_, _, end) in &b.recs {
+                    b.leaves.push(leaf_hash(&b.data[start..end]));
+                    start = end;
+                }
+                if done_tx.send(b).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        let mut state = Ordered {
+            done_rx,
+            waiting: BTreeMap::new(),
+            next: 0,
+            in_flight: 0,
+            spare: Vec::new(),
+            failed: None,
+        };
+        let mut batch = state.fresh(0);
+        let scanned = scan(segs, first, progress, &mut |si, seq, payload| {
+            batch.data.extend_from_slice(payload);
+            batch.recs.push((si, seq, batch.data.len()));
+            if batch.data.len() >= batch_bytes {
+                let fresh = state.fresh(batch.id + 1);
+                let full = std::mem::replace(&mut batch, fresh);
+                state.in_flight += 1;
+                work_tx
+                    .send(full)
+                    .expect("the hashing threads outlive the scan");
+                while state.in_flight >= depth || state.ready() {
+                    if !state.apply_one(visit) {
+                        // Stop reading: the error is kept and returned below.
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok(true)
+        });
+        if state.failed.is_none() && !batch.recs.is_empty() {
+            state.in_flight += 1;
+            work_tx
+                .send(batch)
+                .expect("the hashing threads outlive the scan");
+        }
+        drop(work_tx);
+        // Whatever was read before a scan error is visited first: an earlier problem wins.
+        while state.failed.is_none() && state.in_flight > 0 {
+            state.apply_one(visit);
+        }
+        match state.failed.take() {
+            Some(e) => Err(e),
+            None => scanned,
+        }
+    })
+}
+
+/// The ordered end of [`scan_leaves`]: batches come back from the hashing threads in any
+/// order and are visited in ledger order.
+struct Ordered {
+    done_rx: std::sync::mpsc::Receiver<Batch>,
+    waiting: std::collections::BTreeMap<u64, Batch>,
+    next: u64,
+    in_flight: usize,
+    spare: Vec<Batch>,
+    failed: Option<VerifyError>,
+}
+
+impl Ordered {
+    fn fresh(&mut self, id: u64) -> Batch {
+        let mut b = self.spare.pop().unwrap_or_else(|| Batch {
+            id: 0,
+            data: Vec::with_capacity(BATCH_BYTES + 64 * 1024),
+            recs: Vec::with_capacity(1024),
+            leaves: Vec::with_capacity(1024),
+        });
+        b.id = id;
+        b.data.clear();
+        b.recs.clear();
+        b
+    }
+
+    /// Whether the next batch in order is back without waiting.
+    fn ready(&mut self) -> bool {
+        while let Ok(b) = self.done_rx.try_recv() {
+            self.waiting.insert(b.id, b);
+        }
+        self.waiting.contains_key(&self.next)
+    }
+
+    /// Waits for the next batch in order and visits its records; `false` (the error kept in
+    /// `failed`) when a visit failed.
+    fn apply_one(
+        &mut self,
+        visit: &mut dyn FnMut(usize, u64, &Hash) -> Result<(), VerifyError>,
+    ) -> bool {
+        let b = loop {
+            if let Some(b) = self.waiting.remove(&self.next) {
+                break b;
+            }
+            let b = self
+                .done_rx
+                .recv()
+                .expect("a hashing thread returns every batch it takes");
+            self.waiting.insert(b.id, b);
+        };
+        self.next += 1;
+        self.in_flight -= 1;
+        if self.failed.is_none() {
+            for (&(si, seq, _), leaf) in b.recs.iter().zip(&b.leaves) {
+                if let Err(e) = visit(si, seq, leaf) {
+                    self.failed = Some(e);
+                    break;
+                }
+            }
+        }
+        self.spare.push(b);
+        self.failed.is_none()
+    }
+}
+
 /// The `state` file's chain head: (size, chain).
 fn read_state(dir: &Path) -> Option<(u64, Hash)> {
     let text = std::fs::read_to_string(dir.join("state")).ok()?;
@@ -861,54 +1029,61 @@ pub fn verify_with(
         let si = if i == 0 { 0 } else { starts[i - 1].1 };
         segs.get(si).map_or_else(String::new, |s| s.label.clone())
     };
-    let (records, bytes) = scan(&segs, st.first, progress, &mut |si, seq, payload| {
-        if starts.last().is_none_or(|(_, s)| *s != si) {
-            starts.push((seq, si));
-        }
-        // Left over from an interrupted retention: only the anchor vouches for them.
-        if seq <= base {
-            return Ok(true);
-        }
-        let leaf = leaf_hash(payload);
-        chain = frame::chain_next(&chain, &leaf);
-        tree.push(leaf);
-        if next < order.len() && cps[order[next]].size == seq {
-            let r = tree.root();
-            while next < order.len() && cps[order[next]].size == seq {
-                let cp = &cps[order[next]];
-                if cp.root != r {
-                    return Err(VerifyError::RootMismatch {
-                        segment: segment_of(&starts, good + 1),
-                        checkpoint: cp.label.clone(),
-                        size: seq,
-                        from: good + 1,
-                    });
-                }
-                checked += 1;
-                next += 1;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (records, bytes) = scan_leaves(
+        &segs,
+        st.first,
+        threads,
+        BATCH_BYTES,
+        progress,
+        &mut |si, seq, leaf| {
+            if starts.last().is_none_or(|(_, s)| *s != si) {
+                starts.push((seq, si));
             }
-            good = seq;
-        }
-        if let Some((size, head)) = state {
-            if size == seq {
-                if head != chain {
-                    return Err(VerifyError::ChainMismatch {
-                        segment: segment_of(&starts, seq),
-                        at: seq,
-                    });
-                }
-                chain_checked_at = Some(seq);
+            // Left over from an interrupted retention: only the anchor vouches for them.
+            if seq <= base {
+                return Ok(());
             }
-        }
-        if let Some((size, head)) = anchor_chain {
-            if size == seq && head != chain {
-                return Err(VerifyError::BadAnchor {
+            chain = frame::chain_next(&chain, leaf);
+            tree.push(*leaf);
+            if next < order.len() && cps[order[next]].size == seq {
+                let r = tree.root();
+                while next < order.len() && cps[order[next]].size == seq {
+                    let cp = &cps[order[next]];
+                    if cp.root != r {
+                        return Err(VerifyError::RootMismatch {
+                            segment: segment_of(&starts, good + 1),
+                            checkpoint: cp.label.clone(),
+                            size: seq,
+                            from: good + 1,
+                        });
+                    }
+                    checked += 1;
+                    next += 1;
+                }
+                good = seq;
+            }
+            if let Some((size, head)) = state {
+                if size == seq {
+                    if head != chain {
+                        return Err(VerifyError::ChainMismatch {
+                            segment: segment_of(&starts, seq),
+                            at: seq,
+                        });
+                    }
+                    chain_checked_at = Some(seq);
+                }
+            }
+            if let Some((size, head)) = anchor_chain {
+                if size == seq && head != chain {
+                    return Err(VerifyError::BadAnchor {
                     reason: format!("its chain head after record {seq} is not the records' (while its root is): the anchor was signed over a different chain"),
                 });
+                }
             }
-        }
-        Ok(true)
-    })?;
+            Ok(())
+        },
+    )?;
     let last_label = segs
         .last()
         .map_or_else(|| "segments/".to_string(), |s| s.label.clone());
@@ -1275,7 +1450,7 @@ mod tests {
             .unwrap_or(0)
     }
 
-    /// A ledger of `n` events in several 64 KiB segments, a checkpoint covering them all.
+    /// A ledger of `n` events in several 16 KiB segments, a checkpoint covering them all.
     async fn build(n: u64) -> (PathBuf, PathBuf) {
         let root = temp_dir("ledger");
         let dir = root.join("ledger");
@@ -1286,7 +1461,7 @@ mod tests {
             checkpoint_interval: Duration::from_millis(50),
             origin: "apiwarden/test".into(),
             copy_to: Some(copy.clone()),
-            segment_bytes: 64 << 10,
+            segment_bytes: 16 << 10,
             segment_max_age: ledger::SEGMENT_MAX_AGE,
             retention: None,
             node: "test-node".into(),
@@ -1303,6 +1478,10 @@ mod tests {
             let mut e = AuditEvent::new(EventKind::System, crate::ids::new_id(), node.clone());
             e.message = Some(format!("event {i}"));
             opened.sink.record(Box::new(e));
+            // Written in several batches, so that segments rotate near their size.
+            if i % 200 == 199 {
+                opened.sink.flush().await.unwrap();
+            }
         }
         opened.sink.flush().await.unwrap();
         let t = Instant::now();
@@ -1314,6 +1493,77 @@ mod tests {
         // Let the writer finish its last checkpoint after the channel closed.
         tokio::time::sleep(Duration::from_millis(300)).await;
         (dir, copy)
+    }
+
+    #[tokio::test]
+    async fn leaves_hashed_on_several_threads_are_visited_in_order_and_the_first_error_wins() {
+        let (dir, _copy) = build(3000).await;
+        let segs = segment_list(&dir).unwrap();
+        let mut serial = Vec::new();
+        scan(&segs, 1, &mut |_, _| {}, &mut |si, seq, p| {
+            serial.push((si, seq, leaf_hash(p)));
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(serial.len(), 3000);
+        // Batches of about 1 KiB (a few records each) on 3 threads: many batches in flight.
+        let mut parallel = Vec::new();
+        let (last, _) = scan_leaves(&segs, 1, 3, 1024, &mut |_, _| {}, &mut |si, seq, leaf| {
+            parallel.push((si, seq, *leaf));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(last, 3000);
+        assert_eq!(parallel, serial);
+
+        // A visit that fails at record 1 000 stops the scan there, although later batches were
+        // already hashed.
+        let mut visited = 0u64;
+        let err = scan_leaves(&segs, 1, 3, 1024, &mut |_, _| {}, &mut |_, seq, _| {
+            visited = seq;
+            if seq == 1000 {
+                return Err(VerifyError::Usage("stop at 1000".into()));
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            VerifyError::Usage("stop at 1000".into()).to_string()
+        );
+        assert_eq!(visited, 1000);
+
+        // Damage in the last segment: every record before it is visited first, and a visit
+        // error before the damage is the one reported.
+        let i = (0..segs.len())
+            .rev()
+            .find(|&i| std::fs::metadata(&segs[i].path).unwrap().len() > 100)
+            .unwrap();
+        let last_record = segs.get(i + 1).map_or(3000, |s| s.first - 1);
+        let mut bytes = std::fs::read(&segs[i].path).unwrap();
+        let n = bytes.len();
+        bytes[n - 10] ^= 0x55;
+        std::fs::write(&segs[i].path, &bytes).unwrap();
+        let mut visited = 0u64;
+        let err = scan_leaves(&segs, 1, 3, 1024, &mut |_, _| {}, &mut |_, seq, _| {
+            visited = seq;
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(matches!(err, VerifyError::Modified { .. }), "{err}");
+        assert_eq!(
+            visited,
+            last_record - 1,
+            "every record before the damaged one was visited"
+        );
+        let err = scan_leaves(&segs, 1, 3, 1024, &mut |_, _| {}, &mut |_, seq, _| {
+            if seq == 2000 {
+                return Err(VerifyError::Usage("an earlier problem".into()));
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(matches!(err, VerifyError::Usage(_)), "{err}");
     }
 
     #[tokio::test]
