@@ -1473,11 +1473,28 @@ impl Writer {
 /// one segment in memory at a time. Stops at the first damaged record with its error (a torn
 /// tail included: readers never change files). For tools that read events (`access review`,
 /// tests); `audit verify` checks far more.
-pub fn read_records(dir: &Path, mut f: impl FnMut(u64, &[u8])) -> Result<u64, LedgerError> {
+pub fn read_records(dir: &Path, f: impl FnMut(u64, &[u8])) -> Result<u64, LedgerError> {
+    read_records_from(dir, 0, f)
+}
+
+/// [`read_records`] of the records numbered `from` and above only: a segment whose successor
+/// starts at or below `from` holds none of them and is not read at all (segments are named by
+/// their first record, which `audit verify` checks), so an export that resumes at a cursor
+/// reads what is new, not the whole ledger. Returns the number of records read (including
+/// those below `from` in the first segment read).
+pub fn read_records_from(
+    dir: &Path,
+    from: u64,
+    mut f: impl FnMut(u64, &[u8]),
+) -> Result<u64, LedgerError> {
     let mut count = 0;
     let segs = segments(dir)?;
     let last = segs.len().saturating_sub(1);
+    let firsts: Vec<u64> = segs.iter().map(|(first, _)| *first).collect();
     for (i, (_, path)) in segs.into_iter().enumerate() {
+        if firsts.get(i + 1).is_some_and(|&next| next <= from) {
+            continue;
+        }
         let mut bytes = Vec::new();
         File::open(&path)
             .and_then(|mut file| file.read_to_end(&mut bytes))
@@ -1497,7 +1514,9 @@ pub fn read_records(dir: &Path, mut f: impl FnMut(u64, &[u8])) -> Result<u64, Le
                     })
                 }
             };
-            f(fr.seq, fr.payload);
+            if fr.seq >= from {
+                f(fr.seq, fr.payload);
+            }
             count += 1;
             offset += used;
         }
@@ -1510,10 +1529,20 @@ pub fn read_records(dir: &Path, mut f: impl FnMut(u64, &[u8])) -> Result<u64, Le
 pub fn read_plain(
     dir: &Path,
     opener: Option<&crate::ledger_crypt::Opener>,
+    f: impl FnMut(u64, &[u8]),
+) -> Result<u64, LedgerError> {
+    read_plain_from(dir, opener, 0, f)
+}
+
+/// [`read_plain`] of the records numbered `from` and above (see [`read_records_from`]).
+pub fn read_plain_from(
+    dir: &Path,
+    opener: Option<&crate::ledger_crypt::Opener>,
+    from: u64,
     mut f: impl FnMut(u64, &[u8]),
 ) -> Result<u64, LedgerError> {
     let mut failed = None;
-    let n = read_records(dir, |seq, payload| {
+    let n = read_records_from(dir, from, |seq, payload| {
         if failed.is_some() {
             return;
         }
@@ -1675,6 +1704,37 @@ mod tests {
             }
         }
         sink.flush().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn reading_from_a_sequence_number_skips_the_segments_before_it() {
+        let dir = temp();
+        let opened = LedgerSink::open(options(&dir)).unwrap();
+        write_events(&opened.sink, 0..600).await;
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let ledger = dir.join("ledger");
+        let firsts = firsts(&ledger);
+        assert!(firsts.len() > 3, "{firsts:?}");
+        // Damage the first segment's first record: a reader that opens it stops there.
+        let (_, first_path) = &segments(&ledger).unwrap()[0];
+        let mut bytes = std::fs::read(first_path).unwrap();
+        bytes[frame::HEADER_LEN + 2] ^= 0x20;
+        std::fs::write(first_path, &bytes).unwrap();
+        assert!(matches!(
+            read_records(&ledger, |_, _| {}),
+            Err(LedgerError::Corrupt { .. })
+        ));
+        // From a record inside the third segment: the first two are never read.
+        let from = firsts[2] + 1;
+        let mut seqs = Vec::new();
+        read_plain_from(&ledger, None, from, |seq, p| {
+            assert!(std::str::from_utf8(p).unwrap().contains("event"));
+            seqs.push(seq);
+        })
+        .unwrap();
+        assert_eq!(seqs, (from..=600).collect::<Vec<u64>>());
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]

@@ -508,7 +508,9 @@ fn export(
     let mut write_failed = None;
     let mut bad_record = None;
     let mut first_new = None;
-    let read = ledger::read_plain(dir, opener, |seq, payload| {
+    // Segments wholly at or below the cursor are not read.
+    let from = after.map_or(0, |a| a + 1);
+    let read = ledger::read_plain_from(dir, opener, from, |seq, payload| {
         if write_failed.is_some() || bad_record.is_some() || after.is_some_and(|a| seq <= a) {
             return;
         }
