@@ -785,9 +785,74 @@ fn declared_end(buf: &[u8]) -> Option<usize> {
 
 enum Msg {
     Event(Box<AuditEvent>),
-    /// An event whose sender waits until it is durable (`strict`).
-    Durable(Box<AuditEvent>, oneshot::Sender<Result<u64, ()>>),
+    /// An event whose sender waits until it is durable (`strict`), and the way back to the
+    /// sender's worker thread when it has one.
+    Durable(
+        Box<AuditEvent>,
+        oneshot::Sender<Result<u64, ()>>,
+        Option<Relay>,
+    ),
     Flush(oneshot::Sender<()>),
+}
+
+/// A request waiting for its record to be durable: its sequence number, where its answer
+/// goes, and its worker thread's relay.
+type Waiter = (u64, oneshot::Sender<Result<u64, ()>>, Option<Relay>);
+
+/// Durability answers for the requests of one worker thread.
+type Acks = Vec<(oneshot::Sender<Result<u64, ()>>, Result<u64, ()>)>;
+
+/// The way back to one worker thread for `strict` answers. Answering a waiting request from
+/// the writer thread wakes its worker's runtime with a system call (an `eventfd` write) per
+/// request; a group commit answers dozens at once. Through the relay the writer wakes each
+/// worker once per batch, and the worker's relay task answers its requests on their own
+/// thread, where a wake-up is a push onto the local run queue.
+#[derive(Clone)]
+struct Relay(mpsc::UnboundedSender<Acks>);
+
+thread_local! {
+    static RELAY: std::cell::RefCell<Option<Relay>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Starts this thread's relay for `strict` answers (see [`Relay`]) on the current
+/// single-threaded runtime. Each gateway worker calls it once, inside its runtime; a thread
+/// without a relay is answered directly.
+pub fn start_durable_relay() {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Acks>();
+    tokio::spawn(async move {
+        while let Some(acks) = rx.recv().await {
+            for (waiter, answer) in acks {
+                let _ = waiter.send(answer);
+            }
+        }
+    });
+    RELAY.with(|r| *r.borrow_mut() = Some(Relay(tx)));
+}
+
+/// Answers the requests waiting for the batch just written (`ok`: it is durable), grouped by
+/// worker thread.
+fn answer_durable(durable: &mut Vec<Waiter>, ok: bool) {
+    let mut groups: Vec<(Relay, Acks)> = Vec::new();
+    for (seq, waiter, relay) in durable.drain(..) {
+        let answer = if ok { Ok(seq) } else { Err(()) };
+        match relay {
+            Some(relay) => match groups.iter_mut().find(|(g, _)| g.0.same_channel(&relay.0)) {
+                Some((_, acks)) => acks.push((waiter, answer)),
+                None => groups.push((relay, vec![(waiter, answer)])),
+            },
+            None => {
+                let _ = waiter.send(answer);
+            }
+        }
+    }
+    for (relay, acks) in groups {
+        // The worker's runtime is gone: answer directly (nobody may be waiting any more).
+        if let Err(mpsc::error::SendError(acks)) = relay.0.send(acks) {
+            for (waiter, answer) in acks {
+                let _ = waiter.send(answer);
+            }
+        }
+    }
 }
 
 /// The ledger as the gateway's audit sink. Events are numbered, hashed and written by one
@@ -919,8 +984,9 @@ impl AuditSink for LedgerSink {
 
     fn record_durable(&self, event: Box<AuditEvent>) -> oneshot::Receiver<Result<u64, ()>> {
         let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(Msg::Durable(_, tx))) =
-            self.tx.send(Msg::Durable(event, tx))
+        let relay = RELAY.with(|r| r.borrow().clone());
+        if let Err(mpsc::error::SendError(Msg::Durable(_, tx, _))) =
+            self.tx.send(Msg::Durable(event, tx, relay))
         {
             self.healthy.store(false, Relaxed);
             let _ = tx.send(Err(()));
@@ -974,7 +1040,7 @@ impl Writer {
         let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
         // Requests waiting for their record to be durable, with its sequence number: answered
         // together after the batch's one write and fdatasync (group commit).
-        let mut durable: Vec<(u64, oneshot::Sender<Result<u64, ()>>)> = Vec::new();
+        let mut durable: Vec<Waiter> = Vec::new();
         let mut batch: Vec<u8> = Vec::with_capacity(512 * 1024);
         let mut payload: Vec<u8> = Vec::with_capacity(4096);
         let mut sealed: Vec<u8> = Vec::with_capacity(4096);
@@ -989,7 +1055,7 @@ impl Writer {
                 };
                 let (event, waiter) = match msg {
                     Ok(Msg::Event(e)) => (Some(e), None),
-                    Ok(Msg::Durable(e, w)) => (Some(e), Some(w)),
+                    Ok(Msg::Durable(e, w, relay)) => (Some(e), Some((w, relay))),
                     Ok(Msg::Flush(done)) => {
                         waiting.push(done);
                         (None, None)
@@ -1003,8 +1069,8 @@ impl Writer {
                 if let Some(mut e) = event {
                     {
                         e.seq = self.tail.next_seq;
-                        if let Some(w) = waiter {
-                            durable.push((e.seq, w));
+                        if let Some((w, relay)) = waiter {
+                            durable.push((e.seq, w, relay));
                         }
                         payload.clear();
                         e.write_json(&mut payload);
@@ -1042,10 +1108,7 @@ impl Writer {
             self.write(&mut batch);
             // Durable now (one fdatasync for all of them), or not: then the requests are
             // refused rather than forwarded unrecorded; their records stay queued.
-            let ok = batch.is_empty();
-            for (seq, w) in durable.drain(..) {
-                let _ = w.send(if ok { Ok(seq) } else { Err(()) });
-            }
+            answer_durable(&mut durable, batch.is_empty());
             if batch.is_empty() {
                 // A flush (the gateway shutting down) also gets a checkpoint of everything
                 // written, before it is answered: the process may exit right after.
@@ -1704,6 +1767,35 @@ mod tests {
             }
         }
         sink.flush().await.unwrap();
+    }
+
+    #[test]
+    fn strict_answers_reach_a_worker_thread_through_its_relay() {
+        let dir = temp();
+        let mut opts = options(&dir);
+        opts.durability = Durability::Strict;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let opened = LedgerSink::open(opts).unwrap();
+            start_durable_relay();
+            assert!(RELAY.with(|r| r.borrow().is_some()));
+            let waits: Vec<_> = (0..50)
+                .map(|i| opened.sink.record_durable(event(i)))
+                .collect();
+            let mut seqs = Vec::new();
+            for w in waits {
+                seqs.push(w.await.unwrap().unwrap());
+            }
+            assert_eq!(seqs, (1..=50).collect::<Vec<u64>>());
+            // Answered means written: every one of them reads back.
+            let mut on_disk = Vec::new();
+            read_records(&dir.join("ledger"), |seq, _| on_disk.push(seq)).unwrap();
+            assert_eq!(on_disk, seqs);
+        });
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]

@@ -297,6 +297,8 @@ impl Gateway {
                         }
                     };
                     rt.block_on(async move {
+                        // `strict` answers reach this thread's requests through its relay.
+                        crate::ledger::start_durable_relay();
                         let timeout = shared.state.load().config.gateway.shutdown_timeout;
                         worker_loop(conn_rx, shared, acceptor, stop, &live).await;
                         // Every connection holds a clone of `live` until it has closed.
