@@ -1558,6 +1558,8 @@ pub fn read_records_from(
         if firsts.get(i + 1).is_some_and(|&next| next <= from) {
             continue;
         }
+        // The sequence number of the last whole record read, for an error's "after record N".
+        let mut last_seq = firsts[i].saturating_sub(1);
         let mut bytes = Vec::new();
         File::open(&path)
             .and_then(|mut file| file.read_to_end(&mut bytes))
@@ -1571,12 +1573,13 @@ pub fn read_records_from(
                 Err(error) => {
                     return Err(LedgerError::Corrupt {
                         segment: path.clone(),
-                        after_seq: count,
+                        after_seq: last_seq,
                         offset: offset as u64,
                         error,
                     })
                 }
             };
+            last_seq = fr.seq;
             if fr.seq >= from {
                 f(fr.seq, fr.payload);
             }
@@ -1815,7 +1818,7 @@ mod tests {
         std::fs::write(first_path, &bytes).unwrap();
         assert!(matches!(
             read_records(&ledger, |_, _| {}),
-            Err(LedgerError::Corrupt { .. })
+            Err(LedgerError::Corrupt { after_seq: 0, .. })
         ));
         // From a record inside the third segment: the first two are never read.
         let from = firsts[2] + 1;
@@ -1826,6 +1829,16 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seqs, (from..=600).collect::<Vec<u64>>());
+        // Damage in the third segment's first record is reported after the record before it.
+        let (_, third) = &segments(&ledger).unwrap()[2];
+        let mut bytes = std::fs::read(third).unwrap();
+        bytes[frame::HEADER_LEN + 2] ^= 0x20;
+        std::fs::write(third, &bytes).unwrap();
+        let err = read_plain_from(&ledger, None, from, |_, _| {}).unwrap_err();
+        assert!(
+            matches!(err, LedgerError::Corrupt { after_seq, .. } if after_seq == firsts[2] - 1),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -1029,7 +1029,8 @@ pub fn verify_with(
         let si = if i == 0 { 0 } else { starts[i - 1].1 };
         segs.get(si).map_or_else(String::new, |s| s.label.clone())
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The chain and the tree stay serial, so more than a few hashing threads gain nothing.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
     let (records, bytes) = scan_leaves(
         &segs,
         st.first,

@@ -31,7 +31,8 @@ pub fn run(cfg: &Config, days: u64, json: bool) -> Result<()> {
     let mut allowed: BTreeMap<String, u64> = BTreeMap::new();
     let ledger = cfg.storage.data_dir.join("ledger");
     let mut visit = |e: serde_json::Value| {
-        if e["kind"] != "request" || e["decision"]["outcome"] != "allow" {
+        // A `strict` request leaves a `received` record before its outcome: count it once.
+        if e["kind"] != "request" || e["decision"]["outcome"] != "allow" || !e["phase"].is_null() {
             return;
         }
         let in_window = e["time"]

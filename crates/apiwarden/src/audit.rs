@@ -509,7 +509,7 @@ fn export(
     let mut bad_record = None;
     let mut first_new = None;
     // Segments wholly at or below the cursor are not read.
-    let from = after.map_or(0, |a| a + 1);
+    let from = after.map_or(0, |a| a.saturating_add(1));
     let read = ledger::read_plain_from(dir, opener, from, |seq, payload| {
         if write_failed.is_some() || bad_record.is_some() || after.is_some_and(|a| seq <= a) {
             return;
