@@ -784,15 +784,66 @@ fn declared_end(buf: &[u8]) -> Option<usize> {
 }
 
 enum Msg {
-    Event(Box<AuditEvent>),
+    Event(Encoded),
     /// An event whose sender waits until it is durable (`strict`), and the way back to the
     /// sender's worker thread when it has one.
-    Durable(
-        Box<AuditEvent>,
-        oneshot::Sender<Result<u64, ()>>,
-        Option<Relay>,
-    ),
+    Durable(Encoded, oneshot::Sender<Result<u64, ()>>, Option<Relay>),
     Flush(oneshot::Sender<()>),
+}
+
+/// An event encoded by the thread that recorded it (where the event is hot in its cache, and
+/// where its strings are freed), waiting for its sequence number. The writer thread inserts
+/// the number, frames, hashes and writes: the serial part of the ledger's work.
+struct Encoded {
+    /// The canonical JSON without the value of `seq`, whose digits go at `at`.
+    json: Vec<u8>,
+    at: usize,
+    /// The search index entry, without the sequence number and the offset.
+    entry: crate::ledger_index::Entry,
+}
+
+/// An encoded event no larger than this (with its sequence number and sealing) still fits a
+/// frame; a larger one is recorded as a stub that says so.
+const MAX_ENCODED: usize = frame::MAX_RECORD - 256;
+
+impl Encoded {
+    fn of(e: &AuditEvent, key: &crate::ledger_index::IndexKey) -> Encoded {
+        let mut json = Vec::with_capacity(1024);
+        let mut at = e.write_json_unnumbered(&mut json);
+        if json.len() > MAX_ENCODED {
+            // An event over 1 MiB cannot be framed: record that it existed.
+            tracing::error!(
+                bytes = json.len(),
+                "an audit event is too large for the ledger; recording a stub"
+            );
+            let stub = serde_json::json!({"event_id": e.event_id, "error": "event too large to record", "bytes": json.len()});
+            json.clear();
+            json.extend_from_slice(b"{\"seq\":");
+            at = json.len();
+            json.push(b',');
+            json.extend_from_slice(&stub.to_string().as_bytes()[1..]);
+        }
+        Encoded {
+            json,
+            at,
+            entry: crate::ledger_index::Entry::of_event(e, 0, key),
+        }
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
 }
 
 /// A request waiting for its record to be durable: its sequence number, where its answer
@@ -860,6 +911,8 @@ fn answer_durable(durable: &mut Vec<Waiter>, ok: bool) {
 /// at least every 10 ms.
 pub struct LedgerSink {
     tx: mpsc::UnboundedSender<Msg>,
+    /// The search index's key: the recording thread makes its event's index entry.
+    index_key: crate::ledger_index::IndexKey,
     /// The writer thread, woken at once by a request waiting for its record (`strict`).
     writer: std::thread::Thread,
     healthy: Arc<AtomicBool>,
@@ -953,6 +1006,7 @@ impl LedgerSink {
             sink: LedgerSink {
                 writer: thread.thread().clone(),
                 tx,
+                index_key,
                 healthy,
                 written,
                 dir: opts.dir,
@@ -970,7 +1024,9 @@ impl LedgerSink {
 
 impl AuditSink for LedgerSink {
     fn record(&self, event: Box<AuditEvent>) {
-        if self.tx.send(Msg::Event(event)).is_err() {
+        let encoded = Encoded::of(&event, &self.index_key);
+        drop(event);
+        if self.tx.send(Msg::Event(encoded)).is_err() {
             tracing::error!("the audit ledger writer has stopped; an event could not be recorded");
             self.healthy.store(false, Relaxed);
         }
@@ -984,9 +1040,11 @@ impl AuditSink for LedgerSink {
 
     fn record_durable(&self, event: Box<AuditEvent>) -> oneshot::Receiver<Result<u64, ()>> {
         let (tx, rx) = oneshot::channel();
+        let encoded = Encoded::of(&event, &self.index_key);
+        drop(event);
         let relay = RELAY.with(|r| r.borrow().clone());
         if let Err(mpsc::error::SendError(Msg::Durable(_, tx, _))) =
-            self.tx.send(Msg::Durable(event, tx, relay))
+            self.tx.send(Msg::Durable(encoded, tx, relay))
         {
             self.healthy.store(false, Relaxed);
             let _ = tx.send(Err(()));
@@ -1050,7 +1108,7 @@ impl Writer {
             let mut disconnected = false;
             loop {
                 let msg = match self.own.pop() {
-                    Some(e) => Ok(Msg::Event(Box::new(e))),
+                    Some(e) => Ok(Msg::Event(Encoded::of(&e, &self.index_key))),
                     None => rx.try_recv(),
                 };
                 let (event, waiter) = match msg {
@@ -1066,34 +1124,40 @@ impl Writer {
                         break;
                     }
                 };
-                if let Some(mut e) = event {
+                if let Some(enc) = event {
                     {
-                        e.seq = self.tail.next_seq;
+                        let seq = self.tail.next_seq;
                         if let Some((w, relay)) = waiter {
-                            durable.push((e.seq, w, relay));
+                            durable.push((seq, w, relay));
                         }
                         payload.clear();
-                        e.write_json(&mut payload);
+                        payload.extend_from_slice(&enc.json[..enc.at]);
+                        push_decimal(&mut payload, seq);
+                        payload.extend_from_slice(&enc.json[enc.at..]);
                         if let Some(sealer) = &self.sealer {
                             sealed.clear();
-                            sealer.seal(e.seq, &payload, &mut sealed);
+                            sealer.seal(seq, &payload, &mut sealed);
                             std::mem::swap(&mut payload, &mut sealed);
                         }
                         let offset = self.tail.segment_len + batch.len() as u64;
-                        if frame::encode(e.seq, &payload, &mut batch).is_err() {
-                            // An event over 1 MiB cannot be framed: record that it existed.
+                        if frame::encode(seq, &payload, &mut batch).is_err() {
+                            // Cannot happen below `MAX_ENCODED`; record that it existed.
                             tracing::error!(
-                                seq = e.seq,
+                                seq,
                                 bytes = payload.len(),
                                 "an audit event is too large for the ledger; recording a stub"
                             );
+                            let stub = serde_json::json!({"seq": seq, "error": "event too large to record", "bytes": payload.len()});
                             payload.clear();
-                            let stub = serde_json::json!({"seq": e.seq, "event_id": e.event_id, "error": "event too large to record", "bytes": payload.capacity()});
                             payload.extend_from_slice(stub.to_string().as_bytes());
-                            let _ = frame::encode(e.seq, &payload, &mut batch);
+                            let _ = frame::encode(seq, &payload, &mut batch);
                         }
                         if let Some(index) = &mut self.index {
-                            index.push(&e, offset);
+                            index.push_entry(crate::ledger_index::Entry {
+                                seq,
+                                offset: offset as u32,
+                                ..enc.entry
+                            });
                         }
                         let leaf = leaf_hash(&payload);
                         self.tail.chain = frame::chain_next(&self.tail.chain, &leaf);
@@ -1798,6 +1862,30 @@ mod tests {
             read_records(&dir.join("ledger"), |seq, _| on_disk.push(seq)).unwrap();
             assert_eq!(on_disk, seqs);
         });
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn an_event_too_large_for_a_frame_is_recorded_as_a_stub_in_its_place() {
+        let dir = temp();
+        let opened = LedgerSink::open(options(&dir)).unwrap();
+        opened.sink.record(event(0));
+        let mut big = event(1);
+        big.message = Some("x".repeat(frame::MAX_RECORD + 10));
+        let big_id = big.event_id;
+        opened.sink.record(big);
+        opened.sink.record(event(2));
+        opened.sink.flush().await.unwrap();
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let events = read_events(&dir.join("ledger")).unwrap();
+        assert_eq!(events.len(), 3);
+        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert_eq!(events[1]["error"], "event too large to record");
+        assert_eq!(events[1]["event_id"], big_id.to_string());
+        assert!(events[1]["bytes"].as_u64().unwrap() > frame::MAX_RECORD as u64);
+        assert_eq!(events[2]["message"], "event 2");
         let _ = std::fs::remove_dir_all(dir);
     }
 

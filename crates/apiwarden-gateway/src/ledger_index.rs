@@ -563,8 +563,9 @@ impl SidecarWriter {
     }
 
     /// Notes the entry of `e`, written at `offset` of the segment.
-    pub fn push(&mut self, e: &AuditEvent, offset: u64) {
-        Entry::of_event(e, offset, &self.key).encode(&mut self.pending);
+    /// Notes an entry made by the recording thread (see [`Entry::of_event`]).
+    pub fn push_entry(&mut self, entry: Entry) {
+        entry.encode(&mut self.pending);
     }
 
     /// Writes the entries noted, once their records are written (after a failed write of the
