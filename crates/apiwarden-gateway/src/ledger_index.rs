@@ -485,7 +485,6 @@ pub fn build(
 pub struct SidecarWriter {
     file: File,
     pending: Vec<u8>,
-    key: IndexKey,
 }
 
 impl SidecarWriter {
@@ -541,7 +540,6 @@ impl SidecarWriter {
         Some(SidecarWriter {
             file,
             pending: Vec::with_capacity(64 * 1024),
-            key,
         })
     }
 
@@ -558,12 +556,12 @@ impl SidecarWriter {
         Some(SidecarWriter {
             file,
             pending: Vec::with_capacity(64 * 1024),
-            key,
         })
     }
 
     /// Notes the entry of `e`, written at `offset` of the segment.
-    /// Notes an entry made by the recording thread (see [`Entry::of_event`]).
+    /// Notes the entry of a record just framed (made by the recording thread with
+    /// [`Entry::of_event`] under the same key, its sequence number and offset filled in).
     pub fn push_entry(&mut self, entry: Entry) {
         entry.encode(&mut self.pending);
     }
