@@ -545,6 +545,22 @@ macro_rules! k {
 }
 use k;
 
+/// Appends `n` in decimal (what the ledger writer inserts into
+/// [`AuditEvent::write_json_unnumbered`]'s output).
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
 /// A minimal JSON writer for [`AuditEvent::write_json`].
 struct Json<'a> {
     out: &'a mut Vec<u8>,
@@ -592,18 +608,8 @@ impl Json<'_> {
         self.out.extend_from_slice(&buf);
     }
 
-    fn u64(&mut self, mut n: u64) {
-        let mut buf = [0u8; 20];
-        let mut i = buf.len();
-        loop {
-            i -= 1;
-            buf[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.out.extend_from_slice(&buf[i..]);
+    fn u64(&mut self, n: u64) {
+        push_decimal(self.out, n);
     }
 
     fn str(&mut self, s: &str) {

@@ -831,21 +831,6 @@ impl Encoded {
     }
 }
 
-/// Appends `n` in decimal.
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
-}
-
 /// A request waiting for its record to be durable: its sequence number, where its answer
 /// goes, and its worker thread's relay.
 type Waiter = (u64, oneshot::Sender<Result<u64, ()>>, Option<Relay>);
@@ -1132,7 +1117,7 @@ impl Writer {
                         }
                         payload.clear();
                         payload.extend_from_slice(&enc.json[..enc.at]);
-                        push_decimal(&mut payload, seq);
+                        apiwarden_core::event::push_decimal(&mut payload, seq);
                         payload.extend_from_slice(&enc.json[enc.at..]);
                         if let Some(sealer) = &self.sealer {
                             sealed.clear();
