@@ -612,19 +612,7 @@ fn replay_from(
         while offset < bytes.len() {
             match frame::decode(&bytes[offset..]) {
                 Ok((f, used)) => {
-                    if f.seq != next_seq {
-                        return Err(LedgerError::Sequence {
-                            segment: path.clone(),
-                            expected: next_seq,
-                            found: f.seq,
-                        });
-                    }
-                    if f.seq > skip {
-                        let leaf = leaf_hash(f.payload);
-                        chain = frame::chain_next(&chain, &leaf);
-                        tree.push(leaf);
-                    }
-                    next_seq += 1;
+                    replay_record(path, &f, skip, &mut next_seq, &mut chain, &mut tree)?;
                     offset += used;
                 }
                 Err(error) => {
@@ -747,19 +735,7 @@ fn seal_missing(
                     offset: offset as u64,
                     error,
                 })?;
-            if f.seq != next_seq {
-                return Err(LedgerError::Sequence {
-                    segment: path.clone(),
-                    expected: next_seq,
-                    found: f.seq,
-                });
-            }
-            if f.seq > skip {
-                let leaf = leaf_hash(f.payload);
-                chain = frame::chain_next(&chain, &leaf);
-                tree.push(leaf);
-            }
-            next_seq += 1;
+            replay_record(path, &f, skip, &mut next_seq, &mut chain, &mut tree)?;
             offset += used;
         }
         // (A segment that ends at or before the anchor is left over from an interrupted
@@ -774,6 +750,33 @@ fn seal_missing(
     }
     sync_dir(&seals).map_err(io(&seals))?;
     Ok(written)
+}
+
+/// One whole record read back at open (replay, sealing older segments): its number must be
+/// the next, and it joins the chain and the tree unless the retention anchor already covers it
+/// (`seq <= skip`).
+fn replay_record(
+    path: &Path,
+    f: &frame::Frame<'_>,
+    skip: u64,
+    next_seq: &mut u64,
+    chain: &mut Hash,
+    tree: &mut Tree,
+) -> Result<(), LedgerError> {
+    if f.seq != *next_seq {
+        return Err(LedgerError::Sequence {
+            segment: path.to_path_buf(),
+            expected: *next_seq,
+            found: f.seq,
+        });
+    }
+    if f.seq > skip {
+        let leaf = leaf_hash(f.payload);
+        *chain = frame::chain_next(chain, &leaf);
+        tree.push(leaf);
+    }
+    *next_seq += 1;
+    Ok(())
 }
 
 /// The length a frame at the start of `buf` claims (header, payload, checksum), if its
