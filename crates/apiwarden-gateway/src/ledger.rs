@@ -1732,7 +1732,7 @@ pub fn read_events(dir: &Path) -> Result<Vec<serde_json::Value>, LedgerError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use apiwarden_core::event::EventKind;
 
@@ -2120,7 +2120,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    fn copy_dir(from: &Path, to: &Path) {
+    /// A copy of a ledger directory, for tests that damage one and compare (also used by
+    /// `ledger_verify`'s tests).
+    pub(crate) fn copy_dir(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();
         for entry in std::fs::read_dir(from).unwrap().flatten() {
             if entry.file_type().unwrap().is_dir() {

@@ -1428,6 +1428,7 @@ pub fn verify_proof(proof_json: &str, vkeys: &[String]) -> Result<Checkpoint, Ve
 mod tests {
     use super::*;
     use crate::audit::AuditSink;
+    use crate::ledger::tests::copy_dir;
     use crate::ledger::{LedgerOptions, LedgerSink};
     use apiwarden_core::config::Durability;
     use apiwarden_core::event::{AuditEvent, EventKind};
@@ -1664,17 +1665,6 @@ mod tests {
         let c = consistency(&dir, 3000, Some(3000)).unwrap();
         assert!(verify_proof(&c.to_string(), &vkeys).is_ok());
         let _ = std::fs::remove_dir_all(dir.parent().unwrap());
-    }
-
-    fn copy_dir(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap().flatten() {
-            if entry.file_type().unwrap().is_dir() {
-                copy_dir(&entry.path(), &to.join(entry.file_name()));
-            } else {
-                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-            }
-        }
     }
 
     /// A ledger of about `n` events in 8 KiB segments whose oldest ones retention deleted,

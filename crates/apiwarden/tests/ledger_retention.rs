@@ -5,51 +5,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use support::*;
 
-/// An upstream that answers every request `200 ok`, keeping connections open.
-fn upstream() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut w = stream.try_clone().unwrap();
-                let mut r = BufReader::new(stream);
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    loop {
-                        line.clear();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                    }
-                    let _ = write!(w, "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-                }
-            });
-        }
-    });
-    port
-}
-
 fn start(dir: &Path, extra: &str) -> Node {
-    let up = upstream();
+    let up = echo_upstream();
     let common = format!(
         "[audit]\ndurability = \"batched\"\ncheckpoint_interval = \"200ms\"\n\
          segment_size = \"4KiB\"\nsegment_max_age = \"1s\"\nretention = \"2s\"\n{extra}\n\
-         [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up}\"\n\n\
+         [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\n\
          [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\nauth = [\"none\"]\n"
     );
     start_node(dir, 0, &common)

@@ -249,3 +249,23 @@ pub fn audit_text(data_dir: &Path) -> String {
     .expect("the ledger reads");
     out
 }
+
+/// The project's echo upstream (`apiwarden_gateway::echo`) for a test without a runtime of its
+/// own: it runs on a background thread for the rest of the test process.
+pub fn echo_upstream() -> std::net::SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let up = apiwarden_gateway::echo::spawn(([127, 0, 0, 1], 0).into())
+                .await
+                .unwrap();
+            tx.send(up).unwrap();
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv().unwrap()
+}
