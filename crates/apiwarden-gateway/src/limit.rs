@@ -292,7 +292,9 @@ pub async fn decide(
         let mine: Vec<usize> = (0..limits.policies.len())
             .filter(|&i| limits.policies[i].0.store == LimitStore::Redis)
             .collect();
-        match redis.decide(&limits.policies, &mine, subject).await {
+        // Boxed: a Redis exchange is a large future, which would otherwise enlarge (and slow
+        // down) every request's future, limited or not.
+        match Box::pin(redis.decide(&limits.policies, &mine, subject)).await {
             Ok(decisions) => {
                 for (&i, d) in mine.iter().zip(&decisions) {
                     if !d.allowed {

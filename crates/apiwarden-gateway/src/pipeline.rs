@@ -420,15 +420,22 @@ impl Identify {
             let Some(introspector) = introspector else {
                 return Err(Reason::AuthnUnavailable);
             };
-            return Identify::introspection(config, keys, introspector, credential)
-                .await
-                .map(with_header);
+            // Boxed: the exchange is large, and would otherwise make every request's
+            // future (moved and copied on every request) as large as itself.
+            return Box::pin(Identify::introspection(
+                config,
+                keys,
+                introspector,
+                credential,
+            ))
+            .await
+            .map(with_header);
         }
         if jwt {
             let Some(issuer) = issuer else {
                 return Err(Reason::AuthnUnavailable);
             };
-            return Identify::jwt(config, keys, issuer, credential)
+            return Box::pin(Identify::jwt(config, keys, issuer, credential))
                 .await
                 .map(with_header);
         }

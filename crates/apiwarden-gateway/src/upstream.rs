@@ -126,14 +126,16 @@ impl Upstream {
         let worker = crate::server::worker_index() % self.workers;
         let mut sender = match self.pooled(target, worker).await {
             Some(s) => s,
-            None => self.connect(target).await?,
+            // Boxed, as below: connecting is rare and its future large; unboxed it would
+            // enlarge every request's future, which is moved on every request.
+            None => Box::pin(self.connect(target)).await?,
         };
         let resp = match sender.try_send_request(req).await {
             Ok(r) => r,
             Err(mut e) => match e.take_message() {
                 Some(req) => {
-                    sender = self.connect(target).await?;
-                    sender.send_request(req).await?
+                    sender = Box::pin(self.connect(target)).await?;
+                    Box::pin(sender.send_request(req)).await?
                 }
                 None => return Err(SendError::Http(e.into_error())),
             },
