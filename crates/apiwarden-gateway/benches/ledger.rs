@@ -19,6 +19,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The allocator the `apiwarden` binary ships with: events are allocated by the recording
+/// threads and freed by the writer, which glibc's arenas make a locked operation.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Events per end-to-end run.
 const N: u64 = 1_000_000;
 /// End-to-end runs per mode (the median is reported).
