@@ -470,7 +470,8 @@ impl FrameReader {
     fn new(file: File) -> FrameReader {
         FrameReader {
             file,
-            buf: Vec::with_capacity(CHUNK),
+            // Room for a chunk after the leftover of the last one.
+            buf: Vec::with_capacity(2 * CHUNK),
             start: 0,
             eof: false,
             base: 0,
@@ -486,12 +487,14 @@ impl FrameReader {
         }
         let mut total = 0;
         while !self.eof && self.buf.len() < want {
-            let len = self.buf.len();
-            let grow = CHUNK.max(want - len);
-            self.buf.resize(len + grow, 0);
-            let n = self.file.read(&mut self.buf[len..])?;
-            self.buf.truncate(len + n);
-            if n == 0 {
+            let grow = CHUNK.max(want - self.buf.len());
+            // Into the spare capacity, which is neither zeroed first nor (with the leftover
+            // of a frame shorter than a chunk) reallocated.
+            self.buf.reserve(grow);
+            let n = (&mut self.file)
+                .take(grow as u64)
+                .read_to_end(&mut self.buf)?;
+            if n < grow {
                 self.eof = true;
             }
             total += n;
