@@ -163,6 +163,24 @@ fn writer_cpu_ticks() -> Option<(u64, u64)> {
     None
 }
 
+/// The whole process's CPU time (user + system) in seconds, from `/proc/self/stat`.
+fn process_cpu_secs() -> f64 {
+    cpu_secs("/proc/self/stat")
+}
+
+/// The calling thread's CPU time (user + system) in seconds.
+fn thread_cpu_secs() -> f64 {
+    cpu_secs("/proc/thread-self/stat")
+}
+
+fn cpu_secs(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 struct Run {
     secs: f64,
     produce_secs: f64,
@@ -307,15 +325,20 @@ fn end_to_end_all(_c: &mut Criterion) {
     );
     let mut rates = Vec::new();
     for run in 1..=RUNS {
+        let cpu0 = process_cpu_secs();
+        let own0 = thread_cpu_secs();
         let start = Instant::now();
         let report = ledger_verify::verify(&dir, None, &mut |_, _| {}).unwrap();
         let secs = start.elapsed().as_secs_f64();
+        let cpu = process_cpu_secs() - cpu0;
+        let own = thread_cpu_secs() - own0;
         assert_eq!(report.records, N);
         rates.push(N as f64 / secs);
         println!(
-            "ledger_verify::verify run {run}: {secs:.3} s, {:.0} events/s ({} checkpoints checked)",
+            "ledger_verify::verify run {run}: {secs:.3} s, {:.0} events/s ({} checkpoints checked; CPU {cpu:.2} s = {:.2} cores busy, {own:.2} s of it on the reading thread)",
             N as f64 / secs,
-            report.checkpoints_checked
+            report.checkpoints_checked,
+            cpu / secs
         );
     }
     println!(

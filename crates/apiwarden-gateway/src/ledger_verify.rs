@@ -502,6 +502,32 @@ impl FrameReader {
         Ok(total)
     }
 
+    /// The payload of a frame that [`FrameReader::next`] returned.
+    fn payload(&self, range: std::ops::Range<usize>) -> &[u8] {
+        &self.buf[range]
+    }
+
+    /// Whether the next frame is wholly in the buffer, so that [`FrameReader::next`] will not
+    /// read (nor move the buffer's contents) to return it.
+    fn next_is_buffered(&self) -> bool {
+        let rest = &self.buf[self.start..];
+        rest.len() >= HEADER_LEN
+            && rest.len() - frame::OVERHEAD
+                >= u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize
+    }
+
+    /// Hands over the buffer, whose frames up to the last one returned stay where they were,
+    /// and goes on in `fresh`, where the bytes not yet returned are moved. The ranges of the
+    /// frames returned so far index the buffer handed over.
+    fn take_consumed(&mut self, mut fresh: Vec<u8>) -> Vec<u8> {
+        fresh.clear();
+        fresh.reserve(2 * CHUNK);
+        fresh.extend_from_slice(&self.buf[self.start..]);
+        self.base += self.start as u64;
+        self.start = 0;
+        std::mem::replace(&mut self.buf, fresh)
+    }
+
     fn next(&mut self, read: &mut u64) -> std::io::Result<Next> {
         loop {
             if self.start == self.buf.len() && !self.eof {
@@ -533,17 +559,21 @@ impl FrameReader {
 }
 
 /// What [`scan`] calls for each record: (segment index, seq, payload) → go on?
-type Visit<'a> = dyn FnMut(usize, u64, &[u8]) -> Result<bool, VerifyError> + 'a;
+type Visit<'a> = dyn FnMut(usize, u64, std::ops::Range<usize>, &mut FrameReader) -> Result<bool, VerifyError>
+    + 'a;
 
 /// Streams every record of the ledger in order from record `first` (1, or the first kept after
 /// retention), checking framing, segment names and sequence continuity, and calls
-/// `visit(segment index, seq, payload)` for each (until it returns `false`). Returns the last
+/// `visit(segment index, seq, payload range, reader)` for each (until it returns `false`); the
+/// payload is `reader.payload(range)`. `segment_done(reader)` is called when the scan leaves a
+/// segment (at its end, or stopping early), before anything else is returned. Returns the last
 /// sequence number visited and the bytes read.
 fn scan(
     segs: &[Seg],
     first: u64,
     progress: &mut dyn FnMut(u64, u64),
     visit: &mut Visit<'_>,
+    segment_done: &mut dyn FnMut(&mut FrameReader),
 ) -> Result<(u64, u64), VerifyError> {
     let total: u64 = segs
         .iter()
@@ -560,21 +590,25 @@ fn scan(
         let file = File::open(&seg.path).map_err(io(&seg.path))?;
         let mut reader = FrameReader::new(file);
         let mut first_in_segment = true;
-        loop {
-            let next = reader.next(&mut read).map_err(io(&seg.path))?;
+        // Ok(false): stop here (the visit said so).
+        let outcome: Result<bool, VerifyError> = 'segment: loop {
+            let next = match reader.next(&mut read) {
+                Ok(next) => next,
+                Err(e) => break 'segment Err(io(&seg.path)(e)),
+            };
             if read - last_report >= 4 << 20 {
                 last_report = read;
                 progress(read, total);
             }
             match next {
-                Next::End => break,
+                Next::End => break 'segment Ok(true),
                 Next::Bad {
                     offset,
                     error,
                     torn,
                 } => {
-                    if let Some((segment, expected, found)) = gap {
-                        return Err(VerifyError::Missing {
+                    if let Some((segment, expected, found)) = gap.take() {
+                        break 'segment Err(VerifyError::Missing {
                             segment,
                             expected,
                             found,
@@ -587,7 +621,7 @@ fn scan(
                     } else {
                         error.to_string()
                     };
-                    return Err(VerifyError::Modified {
+                    break 'segment Err(VerifyError::Modified {
                         segment: seg.label.clone(),
                         after_seq: expected - 1,
                         offset,
@@ -597,7 +631,7 @@ fn scan(
                 Next::Frame(seq, range) => {
                     if let Some((segment, exp, found)) = &gap {
                         if (*exp..*found).contains(&seq) {
-                            return Err(VerifyError::Reordered {
+                            break 'segment Err(VerifyError::Reordered {
                                 segment: segment.clone(),
                                 seq: *found,
                                 after: exp - 1,
@@ -608,7 +642,7 @@ fn scan(
                     if first_in_segment {
                         first_in_segment = false;
                         if seq != seg.first {
-                            return Err(VerifyError::Misnamed {
+                            break 'segment Err(VerifyError::Misnamed {
                                 segment: seg.label.clone(),
                                 named: seg.first,
                                 first: seq,
@@ -616,7 +650,7 @@ fn scan(
                         }
                     }
                     if seq < expected {
-                        return Err(VerifyError::Reordered {
+                        break 'segment Err(VerifyError::Reordered {
                             segment: seg.label.clone(),
                             seq,
                             after: expected - 1,
@@ -626,13 +660,17 @@ fn scan(
                         gap = Some((seg.label.clone(), expected, seq));
                         continue;
                     }
-                    if !visit(si, seq, &reader.buf[range])? {
-                        progress(total, total);
-                        return Ok((expected, read));
+                    match visit(si, seq, range, &mut reader) {
+                        Ok(true) => expected += 1,
+                        other => break 'segment other,
                     }
-                    expected += 1;
                 }
             }
+        };
+        segment_done(&mut reader);
+        if !outcome? {
+            progress(total, total);
+            return Ok((expected, read));
         }
     }
     if let Some((segment, expected, found)) = gap {
@@ -646,21 +684,25 @@ fn scan(
     Ok((expected - 1, read))
 }
 
-/// Records handed to the leaf-hashing threads together: their payloads back to back.
+/// Records handed to the leaf-hashing threads together: the reader's buffer that holds them,
+/// not a copy.
 struct Batch {
     /// The batch's place in the ledger's order.
     id: u64,
     data: Vec<u8>,
-    /// (segment index, seq, end of the payload in `data`); each starts where the last ended.
-    recs: Vec<(usize, u64, usize)>,
+    /// (segment index, seq, payload range in `data`).
+    recs: Vec<(usize, u64, std::ops::Range<usize>)>,
+    /// Payload bytes in `recs`.
+    bytes: usize,
     leaves: Vec<Hash>,
 }
 
 /// Payload bytes per batch: large enough that handing a batch over costs little per record,
 /// small enough to stay in a core's cache while it is hashed.
-const BATCH_BYTES: usize = 256 * 1024;
+const BATCH_BYTES: usize = 1024 * 1024;
 
-/// [`scan`], with the leaf hash of every record computed on `threads` threads, and
+/// [`scan`], with the leaf hash of every record computed on `threads` threads (the calling
+/// thread, which also reads, and `threads - 1` more), and
 /// `visit(segment index, seq, leaf)` called in ledger order on the calling thread. Only the
 /// leaf hashes are independent of each other (the chain and the tree are serial), but they are
 /// most of the work: over a kilobyte of SHA-256 a record against two 64-byte blocks for the
@@ -685,18 +727,14 @@ fn scan_leaves(
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::channel::<Batch>();
     std::thread::scope(|scope| {
-        for _ in 0..threads {
+        // The reading thread hashes too (see `Ordered::step`).
+        for _ in 1..threads {
             let done_tx = done_tx.clone();
             let work_rx = &work_rx;
             scope.spawn(move || loop {
                 let next = work_rx.lock().map(|rx| rx.recv());
                 let Ok(Ok(mut b)) = next else { return };
-                b.leaves.clear();
-                let mut start = 0;
-                for &(_, _, end) in &b.recs {
-                    b.leaves.push(leaf_hash(&b.data[start..end]));
-                    start = end;
-                }
+                b.hash();
                 if done_tx.send(b).is_err() {
                     return;
                 }
@@ -711,36 +749,58 @@ fn scan_leaves(
             spare: Vec::new(),
             failed: None,
         };
-        let mut batch = state.fresh(0);
-        let scanned = scan(segs, first, progress, &mut |si, seq, payload| {
-            batch.data.extend_from_slice(payload);
-            batch.recs.push((si, seq, batch.data.len()));
-            if batch.data.len() >= batch_bytes {
-                let fresh = state.fresh(batch.id + 1);
-                let full = std::mem::replace(&mut batch, fresh);
-                state.in_flight += 1;
-                work_tx
-                    .send(full)
-                    .expect("the hashing threads outlive the scan");
+        // The batch being filled; its records are in the reader's buffer until it is cut.
+        let batch = std::cell::RefCell::new(state.fresh(0));
+        let state = std::cell::RefCell::new(state);
+        // Hands the records so far to the hashing threads, with the buffer they are in (the
+        // reader goes on in a spare one).
+        let cut = |reader: &mut FrameReader| {
+            let mut state = state.borrow_mut();
+            let mut batch = batch.borrow_mut();
+            if batch.recs.is_empty() {
+                return;
+            }
+            let mut next = state.fresh(batch.id + 1);
+            let spare = std::mem::take(&mut next.data);
+            let mut full = std::mem::replace(&mut *batch, next);
+            full.data = reader.take_consumed(spare);
+            state.in_flight += 1;
+            work_tx
+                .send(full)
+                .expect("the queue has room for every batch in flight");
+        };
+        let scanned = scan(
+            segs,
+            first,
+            progress,
+            &mut |si, seq, range, reader| {
+                {
+                    let mut b = batch.borrow_mut();
+                    b.bytes += range.len();
+                    b.recs.push((si, seq, range));
+                    // Cut before the reader refills (which moves what its buffer holds), or
+                    // when the batch is large enough.
+                    if b.bytes < batch_bytes && reader.next_is_buffered() {
+                        return Ok(true);
+                    }
+                }
+                cut(reader);
+                let mut state = state.borrow_mut();
                 while state.in_flight >= depth || state.ready() {
-                    if !state.apply_one(visit) {
+                    if !state.step(&work_rx, visit) {
                         // Stop reading: the error is kept and returned below.
                         return Ok(false);
                     }
                 }
-            }
-            Ok(true)
-        });
-        if state.failed.is_none() && !batch.recs.is_empty() {
-            state.in_flight += 1;
-            work_tx
-                .send(batch)
-                .expect("the hashing threads outlive the scan");
-        }
+                Ok(true)
+            },
+            &mut |reader| cut(reader),
+        );
         drop(work_tx);
+        let mut state = state.into_inner();
         // Whatever was read before a scan error is visited first: an earlier problem wins.
         while state.failed.is_none() && state.in_flight > 0 {
-            state.apply_one(visit);
+            state.step(&work_rx, visit);
         }
         match state.failed.take() {
             Some(e) => Err(e),
@@ -760,17 +820,49 @@ struct Ordered {
     failed: Option<VerifyError>,
 }
 
+impl Batch {
+    fn hash(&mut self) {
+        self.leaves.clear();
+        for (_, _, range) in &self.recs {
+            self.leaves.push(leaf_hash(&self.data[range.clone()]));
+        }
+    }
+}
+
 impl Ordered {
+    /// Visits the next batch in order when it is back; otherwise hashes a queued batch on this
+    /// thread rather than wait (the reading thread is a hashing thread too, so that it never
+    /// sleeps while there is work: with as many threads as cores, no core idles); with the
+    /// queue empty, waits. `false` when a visit failed.
+    fn step(
+        &mut self,
+        work_rx: &std::sync::Mutex<std::sync::mpsc::Receiver<Batch>>,
+        visit: &mut dyn FnMut(usize, u64, &Hash) -> Result<(), VerifyError>,
+    ) -> bool {
+        if !self.ready() {
+            // `try_lock`: a hashing thread holds the lock while it waits for work, and only
+            // this thread makes work.
+            let queued = work_rx.try_lock().ok().and_then(|rx| rx.try_recv().ok());
+            if let Some(mut b) = queued {
+                b.hash();
+                self.waiting.insert(b.id, b);
+                return true;
+            }
+        }
+        self.apply_one(visit)
+    }
+
     fn fresh(&mut self, id: u64) -> Batch {
         let mut b = self.spare.pop().unwrap_or_else(|| Batch {
             id: 0,
-            data: Vec::with_capacity(BATCH_BYTES + 64 * 1024),
-            recs: Vec::with_capacity(1024),
-            leaves: Vec::with_capacity(1024),
+            data: Vec::new(),
+            recs: Vec::with_capacity(2048),
+            bytes: 0,
+            leaves: Vec::with_capacity(2048),
         });
         b.id = id;
-        b.data.clear();
         b.recs.clear();
+        b.bytes = 0;
         b
     }
 
@@ -1153,16 +1245,18 @@ fn leaves(
     if size <= st.base {
         return Ok((out, payload));
     }
-    scan(segs, st.first, &mut |_, _| {}, &mut |_, seq, p| {
+    let mut visit = |_, seq, range, reader: &mut FrameReader| {
         if seq <= st.base {
             return Ok(true);
         }
+        let p = reader.payload(range);
         out.push(leaf_hash(p));
         if Some(seq) == want {
             payload = Some(p.to_vec());
         }
         Ok(seq < size)
-    })?;
+    };
+    scan(segs, st.first, &mut |_, _| {}, &mut visit, &mut |_| {})?;
     Ok((out, payload))
 }
 
@@ -1505,10 +1599,16 @@ mod tests {
         let (dir, _copy) = build(3000).await;
         let segs = segment_list(&dir).unwrap();
         let mut serial = Vec::new();
-        scan(&segs, 1, &mut |_, _| {}, &mut |si, seq, p| {
-            serial.push((si, seq, leaf_hash(p)));
-            Ok(true)
-        })
+        scan(
+            &segs,
+            1,
+            &mut |_, _| {},
+            &mut |si, seq, range, reader| {
+                serial.push((si, seq, leaf_hash(reader.payload(range))));
+                Ok(true)
+            },
+            &mut |_| {},
+        )
         .unwrap();
         assert_eq!(serial.len(), 3000);
         // Batches of about 1 KiB (a few records each) on 3 threads: many batches in flight.
