@@ -1053,11 +1053,6 @@ impl AuditSink for LedgerSink {
 /// write and `fdatasync` (group commit).
 const TICK: Duration = Duration::from_millis(2);
 
-/// How often `batched` writes and syncs what has been queued: the bound of its loss window
-/// on power failure is this plus one `TICK` (and the `fdatasync` itself), under the 10 ms
-/// that the mode promises.
-const BATCHED_WRITE: Duration = Duration::from_millis(6);
-
 struct Writer {
     opts: LedgerOptions,
     signer: NoteSigner,
@@ -1095,7 +1090,6 @@ impl Writer {
         let mut batch: Vec<u8> = Vec::with_capacity(512 * 1024);
         let mut payload: Vec<u8> = Vec::with_capacity(4096);
         let mut sealed: Vec<u8> = Vec::with_capacity(4096);
-        let mut last_write = Instant::now();
         // Records encoded into `batch` but not yet written: their sequence numbers are
         // taken, so they must reach the file before anything after them.
         loop {
@@ -1163,18 +1157,7 @@ impl Writer {
                     }
                 }
             }
-            // `batched` writes (and syncs) every `BATCHED_WRITE`, not every tick: each
-            // fdatasync is a journal commit, and fewer of them leave the CPU to the requests.
-            // A flush, a waiting request or shutdown writes at once.
-            if self.opts.durability != Durability::Batched
-                || disconnected
-                || !waiting.is_empty()
-                || !durable.is_empty()
-                || last_write.elapsed() >= BATCHED_WRITE
-            {
-                self.write(&mut batch);
-                last_write = Instant::now();
-            }
+            self.write(&mut batch);
             // Durable now (one fdatasync for all of them), or not: then the requests are
             // refused rather than forwarded unrecorded; their records stay queued.
             answer_durable(&mut durable, batch.is_empty());
