@@ -565,15 +565,16 @@ type Visit<'a> = dyn FnMut(usize, u64, std::ops::Range<usize>, &mut FrameReader)
 /// Streams every record of the ledger in order from record `first` (1, or the first kept after
 /// retention), checking framing, segment names and sequence continuity, and calls
 /// `visit(segment index, seq, payload range, reader)` for each (until it returns `false`); the
-/// payload is `reader.payload(range)`. `segment_done(reader)` is called when the scan leaves a
-/// segment (at its end, or stopping early), before anything else is returned. Returns the last
-/// sequence number visited and the bytes read.
+/// payload is `reader.payload(range)`. `release(reader)` is called before the reader moves
+/// what its buffer holds (to read more), and when the scan leaves a segment (at its end, or
+/// stopping early) before anything else is returned: until then, the ranges visited stay valid.
+/// Returns the last sequence number visited and the bytes read.
 fn scan(
     segs: &[Seg],
     first: u64,
     progress: &mut dyn FnMut(u64, u64),
     visit: &mut Visit<'_>,
-    segment_done: &mut dyn FnMut(&mut FrameReader),
+    release: &mut dyn FnMut(&mut FrameReader),
 ) -> Result<(u64, u64), VerifyError> {
     let total: u64 = segs
         .iter()
@@ -592,6 +593,9 @@ fn scan(
         let mut first_in_segment = true;
         // Ok(false): stop here (the visit said so).
         let outcome: Result<bool, VerifyError> = 'segment: loop {
+            if !reader.next_is_buffered() {
+                release(&mut reader);
+            }
             let next = match reader.next(&mut read) {
                 Ok(next) => next,
                 Err(e) => break 'segment Err(io(&seg.path)(e)),
@@ -667,7 +671,7 @@ fn scan(
                 }
             }
         };
-        segment_done(&mut reader);
+        release(&mut reader);
         if !outcome? {
             progress(total, total);
             return Ok((expected, read));
@@ -752,22 +756,30 @@ fn scan_leaves(
         // The batch being filled; its records are in the reader's buffer until it is cut.
         let batch = std::cell::RefCell::new(state.fresh(0));
         let state = std::cell::RefCell::new(state);
+        let visit = std::cell::RefCell::new(visit);
         // Hands the records so far to the hashing threads, with the buffer they are in (the
-        // reader goes on in a spare one).
-        let cut = |reader: &mut FrameReader| {
+        // reader goes on in a spare one), then visits what is back, keeping fewer than `depth`
+        // batches in flight. `false` when a visit failed (the error is kept in `failed`).
+        let cut = |reader: &mut FrameReader| -> bool {
             let mut state = state.borrow_mut();
-            let mut batch = batch.borrow_mut();
-            if batch.recs.is_empty() {
-                return;
+            {
+                let mut batch = batch.borrow_mut();
+                if !batch.recs.is_empty() {
+                    let mut next = state.fresh(batch.id + 1);
+                    let spare = std::mem::take(&mut next.data);
+                    let mut full = std::mem::replace(&mut *batch, next);
+                    full.data = reader.take_consumed(spare);
+                    state.in_flight += 1;
+                    work_tx
+                        .send(full)
+                        .expect("the queue has room for every batch in flight");
+                }
             }
-            let mut next = state.fresh(batch.id + 1);
-            let spare = std::mem::take(&mut next.data);
-            let mut full = std::mem::replace(&mut *batch, next);
-            full.data = reader.take_consumed(spare);
-            state.in_flight += 1;
-            work_tx
-                .send(full)
-                .expect("the queue has room for every batch in flight");
+            let mut visit = visit.borrow_mut();
+            while state.failed.is_none() && (state.in_flight >= depth || state.ready()) {
+                state.step(&work_rx, &mut **visit);
+            }
+            state.failed.is_none()
         };
         let scanned = scan(
             segs,
@@ -778,26 +790,21 @@ fn scan_leaves(
                     let mut b = batch.borrow_mut();
                     b.bytes += range.len();
                     b.recs.push((si, seq, range));
-                    // Cut before the reader refills (which moves what its buffer holds), or
-                    // when the batch is large enough.
-                    if b.bytes < batch_bytes && reader.next_is_buffered() {
-                        return Ok(true);
+                    // Cut when the batch is large enough (the reader also has it cut before it
+                    // reads more). A failed visit stops the reading; its error is returned below.
+                    if b.bytes < batch_bytes {
+                        return Ok(state.borrow().failed.is_none());
                     }
                 }
-                cut(reader);
-                let mut state = state.borrow_mut();
-                while state.in_flight >= depth || state.ready() {
-                    if !state.step(&work_rx, visit) {
-                        // Stop reading: the error is kept and returned below.
-                        return Ok(false);
-                    }
-                }
-                Ok(true)
+                Ok(cut(reader))
             },
-            &mut |reader| cut(reader),
+            &mut |reader| {
+                cut(reader);
+            },
         );
         drop(work_tx);
         let mut state = state.into_inner();
+        let visit = visit.into_inner();
         // Whatever was read before a scan error is visited first: an earlier problem wins.
         while state.failed.is_none() && state.in_flight > 0 {
             state.step(&work_rx, visit);
@@ -1551,6 +1558,11 @@ mod tests {
 
     /// A ledger of `n` events in several 16 KiB segments, a checkpoint covering them all.
     async fn build(n: u64) -> (PathBuf, PathBuf) {
+        build_with(n, 16 << 10).await
+    }
+
+    /// [`build`] with segments of `segment_bytes`.
+    async fn build_with(n: u64, segment_bytes: u64) -> (PathBuf, PathBuf) {
         let root = temp_dir("ledger");
         let dir = root.join("ledger");
         let copy = root.join("copy");
@@ -1560,7 +1572,7 @@ mod tests {
             checkpoint_interval: Duration::from_millis(50),
             origin: "apiwarden/test".into(),
             copy_to: Some(copy.clone()),
-            segment_bytes: 16 << 10,
+            segment_bytes,
             segment_max_age: ledger::SEGMENT_MAX_AGE,
             retention: None,
             node: "test-node".into(),
@@ -1592,6 +1604,83 @@ mod tests {
         // Let the writer finish its last checkpoint after the channel closed.
         tokio::time::sleep(Duration::from_millis(300)).await;
         (dir, copy)
+    }
+
+    /// Every record (segment index, seq, leaf) as the serial scan sees it, or its error.
+    fn serial_leaves(segs: &[Seg]) -> Result<Vec<(usize, u64, Hash)>, String> {
+        let mut out = Vec::new();
+        scan(
+            segs,
+            1,
+            &mut |_, _| {},
+            &mut |si, seq, range, reader| {
+                out.push((si, seq, leaf_hash(reader.payload(range))));
+                Ok(true)
+            },
+            &mut |_| {},
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn leaves_hashed_in_the_readers_own_buffers_match_the_serial_scan() {
+        // Segments larger than the reader's buffer, which it refills several times each.
+        let (dir, _copy) = build_with(6000, 3 * CHUNK as u64).await;
+        let segs = segment_list(&dir).unwrap();
+        assert!(std::fs::metadata(&segs[0].path).unwrap().len() > 2 * CHUNK as u64);
+        let serial = serial_leaves(&segs).unwrap();
+        assert_eq!(serial.len(), 6000);
+        // The real batch size, so that batches are cut when the reader refills its buffer
+        // on one thread (no hashing threads: the
+        // reading thread hashes everything) and on two.
+        for threads in [1, 2] {
+            let mut parallel = Vec::new();
+            let (last, _) = scan_leaves(
+                &segs,
+                1,
+                threads,
+                BATCH_BYTES,
+                &mut |_, _| {},
+                &mut |si, seq, leaf| {
+                    parallel.push((si, seq, *leaf));
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(last, 6000, "{threads} thread(s)");
+            assert_eq!(parallel, serial, "{threads} thread(s)");
+        }
+
+        // A record deleted early in the first segment: the records after it are read but not
+        // visited (through refills of the reader's buffer), and the gap is reported as the
+        // serial scan reports it, after every record before it was visited.
+        let mut bytes = std::fs::read(&segs[0].path).unwrap();
+        let mut at = 0;
+        for _ in 0..10 {
+            at += frame::decode(&bytes[at..]).unwrap().1;
+        }
+        let len = frame::decode(&bytes[at..]).unwrap().1;
+        bytes.drain(at..at + len);
+        std::fs::write(&segs[0].path, &bytes).unwrap();
+        let expected = serial_leaves(&segs).unwrap_err();
+        for threads in [1, 2] {
+            let mut visited = Vec::new();
+            let err = scan_leaves(
+                &segs,
+                1,
+                threads,
+                BATCH_BYTES,
+                &mut |_, _| {},
+                &mut |si, seq, leaf| {
+                    visited.push((si, seq, *leaf));
+                    Ok(())
+                },
+            )
+            .unwrap_err();
+            assert_eq!(err.to_string(), expected, "{threads} thread(s)");
+            assert_eq!(visited, serial[..10], "{threads} thread(s)");
+        }
     }
 
     #[tokio::test]
