@@ -702,6 +702,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decimal_numbers_are_written_like_display() {
+        for n in [0, 1, 9, 10, 99, 100, 12_345, u64::MAX] {
+            let mut v = Vec::new();
+            push_decimal(&mut v, n);
+            assert_eq!(v, n.to_string().into_bytes());
+        }
+    }
+
+    #[test]
     fn serialises_with_nested_spec_names() {
         let mut e = AuditEvent::new(EventKind::Request, Uuid::nil(), Arc::from("n1"));
         e.client.ip = Some("10.0.0.1".parse().unwrap());

@@ -1631,25 +1631,30 @@ mod tests {
         assert!(std::fs::metadata(&segs[0].path).unwrap().len() > 2 * CHUNK as u64);
         let serial = serial_leaves(&segs).unwrap();
         assert_eq!(serial.len(), 6000);
-        // The real batch size, so that batches are cut when the reader refills its buffer
-        // on one thread (no hashing threads: the
-        // reading thread hashes everything) and on two.
-        for threads in [1, 2] {
-            let mut parallel = Vec::new();
-            let (last, _) = scan_leaves(
+        // The real batch size, so that batches are cut when the reader refills its buffer, on
+        // one thread (no hashing threads: the reading thread hashes everything) and on two.
+        // Every record visited (segment index, seq, leaf), and how the scan ended.
+        let parallel = |threads| {
+            let mut visited = Vec::new();
+            let end = scan_leaves(
                 &segs,
                 1,
                 threads,
                 BATCH_BYTES,
                 &mut |_, _| {},
                 &mut |si, seq, leaf| {
-                    parallel.push((si, seq, *leaf));
+                    visited.push((si, seq, *leaf));
                     Ok(())
                 },
             )
-            .unwrap();
-            assert_eq!(last, 6000, "{threads} thread(s)");
-            assert_eq!(parallel, serial, "{threads} thread(s)");
+            .map(|(last, _)| last)
+            .map_err(|e| e.to_string());
+            (visited, end)
+        };
+        for threads in [1, 2] {
+            let (visited, end) = parallel(threads);
+            assert_eq!(end, Ok(6000), "{threads} thread(s)");
+            assert_eq!(visited, serial, "{threads} thread(s)");
         }
 
         // A record deleted early in the first segment: the records after it are read but not
@@ -1665,20 +1670,8 @@ mod tests {
         std::fs::write(&segs[0].path, &bytes).unwrap();
         let expected = serial_leaves(&segs).unwrap_err();
         for threads in [1, 2] {
-            let mut visited = Vec::new();
-            let err = scan_leaves(
-                &segs,
-                1,
-                threads,
-                BATCH_BYTES,
-                &mut |_, _| {},
-                &mut |si, seq, leaf| {
-                    visited.push((si, seq, *leaf));
-                    Ok(())
-                },
-            )
-            .unwrap_err();
-            assert_eq!(err.to_string(), expected, "{threads} thread(s)");
+            let (visited, end) = parallel(threads);
+            assert_eq!(end, Err(expected.clone()), "{threads} thread(s)");
             assert_eq!(visited, serial[..10], "{threads} thread(s)");
         }
     }

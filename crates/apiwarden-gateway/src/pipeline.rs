@@ -19,7 +19,7 @@ use crate::metrics::{Metrics, RouteMetrics, UpstreamErrorKind};
 use crate::respond::error_response;
 use crate::upstream::{Lease, SendError, Upstream};
 use apiwarden_core::config::{AuthMethod, Config, RouteConfig};
-use apiwarden_core::event::{redact_query, AuditEvent, EventKind, Outcome, Reason};
+use apiwarden_core::event::{push_decimal, redact_query, AuditEvent, EventKind, Outcome, Reason};
 use apiwarden_core::path::normalize;
 use apiwarden_core::router::Router;
 use arc_swap::ArcSwap;
@@ -624,20 +624,6 @@ fn ratelimit_value(p: &Policy, remaining: u64, reset: u64) -> Option<HeaderValue
     v.extend_from_slice(b";t=");
     push_decimal(&mut v, reset);
     HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
-}
-
-fn push_decimal(v: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    v.extend_from_slice(&digits[i..]);
 }
 
 impl Limit {
@@ -1529,15 +1515,6 @@ pub fn record_unparsed(shared: &Shared, conn: &ConnInfo, reason: Reason) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn decimal_numbers_are_written_like_display() {
-        for n in [0, 1, 9, 10, 99, 100, 12_345, u64::MAX] {
-            let mut v = Vec::new();
-            push_decimal(&mut v, n);
-            assert_eq!(v, n.to_string().into_bytes());
-        }
-    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {
