@@ -509,11 +509,14 @@ impl FrameReader {
 
     /// Whether the next frame is wholly in the buffer, so that [`FrameReader::next`] will not
     /// read (nor move the buffer's contents) to return it.
+    /// When it says so, `next` cannot read: the frame's header and all its bytes (as its
+    /// length field counts them) are here. When it says not, `next` may read or may not.
     fn next_is_buffered(&self) -> bool {
         let rest = &self.buf[self.start..];
         rest.len() >= HEADER_LEN
-            && rest.len() - frame::OVERHEAD
-                >= u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize
+            && rest.len()
+                >= frame::OVERHEAD
+                    + u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize
     }
 
     /// Hands over the buffer, whose frames up to the last one returned stay where they were,
@@ -1604,6 +1607,50 @@ mod tests {
         // Let the writer finish its last checkpoint after the channel closed.
         tokio::time::sleep(Duration::from_millis(300)).await;
         (dir, copy)
+    }
+
+    /// The contract `scan_leaves` relies on: when `next_is_buffered` says so, `next` reads
+    /// nothing (so the buffer, and the ranges of the frames returned, stay put). Checked with a
+    /// chunk boundary falling at every offset into a frame's header and just after it, where
+    /// fewer bytes than a header plus checksum are left.
+    #[test]
+    fn a_frame_said_to_be_buffered_is_returned_without_reading() {
+        let dir = temp_dir("reader");
+        std::fs::create_dir_all(&dir).unwrap();
+        for left in 0..=40usize {
+            // Frames up to `CHUNK - left`, the next frame straddling the chunk boundary.
+            let mut bytes = Vec::new();
+            let mut seq = 1;
+            while CHUNK - left - bytes.len() > 2 * (frame::OVERHEAD + 1000) {
+                frame::encode(seq, &[b'x'; 1000], &mut bytes).unwrap();
+                seq += 1;
+            }
+            let last = CHUNK - left - bytes.len() - frame::OVERHEAD;
+            frame::encode(seq, &vec![b'y'; last], &mut bytes).unwrap();
+            assert_eq!(bytes.len(), CHUNK - left);
+            for _ in 0..3 {
+                seq += 1;
+                frame::encode(seq, &[b'z'; 500], &mut bytes).unwrap();
+            }
+            let path = dir.join("segment");
+            std::fs::write(&path, &bytes).unwrap();
+            let mut reader = FrameReader::new(File::open(&path).unwrap());
+            let mut read = 0;
+            let mut frames = 0;
+            loop {
+                let buffered = reader.next_is_buffered();
+                let before = read;
+                match reader.next(&mut read).unwrap() {
+                    Next::Frame(..) => frames += 1,
+                    Next::End => break,
+                    Next::Bad { error, .. } => panic!("left {left}: {error}"),
+                }
+                if buffered {
+                    assert_eq!(read, before, "left {left}: a buffered frame was read for");
+                }
+            }
+            assert_eq!(frames, seq, "left {left}");
+        }
     }
 
     /// Every record (segment index, seq, leaf) as the serial scan sees it, or its error.
