@@ -702,6 +702,8 @@ struct Batch {
     /// Payload bytes in `recs`.
     bytes: usize,
     leaves: Vec<Hash>,
+    /// Hashing it panicked (a bug): the reading thread panics in turn rather than wait.
+    hash_panicked: bool,
 }
 
 /// Payload bytes per batch: large enough that handing a batch over costs little per record,
@@ -741,7 +743,10 @@ fn scan_leaves(
             scope.spawn(move || loop {
                 let next = work_rx.lock().map(|rx| rx.recv());
                 let Ok(Ok(mut b)) = next else { return };
-                b.hash();
+                // A panic here must reach the reading thread, which waits for this batch
+                // (the other threads' senders would keep it waiting for ever).
+                let hashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.hash()));
+                b.hash_panicked = hashed.is_err();
                 if done_tx.send(b).is_err() {
                     return;
                 }
@@ -869,6 +874,7 @@ impl Ordered {
             recs: Vec::with_capacity(2048),
             bytes: 0,
             leaves: Vec::with_capacity(2048),
+            hash_panicked: false,
         });
         b.id = id;
         b.recs.clear();
@@ -900,6 +906,7 @@ impl Ordered {
                 .expect("a hashing thread returns every batch it takes");
             self.waiting.insert(b.id, b);
         };
+        assert!(!b.hash_panicked, "a leaf-hashing thread panicked");
         self.next += 1;
         self.in_flight -= 1;
         if self.failed.is_none() {
