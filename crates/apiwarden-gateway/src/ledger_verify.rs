@@ -706,9 +706,10 @@ struct Batch {
     hash_panicked: bool,
 }
 
-/// Payload bytes per batch: large enough that handing a batch over costs little per record,
-/// small enough to stay in a core's cache while it is hashed.
-const BATCH_BYTES: usize = 1024 * 1024;
+/// Payload bytes at which a batch is cut even if the reader's buffer holds more. A batch is
+/// normally cut before the reader reads its next chunk ([`CHUNK`]), so this seldom applies;
+/// tests pass smaller sizes to have many batches in flight.
+const BATCH_BYTES: usize = CHUNK;
 
 /// [`scan`], with the leaf hash of every record computed on `threads` threads (the calling
 /// thread, which also reads, and `threads - 1` more), and
@@ -730,7 +731,8 @@ fn scan_leaves(
     use std::sync::Mutex;
 
     let threads = threads.max(1);
-    // Batches in flight: enough to keep every thread busy while the next one fills.
+    // Batches in flight (each a read buffer of up to 2 chunks): enough to keep every thread
+    // busy while the next one fills.
     let depth = 2 * threads + 2;
     let (work_tx, work_rx) = mpsc::sync_channel::<Batch>(depth);
     let work_rx = Mutex::new(work_rx);
