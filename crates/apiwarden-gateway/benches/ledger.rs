@@ -151,34 +151,34 @@ fn writer_cpu_ticks() -> Option<(u64, u64)> {
     for task in std::fs::read_dir("/proc/self/task").ok()? {
         let path = task.ok()?.path();
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if comm.trim() != "audit-ledger" {
-            continue;
+        if comm.trim() == "audit-ledger" {
+            return stat_ticks(&path.join("stat"));
         }
-        let stat = std::fs::read_to_string(path.join("stat")).ok()?;
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split(' ').collect();
-        // Fields 14 and 15 of stat (utime, stime); `rest` starts at field 3.
-        return Some((f[11].parse::<u64>().ok()?, f[12].parse::<u64>().ok()?));
     }
     None
 }
 
-/// The whole process's CPU time (user + system) in seconds, from `/proc/self/stat`.
+/// The whole process's CPU time (user + system) in seconds.
 fn process_cpu_secs() -> f64 {
-    cpu_secs("/proc/self/stat")
+    cpu_secs(Path::new("/proc/self/stat"))
 }
 
 /// The calling thread's CPU time (user + system) in seconds.
 fn thread_cpu_secs() -> f64 {
-    cpu_secs("/proc/thread-self/stat")
+    cpu_secs(Path::new("/proc/thread-self/stat"))
 }
 
-fn cpu_secs(path: &str) -> f64 {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+fn cpu_secs(stat: &Path) -> f64 {
+    stat_ticks(stat).map_or(0.0, |(u, k)| (u + k) as f64 / 100.0)
+}
+
+/// (utime, stime) in clock ticks from a `/proc/.../stat` file.
+fn stat_ticks(path: &Path) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split(' ').collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    // Fields 14 and 15 of stat (utime, stime); `rest` starts at field 3.
+    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
 }
 
 struct Run {

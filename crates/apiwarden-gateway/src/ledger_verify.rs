@@ -507,10 +507,9 @@ impl FrameReader {
         &self.buf[range]
     }
 
-    /// Whether the next frame is wholly in the buffer, so that [`FrameReader::next`] will not
-    /// read (nor move the buffer's contents) to return it.
-    /// When it says so, `next` cannot read: the frame's header and all its bytes (as its
-    /// length field counts them) are here. When it says not, `next` may read or may not.
+    /// Whether the next frame is wholly in the buffer (its header and as many bytes as its
+    /// length field counts): then [`FrameReader::next`] returns it without reading or moving
+    /// the buffer's contents. When not, `next` may read, or may not.
     fn next_is_buffered(&self) -> bool {
         let rest = &self.buf[self.start..];
         rest.len() >= HEADER_LEN
@@ -561,7 +560,7 @@ impl FrameReader {
     }
 }
 
-/// What [`scan`] calls for each record: (segment index, seq, payload) → go on?
+/// What [`scan`] calls for each record: (segment index, seq, payload range, reader) → go on?
 type Visit<'a> = dyn FnMut(usize, u64, std::ops::Range<usize>, &mut FrameReader) -> Result<bool, VerifyError>
     + 'a;
 
@@ -699,17 +698,10 @@ struct Batch {
     data: Vec<u8>,
     /// (segment index, seq, payload range in `data`).
     recs: Vec<(usize, u64, std::ops::Range<usize>)>,
-    /// Payload bytes in `recs`.
-    bytes: usize,
     leaves: Vec<Hash>,
     /// Hashing it panicked (a bug): the reading thread panics in turn rather than wait.
     hash_panicked: bool,
 }
-
-/// Payload bytes at which a batch is cut even if the reader's buffer holds more. A batch is
-/// normally cut before the reader reads its next chunk ([`CHUNK`]), so this seldom applies;
-/// tests pass smaller sizes to have many batches in flight.
-const BATCH_BYTES: usize = CHUNK;
 
 /// [`scan`], with the leaf hash of every record computed on `threads` threads (the calling
 /// thread, which also reads, and `threads - 1` more), and
@@ -722,7 +714,6 @@ fn scan_leaves(
     segs: &[Seg],
     first: u64,
     threads: usize,
-    batch_bytes: usize,
     progress: &mut dyn FnMut(u64, u64),
     visit: &mut dyn FnMut(usize, u64, &Hash) -> Result<(), VerifyError>,
 ) -> Result<(u64, u64), VerifyError> {
@@ -769,8 +760,8 @@ fn scan_leaves(
         let visit = std::cell::RefCell::new(visit);
         // Hands the records so far to the hashing threads, with the buffer they are in (the
         // reader goes on in a spare one), then visits what is back, keeping fewer than `depth`
-        // batches in flight. `false` when a visit failed (the error is kept in `failed`).
-        let cut = |reader: &mut FrameReader| -> bool {
+        // batches in flight. A failed visit's error is kept in `failed`.
+        let cut = |reader: &mut FrameReader| {
             let mut state = state.borrow_mut();
             {
                 let mut batch = batch.borrow_mut();
@@ -789,28 +780,19 @@ fn scan_leaves(
             while state.failed.is_none() && (state.in_flight >= depth || state.ready()) {
                 state.step(&work_rx, &mut **visit);
             }
-            state.failed.is_none()
         };
         let scanned = scan(
             segs,
             first,
             progress,
-            &mut |si, seq, range, reader| {
-                {
-                    let mut b = batch.borrow_mut();
-                    b.bytes += range.len();
-                    b.recs.push((si, seq, range));
-                    // Cut when the batch is large enough (the reader also has it cut before it
-                    // reads more). A failed visit stops the reading; its error is returned below.
-                    if b.bytes < batch_bytes {
-                        return Ok(state.borrow().failed.is_none());
-                    }
-                }
-                Ok(cut(reader))
+            &mut |si, seq, range, _| {
+                // The batch is cut when the scan releases the reader's buffer: before the
+                // reader reads more, or leaves the segment. A failed visit stops the reading;
+                // its error is returned below.
+                batch.borrow_mut().recs.push((si, seq, range));
+                Ok(state.borrow().failed.is_none())
             },
-            &mut |reader| {
-                cut(reader);
-            },
+            &mut |reader| cut(reader),
         );
         drop(work_tx);
         let mut state = state.into_inner();
@@ -874,13 +856,11 @@ impl Ordered {
             id: 0,
             data: Vec::new(),
             recs: Vec::with_capacity(2048),
-            bytes: 0,
             leaves: Vec::with_capacity(2048),
             hash_panicked: false,
         });
         b.id = id;
         b.recs.clear();
-        b.bytes = 0;
         b
     }
 
@@ -1149,7 +1129,6 @@ pub fn verify_with(
         &segs,
         st.first,
         threads,
-        BATCH_BYTES,
         progress,
         &mut |si, seq, leaf| {
             if starts.last().is_none_or(|(_, s)| *s != si) {
@@ -1687,22 +1666,15 @@ mod tests {
         assert!(std::fs::metadata(&segs[0].path).unwrap().len() > 2 * CHUNK as u64);
         let serial = serial_leaves(&segs).unwrap();
         assert_eq!(serial.len(), 6000);
-        // The real batch size, so that batches are cut when the reader refills its buffer, on
-        // one thread (no hashing threads: the reading thread hashes everything) and on two.
+        // Batches cut when the reader refills its buffer, on one thread (no hashing threads:
+        // the reading thread hashes everything) and on two.
         // Every record visited (segment index, seq, leaf), and how the scan ended.
         let parallel = |threads| {
             let mut visited = Vec::new();
-            let end = scan_leaves(
-                &segs,
-                1,
-                threads,
-                BATCH_BYTES,
-                &mut |_, _| {},
-                &mut |si, seq, leaf| {
-                    visited.push((si, seq, *leaf));
-                    Ok(())
-                },
-            )
+            let end = scan_leaves(&segs, 1, threads, &mut |_, _| {}, &mut |si, seq, leaf| {
+                visited.push((si, seq, *leaf));
+                Ok(())
+            })
             .map(|(last, _)| last)
             .map_err(|e| e.to_string());
             (visited, end)
@@ -1749,9 +1721,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(serial.len(), 3000);
-        // Batches of about 1 KiB (a few records each) on 3 threads: many batches in flight.
+        // 16 KiB segments, a batch each, on 3 threads: many batches in flight.
         let mut parallel = Vec::new();
-        let (last, _) = scan_leaves(&segs, 1, 3, 1024, &mut |_, _| {}, &mut |si, seq, leaf| {
+        let (last, _) = scan_leaves(&segs, 1, 3, &mut |_, _| {}, &mut |si, seq, leaf| {
             parallel.push((si, seq, *leaf));
             Ok(())
         })
@@ -1762,7 +1734,7 @@ mod tests {
         // A visit that fails at record 1 000 stops the scan there, although later batches were
         // already hashed.
         let mut visited = 0u64;
-        let err = scan_leaves(&segs, 1, 3, 1024, &mut |_, _| {}, &mut |_, seq, _| {
+        let err = scan_leaves(&segs, 1, 3, &mut |_, _| {}, &mut |_, seq, _| {
             visited = seq;
             if seq == 1000 {
                 return Err(VerifyError::Usage("stop at 1000".into()));
@@ -1788,7 +1760,7 @@ mod tests {
         bytes[n - 10] ^= 0x55;
         std::fs::write(&segs[i].path, &bytes).unwrap();
         let mut visited = 0u64;
-        let err = scan_leaves(&segs, 1, 3, 1024, &mut |_, _| {}, &mut |_, seq, _| {
+        let err = scan_leaves(&segs, 1, 3, &mut |_, _| {}, &mut |_, seq, _| {
             visited = seq;
             Ok(())
         })
@@ -1799,7 +1771,7 @@ mod tests {
             last_record - 1,
             "every record before the damaged one was visited"
         );
-        let err = scan_leaves(&segs, 1, 3, 1024, &mut |_, _| {}, &mut |_, seq, _| {
+        let err = scan_leaves(&segs, 1, 3, &mut |_, _| {}, &mut |_, seq, _| {
             if seq == 2000 {
                 return Err(VerifyError::Usage("an earlier problem".into()));
             }
