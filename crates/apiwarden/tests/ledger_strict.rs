@@ -1,7 +1,8 @@
 //! `audit.durability = "strict"` through the real binary and its ledger on disk: the upstream
 //! itself checks, for every request it receives, that the request's record is already in the
 //! ledger files; and a ledger on a full disk refuses requests with 503, forwards nothing, and
-//! recovers when space returns.
+//! recovers when space returns. `batched` on a full disk refuses too, and loses none of the
+//! records it had accepted.
 
 mod support;
 
@@ -67,8 +68,12 @@ fn checking_upstream(ledger: PathBuf, hits: Arc<AtomicUsize>) -> u16 {
 }
 
 fn start(dir: &Path, up: u16, extra: &str) -> Node {
+    start_with(dir, up, "strict", extra)
+}
+
+fn start_with(dir: &Path, up: u16, durability: &str, extra: &str) -> Node {
     let common = format!(
-        "[audit]\ndurability = \"strict\"\n{extra}\n\
+        "[audit]\ndurability = \"{durability}\"\n{extra}\n\
          [[upstreams]]\nname = \"up\"\nurl = \"http://127.0.0.1:{up}\"\n\n\
          [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\nauth = [\"none\"]\n"
     );
@@ -133,12 +138,9 @@ fn run(cmd: &str, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-#[test]
-fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
-    let dir = temp_dir("diskfull");
-    let data = dir.join("data0");
-    std::fs::create_dir_all(&data).unwrap();
-    // A small file system of its own for the data directory.
+/// Mounts a 2 MiB tmpfs at `data` (unmounted when the guard drops), or says loudly that the
+/// test cannot run (mounting needs root).
+fn small_disk(data: &Path) -> Option<impl Drop> {
     if !run(
         "mount",
         &[
@@ -154,7 +156,7 @@ fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
             "SKIPPED: cannot mount a tmpfs at {} (needs root); the full-disk test did not run",
             data.display()
         );
-        return;
+        return None;
     }
     struct Unmount(PathBuf);
     impl Drop for Unmount {
@@ -165,14 +167,11 @@ fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
                 .status();
         }
     }
-    let _unmount = Unmount(data.clone());
-    let hits = Arc::new(AtomicUsize::new(0));
-    let up = checking_upstream(data.join("ledger"), hits.clone());
-    let node = start(&dir, up, "");
-    let mut conn = Conn::open(&node.addr);
-    assert_eq!(conn.request("/before"), (200, "recorded".to_string()));
+    Some(Unmount(data.to_path_buf()))
+}
 
-    // Fill the disk.
+/// Fills the file system of `data` to its last byte; returns the file to delete to free it.
+fn fill(data: &Path) -> PathBuf {
     let filler = data.join("filler");
     let mut f = std::fs::File::create(&filler).unwrap();
     let block = vec![0u8; 64 * 1024];
@@ -180,8 +179,24 @@ fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     // Then to the last byte: what a 64 KiB block left over still holds a dozen records.
     while f.write_all(&block[..4096]).is_ok() {}
     while f.write_all(&block[..1]).is_ok() {}
-    let _ = f.sync_all();
-    drop(f);
+    filler
+}
+
+#[test]
+fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
+    let dir = temp_dir("diskfull");
+    let data = dir.join("data0");
+    std::fs::create_dir_all(&data).unwrap();
+    let Some(_unmount) = small_disk(&data) else {
+        return;
+    };
+    let hits = Arc::new(AtomicUsize::new(0));
+    let up = checking_upstream(data.join("ledger"), hits.clone());
+    let node = start(&dir, up, "");
+    let mut conn = Conn::open(&node.addr);
+    assert_eq!(conn.request("/before"), (200, "recorded".to_string()));
+
+    let filler = fill(&data);
     // The segment file's last page may still hold a few records (tmpfs allocates whole
     // pages): requests whose records fit go through, recorded (the upstream checks), until
     // the first that cannot be recorded.
@@ -235,6 +250,93 @@ fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
         s.contains("apiwarden/node0"),
         "a checkpoint was written: {s}"
     );
+}
+
+#[test]
+fn batched_on_a_full_disk_refuses_with_503_and_loses_nothing_it_accepted() {
+    let dir = temp_dir("diskfull-batched");
+    let data = dir.join("data0");
+    std::fs::create_dir_all(&data).unwrap();
+    let Some(_unmount) = small_disk(&data) else {
+        return;
+    };
+    let up = echo_upstream().port();
+    let node = start_with(&dir, up, "batched", "");
+    // A client sending requests all along: the disk fills while the writer holds records
+    // written but not yet synced, which it must write again after cutting the file back.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let (addr, stop, refused) = (node.addr.clone(), stop.clone(), refused.clone());
+        std::thread::spawn(move || {
+            let mut answered = Vec::new();
+            let mut conn = Conn::open(&addr);
+            let mut i = 0;
+            while !stop.load(Relaxed) {
+                let path = format!("/r/{i}");
+                i += 1;
+                let (status, body) = conn.request(&path);
+                match status {
+                    200 => answered.push(path),
+                    503 => {
+                        assert!(body.contains("not forwarded"), "{body}");
+                        refused.fetch_add(1, Relaxed);
+                    }
+                    _ => panic!("{status} {body}"),
+                }
+            }
+            answered
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let filler = fill(&data);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refused.load(Relaxed) < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the full disk never refused a request"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::remove_file(&filler).unwrap();
+    // Space returns: requests go through again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = Conn::open(&node.addr).request("/after");
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ledger did not recover");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Relaxed);
+    let mut answered = client.join().unwrap();
+    answered.push("/after".into());
+    // Stopped as an operator stops it (SIGTERM: the queue is written before exit), since
+    // `batched` may lose the last tick's records to a SIGKILL.
+    let mut node = node;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status();
+    let _ = node.child.wait();
+    // Gap-free, and every request answered 200 has its record.
+    let mut seqs = Vec::new();
+    let mut paths = std::collections::HashSet::new();
+    apiwarden_gateway::ledger::read_records(&data.join("ledger"), |s, p| {
+        seqs.push(s);
+        let e: serde_json::Value = serde_json::from_slice(p).unwrap();
+        if let Some(path) = e["request"]["path"].as_str() {
+            paths.insert(path.to_string());
+        }
+    })
+    .unwrap();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    let lost: Vec<_> = answered.iter().filter(|p| !paths.contains(*p)).collect();
+
+    assert!(lost.is_empty(), "answered 200 without a record: {lost:?}");
+    let (ok, out, err) = cli("audit", &dir.join("node0.toml"), &["verify"]);
+    assert!(ok, "audit verify failed: {out}{err}");
 }
 
 #[test]
