@@ -26,6 +26,10 @@ REDIS_PORT="${REDIS_PORT:-6379}"
 JWT="${JWT:-1}"
 # The audit ledger's durability for the apiwarden runs: strict | batched | async.
 DURABILITY="${DURABILITY:-batched}"
+# FLOOR=1 adds a target: hyper alone in apiwarden's layout, without any of its stages
+# (crates/apiwarden-gateway/examples/hyper_floor.rs, built here): the floor under apiwarden's
+# cost, to tell hyper's share of the distance to nginx from apiwarden's own.
+FLOOR="${FLOOR:-0}"
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
@@ -71,6 +75,14 @@ if [[ "$SKIP_APIWARDEN" != 1 ]]; then
     fi
 fi
 
+FLOOR_BIN="target/release/examples/hyper_floor"
+if [[ "$FLOOR" == 1 ]]; then
+    command -v cargo >/dev/null 2>&1 || die "FLOOR=1 needs cargo to build $FLOOR_BIN"
+    log "FLOOR=1: cargo build --release -p apiwarden-gateway --example hyper_floor"
+    cargo build --release -p apiwarden-gateway --example hyper_floor >&2 \
+        || die "building the hyper_floor example failed"
+fi
+
 # -------------------------------------------------------- temp dir + cleanup --
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/apiwarden-bench.XXXXXX")"
 # nginx workers may run as an unprivileged user when started as root.
@@ -108,10 +120,10 @@ trap 'log "interrupted"; exit 130' INT TERM
 
 # --------------------------------------------------------------- free ports --
 # Bind all sockets at once so the ports are distinct, then release them.
-read -r UP_PORT NGINX_PORT AW_PORT AW_ADMIN_PORT JWKS_PORT < <(python3 - <<'EOF'
+read -r UP_PORT NGINX_PORT AW_PORT AW_ADMIN_PORT JWKS_PORT FLOOR_PORT < <(python3 - <<'EOF'
 import socket
 socks = []
-for _ in range(5):
+for _ in range(6):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -357,6 +369,15 @@ EOF
     [[ "$body" == "hello from upstream" ]] || die "unexpected body through apiwarden: '$body'"
 fi
 
+# ------------------------------------------------------ 3b. the hyper floor --
+if [[ "$FLOOR" == 1 ]]; then
+    log "starting hyper_floor on 127.0.0.1:$FLOOR_PORT"
+    "$FLOOR_BIN" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$UP_PORT" >"$TMP/hyper_floor.log" 2>&1 &
+    FLOOR_PID=$!
+    PIDS+=("$FLOOR_PID")
+    wait_http "hyper_floor" "http://127.0.0.1:$FLOOR_PORT$BENCH_PATH" "$FLOOR_PID" "$TMP/hyper_floor.log"
+fi
+
 # ---------------------------------------------------------------- 4. wrk --
 # to_ms VALUE: wrk time (e.g. 812.00us, 1.23ms, 2.01s, 1.00m) -> milliseconds.
 to_ms() {
@@ -415,6 +436,10 @@ declare -A URL
 TARGETS=(direct nginx)
 URL[direct]="http://127.0.0.1:$UP_PORT$BENCH_PATH"
 URL[nginx]="http://127.0.0.1:$NGINX_PORT$BENCH_PATH"
+if [[ "$FLOOR" == 1 ]]; then
+    TARGETS+=(hyper-floor)
+    URL[hyper-floor]="http://127.0.0.1:$FLOOR_PORT$BENCH_PATH"
+fi
 if [[ "$SKIP_APIWARDEN" != 1 ]]; then
     TARGETS+=(apiwarden)
     URL[apiwarden]="http://127.0.0.1:$AW_PORT$BENCH_PATH"
@@ -484,6 +509,14 @@ if [[ "$SKIP_APIWARDEN" != 1 ]]; then
             for (i = 1; i <= k; i++) printf "%.2f ", (y[i] > 0 ? x[i] / y[i] : 0) }')"
         printf '%s/apiwarden per round: %s(median %s)\n' "$t" "$per_round" "$(printf '%s' "$per_round" | median)"
     done
+    if [[ "$FLOOR" == 1 ]]; then
+        awk -v a="${RPS[hyper-floor]}" -v n="${RPS[nginx]}" \
+            'BEGIN {printf "hyper-floor/nginx throughput ratio: %s\n", (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
+        per_round="$(awk -v a="${RPS_ALL[apiwarden]}" -v n="${RPS_ALL[hyper-floor]}" 'BEGIN {
+            k = split(a, x, " "); split(n, y, " ");
+            for (i = 1; i <= k; i++) printf "%.2f ", (y[i] > 0 ? x[i] / y[i] : 0) }')"
+        printf 'apiwarden/hyper-floor per round: %s(median %s)\n' "$per_round" "$(printf '%s' "$per_round" | median)"
+    fi
 else
     echo "apiwarden/nginx throughput ratio: n/a (SKIP_APIWARDEN=1)"
     echo "apiwarden/nginx p99 ratio: n/a (SKIP_APIWARDEN=1)"
