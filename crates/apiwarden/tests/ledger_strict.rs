@@ -138,9 +138,12 @@ fn run(cmd: &str, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Mounts a 2 MiB tmpfs at `data` (unmounted when the guard drops), or says loudly that the
-/// test cannot run (mounting needs root).
-fn small_disk(data: &Path) -> Option<impl Drop> {
+/// Mounts a 2 MiB tmpfs as the node's data directory `<dir>/data0` (unmounted when the guard
+/// drops): the directory and the guard. `None`, said loudly, when the test cannot run
+/// (mounting needs root).
+fn small_disk(dir: &Path) -> Option<(PathBuf, impl Drop)> {
+    let data = dir.join("data0");
+    std::fs::create_dir_all(&data).unwrap();
     if !run(
         "mount",
         &[
@@ -167,7 +170,7 @@ fn small_disk(data: &Path) -> Option<impl Drop> {
                 .status();
         }
     }
-    Some(Unmount(data.to_path_buf()))
+    Some((data.clone(), Unmount(data)))
 }
 
 /// Fills the file system of `data` to its last byte; returns the file to delete to free it.
@@ -185,9 +188,7 @@ fn fill(data: &Path) -> PathBuf {
 #[test]
 fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
     let dir = temp_dir("diskfull");
-    let data = dir.join("data0");
-    std::fs::create_dir_all(&data).unwrap();
-    let Some(_unmount) = small_disk(&data) else {
+    let Some((data, _unmount)) = small_disk(&dir) else {
         return;
     };
     let hits = Arc::new(AtomicUsize::new(0));
@@ -255,9 +256,7 @@ fn a_full_disk_refuses_with_503_forwards_nothing_and_recovers() {
 #[test]
 fn batched_on_a_full_disk_refuses_with_503_and_loses_nothing_it_accepted() {
     let dir = temp_dir("diskfull-batched");
-    let data = dir.join("data0");
-    std::fs::create_dir_all(&data).unwrap();
-    let Some(_unmount) = small_disk(&data) else {
+    let Some((data, _unmount)) = small_disk(&dir) else {
         return;
     };
     let up = echo_upstream().port();
