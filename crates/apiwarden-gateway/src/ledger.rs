@@ -895,8 +895,8 @@ fn answer_durable(durable: &mut Vec<Waiter>, ok: bool) {
 }
 
 /// The ledger as the gateway's audit sink. Events are numbered, hashed and written by one
-/// thread in batches; `batched` and `strict` make them durable (fdatasync) with every batch,
-/// at least every 10 ms.
+/// thread in batches; `strict` makes them durable (fdatasync) with every batch, `batched`
+/// within [`BATCHED_SYNC_AFTER`] of their write, `async` never.
 pub struct LedgerSink {
     tx: mpsc::UnboundedSender<Msg>,
     /// The search index's key: the recording thread makes its event's index entry.
@@ -987,6 +987,9 @@ impl LedgerSink {
             rotate_failed: None,
             batch_written: 0,
             unsynced_since: None,
+            cut_owed: false,
+            #[cfg(test)]
+            fail_next_sync: FAIL_NEXT_SYNC.with(|f| f.clone()),
         };
         let thread = std::thread::Builder::new()
             .name("audit-ledger".into())
@@ -1055,11 +1058,17 @@ impl AuditSink for LedgerSink {
 /// write and `fdatasync` (group commit).
 const TICK: Duration = Duration::from_millis(2);
 
-/// `batched`: how long written records may wait for their `fdatasync`. The writer looks at
-/// every pass (each [`TICK`]), so a record is durable at most about 10 ms after it was
-/// written, as the mode promises, with one `fdatasync` for three or four ticks' records
-/// instead of one per tick.
-const BATCHED_SYNC_AFTER: Duration = Duration::from_millis(7);
+/// `batched`: how long written records may wait for their `fdatasync`. The writer wakes when
+/// this has passed (it parks no longer than that), so a record is durable within about 8 ms of
+/// being recorded (up to a [`TICK`] in the queue, then this), plus the time the `fdatasync`
+/// itself takes: one `fdatasync` for three ticks' records instead of one per tick.
+const BATCHED_SYNC_AFTER: Duration = Duration::from_millis(6);
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: set to make the next `fdatasync` of a ledger opened on this thread fail.
+    pub(crate) static FAIL_NEXT_SYNC: Arc<AtomicBool> = Arc::default();
+}
 
 struct Writer {
     opts: LedgerOptions,
@@ -1093,6 +1102,12 @@ struct Writer {
     batch_written: usize,
     /// `batched`: when the oldest record not yet synced was written.
     unsynced_since: Option<Instant>,
+    /// A failed write or `fdatasync` could not cut the file back to `tail.segment_len`: no
+    /// write may append before that cut is made.
+    cut_owed: bool,
+    /// Tests: the next `fdatasync` of a segment fails, as an I/O error would make it.
+    #[cfg(test)]
+    fail_next_sync: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -1171,8 +1186,13 @@ impl Writer {
                     }
                 }
             }
-            // Shutting down, or a flush asked for: whatever is written must be durable now.
-            self.write(&mut batch, disconnected || !waiting.is_empty());
+            // Shutting down, a flush asked for, or a request waiting for its record (`strict`,
+            // also when a reload made it so under a writer opened `batched`): whatever is
+            // written must be durable now.
+            self.write(
+                &mut batch,
+                disconnected || !waiting.is_empty() || !durable.is_empty(),
+            );
             // Durable now (one fdatasync for all of them), or not: then the requests are
             // refused rather than forwarded unrecorded; their records stay queued.
             answer_durable(&mut durable, batch.is_empty());
@@ -1202,7 +1222,12 @@ impl Writer {
             if disconnected && batch.is_empty() {
                 return;
             }
-            std::thread::park_timeout(TICK);
+            // Written records waiting for their `fdatasync` shorten the sleep to their due time.
+            let due = self
+                .unsynced_since
+                .filter(|_| self.batch_written > 0)
+                .map_or(TICK, |t| BATCHED_SYNC_AFTER.saturating_sub(t.elapsed()));
+            std::thread::park_timeout(due.min(TICK));
         }
     }
 
@@ -1213,6 +1238,13 @@ impl Writer {
     /// next. On failure the file is cut back to where the batch began and the whole batch is
     /// kept, to be written again on the next tick.
     fn write(&mut self, batch: &mut Vec<u8>, sync_now: bool) {
+        if self.cut_owed {
+            // Appending now would leave the stale copy of the batch in front of the new one.
+            if self.file.set_len(self.tail.segment_len).is_err() {
+                return;
+            }
+            self.cut_owed = false;
+        }
         if self.batch_written < batch.len() {
             match self.file.write_all(&batch[self.batch_written..]) {
                 Ok(()) => {
@@ -1242,13 +1274,12 @@ impl Writer {
                         .is_some_and(|t| t.elapsed() >= BATCHED_SYNC_AFTER)
             }
         };
-        if self.opts.durability == Durability::Batched && !sync {
-            return;
-        }
-        if sync {
-            if let Err(e) = self.file.sync_data() {
-                return self.write_failed(&e, batch.len());
+        if !sync {
+            if self.opts.durability == Durability::Batched {
+                return;
             }
+        } else if let Err(e) = self.sync_data() {
+            return self.write_failed(&e, batch.len());
         }
         self.tail.segment_len += batch.len() as u64;
         batch.clear();
@@ -1267,11 +1298,20 @@ impl Writer {
     /// may have dropped the pages), so that the retry writes the whole batch again at a
     /// record boundary.
     fn write_failed(&mut self, e: &std::io::Error, bytes: usize) {
-        let _ = self.file.set_len(self.tail.segment_len);
+        self.cut_owed = self.file.set_len(self.tail.segment_len).is_err();
         self.batch_written = 0;
         if self.healthy.swap(false, Relaxed) {
             tracing::error!(error = %e, bytes, "cannot write the audit ledger; keeping the records and retrying");
         }
+    }
+
+    /// `fdatasync` of the segment being written.
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_next_sync.swap(false, Relaxed) {
+            return Err(std::io::Error::other("injected fdatasync failure"));
+        }
+        self.file.sync_data()
     }
 
     /// Closes the full segment (synced, then sealed: see [`Writer::seal`]) and begins the
@@ -1892,6 +1932,80 @@ pub(crate) mod tests {
             let mut on_disk = Vec::new();
             read_records(&dir.join("ledger"), |seq, _| on_disk.push(seq)).unwrap();
             assert_eq!(on_disk, seqs);
+        });
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn batched_writes_its_records_again_after_a_failed_fdatasync() {
+        let dir = temp();
+        let mut opts = options(&dir);
+        opts.segment_bytes = 1 << 20;
+        let opened = LedgerSink::open(opts).unwrap();
+        write_events(&opened.sink, 0..50).await;
+        // The next fdatasync fails after these records were written: the writer must cut
+        // them out of the file and write them again, not keep a second copy nor lose them.
+        FAIL_NEXT_SYNC.with(|f| f.store(true, Relaxed));
+        for i in 50..100 {
+            opened.sink.record(event(i));
+        }
+        until("the injected fdatasync failure happened", || {
+            FAIL_NEXT_SYNC.with(|f| !f.load(Relaxed))
+        })
+        .await;
+        opened.sink.flush().await.unwrap();
+        assert!(
+            opened.sink.healthy(),
+            "healthy again once the rewrite was synced"
+        );
+        drop(opened);
+        let ledger = dir.join("ledger");
+        let mut seqs = Vec::new();
+        let mut offsets = Vec::new();
+        let mut offset = 0u64;
+        read_records(&ledger, |seq, p| {
+            seqs.push(seq);
+            offsets.push((seq, offset));
+            offset += (frame::OVERHEAD + p.len()) as u64;
+        })
+        .unwrap();
+        assert_eq!(seqs, (1..=100).collect::<Vec<u64>>());
+        // The search index names every record once, at its offset in the rewritten file.
+        let segs = segments(&ledger).unwrap();
+        assert_eq!(segs.len(), 1);
+        let side = std::fs::read(crate::ledger_index::sidecar_path(&segs[0].1)).unwrap();
+        let entries: Vec<(u64, u64)> = side[crate::ledger_index::HEADER_LEN..]
+            .chunks_exact(crate::ledger_index::ENTRY_LEN)
+            .map(|c| {
+                let e = crate::ledger_index::Entry::decode(c.try_into().unwrap());
+                (e.seq, u64::from(e.offset))
+            })
+            .collect();
+        assert_eq!(entries, offsets);
+        let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        assert_eq!(report.records, 100);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_request_waiting_for_its_record_is_answered_by_a_batched_writer() {
+        // A reload can make a route `strict` while the writer was opened `batched`: the
+        // waiting request gets its record synced at once, not refused.
+        let dir = temp();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let opened = LedgerSink::open(options(&dir)).unwrap();
+            start_durable_relay();
+            for round in 0..20 {
+                // Records written but not yet synced sit in the batch when the request comes.
+                opened.sink.record(event(round));
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                let answer = opened.sink.record_durable(event(round)).await.unwrap();
+                assert!(answer.is_ok(), "round {round}: refused");
+            }
         });
         let _ = std::fs::remove_dir_all(dir);
     }
