@@ -291,6 +291,11 @@ fn batched_on_a_full_disk_refuses_with_503_and_loses_nothing_it_accepted() {
     let filler = fill(&data);
     let deadline = Instant::now() + Duration::from_secs(5);
     while refused.load(Relaxed) < 20 {
+        if client.is_finished() {
+            // The client failed: its panic says why.
+            client.join().unwrap();
+            unreachable!("the client stops only when told to");
+        }
         assert!(
             Instant::now() < deadline,
             "the full disk never refused a request"
