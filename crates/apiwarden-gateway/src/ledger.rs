@@ -990,6 +990,8 @@ impl LedgerSink {
             cut_owed: false,
             #[cfg(test)]
             fail_next_sync: FAIL_NEXT_SYNC.with(|f| f.clone()),
+            #[cfg(test)]
+            fail_next_cut: FAIL_NEXT_CUT.with(|f| f.clone()),
         };
         let thread = std::thread::Builder::new()
             .name("audit-ledger".into())
@@ -1068,6 +1070,8 @@ const BATCHED_SYNC_AFTER: Duration = Duration::from_millis(6);
 thread_local! {
     /// Tests: set to make the next `fdatasync` of a ledger opened on this thread fail.
     pub(crate) static FAIL_NEXT_SYNC: Arc<AtomicBool> = Arc::default();
+    /// Tests: set to make the next cut-back of a segment fail.
+    pub(crate) static FAIL_NEXT_CUT: Arc<AtomicBool> = Arc::default();
 }
 
 struct Writer {
@@ -1108,6 +1112,8 @@ struct Writer {
     /// Tests: the next `fdatasync` of a segment fails, as an I/O error would make it.
     #[cfg(test)]
     fail_next_sync: Arc<AtomicBool>,
+    #[cfg(test)]
+    fail_next_cut: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -1180,7 +1186,11 @@ impl Writer {
                         self.tail.chain = frame::chain_next(&self.tail.chain, &leaf);
                         self.tail.tree.push(leaf);
                         self.tail.next_seq += 1;
-                        if batch.len() - self.batch_written >= 512 * 1024 {
+                        // Not while the file cannot be written: the batch is tried again once
+                        // a pass, not for every event that arrives meanwhile.
+                        if batch.len() - self.batch_written >= 512 * 1024
+                            && self.healthy.load(Relaxed)
+                        {
                             self.write(&mut batch, false);
                         }
                     }
@@ -1240,7 +1250,7 @@ impl Writer {
     fn write(&mut self, batch: &mut Vec<u8>, sync_now: bool) {
         if self.cut_owed {
             // Appending now would leave the stale copy of the batch in front of the new one.
-            if self.file.set_len(self.tail.segment_len).is_err() {
+            if self.cut_back().is_err() {
                 return;
             }
             self.cut_owed = false;
@@ -1265,7 +1275,9 @@ impl Writer {
         let full = self.tail.segment_len + batch.len() as u64 >= self.opts.segment_bytes;
         let sync = match self.opts.durability {
             Durability::Strict => true,
-            Durability::Async => false,
+            // Best effort, except for whoever waits for durability (a flush, shutdown, or a
+            // request after a reload made its route `strict`).
+            Durability::Async => sync_now,
             Durability::Batched => {
                 sync_now
                     || full
@@ -1298,11 +1310,20 @@ impl Writer {
     /// may have dropped the pages), so that the retry writes the whole batch again at a
     /// record boundary.
     fn write_failed(&mut self, e: &std::io::Error, bytes: usize) {
-        self.cut_owed = self.file.set_len(self.tail.segment_len).is_err();
+        self.cut_owed = self.cut_back().is_err();
         self.batch_written = 0;
         if self.healthy.swap(false, Relaxed) {
             tracing::error!(error = %e, bytes, "cannot write the audit ledger; keeping the records and retrying");
         }
+    }
+
+    /// Cuts the segment being written back to its last completed batch.
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_next_cut.swap(false, Relaxed) {
+            return Err(std::io::Error::other("injected ftruncate failure"));
+        }
+        self.file.set_len(self.tail.segment_len)
     }
 
     /// `fdatasync` of the segment being written.
@@ -1938,6 +1959,17 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn batched_writes_its_records_again_after_a_failed_fdatasync() {
+        rewritten_after_a_failed_fdatasync(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_cut_back_that_failed_is_made_before_the_records_are_written_again() {
+        rewritten_after_a_failed_fdatasync(true).await;
+    }
+
+    /// A `batched` ledger whose `fdatasync` fails once (and, with `cut_fails`, the cut-back
+    /// after it too) ends with every record once, at the offsets its index names.
+    async fn rewritten_after_a_failed_fdatasync(cut_fails: bool) {
         let dir = temp();
         let mut opts = options(&dir);
         opts.segment_bytes = 1 << 20;
@@ -1945,12 +1977,13 @@ pub(crate) mod tests {
         write_events(&opened.sink, 0..50).await;
         // The next fdatasync fails after these records were written: the writer must cut
         // them out of the file and write them again, not keep a second copy nor lose them.
+        FAIL_NEXT_CUT.with(|f| f.store(cut_fails, Relaxed));
         FAIL_NEXT_SYNC.with(|f| f.store(true, Relaxed));
         for i in 50..100 {
             opened.sink.record(event(i));
         }
-        until("the injected fdatasync failure happened", || {
-            FAIL_NEXT_SYNC.with(|f| !f.load(Relaxed))
+        until("the injected failures happened", || {
+            FAIL_NEXT_SYNC.with(|f| !f.load(Relaxed)) && FAIL_NEXT_CUT.with(|f| !f.load(Relaxed))
         })
         .await;
         opened.sink.flush().await.unwrap();
