@@ -326,13 +326,19 @@ fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
 }
 
 impl AuditEvent {
-    /// A blank event of the given kind.
+    /// A blank event of the given kind, happening now.
     pub fn new(kind: EventKind, event_id: Uuid, node: Arc<str>) -> Self {
+        Self::new_at(kind, event_id, node, SystemTime::now())
+    }
+
+    /// A blank event of the given kind that happened at `time` (a caller that has read the
+    /// clock for the event's ids already).
+    pub fn new_at(kind: EventKind, event_id: Uuid, node: Arc<str>, time: SystemTime) -> Self {
         AuditEvent {
             schema_version: SCHEMA_VERSION,
             seq: 0,
             event_id,
-            time: SystemTime::now(),
+            time,
             node,
             kind,
             request_id: None,

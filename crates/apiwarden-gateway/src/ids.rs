@@ -30,7 +30,12 @@ fn next() -> u64 {
 
 /// A new UUIDv7, for ids of events and requests.
 pub fn new_id() -> uuid::Uuid {
-    let millis = SystemTime::now()
+    new_id_at(SystemTime::now())
+}
+
+/// A new UUIDv7 with the timestamp `now` (one clock read for several ids of one request).
+pub fn new_id_at(now: SystemTime) -> uuid::Uuid {
+    let millis = now
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let mut random = [0u8; 10];

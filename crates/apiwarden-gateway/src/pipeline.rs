@@ -857,6 +857,8 @@ impl Forward {
             }
             _ => conn.peer_ip.clone(),
         };
+        // Room for the five headers set here, made once.
+        h.reserve(5);
         h.insert(X_FORWARDED_FOR, xff);
         if !(trusted_peer && h.contains_key(&X_FORWARDED_PROTO)) {
             let proto = if conn.tls_version.is_some() {
@@ -996,7 +998,13 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     if !any && !keep_upgrade {
         return;
     }
-    if connection_lists {
+    // `Connection` usually says only `keep-alive` or `close`, which name no header: no need to
+    // parse it as a list.
+    let names_headers = |v: &HeaderValue| {
+        let v = v.as_bytes();
+        !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"))
+    };
+    if connection_lists && h.get_all(header::CONNECTION).iter().any(names_headers) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
@@ -1145,12 +1153,15 @@ pub async fn handle(
     shared.metrics.request_started();
     let state = shared.state.load_full();
 
-    let request_id = new_id();
+    // One clock read for the request's id, its event's id and the event's time.
+    let now = std::time::SystemTime::now();
+    let request_id = crate::ids::new_id_at(now);
     let rid = crate::ids::header_value(request_id);
-    let mut event = Box::new(AuditEvent::new(
+    let mut event = Box::new(AuditEvent::new_at(
         EventKind::Request,
-        new_id(),
+        crate::ids::new_id_at(now),
         shared.node.clone(),
+        now,
     ));
     event.request_id = Some(request_id);
     let (ip, trusted_peer) = client_ip(&state.config, conn.peer.ip(), req.headers());
