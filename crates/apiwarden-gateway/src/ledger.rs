@@ -1286,12 +1286,13 @@ impl Writer {
                         .is_some_and(|t| t.elapsed() >= BATCHED_SYNC_AFTER)
             }
         };
-        if !sync {
-            if self.opts.durability == Durability::Batched {
-                return;
+        if sync {
+            if let Err(e) = self.sync_data() {
+                return self.write_failed(&e, batch.len());
             }
-        } else if let Err(e) = self.sync_data() {
-            return self.write_failed(&e, batch.len());
+        } else if self.opts.durability == Durability::Batched {
+            // Written, not yet due: the records stay in the batch until their `fdatasync`.
+            return;
         }
         self.tail.segment_len += batch.len() as u64;
         batch.clear();

@@ -998,24 +998,25 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     if !any && !keep_upgrade {
         return;
     }
-    // `Connection` usually says only `keep-alive` or `close`, which name no header: no need to
-    // parse it as a list.
-    let names_headers = |v: &HeaderValue| {
-        let v = v.as_bytes();
-        !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"))
+    // The `Connection` options that name no header. A value that is just one of them (the
+    // usual `keep-alive` or `close`) needs no parsing as a list.
+    let option_only = |t: &[u8]| {
+        [&b"keep-alive"[..], b"close", b"upgrade"]
+            .iter()
+            .any(|o| t.eq_ignore_ascii_case(o))
     };
-    if connection_lists && h.get_all(header::CONNECTION).iter().any(names_headers) {
+    if connection_lists
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .any(|v| !option_only(v.as_bytes()))
+    {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
             .map(str::trim)
-            .filter(|t| {
-                !t.eq_ignore_ascii_case("keep-alive")
-                    && !t.eq_ignore_ascii_case("close")
-                    && !t.eq_ignore_ascii_case("upgrade")
-            })
+            .filter(|t| !option_only(t.as_bytes()))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for n in named {
