@@ -296,7 +296,9 @@ fn end_to_end_all(_c: &mut Criterion) {
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
     println!(
-        "\nverify: {N} records, {:.0} MB of segments (in the page cache)",
+        // The writer drops synced records from the page cache: the first run below reads them
+        // from the disk, the later ones (and `verify`) from the cache.
+        "\nverify: {N} records, {:.0} MB of segments (read from the disk by the first run, then cached)",
         size as f64 / 1e6
     );
     let mut rates = Vec::new();
