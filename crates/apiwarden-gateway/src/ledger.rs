@@ -988,6 +988,7 @@ impl LedgerSink {
             batch_written: 0,
             unsynced_since: None,
             cut_owed: false,
+            cached_from: 0,
             #[cfg(test)]
             fail_next_sync: FAIL_NEXT_SYNC.with(|f| f.clone()),
             #[cfg(test)]
@@ -1060,6 +1061,10 @@ impl AuditSink for LedgerSink {
 /// write and `fdatasync` (group commit).
 const TICK: Duration = Duration::from_millis(2);
 
+/// How many bytes of synced records the writer lets gather in the page cache before it drops
+/// them ([`Writer::release_cache`]): one `posix_fadvise` for many `strict` group commits.
+const RELEASE_EVERY: u64 = 256 * 1024;
+
 /// `batched`: how long written records may wait for their `fdatasync`. The writer wakes when
 /// this has passed (it parks no longer than that), so a record is durable within about 8 ms of
 /// being recorded (up to a [`TICK`] in the queue, then this), plus the time the `fdatasync`
@@ -1109,6 +1114,9 @@ struct Writer {
     /// A failed write or `fdatasync` could not cut the file back to `tail.segment_len`: no
     /// write may append before that cut is made.
     cut_owed: bool,
+    /// Where the segment's records still in the page cache begin (see
+    /// [`Writer::release_cache`]).
+    cached_from: u64,
     /// Tests: the next `fdatasync` of a segment fails, as an I/O error would make it.
     #[cfg(test)]
     fail_next_sync: Arc<AtomicBool>,
@@ -1295,7 +1303,7 @@ impl Writer {
             return;
         }
         if sync {
-            self.release_cache(batch.len() as u64);
+            self.release_cache(self.tail.segment_len + batch.len() as u64);
         }
         self.tail.segment_len += batch.len() as u64;
         batch.clear();
@@ -1330,22 +1338,29 @@ impl Writer {
         self.file.set_len(self.tail.segment_len)
     }
 
-    /// Drops the batch just synced from the page cache (`posix_fadvise(DONTNEED)`): records
-    /// are written once and read back rarely (search reads the index, verify and export read
-    /// sealed segments), so their pages are better spent elsewhere, and the pages the next
-    /// batch is copied into are then ones the kernel has just freed rather than fresh ones.
-    /// On a virtual machine a fresh page costs the host a fault on first touch: without this,
-    /// copying the records into the page cache was 40 % of the writer thread's time under
-    /// load (BENCHMARKS.md). Whole pages only: the page the next batch continues stays
-    /// cached, or its write would first read it back from the disk. Advice only: an error
-    /// changes nothing that was written.
-    fn release_cache(&self, batch_len: u64) {
+    /// Drops synced records from the page cache (`posix_fadvise(DONTNEED)`), once at least
+    /// [`RELEASE_EVERY`] bytes of them are there: records are written once and read back rarely
+    /// (search reads the index, verify and export read sealed segments), so their pages are
+    /// better spent elsewhere, and the pages the next batches are copied into are then ones the
+    /// kernel has just freed rather than fresh ones. On a virtual machine a fresh page costs
+    /// the host a fault on first touch: without this, copying the records into the page cache
+    /// was 40 % of the writer thread's time under load (BENCHMARKS.md). Whole pages only: the
+    /// page the next batch continues stays cached, or its write would first read it back from
+    /// the disk. Advice only: an error changes nothing that was written.
+    fn release_cache(&mut self, synced_to: u64) {
         const PAGE: u64 = 4096;
-        let start = self.tail.segment_len & !(PAGE - 1);
-        let end = (self.tail.segment_len + batch_len) & !(PAGE - 1);
-        if let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(start)) {
-            let _ = rustix::fs::fadvise(&self.file, start, Some(len), rustix::fs::Advice::DontNeed);
+        let end = synced_to & !(PAGE - 1);
+        if end < self.cached_from + RELEASE_EVERY {
+            return;
         }
+        let len = std::num::NonZeroU64::new(end - self.cached_from);
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            self.cached_from,
+            len,
+            rustix::fs::Advice::DontNeed,
+        );
+        self.cached_from = end;
     }
 
     /// `fdatasync` of the segment being written.
@@ -1380,6 +1395,7 @@ impl Writer {
                 self.index = crate::ledger_index::SidecarWriter::create(&next, self.index_key);
                 self.tail.segment = next;
                 self.tail.segment_len = 0;
+                self.cached_from = 0;
                 if let Ok(d) = File::open(self.opts.dir.join("segments")) {
                     let _ = d.sync_all();
                 }
@@ -2077,14 +2093,17 @@ pub(crate) mod tests {
         let mut opts = options(&dir);
         opts.segment_bytes = 64 * 1024 * 1024;
         let opened = LedgerSink::open(opts).unwrap();
-        write_events(&opened.sink, 0..3000).await;
+        write_events(&opened.sink, 0..12_000).await;
         let segment = std::fs::read_dir(dir.join("ledger/segments"))
             .unwrap()
             .map(|e| e.unwrap().path())
             .find(|p| p.extension().is_some_and(|x| x == "seg"))
             .unwrap();
         let size = std::fs::metadata(&segment).unwrap().len();
-        assert!(size > 64 * 4096, "{size} bytes: too few records to tell");
+        assert!(
+            size > 4 * RELEASE_EVERY,
+            "{size} bytes: too few records to tell"
+        );
         let out = std::process::Command::new("fincore")
             .args(["--bytes", "--noheadings", "--output", "RES"])
             .arg(&segment)
@@ -2097,7 +2116,7 @@ pub(crate) mod tests {
         );
         let cached: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
         assert!(
-            cached <= 4096,
+            cached <= RELEASE_EVERY + 4096,
             "{cached} of the segment's {size} bytes are still cached"
         );
         drop(opened);
