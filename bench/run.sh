@@ -498,6 +498,13 @@ if [[ "$SKIP_APIWARDEN" != 1 ]]; then
         'BEGIN {printf "apiwarden/nginx throughput ratio: %s\n", (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
     awk -v a="${P99[apiwarden]}" -v n="${P99[nginx]}" \
         'BEGIN {printf "apiwarden/nginx p99 ratio: %s\n", (n > 0 ? sprintf("%.2f", a / n) : "n/a")}'
+    if (( ROUNDS > 1 )); then
+        # Within each round too (the two runs seconds apart), as for the other pairs below.
+        per_round="$(awk -v a="${RPS_ALL[apiwarden]}" -v n="${RPS_ALL[nginx]}" 'BEGIN {
+            k = split(a, x, " "); split(n, y, " ");
+            for (i = 1; i <= k; i++) printf "%.2f ", (y[i] > 0 ? x[i] / y[i] : 0) }')"
+        printf 'apiwarden/nginx throughput per round: %s(median %s)\n' "$per_round" "$(printf '%s' "$per_round" | median)"
+    fi
     for t in apiwarden-apikey apiwarden-jwt apiwarden-limit-local apiwarden-limit-redis; do
         [[ -n "${RPS[$t]:-}" ]] || continue
         awk -v a="${RPS[$t]}" -v n="${RPS[apiwarden]}" -v t="$t" \
