@@ -988,7 +988,7 @@ impl LedgerSink {
             batch_written: 0,
             unsynced_since: None,
             cut_owed: false,
-            cached_from: 0,
+            released_to: 0,
             #[cfg(test)]
             fail_next_sync: FAIL_NEXT_SYNC.with(|f| f.clone()),
             #[cfg(test)]
@@ -1114,9 +1114,9 @@ struct Writer {
     /// A failed write or `fdatasync` could not cut the file back to `tail.segment_len`: no
     /// write may append before that cut is made.
     cut_owed: bool,
-    /// Where the segment's records still in the page cache begin (see
+    /// How far into the segment synced records were last dropped from the page cache (see
     /// [`Writer::release_cache`]).
-    cached_from: u64,
+    released_to: u64,
     /// Tests: the next `fdatasync` of a segment fails, as an I/O error would make it.
     #[cfg(test)]
     fail_next_sync: Arc<AtomicBool>,
@@ -1339,28 +1339,32 @@ impl Writer {
     }
 
     /// Drops synced records from the page cache (`posix_fadvise(DONTNEED)`), once at least
-    /// [`RELEASE_EVERY`] bytes of them are there: records are written once and read back rarely
-    /// (search reads the index, verify and export read sealed segments), so their pages are
-    /// better spent elsewhere, and the pages the next batches are copied into are then ones the
-    /// kernel has just freed rather than fresh ones. On a virtual machine a fresh page costs
-    /// the host a fault on first touch: without this, copying the records into the page cache
-    /// was 40 % of the writer thread's time under load (BENCHMARKS.md). Whole pages only: the
-    /// page the next batch continues stays cached, or its write would first read it back from
-    /// the disk. Advice only: an error changes nothing that was written.
+    /// [`RELEASE_EVERY`] more bytes of them are there: records are written once and read back
+    /// rarely (search reads the index, verify and export read sealed segments), so their pages
+    /// are better spent elsewhere, and the pages the next batches are copied into are then ones
+    /// the kernel has just freed rather than fresh ones. On a virtual machine a fresh page
+    /// costs the host a fault on first touch: without this, copying the records into the page
+    /// cache was 40 % of the writer thread's time under load (BENCHMARKS.md). The kernel drops
+    /// only pages (or large folios) wholly inside the range, so the one the next batch
+    /// continues stays cached (or its write would first read it back from the disk); the range
+    /// always starts at the segment's beginning, so that a page or folio left at the edge of
+    /// one range goes with the next. Advice only: an error changes nothing that was written.
     fn release_cache(&mut self, synced_to: u64) {
-        const PAGE: u64 = 4096;
-        let end = synced_to & !(PAGE - 1);
-        if end < self.cached_from + RELEASE_EVERY {
+        if synced_to < self.released_to + RELEASE_EVERY {
             return;
         }
-        let len = std::num::NonZeroU64::new(end - self.cached_from);
-        let _ = rustix::fs::fadvise(
-            &self.file,
-            self.cached_from,
-            len,
-            rustix::fs::Advice::DontNeed,
-        );
-        self.cached_from = end;
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+        {
+            // Whole pages: a range that ends at the end of the file inside a page drops it.
+            let page = rustix::param::page_size() as u64;
+            let _ = rustix::fs::fadvise(
+                &self.file,
+                0,
+                std::num::NonZeroU64::new(synced_to / page * page),
+                rustix::fs::Advice::DontNeed,
+            );
+        }
+        self.released_to = synced_to;
     }
 
     /// `fdatasync` of the segment being written.
@@ -1395,7 +1399,7 @@ impl Writer {
                 self.index = crate::ledger_index::SidecarWriter::create(&next, self.index_key);
                 self.tail.segment = next;
                 self.tail.segment_len = 0;
-                self.cached_from = 0;
+                self.released_to = 0;
                 if let Ok(d) = File::open(self.opts.dir.join("segments")) {
                     let _ = d.sync_all();
                 }
@@ -1682,7 +1686,7 @@ impl Writer {
             return;
         }
         // Everything written is synced now (the writer checkpoints with an empty batch): in
-        // `async`, which syncs nothing else, this is where its records leave the cache.
+        // `async`, whose only periodic sync this is, this is where its records leave the cache.
         self.release_cache(self.tail.segment_len);
         let cp = Checkpoint {
             origin: self.opts.origin.clone(),
@@ -2084,6 +2088,7 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn synced_records_do_not_stay_in_the_page_cache() {
         // Written once, read back rarely: the pages of synced records are given back, all
@@ -2092,8 +2097,12 @@ pub(crate) mod tests {
         // for its checkpoints (every 20 ms here), and is not flushed: the checkpoint must
         // give its pages back.
         for durability in [Durability::Batched, Durability::Async] {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/test-data")
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+                || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
+                PathBuf::from,
+            );
+            let dir = target
+                .join("test-data")
                 .join(format!("aw-ledger-{}", crate::ids::new_id()));
             std::fs::create_dir_all(&dir).unwrap();
             let mut opts = options(&dir);
@@ -2104,7 +2113,15 @@ pub(crate) mod tests {
                 for i in 0..12_000 {
                     opened.sink.record(event(i));
                 }
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // The `state` is written after the checkpoint's sync and release.
+                let state = dir.join("ledger/state");
+                until("a checkpoint of every record", || {
+                    std::fs::read(&state)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                        .is_some_and(|v| v["size"] == 12_000)
+                })
+                .await;
             } else {
                 write_events(&opened.sink, 0..12_000).await;
             }
@@ -2134,6 +2151,7 @@ pub(crate) mod tests {
                 "{durability:?}: {cached} of the segment's {size} bytes are still cached"
             );
             drop(opened);
+            tokio::time::sleep(Duration::from_millis(50)).await;
             let _ = std::fs::remove_dir_all(dir);
         }
     }
