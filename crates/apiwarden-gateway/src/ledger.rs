@@ -1342,9 +1342,10 @@ impl Writer {
     /// [`RELEASE_EVERY`] more bytes of them are there: records are written once and read back
     /// rarely (search reads the index, verify and export read sealed segments), so their pages
     /// are better spent elsewhere, and the pages the next batches are copied into are then ones
-    /// the kernel has just freed rather than fresh ones. On a virtual machine a fresh page
-    /// costs the host a fault on first touch: without this, copying the records into the page
-    /// cache was 40 % of the writer thread's time under load (BENCHMARKS.md). The kernel drops
+    /// the kernel has just freed rather than fresh ones. On a virtual machine a page not
+    /// touched since boot costs the host a fault: on a fresh machine, copying the records into
+    /// the page cache was 40 % of the writer thread's time under load (BENCHMARKS.md); the
+    /// page cache also stops filling with records nobody reads. The kernel drops
     /// only pages (or large folios) wholly inside the range, so the one the next batch
     /// continues stays cached (or its write would first read it back from the disk); the range
     /// always starts at the segment's beginning, so that a page or folio left at the edge of
