@@ -1298,12 +1298,10 @@ impl Writer {
             if let Err(e) = self.sync_data() {
                 return self.write_failed(&e, batch.len());
             }
+            self.release_cache(self.tail.segment_len + batch.len() as u64);
         } else if self.opts.durability == Durability::Batched {
             // Written, not yet due: the records stay in the batch until their `fdatasync`.
             return;
-        }
-        if sync {
-            self.release_cache(self.tail.segment_len + batch.len() as u64);
         }
         self.tail.segment_len += batch.len() as u64;
         batch.clear();
