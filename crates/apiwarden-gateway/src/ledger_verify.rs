@@ -1884,7 +1884,7 @@ mod tests {
     /// then more events and checkpoints after that.
     async fn build_retained(n: u64) -> PathBuf {
         let dir = temp_dir("retained").join("ledger");
-        let opened = LedgerSink::open(LedgerOptions {
+        let options = |retention| LedgerOptions {
             dir: dir.clone(),
             durability: Durability::Async,
             checkpoint_interval: Duration::from_millis(20),
@@ -1892,13 +1892,14 @@ mod tests {
             copy_to: None,
             segment_bytes: 8 << 10,
             segment_max_age: ledger::SEGMENT_MAX_AGE,
-            retention: Some(ledger::Retention {
-                max_age: Duration::ZERO,
-                requires_export: vec![],
-            }),
+            retention,
             node: "test-node".into(),
             encryption: None,
-        })
+        };
+        let opened = LedgerSink::open(options(Some(ledger::Retention {
+            max_age: Duration::ZERO,
+            requires_export: vec![],
+        })))
         .unwrap();
         let node: Arc<str> = Arc::from("test-node");
         for i in 0..n {
@@ -1923,6 +1924,17 @@ mod tests {
         }
         opened.sink.flush().await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // More records after a restart without retention: sealed segments after the boundary,
+        // whenever retention last ran (its last pass may have deleted every sealed one).
+        let opened = LedgerSink::open(options(None)).unwrap();
+        for i in 0..100 {
+            let mut e = AuditEvent::new(EventKind::System, crate::ids::new_id(), node.clone());
+            e.message = Some(format!("event {} after the restart", n + i));
+            opened.sink.record(Box::new(e));
+        }
+        opened.sink.flush().await.unwrap();
         drop(opened);
         tokio::time::sleep(Duration::from_millis(300)).await;
         dir
