@@ -15,7 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -277,10 +277,13 @@ impl Gateway {
         let mut queues = Vec::with_capacity(workers_n);
         for index in 0..workers_n {
             let (shared, acceptor, stop) = (shared.clone(), acceptor.clone(), stop_rx.clone());
-            let (conn_tx, conn_rx) =
-                tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
+            let (conn_tx, conn_rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
             let live = Arc::new(());
-            queues.push((conn_tx, Arc::downgrade(&live)));
+            queues.push(WorkerQueue {
+                tx: conn_tx,
+                live: Arc::downgrade(&live),
+                open: Arc::new(AtomicUsize::new(0)),
+            });
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             let thread = std::thread::Builder::new()
                 .name(format!("apiwarden-worker-{index}"))
@@ -482,7 +485,7 @@ fn modified(p: &std::path::Path) -> Option<SystemTime> {
 /// Accepts connections and hands each to the worker with the fewest open ones.
 async fn accept_loop(
     listener: TcpListener,
-    queues: Vec<(ConnQueue, std::sync::Weak<()>)>,
+    queues: Vec<WorkerQueue>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -501,30 +504,60 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let Ok(std) = stream.into_std() else { continue };
         // A worker whose thread has ended (its `live` token is gone) takes no connections.
-        let Some((queue, _)) = queues
+        let Some(queue) = queues
             .iter()
-            .filter(|(q, live)| live.strong_count() > 0 && !q.is_closed())
-            .min_by_key(|(_, live)| live.strong_count())
+            .filter(|q| q.live.strong_count() > 0 && !q.tx.is_closed())
+            .min_by_key(|q| q.open.load(Ordering::Relaxed))
         else {
             tracing::error!("no worker is running; refusing connections");
             continue;
         };
-        let _ = queue.send((std, peer));
+        // Counted here, not when the worker gets to it: a burst of connections (a load
+        // generator opening 50 at once) would otherwise all go to the worker that looked
+        // least loaded before the burst.
+        let _ = queue.tx.send((std, peer, Assigned::new(&queue.open)));
     }
 }
 
-type ConnQueue = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>;
+/// What the acceptor knows of a worker.
+struct WorkerQueue {
+    tx: tokio::sync::mpsc::UnboundedSender<Handoff>,
+    /// Gone once the worker's thread has ended.
+    live: std::sync::Weak<()>,
+    /// Connections handed to the worker and not yet closed.
+    open: Arc<AtomicUsize>,
+}
+
+/// A connection on its way to a worker.
+type Handoff = (std::net::TcpStream, SocketAddr, Assigned);
+
+/// One connection counted in its worker's `open` until it is dropped (the connection has
+/// closed, or never reached the worker).
+struct Assigned(Arc<AtomicUsize>);
+
+impl Assigned {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Assigned(open.clone())
+    }
+}
+
+impl Drop for Assigned {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// A worker: serves the connections the acceptor hands it until the stop signal.
 async fn worker_loop(
-    mut conns: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    mut conns: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
     shared: Arc<Shared>,
     tls: Option<ServerConfigs>,
     mut stop: watch::Receiver<bool>,
     live: &Arc<()>,
 ) {
     loop {
-        let (std, peer) = tokio::select! {
+        let (std, peer, assigned) = tokio::select! {
             c = conns.recv() => match c {
                 Some(c) => c,
                 None => return,
@@ -538,6 +571,7 @@ async fn worker_loop(
         let watcher = Watcher {
             stop: stop.clone(),
             _live: live.clone(),
+            _assigned: assigned,
         };
         match &tls {
             None => {
@@ -605,10 +639,12 @@ async fn worker_loop(
 }
 
 /// What a connection needs to close gracefully: the stop signal, and a token whose count
-/// tells the worker how many connections are still open.
+/// tells the worker how many connections are still open. It also keeps the connection
+/// counted in the acceptor's view of its worker's load.
 struct Watcher {
     stop: watch::Receiver<bool>,
     _live: Arc<()>,
+    _assigned: Assigned,
 }
 
 /// Drives a connection to its end; on the stop signal, asks it to finish the request in
@@ -617,7 +653,11 @@ async fn drive<C, E>(conn: C, watcher: Watcher, shutdown: impl FnOnce(Pin<&mut C
 where
     C: Future<Output = Result<(), E>>,
 {
-    let Watcher { mut stop, _live } = watcher;
+    let Watcher {
+        mut stop,
+        _live,
+        _assigned,
+    } = watcher;
     let mut conn = std::pin::pin!(conn);
     if !*stop.borrow_and_update() {
         tokio::select! {
@@ -672,5 +712,72 @@ where
                 record_unparsed(&shared, &conn, Reason::RequestMalformed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of connections (a load generator opening its connections at once) is spread
+    /// evenly over the workers even before any worker has picked one up, and a closed
+    /// connection makes room on its worker again.
+    #[tokio::test]
+    async fn a_burst_of_connections_is_spread_evenly_over_the_workers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lives: Vec<Arc<()>> = (0..2).map(|_| Arc::new(())).collect();
+        let mut receivers = Vec::new();
+        let mut queues = Vec::new();
+        for live in &lives {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
+            receivers.push(rx);
+            queues.push(WorkerQueue {
+                tx,
+                live: Arc::downgrade(live),
+                open: Arc::new(AtomicUsize::new(0)),
+            });
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let acceptor = tokio::spawn(accept_loop(listener, queues, stop_rx));
+
+        // The workers are busy: nobody takes a connection off its queue during the burst.
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut got: Vec<Vec<Handoff>> = vec![Vec::new(), Vec::new()];
+        while got.iter().map(Vec::len).sum::<usize>() < 10 {
+            for (i, rx) in receivers.iter_mut().enumerate() {
+                if let Ok(h) = rx.try_recv() {
+                    got[i].push(h);
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            got.iter().map(Vec::len).collect::<Vec<_>>(),
+            [5, 5],
+            "10 connections over 2 workers"
+        );
+
+        // Two of worker 0's connections close: the next two connections go to worker 0.
+        got[0].truncate(3);
+        for _ in 0..2 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut next = Vec::new();
+        while next.len() < 2 {
+            for (i, rx) in receivers.iter_mut().enumerate() {
+                if let Ok(h) = rx.try_recv() {
+                    next.push((i, h));
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(next.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 0]);
+
+        stop_tx.send(true).unwrap();
+        acceptor.await.unwrap();
     }
 }
