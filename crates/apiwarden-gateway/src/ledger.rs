@@ -45,7 +45,7 @@ use base64::Engine;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -901,8 +901,11 @@ pub struct LedgerSink {
     tx: mpsc::UnboundedSender<Msg>,
     /// The search index's key: the recording thread makes its event's index entry.
     index_key: crate::ledger_index::IndexKey,
-    /// The writer thread, woken at once by a request waiting for its record (`strict`).
+    /// The writer thread, woken at once by a request waiting for its record (`strict`), and
+    /// by any message while it sleeps through an idle spell.
     writer: std::thread::Thread,
+    /// Set while the writer sleeps through an idle spell (see [`Writer::sleep_while_idle`]).
+    asleep: Arc<AtomicBool>,
     healthy: Arc<AtomicBool>,
     /// Records written so far (for metrics and tests).
     pub written: Arc<AtomicU64>,
@@ -965,6 +968,7 @@ impl LedgerSink {
             .open(&tail.segment)
             .map_err(io(&tail.segment))?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let asleep = Arc::new(AtomicBool::new(false));
         let healthy = Arc::new(AtomicBool::new(true));
         let written = Arc::new(AtomicU64::new(records));
         let writer = Writer {
@@ -974,6 +978,7 @@ impl LedgerSink {
             file,
             tail,
             healthy: healthy.clone(),
+            asleep: asleep.clone(),
             written: written.clone(),
             last_checkpoint: None,
             index,
@@ -1001,6 +1006,7 @@ impl LedgerSink {
         Ok(Opened {
             sink: LedgerSink {
                 writer: thread.thread().clone(),
+                asleep,
                 tx,
                 index_key,
                 healthy,
@@ -1018,11 +1024,26 @@ impl LedgerSink {
     }
 }
 
+impl LedgerSink {
+    /// Queues a message for the writer, and wakes the writer if it sleeps through an idle
+    /// spell. Under load it never does, and queuing wakes no thread.
+    fn send(&self, msg: Msg) -> Result<(), mpsc::error::SendError<Msg>> {
+        self.tx.send(msg)?;
+        // Pairs with the writer's fence between setting `asleep` and looking at the queue:
+        // either the writer sees this message, or this sees `asleep` set.
+        fence(SeqCst);
+        if self.asleep.load(Relaxed) {
+            self.writer.unpark();
+        }
+        Ok(())
+    }
+}
+
 impl AuditSink for LedgerSink {
     fn record(&self, event: Box<AuditEvent>) {
         let encoded = Encoded::of(&event, &self.index_key);
         drop(event);
-        if self.tx.send(Msg::Event(encoded)).is_err() {
+        if self.send(Msg::Event(encoded)).is_err() {
             tracing::error!("the audit ledger writer has stopped; an event could not be recorded");
             self.healthy.store(false, Relaxed);
         }
@@ -1030,7 +1051,7 @@ impl AuditSink for LedgerSink {
 
     fn flush(&self) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::Flush(tx));
+        let _ = self.send(Msg::Flush(tx));
         rx
     }
 
@@ -1040,7 +1061,7 @@ impl AuditSink for LedgerSink {
         drop(event);
         let relay = RELAY.with(|r| r.borrow().clone());
         if let Err(mpsc::error::SendError(Msg::Durable(_, tx, _))) =
-            self.tx.send(Msg::Durable(encoded, tx, relay))
+            self.send(Msg::Durable(encoded, tx, relay))
         {
             self.healthy.store(false, Relaxed);
             let _ = tx.send(Err(()));
@@ -1056,7 +1077,9 @@ impl AuditSink for LedgerSink {
 }
 
 /// How long the writer sleeps when its queue is empty: polling, so that recording an event
-/// never wakes a thread (a system call per event). A request that waits for its record
+/// never wakes a thread (a system call per event). After a whole tick with nothing to do it
+/// sleeps until the next checkpoint instead ([`Writer::sleep_while_idle`]), and the next
+/// event wakes it. A request that waits for its record
 /// (`strict`) wakes the writer at once instead; records that arrive meanwhile share the
 /// write and `fdatasync` (group commit).
 const TICK: Duration = Duration::from_millis(2);
@@ -1086,6 +1109,8 @@ struct Writer {
     file: File,
     tail: Tail,
     healthy: Arc<AtomicBool>,
+    /// Set while the writer sleeps through an idle spell; senders then wake it.
+    asleep: Arc<AtomicBool>,
     written: Arc<AtomicU64>,
     last_checkpoint: Option<Instant>,
     /// The search index of the segment being written (`None` when it could not be kept:
@@ -1137,11 +1162,13 @@ impl Writer {
         // taken, so they must reach the file before anything after them.
         loop {
             let mut disconnected = false;
+            let mut received = false;
             loop {
                 let msg = match self.own.pop() {
                     Some(e) => Ok(Msg::Event(Encoded::of(&e, &self.index_key))),
                     None => rx.try_recv(),
                 };
+                received |= msg.is_ok();
                 let (event, waiter) = match msg {
                     Ok(Msg::Event(e)) => (Some(e), None),
                     Ok(Msg::Durable(e, w, relay)) => (Some(e), Some((w, relay))),
@@ -1240,6 +1267,10 @@ impl Writer {
             if disconnected && batch.is_empty() {
                 return;
             }
+            if !received && batch.is_empty() && durable.is_empty() && waiting.is_empty() {
+                self.sleep_while_idle(&rx);
+                continue;
+            }
             // Written records waiting for their `fdatasync` shorten the sleep to their due time.
             let due = self
                 .unsynced_since
@@ -1247,6 +1278,27 @@ impl Writer {
                 .map_or(TICK, |t| BATCHED_SYNC_AFTER.saturating_sub(t.elapsed()));
             std::thread::park_timeout(due.min(TICK));
         }
+    }
+
+    /// A whole tick brought nothing and nothing is left to write: sleeps until the next
+    /// checkpoint is due, instead of waking every [`TICK`] (an idle gateway would otherwise
+    /// wake 500 times a second). A sender that finds `asleep` set wakes the writer at once.
+    fn sleep_while_idle(&mut self, rx: &mpsc::UnboundedReceiver<Msg>) {
+        let until_checkpoint = self.last_checkpoint.map_or(Duration::ZERO, |t| {
+            self.opts.checkpoint_interval.saturating_sub(t.elapsed())
+        });
+        if until_checkpoint <= TICK {
+            std::thread::park_timeout(until_checkpoint);
+            return;
+        }
+        self.asleep.store(true, Relaxed);
+        // Pairs with the fence in `LedgerSink::send`: either a message queued before this
+        // point is seen here, or its sender sees `asleep` and wakes this thread.
+        fence(SeqCst);
+        if rx.is_empty() && self.own.is_empty() {
+            std::thread::park_timeout(until_checkpoint);
+        }
+        self.asleep.store(false, Relaxed);
     }
 
     /// Writes what the batch holds beyond what is in the file already, and completes the
