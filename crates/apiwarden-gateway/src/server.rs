@@ -746,8 +746,13 @@ mod tests {
         for _ in 0..10 {
             clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
         }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut got: Vec<Vec<Handoff>> = vec![Vec::new(), Vec::new()];
         while got.iter().map(Vec::len).sum::<usize>() < 10 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the acceptor handed off too few"
+            );
             for (i, rx) in receivers.iter_mut().enumerate() {
                 if let Ok(h) = rx.try_recv() {
                     got[i].push(h);
@@ -768,6 +773,10 @@ mod tests {
         }
         let mut next = Vec::new();
         while next.len() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the acceptor handed off too few"
+            );
             for (i, rx) in receivers.iter_mut().enumerate() {
                 if let Ok(h) = rx.try_recv() {
                     next.push((i, h));
