@@ -524,7 +524,9 @@ struct WorkerQueue {
     tx: tokio::sync::mpsc::UnboundedSender<Handoff>,
     /// Gone once the worker's thread has ended.
     live: std::sync::Weak<()>,
-    /// Connections handed to the worker and not yet closed.
+    /// Connections handed to the worker and not yet closed, those still in its queue
+    /// included. Not the count the worker waits for at shutdown (`live`'s): a connection
+    /// queued as the worker stops may stay in the closed queue until the acceptor is gone.
     open: Arc<AtomicUsize>,
 }
 
