@@ -721,6 +721,29 @@ where
 mod tests {
     use super::*;
 
+    /// Takes `n` hand-offs off the workers' queues, each with the index of its worker.
+    async fn take(
+        receivers: &mut [tokio::sync::mpsc::UnboundedReceiver<Handoff>],
+        n: usize,
+    ) -> Vec<(usize, Handoff)> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while got.len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the acceptor handed off {} of {n} connections",
+                got.len()
+            );
+            for (i, rx) in receivers.iter_mut().enumerate() {
+                if let Ok(h) = rx.try_recv() {
+                    got.push((i, h));
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        got
+    }
+
     /// A burst of connections (a load generator opening its connections at once) is spread
     /// evenly over the workers even before any worker has picked one up, and a closed
     /// connection makes room on its worker again.
@@ -748,19 +771,9 @@ mod tests {
         for _ in 0..10 {
             clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut got: Vec<Vec<Handoff>> = vec![Vec::new(), Vec::new()];
-        while got.iter().map(Vec::len).sum::<usize>() < 10 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the acceptor handed off too few"
-            );
-            for (i, rx) in receivers.iter_mut().enumerate() {
-                if let Ok(h) = rx.try_recv() {
-                    got[i].push(h);
-                }
-            }
-            tokio::task::yield_now().await;
+        for (i, h) in take(&mut receivers, 10).await {
+            got[i].push(h);
         }
         assert_eq!(
             got.iter().map(Vec::len).collect::<Vec<_>>(),
@@ -773,19 +786,7 @@ mod tests {
         for _ in 0..2 {
             clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
         }
-        let mut next = Vec::new();
-        while next.len() < 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the acceptor handed off too few"
-            );
-            for (i, rx) in receivers.iter_mut().enumerate() {
-                if let Ok(h) = rx.try_recv() {
-                    next.push((i, h));
-                }
-            }
-            tokio::task::yield_now().await;
-        }
+        let next = take(&mut receivers, 2).await;
         assert_eq!(next.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 0]);
 
         stop_tx.send(true).unwrap();
