@@ -277,8 +277,6 @@ impl TlsFields {
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditEvent {
     pub schema_version: u32,
-    /// Assigned by the audit sink, gap-free per node.
-    pub seq: u64,
     pub event_id: Uuid,
     #[serde(serialize_with = "rfc3339")]
     pub time: SystemTime,
@@ -310,6 +308,10 @@ pub struct AuditEvent {
     /// On the outcome record of a `strict` request: the `seq` of its `received` record.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub received_seq: Option<u64>,
+    /// Assigned by the audit sink, gap-free per node. Written last, so that everything
+    /// before it can be encoded, checksummed and hashed by the thread that records the event
+    /// before the ledger's writer knows the number (see `write_json_unnumbered`).
+    pub seq: u64,
 }
 
 fn pairs_as_object<S: Serializer>(pairs: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
@@ -373,7 +375,9 @@ impl AuditEvent {
     /// The canonical JSON without the value of `seq`, which the ledger assigns when it writes
     /// the record; returns the position in `out` where its decimal digits go. With them
     /// inserted there, the bytes are exactly [`AuditEvent::write_json`]'s. Lets the recording
-    /// thread, where the event is hot in its cache, do the encoding.
+    /// thread, where the event is hot in its cache, do the encoding. `seq` is the last field,
+    /// so only the closing brace follows the position: the recording thread can also hash and
+    /// checksum everything before it.
     pub fn write_json_unnumbered(&self, out: &mut Vec<u8>) -> usize {
         self.write_json_inner(out, false)
     }
@@ -384,11 +388,6 @@ impl AuditEvent {
         j.open();
         j.key(k!("schema_version"))
             .u64(u64::from(self.schema_version));
-        j.key(k!("seq"));
-        let seq_at = j.out.len();
-        if numbered {
-            j.u64(self.seq);
-        }
         j.key(k!("event_id")).uuid(self.event_id);
         j.key(k!("time"));
         j.out.push(b'"');
@@ -488,6 +487,11 @@ impl AuditEvent {
         j.opt_str(k!("phase"), self.phase);
         if let Some(n) = self.received_seq {
             j.key(k!("received_seq")).u64(n);
+        }
+        j.key(k!("seq"));
+        let seq_at = j.out.len();
+        if numbered {
+            j.u64(self.seq);
         }
         j.close();
         seq_at
@@ -778,6 +782,10 @@ mod tests {
         // Encoded without the number, then numbered: the same bytes.
         let mut unnumbered = Vec::new();
         let at = e.write_json_unnumbered(&mut unnumbered);
+        // `seq` is the last field: only the closing brace follows its digits, so the ledger's
+        // recording threads can hash everything before them.
+        assert_eq!(&unnumbered[at..], b"}");
+        assert!(unnumbered[..at].ends_with(br#","seq":"#));
         unnumbered.splice(at..at, b"42".iter().copied());
         let mut numbered = Vec::new();
         e.write_json(&mut numbered);

@@ -1,5 +1,6 @@
 //! The audit ledger (issue 4): the per-record cost of appending (canonical JSON, framing, leaf
-//! hash, hash chain, Merkle tree) and of verifying (frame decode, leaf hash, chain, tree), with
+//! hash, hash chain, Merkle tree; and the writer thread's share of it, since the recording
+//! thread encodes and hashes all but the sequence number) and of verifying (frame decode, leaf hash, chain, tree), with
 //! criterion; then, printed with `println!`, 1 000 000 events end to end through `LedgerSink`
 //! (`batched` and `async`, three runs each) and `audit verify` over the ledger just written.
 //! `cargo bench -p apiwarden-gateway --bench ledger`.
@@ -7,7 +8,7 @@
 use apiwarden_core::config::Durability;
 use apiwarden_core::event::{AuditEvent, EventKind, Outcome, Reason};
 use apiwarden_core::ledger::frame::{self, CHAIN_START};
-use apiwarden_core::ledger::merkle::{leaf_hash, Tree};
+use apiwarden_core::ledger::merkle::{leaf_hash, LeafHasher, Tree};
 use apiwarden_gateway::audit::AuditSink;
 use apiwarden_gateway::ids::new_id;
 use apiwarden_gateway::ledger::{read_records, LedgerOptions, LedgerSink};
@@ -84,6 +85,32 @@ fn per_record(c: &mut Criterion) {
             black_box(&e).write_json(&mut payload);
             frame::encode(seq, &payload, &mut batch).unwrap();
             let leaf = leaf_hash(&payload);
+            chain = frame::chain_next(&chain, &leaf);
+            tree.push(leaf);
+            if batch.len() >= 512 * 1024 {
+                batch.clear();
+            }
+        })
+    });
+    // The writer's share since the recording thread encodes the event and hashes all of it
+    // but the sequence number (ledger.rs, `Encoded::of`): frame from the parts, finish the
+    // leaf hash, chain, tree.
+    let mut head = Vec::with_capacity(4096);
+    let at = e.write_json_unnumbered(&mut head);
+    let mut head_leaf = LeafHasher::new();
+    head_leaf.update(&head[..at]);
+    let mut rest = Vec::with_capacity(32);
+    g.bench_function("writer_share_per_record", |b| {
+        b.iter(|| {
+            seq += 1;
+            let h = black_box(&head_leaf).clone();
+            rest.clear();
+            apiwarden_core::event::push_decimal(&mut rest, seq);
+            rest.extend_from_slice(&head[at..]);
+            frame::encode_parts(seq, &[&head[..at], &rest], &mut batch).unwrap();
+            let mut h = h;
+            h.update(&rest);
+            let leaf = h.finish();
             chain = frame::chain_next(&chain, &leaf);
             tree.push(leaf);
             if batch.len() >= 512 * 1024 {

@@ -38,7 +38,7 @@ use crate::audit::AuditSink;
 use apiwarden_core::config::Durability;
 use apiwarden_core::event::AuditEvent;
 use apiwarden_core::ledger::frame::{self, FrameError, CHAIN_START};
-use apiwarden_core::ledger::merkle::{leaf_hash, Hash, Tree};
+use apiwarden_core::ledger::merkle::{leaf_hash, Hash, LeafHasher, Tree};
 use apiwarden_core::ledger::note::{Checkpoint, NoteSigner, Verifier};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -801,6 +801,11 @@ struct Encoded {
     /// The canonical JSON without the value of `seq`, whose digits go at `at`.
     json: Vec<u8>,
     at: usize,
+    /// The leaf hash begun over `json[..at]` by the recording thread, for a ledger whose
+    /// records are not sealed: `seq` is the event's last field, so the writer only adds its
+    /// digits and the closing brace. (A sealed record's leaf hashes the ciphertext, which
+    /// only the writer makes.)
+    head_leaf: Option<LeafHasher>,
     /// The search index entry, without the sequence number and the offset.
     entry: crate::ledger_index::Entry,
 }
@@ -810,7 +815,7 @@ struct Encoded {
 const MAX_ENCODED: usize = frame::MAX_RECORD - 256;
 
 impl Encoded {
-    fn of(e: &AuditEvent, key: &crate::ledger_index::IndexKey) -> Encoded {
+    fn of(e: &AuditEvent, key: &crate::ledger_index::IndexKey, plain: bool) -> Encoded {
         let mut json = Vec::with_capacity(1024);
         let mut at = e.write_json_unnumbered(&mut json);
         if json.len() > MAX_ENCODED {
@@ -826,9 +831,15 @@ impl Encoded {
             json.push(b',');
             json.extend_from_slice(&stub.to_string().as_bytes()[1..]);
         }
+        let head_leaf = plain.then(|| {
+            let mut h = LeafHasher::new();
+            h.update(&json[..at]);
+            h
+        });
         Encoded {
             json,
             at,
+            head_leaf,
             entry: crate::ledger_index::Entry::of_event(e, 0, key),
         }
     }
@@ -901,6 +912,8 @@ pub struct LedgerSink {
     tx: mpsc::UnboundedSender<Msg>,
     /// The search index's key: the recording thread makes its event's index entry.
     index_key: crate::ledger_index::IndexKey,
+    /// Records are not sealed: the recording thread begins each record's leaf hash.
+    plain: bool,
     /// The writer thread, woken at once by a request waiting for its record (`strict`), and
     /// by any message while it sleeps through an idle spell.
     writer: std::thread::Thread,
@@ -967,6 +980,7 @@ impl LedgerSink {
             .append(true)
             .open(&tail.segment)
             .map_err(io(&tail.segment))?;
+        let plain = sealer.is_none();
         let (tx, rx) = mpsc::unbounded_channel();
         let asleep = Arc::new(AtomicBool::new(false));
         let healthy = Arc::new(AtomicBool::new(true));
@@ -1009,6 +1023,7 @@ impl LedgerSink {
                 asleep,
                 tx,
                 index_key,
+                plain,
                 healthy,
                 written,
                 dir: opts.dir,
@@ -1027,6 +1042,11 @@ impl LedgerSink {
 impl LedgerSink {
     /// Queues a message for the writer, and wakes the writer if it sleeps through an idle
     /// spell. Under load it never does, and queuing wakes no thread.
+    ///
+    /// The message (about 200 bytes with a begun leaf hash) goes into the queue by value, and
+    /// comes back only when the writer has stopped: boxing it would cost an allocation per
+    /// event to shrink a return that almost never happens.
+    #[allow(clippy::result_large_err)]
     fn send(&self, msg: Msg) -> Result<(), mpsc::error::SendError<Msg>> {
         self.tx.send(msg)?;
         // Pairs with the writer's fence between setting `asleep` and looking at the queue:
@@ -1051,7 +1071,7 @@ impl Drop for LedgerSink {
 
 impl AuditSink for LedgerSink {
     fn record(&self, event: Box<AuditEvent>) {
-        let encoded = Encoded::of(&event, &self.index_key);
+        let encoded = Encoded::of(&event, &self.index_key, self.plain);
         drop(event);
         if self.send(Msg::Event(encoded)).is_err() {
             tracing::error!("the audit ledger writer has stopped; an event could not be recorded");
@@ -1067,7 +1087,7 @@ impl AuditSink for LedgerSink {
 
     fn record_durable(&self, event: Box<AuditEvent>) -> oneshot::Receiver<Result<u64, ()>> {
         let (tx, rx) = oneshot::channel();
-        let encoded = Encoded::of(&event, &self.index_key);
+        let encoded = Encoded::of(&event, &self.index_key, self.plain);
         drop(event);
         let relay = RELAY.with(|r| r.borrow().clone());
         if let Err(mpsc::error::SendError(Msg::Durable(_, tx, _))) =
@@ -1168,6 +1188,7 @@ impl Writer {
         let mut batch: Vec<u8> = Vec::with_capacity(512 * 1024);
         let mut payload: Vec<u8> = Vec::with_capacity(4096);
         let mut sealed: Vec<u8> = Vec::with_capacity(4096);
+        let mut rest: Vec<u8> = Vec::with_capacity(32);
         // Records encoded into `batch` but not yet written: their sequence numbers are
         // taken, so they must reach the file before anything after them.
         loop {
@@ -1175,7 +1196,11 @@ impl Writer {
             let mut received = false;
             loop {
                 let msg = match self.own.pop() {
-                    Some(e) => Ok(Msg::Event(Encoded::of(&e, &self.index_key))),
+                    Some(e) => Ok(Msg::Event(Encoded::of(
+                        &e,
+                        &self.index_key,
+                        self.sealer.is_none(),
+                    ))),
                     None => rx.try_recv(),
                 };
                 received |= msg.is_ok();
@@ -1198,17 +1223,31 @@ impl Writer {
                         if let Some((w, relay)) = waiter {
                             durable.push((seq, w, relay));
                         }
-                        payload.clear();
-                        payload.extend_from_slice(&enc.json[..enc.at]);
-                        apiwarden_core::event::push_decimal(&mut payload, seq);
-                        payload.extend_from_slice(&enc.json[enc.at..]);
-                        if let Some(sealer) = &self.sealer {
-                            sealed.clear();
-                            sealer.seal(seq, &payload, &mut sealed);
-                            std::mem::swap(&mut payload, &mut sealed);
-                        }
+                        // What follows the record's head: the number, the closing brace.
+                        rest.clear();
+                        apiwarden_core::event::push_decimal(&mut rest, seq);
+                        rest.extend_from_slice(&enc.json[enc.at..]);
+                        let head = &enc.json[..enc.at];
                         let offset = self.tail.segment_len + batch.len() as u64;
-                        if frame::encode(seq, &payload, &mut batch).is_err() {
+                        let mut leaf = None;
+                        if let (None, Some(mut h)) = (&self.sealer, enc.head_leaf) {
+                            // Framed straight from the parts, hashed from the head's hash.
+                            if frame::encode_parts(seq, &[head, &rest], &mut batch).is_ok() {
+                                h.update(&rest);
+                                leaf = Some(h.finish());
+                            }
+                        }
+                        if leaf.is_none() {
+                            payload.clear();
+                            payload.extend_from_slice(head);
+                            payload.extend_from_slice(&rest);
+                            if let Some(sealer) = &self.sealer {
+                                sealed.clear();
+                                sealer.seal(seq, &payload, &mut sealed);
+                                std::mem::swap(&mut payload, &mut sealed);
+                            }
+                        }
+                        if leaf.is_none() && frame::encode(seq, &payload, &mut batch).is_err() {
                             // Cannot happen below `MAX_ENCODED`; record that it existed.
                             tracing::error!(
                                 seq,
@@ -1227,7 +1266,7 @@ impl Writer {
                                 ..enc.entry
                             });
                         }
-                        let leaf = leaf_hash(&payload);
+                        let leaf = leaf.unwrap_or_else(|| leaf_hash(&payload));
                         self.tail.chain = frame::chain_next(&self.tail.chain, &leaf);
                         self.tail.tree.push(leaf);
                         self.tail.next_seq += 1;

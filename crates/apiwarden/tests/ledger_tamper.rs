@@ -187,10 +187,11 @@ fn insert_forged(data: &Path, at: u64) {
     records.insert(at as usize - 1, forged);
     for (i, r) in records.iter_mut().enumerate().skip(at as usize) {
         let text = String::from_utf8(r.clone()).unwrap();
-        let old = format!("\"seq\":{},", i);
-        assert!(text.contains(&old), "{text}");
+        // `seq` is the record's last field.
+        let old = format!("\"seq\":{}}}", i);
+        assert!(text.ends_with(&old), "{text}");
         *r = text
-            .replacen(&old, &format!("\"seq\":{},", i + 1), 1)
+            .replacen(&old, &format!("\"seq\":{}}}", i + 1), 1)
             .into_bytes();
     }
     // The segment holding the forged record gets one more.

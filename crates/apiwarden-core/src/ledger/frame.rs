@@ -65,17 +65,24 @@ pub enum FrameError {
 /// Refuses (and writes nothing) a payload above [`MAX_RECORD`], which [`decode`] could never
 /// read back.
 pub fn encode(seq: u64, payload: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
-    if payload.len() > MAX_RECORD {
-        return Err(FrameError::TooLarge {
-            len: payload.len() as u64,
-        });
+    encode_parts(seq, &[payload], out)
+}
+
+/// Appends the frame of record `seq` whose payload is `parts` one after the other: the same
+/// bytes as [`encode`] of their concatenation, without building it first.
+pub fn encode_parts(seq: u64, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > MAX_RECORD {
+        return Err(FrameError::TooLarge { len: len as u64 });
     }
     let start = out.len();
-    out.reserve(OVERHEAD + payload.len());
+    out.reserve(OVERHEAD + len);
     out.push(MAGIC);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(len as u32).to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(payload);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     let crc = crc32fast::hash(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
     Ok(())
@@ -147,6 +154,29 @@ mod tests {
         let mut out = Vec::new();
         encode(seq, payload, &mut out).unwrap();
         out
+    }
+
+    #[test]
+    fn a_frame_from_parts_is_the_frame_of_their_concatenation() {
+        let whole = b"{\"kind\":\"request\",\"seq\":1234567}";
+        for cut in [0, 1, 20, whole.len() - 8, whole.len() - 1, whole.len()] {
+            let (a, b) = whole.split_at(cut);
+            let mut out = vec![0xEE];
+            encode_parts(99, &[a, b"", b], &mut out).unwrap();
+            assert_eq!(out[1..], frame(99, whole)[..], "cut at {cut}");
+        }
+        let half = vec![0u8; MAX_RECORD / 2 + 1];
+        let mut out = Vec::new();
+        assert_eq!(
+            encode_parts(1, &[&half, &half], &mut out),
+            Err(FrameError::TooLarge {
+                len: 2 * half.len() as u64
+            })
+        );
+        assert!(
+            out.is_empty(),
+            "nothing is written for a payload that cannot be framed"
+        );
     }
 
     #[test]

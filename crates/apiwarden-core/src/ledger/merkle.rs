@@ -32,10 +32,37 @@ pub const EMPTY_ROOT: Hash = [
 
 /// The hash of a leaf whose content is `data`: `SHA-256(0x00 || data)`.
 pub fn leaf_hash(data: &[u8]) -> Hash {
-    let mut h = Sha256::new();
-    h.update([0x00]);
+    let mut h = LeafHasher::new();
     h.update(data);
-    h.finalize().into()
+    h.finish()
+}
+
+/// [`leaf_hash`] fed in parts, possibly on different threads: the ledger's recording threads
+/// hash an event's bytes up to its sequence number, and the writer, which assigns the number,
+/// adds the last few bytes. The result is exactly `leaf_hash` of all the parts in order.
+#[derive(Clone)]
+pub struct LeafHasher(Sha256);
+
+impl LeafHasher {
+    pub fn new() -> Self {
+        let mut h = Sha256::new();
+        h.update([0x00]);
+        LeafHasher(h)
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    pub fn finish(self) -> Hash {
+        self.0.finalize().into()
+    }
+}
+
+impl Default for LeafHasher {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The hash of an interior node: `SHA-256(0x01 || left || right)`.
@@ -578,6 +605,30 @@ mod tests {
         assert_eq!(EMPTY_ROOT, digest);
         assert_eq!(root(&[]), EMPTY_ROOT);
         assert_eq!(Tree::new().root(), EMPTY_ROOT);
+    }
+
+    #[test]
+    fn a_leaf_hashed_in_parts_is_the_leaf_of_the_whole() {
+        // Both sides of SHA-256's 64-byte blocks: the recording thread may stop anywhere.
+        let data: Vec<u8> = (0..200u8).collect();
+        let whole = leaf_hash(&data);
+        assert_eq!(
+            whole,
+            Sha256::digest([&[0u8][..], &data].concat()).as_slice()
+        );
+        for cut in [0, 1, 62, 63, 64, 65, 127, 128, 199, 200] {
+            let mut h = LeafHasher::new();
+            h.update(&data[..cut]);
+            // Finished on another thread, as the ledger's writer does.
+            let rest = data[cut..].to_vec();
+            let leaf = std::thread::spawn(move || {
+                h.update(&rest);
+                h.finish()
+            })
+            .join()
+            .unwrap();
+            assert_eq!(leaf, whole, "cut at {cut}");
+        }
     }
 
     #[test]
