@@ -309,8 +309,8 @@ pub struct AuditEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub received_seq: Option<u64>,
     /// Assigned by the audit sink, gap-free per node. Written last, so that everything
-    /// before it can be encoded, checksummed and hashed by the thread that records the event
-    /// before the ledger's writer knows the number (see `write_json_unnumbered`).
+    /// before it can be encoded and hashed by the thread that records the event before the
+    /// ledger's writer knows the number (see `write_json_unnumbered`).
     pub seq: u64,
 }
 
@@ -376,8 +376,9 @@ impl AuditEvent {
     /// the record; returns the position in `out` where its decimal digits go. With them
     /// inserted there, the bytes are exactly [`AuditEvent::write_json`]'s. Lets the recording
     /// thread, where the event is hot in its cache, do the encoding. `seq` is the last field,
-    /// so only the closing brace follows the position: the recording thread can also hash and
-    /// checksum everything before it.
+    /// so only the closing brace follows the position: the recording thread can also hash
+    /// everything before it (the frame's checksum, which covers the number, stays the
+    /// writer's).
     pub fn write_json_unnumbered(&self, out: &mut Vec<u8>) -> usize {
         self.write_json_inner(out, false)
     }

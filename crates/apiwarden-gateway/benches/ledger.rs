@@ -73,7 +73,8 @@ fn per_record(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("ledger_append");
     g.throughput(Throughput::Elements(1));
-    // What the writer thread does for every event (ledger.rs, `Writer::run`).
+    // Everything done for one event, on one thread: encoding (now the recording thread's),
+    // framing, the leaf hash (begun by the recording thread), the chain and the tree.
     let mut batch: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut chain = CHAIN_START;
     let mut tree = Tree::new();
@@ -92,9 +93,11 @@ fn per_record(c: &mut Criterion) {
             }
         })
     });
-    // The writer's share since the recording thread encodes the event and hashes all of it
-    // but the sequence number (ledger.rs, `Encoded::of`): frame from the parts, finish the
-    // leaf hash, chain, tree.
+    // The writer's per-record computation since the recording thread encodes the event and
+    // hashes all of it but the sequence number (ledger.rs, `Encoded::of`): frame from the
+    // parts, finish the leaf hash, chain, tree. A lower bound of the writer's share: taking
+    // the event off the queue, freeing it and the search index entry are left out, and the
+    // record stays in the cache between iterations.
     let mut head = Vec::with_capacity(4096);
     let at = e.write_json_unnumbered(&mut head);
     let mut head_leaf = LeafHasher::new();

@@ -795,16 +795,18 @@ enum Msg {
 }
 
 /// An event encoded by the thread that recorded it (where the event is hot in its cache, and
-/// where its strings are freed), waiting for its sequence number. The writer thread inserts
-/// the number, frames, hashes and writes: the serial part of the ledger's work.
+/// where its strings are freed), its leaf hash begun, waiting for its sequence number. The
+/// writer thread inserts the number, frames, finishes the leaf hash, chains and writes: the
+/// serial part of the ledger's work.
 struct Encoded {
     /// The canonical JSON without the value of `seq`, whose digits go at `at`.
     json: Vec<u8>,
     at: usize,
     /// The leaf hash begun over `json[..at]` by the recording thread, for a ledger whose
     /// records are not sealed: `seq` is the event's last field, so the writer only adds its
-    /// digits and the closing brace. (A sealed record's leaf hashes the ciphertext, which
-    /// only the writer makes.)
+    /// digits and the closing brace (for the stub of an event too large to record, whose
+    /// `seq` comes first, the digits and the whole stub). A sealed record's leaf hashes the
+    /// ciphertext, which only the writer makes.
     head_leaf: Option<LeafHasher>,
     /// The search index entry, without the sequence number and the offset.
     entry: crate::ledger_index::Entry,
