@@ -1,7 +1,7 @@
 //! The audit ledger (issue 4): the per-record cost of appending (canonical JSON, framing, leaf
 //! hash, hash chain, Merkle tree; and the writer thread's share of it, since the recording
-//! thread encodes and hashes all but the sequence number) and of verifying (frame decode, leaf hash, chain, tree), with
-//! criterion; then, printed with `println!`, 1 000 000 events end to end through `LedgerSink`
+//! thread encodes and hashes all but the sequence number) and of verifying (frame decode,
+//! leaf hash, chain, tree), with criterion; then, printed with `println!`, 1 000 000 events end to end through `LedgerSink`
 //! (`batched` and `async`, three runs each) and `audit verify` over the ledger just written.
 //! `cargo bench -p apiwarden-gateway --bench ledger`.
 
@@ -106,12 +106,12 @@ fn per_record(c: &mut Criterion) {
     g.bench_function("writer_share_per_record", |b| {
         b.iter(|| {
             seq += 1;
-            let h = black_box(&head_leaf).clone();
+            // The writer receives the begun hash by value; a clone stands in for that move.
+            let mut h = black_box(&head_leaf).clone();
             rest.clear();
             apiwarden_core::event::push_decimal(&mut rest, seq);
             rest.extend_from_slice(&head[at..]);
             frame::encode_parts(seq, &[&head[..at], &rest], &mut batch).unwrap();
-            let mut h = h;
             h.update(&rest);
             let leaf = h.finish();
             chain = frame::chain_next(&chain, &leaf);
