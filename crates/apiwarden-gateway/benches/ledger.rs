@@ -1,8 +1,9 @@
 //! The audit ledger (issue 4): the per-record cost of appending (canonical JSON, framing, leaf
 //! hash, hash chain, Merkle tree; and the writer thread's share of it, since the recording
 //! thread encodes and hashes all but the sequence number) and of verifying (frame decode,
-//! leaf hash, chain, tree), with criterion; then, printed with `println!`, 1 000 000 events end to end through `LedgerSink`
-//! (`batched` and `async`, three runs each) and `audit verify` over the ledger just written.
+//! leaf hash, chain, tree), with criterion; then, printed with `println!`, 1 000 000 events
+//! end to end through `LedgerSink` (`batched` and `async`, three runs each) and `audit
+//! verify` over the ledger just written.
 //! `cargo bench -p apiwarden-gateway --bench ledger`.
 
 use apiwarden_core::config::Durability;
