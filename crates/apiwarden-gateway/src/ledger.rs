@@ -1231,36 +1231,42 @@ impl Writer {
                         rest.extend_from_slice(&enc.json[enc.at..]);
                         let head = &enc.json[..enc.at];
                         let offset = self.tail.segment_len + batch.len() as u64;
-                        let mut leaf = None;
-                        if let (None, Some(mut h)) = (&self.sealer, enc.head_leaf) {
-                            // Framed straight from the parts, hashed from the head's hash.
-                            if frame::encode_parts(seq, &[head, &rest], &mut batch).is_ok() {
+                        // A plain record is framed straight from its parts and hashed from
+                        // its head's hash (`encode_parts` writes nothing when it refuses).
+                        // A sealed one, or one too large to frame, is built whole first.
+                        let leaf = match enc.head_leaf {
+                            Some(mut h)
+                                if self.sealer.is_none()
+                                    && frame::encode_parts(seq, &[head, &rest], &mut batch)
+                                        .is_ok() =>
+                            {
                                 h.update(&rest);
-                                leaf = Some(h.finish());
+                                h.finish()
                             }
-                        }
-                        if leaf.is_none() {
-                            payload.clear();
-                            payload.extend_from_slice(head);
-                            payload.extend_from_slice(&rest);
-                            if let Some(sealer) = &self.sealer {
-                                sealed.clear();
-                                sealer.seal(seq, &payload, &mut sealed);
-                                std::mem::swap(&mut payload, &mut sealed);
+                            _ => {
+                                payload.clear();
+                                payload.extend_from_slice(head);
+                                payload.extend_from_slice(&rest);
+                                if let Some(sealer) = &self.sealer {
+                                    sealed.clear();
+                                    sealer.seal(seq, &payload, &mut sealed);
+                                    std::mem::swap(&mut payload, &mut sealed);
+                                }
+                                if frame::encode(seq, &payload, &mut batch).is_err() {
+                                    // Cannot happen below `MAX_ENCODED`; record that it existed.
+                                    tracing::error!(
+                                        seq,
+                                        bytes = payload.len(),
+                                        "an audit event is too large for the ledger; recording a stub"
+                                    );
+                                    let stub = serde_json::json!({"seq": seq, "error": "event too large to record", "bytes": payload.len()});
+                                    payload.clear();
+                                    payload.extend_from_slice(stub.to_string().as_bytes());
+                                    let _ = frame::encode(seq, &payload, &mut batch);
+                                }
+                                leaf_hash(&payload)
                             }
-                        }
-                        if leaf.is_none() && frame::encode(seq, &payload, &mut batch).is_err() {
-                            // Cannot happen below `MAX_ENCODED`; record that it existed.
-                            tracing::error!(
-                                seq,
-                                bytes = payload.len(),
-                                "an audit event is too large for the ledger; recording a stub"
-                            );
-                            let stub = serde_json::json!({"seq": seq, "error": "event too large to record", "bytes": payload.len()});
-                            payload.clear();
-                            payload.extend_from_slice(stub.to_string().as_bytes());
-                            let _ = frame::encode(seq, &payload, &mut batch);
-                        }
+                        };
                         if let Some(index) = &mut self.index {
                             index.push_entry(crate::ledger_index::Entry {
                                 seq,
@@ -1268,7 +1274,6 @@ impl Writer {
                                 ..enc.entry
                             });
                         }
-                        let leaf = leaf.unwrap_or_else(|| leaf_hash(&payload));
                         self.tail.chain = frame::chain_next(&self.tail.chain, &leaf);
                         self.tail.tree.push(leaf);
                         self.tail.next_seq += 1;
