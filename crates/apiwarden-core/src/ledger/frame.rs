@@ -20,8 +20,6 @@
 //! also reads as `Truncated`; recovery should only cut a "torn" tail off the *last* segment,
 //! and can tell the two apart by whether a valid frame follows the cut point.
 
-use sha2::{Digest, Sha256};
-
 use super::merkle::Hash;
 
 /// The first byte of every frame.
@@ -140,15 +138,13 @@ pub const CHAIN_START: Hash = [0; 32];
 /// Merkle leaf hash ([`super::merkle::leaf_hash`] of its payload). Each link commits to every
 /// record before it, so removing, inserting or reordering records changes every later link.
 pub fn chain_next(prev: &Hash, leaf: &Hash) -> Hash {
-    let mut h = Sha256::new();
-    h.update(prev);
-    h.update(leaf);
-    h.finalize().into()
+    super::merkle::hash_pair(prev, leaf)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     fn frame(seq: u64, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
