@@ -16,8 +16,9 @@ pub trait AuditSink: Send + Sync + 'static {
     fn flush(&self) -> oneshot::Receiver<()>;
     /// Records `event` and resolves with its sequence number once it is durable, or with an
     /// error when the sink cannot write it now (the `strict` ledger's gate before forwarding).
-    fn record_durable(&self, event: Box<AuditEvent>) -> oneshot::Receiver<Result<u64, ()>> {
-        self.record(event);
+    /// The event is borrowed: the request goes on with it, and records its outcome later.
+    fn record_durable(&self, event: &AuditEvent) -> oneshot::Receiver<Result<u64, ()>> {
+        self.record(Box::new(event.clone()));
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(Ok(0));
         rx
@@ -53,8 +54,8 @@ impl AuditSink for MemorySink {
         events.push(event);
     }
 
-    fn record_durable(&self, event: Box<AuditEvent>) -> oneshot::Receiver<Result<u64, ()>> {
-        let mut event = *event;
+    fn record_durable(&self, event: &AuditEvent) -> oneshot::Receiver<Result<u64, ()>> {
+        let mut event = event.clone();
         let mut events = self.events.lock().expect("memory sink poisoned");
         event.seq = events.len() as u64 + 1;
         let seq = event.seq;

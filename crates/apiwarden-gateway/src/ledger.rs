@@ -1087,10 +1087,9 @@ impl AuditSink for LedgerSink {
         rx
     }
 
-    fn record_durable(&self, event: Box<AuditEvent>) -> oneshot::Receiver<Result<u64, ()>> {
+    fn record_durable(&self, event: &AuditEvent) -> oneshot::Receiver<Result<u64, ()>> {
         let (tx, rx) = oneshot::channel();
-        let encoded = Encoded::of(&event, &self.index_key, self.plain);
-        drop(event);
+        let encoded = Encoded::of(event, &self.index_key, self.plain);
         let relay = RELAY.with(|r| r.borrow().clone());
         if let Err(mpsc::error::SendError(Msg::Durable(_, tx, _))) =
             self.send(Msg::Durable(encoded, tx, relay))
@@ -2096,7 +2095,7 @@ pub(crate) mod tests {
             start_durable_relay();
             assert!(RELAY.with(|r| r.borrow().is_some()));
             let waits: Vec<_> = (0..50)
-                .map(|i| opened.sink.record_durable(event(i)))
+                .map(|i| opened.sink.record_durable(&event(i)))
                 .collect();
             let mut seqs = Vec::new();
             for w in waits {
@@ -2190,7 +2189,7 @@ pub(crate) mod tests {
                 // Records written but not yet synced sit in the batch when the request comes.
                 opened.sink.record(event(round));
                 tokio::time::sleep(Duration::from_millis(3)).await;
-                let answer = opened.sink.record_durable(event(round)).await.unwrap();
+                let answer = opened.sink.record_durable(&event(round)).await.unwrap();
                 assert!(answer.is_ok(), "round {round}: refused");
             }
         });

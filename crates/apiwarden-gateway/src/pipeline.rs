@@ -1349,10 +1349,12 @@ pub async fn handle(
     let strict = cfg.audit.durability == apiwarden_core::config::Durability::Strict;
     let fail_closed = route.audit_failure == apiwarden_core::config::FailureMode::Closed;
     if strict {
-        let mut received = Box::new((*recorder.event).clone());
-        received.phase = Some("received");
-        let durable = shared.sink.record_durable(received).await;
-        match durable {
+        // The received record is the event as it stands now, marked as such: encoded from it
+        // in place, without a copy, and the mark taken off again for the outcome's record.
+        recorder.event.phase = Some("received");
+        let durable = shared.sink.record_durable(&recorder.event);
+        recorder.event.phase = None;
+        match durable.await {
             Ok(Ok(seq)) => recorder.event.received_seq = Some(seq),
             _ if fail_closed => {
                 let mut resp = deny(recorder, Reason::AuditUnavailable);
