@@ -558,18 +558,8 @@ use k;
 
 /// Appends `n` in decimal (what the ledger writer inserts into
 /// [`AuditEvent::write_json_unnumbered`]'s output).
-pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
+pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// A minimal JSON writer for [`AuditEvent::write_json`].
