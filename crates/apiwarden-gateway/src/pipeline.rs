@@ -755,6 +755,9 @@ impl RecorderParts {
             request_body,
         } = self;
         let elapsed = start.elapsed();
+        // The outcome's record carries no phase, even if a panic came between the marking of
+        // `strict`'s received record and its unmarking.
+        event.phase = None;
         event.response.bytes = response_bytes;
         event.response.latency_us = elapsed.as_micros() as u64;
         if let Some(stats) = request_body {
