@@ -2,8 +2,8 @@
 //! hash, hash chain, Merkle tree; and the writer thread's share of it, since the recording
 //! thread encodes and hashes all but the sequence number) and of verifying (frame decode,
 //! leaf hash, chain, tree), with criterion; then, printed with `println!`, 1 000 000 events
-//! end to end through `LedgerSink` (`batched` and `async`, three runs each) and `audit
-//! verify` over the ledger just written.
+//! end to end through `LedgerSink` (`batched` and `async`, three runs each, or `LEDGER_RUNS`)
+//! and `audit verify` over the ledger just written.
 //! `cargo bench -p apiwarden-gateway --bench ledger`.
 
 use apiwarden_core::config::Durability;
@@ -28,8 +28,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Events per end-to-end run.
 const N: u64 = 1_000_000;
-/// End-to-end runs per mode (the median is reported).
-const RUNS: usize = 3;
+/// End-to-end and verify runs per mode (the median is reported): `LEDGER_RUNS`, 3 when unset.
+/// The writer's CPU per event moves by 10-20 % between runs on a shared machine, so a
+/// comparison of two builds wants more.
+fn runs() -> usize {
+    std::env::var("LEDGER_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(3)
+}
 
 /// A request event as the pipeline fills it for an API-key route that was allowed and proxied
 /// (no forwarded-for, query, TLS or policy: the fields issue 4 names).
@@ -302,10 +310,14 @@ fn end_to_end_all(_c: &mut Criterion) {
         ("batched", Durability::Batched),
     ] {
         let mut rates = Vec::new();
-        for run in 1..=RUNS {
+        let mut writer_rates = Vec::new();
+        for run in 1..=runs() {
             let r = end_to_end(&dir, durability, &template);
             let rate = N as f64 / r.secs;
             rates.push(rate);
+            if let Some((u, k)) = r.writer_cpu_secs {
+                writer_rates.push(N as f64 / (u + k));
+            }
             println!(
                 "ledger_e2e/{name} run {run}: {:.3} s, {:.0} events/s (producer done after {:.3} s; writer thread CPU {}; load {})",
                 r.secs,
@@ -319,6 +331,15 @@ fn end_to_end_all(_c: &mut Criterion) {
             );
         }
         println!("ledger_e2e/{name} median: {:.0} events/s", median(rates));
+        if !writer_rates.is_empty() {
+            let (lo, hi) = writer_rates
+                .iter()
+                .fold((f64::MAX, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+            println!(
+                "ledger_e2e/{name} writer: median {:.0} events per CPU-second of its thread ({lo:.0}-{hi:.0})",
+                median(writer_rates)
+            );
+        }
     }
 
     // The batched ledger of the last run is left in `dir`.
@@ -333,7 +354,7 @@ fn end_to_end_all(_c: &mut Criterion) {
         size as f64 / 1e6
     );
     let mut rates = Vec::new();
-    for run in 1..=RUNS {
+    for run in 1..=runs() {
         let start = Instant::now();
         let mut chain = CHAIN_START;
         let mut tree = Tree::new();
@@ -357,7 +378,7 @@ fn end_to_end_all(_c: &mut Criterion) {
         median(rates)
     );
     let mut rates = Vec::new();
-    for run in 1..=RUNS {
+    for run in 1..=runs() {
         let cpu0 = process_cpu_secs();
         let own0 = thread_cpu_secs();
         let start = Instant::now();
