@@ -755,8 +755,8 @@ impl RecorderParts {
             request_body,
         } = self;
         let elapsed = start.elapsed();
-        // The outcome's record carries no phase, even if a panic came between the marking of
-        // `strict`'s received record and its unmarking.
+        // The outcome's record carries no phase: `strict`'s received record was made from this
+        // same event, marked `received` (see `handle`), and this is where the mark comes off.
         event.phase = None;
         event.response.bytes = response_bytes;
         event.response.latency_us = elapsed.as_micros() as u64;
@@ -1353,11 +1353,10 @@ pub async fn handle(
     let fail_closed = route.audit_failure == apiwarden_core::config::FailureMode::Closed;
     if strict {
         // The received record is the event as it stands now, marked as such: encoded from it
-        // in place, without a copy, and the mark taken off again for the outcome's record.
+        // in place, without a copy. The outcome's record takes the mark off
+        // (`RecorderParts::finish`, the one place a request's event is recorded).
         recorder.event.phase = Some("received");
-        let durable = shared.sink.record_durable(&recorder.event);
-        recorder.event.phase = None;
-        match durable.await {
+        match shared.sink.record_durable(&recorder.event).await {
             Ok(Ok(seq)) => recorder.event.received_seq = Some(seq),
             _ if fail_closed => {
                 let mut resp = deny(recorder, Reason::AuditUnavailable);
