@@ -5,6 +5,7 @@
 //! and the query string is stored with its values redacted.
 
 use serde::{Serialize, Serializer};
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -193,8 +194,9 @@ pub struct IdentityFields {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RequestFields {
+    /// The request's method: one of HTTP's own without an allocation, any other as sent.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
+    pub method: Option<Cow<'static, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

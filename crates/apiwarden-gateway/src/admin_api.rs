@@ -229,7 +229,7 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     let mut event = AuditEvent::new(EventKind::Admin, crate::ids::new_id(), shared.node.clone());
     event.client.ip = Some(peer);
-    event.request.method = Some(method.as_str().to_string());
+    event.request.method = Some(crate::pipeline::method_name(&method));
     event.request.path = Some(path.clone());
     let auth = authenticate(&cfg, &req);
     let outcome = match auth {

@@ -44,11 +44,14 @@ pub fn new_id_at(now: SystemTime) -> uuid::Uuid {
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
-/// The hyphenated text of an id as a header value, without going through `fmt`.
+/// The hyphenated text of an id as a header value, without going through `fmt`. The bytes
+/// are owned by the value's one allocation, so its clones (the request's header and the
+/// response's) share it instead of each making another.
 pub fn header_value(id: uuid::Uuid) -> http::HeaderValue {
     let mut buf = [0u8; 36];
     id.hyphenated().encode_lower(&mut buf);
-    http::HeaderValue::from_bytes(&buf).expect("a UUID is a valid header value")
+    http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .expect("a UUID is a valid header value")
 }
 
 #[cfg(test)]

@@ -1134,6 +1134,23 @@ fn head_size<B>(req: &Request<B>) -> usize {
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
+/// A method's name for the audit event: HTTP's own methods without an allocation.
+pub(crate) fn method_name(m: &hyper::Method) -> std::borrow::Cow<'static, str> {
+    use std::borrow::Cow;
+    Cow::Borrowed(match m.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        other => return Cow::Owned(other.to_owned()),
+    })
+}
+
 /// The host a request is for, without port.
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
     let raw = req.uri().host().or_else(|| {
@@ -1174,7 +1191,7 @@ pub async fn handle(
         joined(req.headers(), &X_FORWARDED_FOR).map(|v| String::from_utf8_lossy(&v).into_owned());
     event.tls.version = conn.tls_version;
     event.tls.client_subject = conn.client_cert.as_ref().map(|c| c.subject.clone());
-    event.request.method = Some(req.method().as_str().to_string());
+    event.request.method = Some(method_name(req.method()));
     let host = request_host(&req);
     event.request.host = host.map(str::to_string);
     let audit_cfg = &state.config.audit;
@@ -1533,6 +1550,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn methods_are_named_as_sent() {
+        assert!(matches!(
+            method_name(&hyper::Method::GET),
+            std::borrow::Cow::Borrowed("GET")
+        ));
+        assert_eq!(method_name(&hyper::Method::PATCH), "PATCH");
+        let purge = hyper::Method::from_bytes(b"PURGE").unwrap();
+        assert_eq!(method_name(&purge), "PURGE");
+    }
+
+    #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -1549,6 +1577,16 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("traceparent"));
+
+        // Every hop-by-hop header goes, whichever of them a message carries.
+        for name in &HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.len(), 1, "{name} was kept: {h:?}");
+            assert!(h.contains_key("x-kept"));
+        }
     }
 
     #[test]
