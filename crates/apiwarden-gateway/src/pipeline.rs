@@ -241,6 +241,37 @@ pub struct ConnInfo {
     /// The client certificate rustls verified against `gateway.tls.client_ca`, read once
     /// after the handshake.
     pub client_cert: Option<Arc<crate::tls::ClientCert>>,
+    /// Its requests, for the idle check (`gateway.idle_timeout`, see `server::IdleWatch`).
+    pub(crate) activity: Activity,
+}
+
+/// What the idle check of a connection reads: how many requests it has begun, and how many
+/// of them have not ended (their response is still being sent, or their tunnel is open).
+/// A connection with one open is never idle, however slow its upstream or its body.
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    begun: std::sync::atomic::AtomicU64,
+    open: std::sync::atomic::AtomicU32,
+}
+
+impl Activity {
+    fn begin(&self) {
+        self.begun
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Requests begun so far, and whether one is open now.
+    pub(crate) fn read(&self) -> (u64, bool) {
+        (
+            self.begun.load(std::sync::atomic::Ordering::Relaxed),
+            self.open.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        )
+    }
 }
 
 impl ConnInfo {
@@ -252,6 +283,7 @@ impl ConnInfo {
             tls_version,
             peer_ip,
             client_cert: None,
+            activity: Activity::default(),
         }
     }
 
@@ -685,6 +717,9 @@ pub struct RecorderParts {
     pub(crate) event: Box<AuditEvent>,
     start: Instant,
     shared: Arc<Shared>,
+    /// The connection the request came on; the request counts as open on it until it is
+    /// recorded.
+    conn: Arc<ConnInfo>,
     /// The configuration the request runs under, and its route once known.
     state: Arc<State>,
     route: Option<usize>,
@@ -710,6 +745,7 @@ impl std::ops::DerefMut for Recorder {
 
 impl Recorder {
     fn new(parts: RecorderParts) -> Self {
+        parts.conn.activity.begin();
         Recorder(Some(parts))
     }
 
@@ -750,6 +786,7 @@ impl RecorderParts {
             mut event,
             start,
             shared,
+            conn,
             state,
             route,
             request_body,
@@ -780,6 +817,7 @@ impl RecorderParts {
         shared.metrics.observe_latency(elapsed);
         shared.metrics.request_finished();
         shared.record(event);
+        conn.activity.end();
     }
 }
 
@@ -792,12 +830,12 @@ impl Forward {
         upstream: &Arc<Upstream>,
         mut req: Request<Incoming>,
         normalized: Option<&str>,
-        conn: &ConnInfo,
         trusted_peer: bool,
         request_id: &HeaderValue,
         max_body: u64,
-        event: &mut AuditEvent,
+        recorder: &mut RecorderParts,
     ) -> Result<Forwarded, Reason> {
+        let RecorderParts { event, conn, .. } = recorder;
         let upgrade = is_upgrade(&req);
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -1220,6 +1258,7 @@ pub async fn handle(
         event,
         start,
         shared: shared.clone(),
+        conn,
         state: state.clone(),
         route: None,
         request_body: None,
@@ -1277,7 +1316,7 @@ pub async fn handle(
         req.headers(),
         req.uri().query(),
         &shared.keys.load(),
-        conn.client_cert.as_deref(),
+        recorder.conn.client_cert.as_deref(),
     )
     .await
     {
@@ -1432,11 +1471,10 @@ pub async fn handle(
         upstream,
         req,
         normalized.as_deref(),
-        &conn,
         trusted_peer,
         &rid,
         cfg.gateway.max_body_size,
-        &mut recorder.event,
+        &mut recorder,
     )
     .await;
     let Forwarded {

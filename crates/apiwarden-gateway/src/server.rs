@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -116,12 +116,13 @@ fn read_buffer(config: &Config) -> usize {
     (config.gateway.max_header_size * 2).max(16 * 1024) + 8 * 1024
 }
 
+/// HTTP/1.1 connections. No timer: their idle time and the time a request head takes are
+/// bounded by the worker's idle check (`gateway.idle_timeout`, [`IdleWatch`]), which costs
+/// nothing per request, where hyper's header-read timeout armed and dropped a timer for every
+/// request head.
 fn http1_builder(config: &Config) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(read_buffer(config))
-        .keep_alive(true);
+    b.max_buf_size(read_buffer(config)).keep_alive(true);
     b
 }
 
@@ -145,7 +146,7 @@ fn auto_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(config.gateway.idle_timeout)
         .max_buf_size(read_buffer(config))
         .keep_alive(true);
     b.http2()
@@ -302,6 +303,7 @@ impl Gateway {
                     rt.block_on(async move {
                         // `strict` answers reach this thread's requests through its relay.
                         crate::ledger::start_durable_relay();
+                        tokio::spawn(idle_check(shared.clone(), stop.clone()));
                         let timeout = shared.state.load().config.gateway.shutdown_timeout;
                         worker_loop(conn_rx, shared, acceptor, stop, &live).await;
                         // Every connection holds a clone of `live` until it has closed.
@@ -566,6 +568,8 @@ async fn worker_loop(
             },
             _ = stop.changed() => return,
         };
+        // A second handle on the socket, for the idle check (HTTP/1.1 connections only).
+        let idle_socket = std.try_clone().ok();
         let Ok(stream) = tokio::net::TcpStream::from_std(std) else {
             continue;
         };
@@ -588,6 +592,7 @@ async fn worker_loop(
                     shared,
                     watcher,
                     protocol,
+                    idle_socket,
                 ));
             }
             Some(configs) => {
@@ -628,6 +633,7 @@ async fn worker_loop(
                                 shared,
                                 watcher,
                                 protocol,
+                                idle_socket,
                             )
                             .await;
                         }
@@ -671,11 +677,23 @@ where
     conn.await
 }
 
-async fn serve<I>(io: I, conn: ConnInfo, shared: Arc<Shared>, watcher: Watcher, protocol: Protocol)
-where
+async fn serve<I>(
+    io: I,
+    conn: ConnInfo,
+    shared: Arc<Shared>,
+    watcher: Watcher,
+    protocol: Protocol,
+    idle_socket: Option<std::net::TcpStream>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(conn);
+    // Dropped after the connection below, on this thread: the second handle on the socket
+    // goes with it.
+    let _idle = match (protocol, idle_socket) {
+        (Protocol::Http1, Some(socket)) => IdleGuard::watch(conn.clone(), socket),
+        _ => None,
+    };
     let svc = {
         let shared = shared.clone();
         let conn = conn.clone();
@@ -714,6 +732,105 @@ where
                 record_unparsed(&shared, &conn, Reason::RequestMalformed);
             }
         }
+    }
+}
+
+/// How often each worker checks its HTTP/1.1 connections for idleness.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// This worker thread's HTTP/1.1 connections (each is served on one worker's runtime).
+    static IDLE: std::cell::RefCell<IdleWatch> = std::cell::RefCell::default();
+}
+
+/// A worker's HTTP/1.1 connections, and what its idle check last saw of each. A connection
+/// is idle while none of its requests is open and no new one has begun (see
+/// `pipeline::Activity`); once idle for `gateway.idle_timeout` its socket is shut down, which
+/// ends it wherever hyper is: waiting for the next request of a kept-alive connection, or
+/// reading a request head that comes too slowly. A request whose upstream or body is slow is
+/// open, so its connection is never idle.
+#[derive(Default)]
+struct IdleWatch {
+    conns: Vec<Option<Watched>>,
+    free: Vec<usize>,
+}
+
+struct Watched {
+    conn: Arc<ConnInfo>,
+    /// A second handle on the connection's socket; shutting it down ends the connection.
+    socket: std::net::TcpStream,
+    /// Requests begun when last seen, and since when that has not changed with none open.
+    begun: u64,
+    quiet_since: Instant,
+    closed: bool,
+}
+
+/// Keeps one connection in its worker's [`IdleWatch`] while the connection is served.
+struct IdleGuard(usize);
+
+impl IdleGuard {
+    fn watch(conn: Arc<ConnInfo>, socket: std::net::TcpStream) -> Option<IdleGuard> {
+        let (begun, _) = conn.activity.read();
+        let entry = Watched {
+            conn,
+            socket,
+            begun,
+            quiet_since: Instant::now(),
+            closed: false,
+        };
+        IDLE.try_with(|w| {
+            let mut w = w.borrow_mut();
+            match w.free.pop() {
+                Some(i) => {
+                    w.conns[i] = Some(entry);
+                    IdleGuard(i)
+                }
+                None => {
+                    w.conns.push(Some(entry));
+                    IdleGuard(w.conns.len() - 1)
+                }
+            }
+        })
+        .ok()
+    }
+}
+
+impl Drop for IdleGuard {
+    fn drop(&mut self) {
+        let _ = IDLE.try_with(|w| {
+            let mut w = w.borrow_mut();
+            w.conns[self.0] = None;
+            w.free.push(self.0);
+        });
+    }
+}
+
+/// A worker's idle check: once a second, shuts down the HTTP/1.1 connections that have been
+/// idle for `gateway.idle_timeout` (read from the configuration in force, so a reload
+/// changes it).
+async fn idle_check(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(IDLE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let timeout = shared.state.load().config.gateway.idle_timeout;
+        let now = Instant::now();
+        let _ = IDLE.try_with(|w| {
+            for c in w.borrow_mut().conns.iter_mut().flatten() {
+                let (begun, open) = c.conn.activity.read();
+                if open || begun != c.begun {
+                    c.begun = begun;
+                    c.quiet_since = now;
+                } else if !c.closed && now.duration_since(c.quiet_since) >= timeout {
+                    tracing::debug!(peer = %c.conn.peer, "closing an idle connection");
+                    let _ = c.socket.shutdown(std::net::Shutdown::Both);
+                    c.closed = true;
+                }
+            }
+        });
     }
 }
 

@@ -760,3 +760,105 @@ async fn a_head_request_refused_by_the_gateway_is_recorded_without_an_error() {
     let ev = gw.assert_events(1).await;
     assert_eq!((ev[0].response.status, ev[0].error), (404, None));
 }
+
+/// Reads from `c` until the server closes the connection (or resets it); what came is
+/// returned with how long after `since` the end came. Gives up after 8 s.
+async fn read_until_closed(c: &mut TcpStream, since: std::time::Instant) -> (String, Duration) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(8), c.read(&mut buf)).await {
+            Err(_) => panic!(
+                "the connection was still open 8 s later; got {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (String::from_utf8_lossy(&out).into_owned(), since.elapsed())
+            }
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// `gateway.idle_timeout`: a kept-alive connection with nothing more to ask is closed once it
+/// has been idle that long, and a request whose upstream takes longer than that is not cut.
+#[tokio::test]
+async fn an_idle_kept_alive_connection_is_closed_but_a_slow_request_is_not() {
+    let slow = slow_upstream(Duration::from_millis(2500)).await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\n{}",
+        open_route("slow", "/", slow)
+    );
+    let gw = start(&cfg).await;
+    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    // The answer takes 2.5 s, more than the idle timeout: the request is open all along.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"slow") {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("the answer comes")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the answer: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    // Now idle, and kept alive: closed after 1 s (checked once a second), not 30 s.
+    let (rest, after) = read_until_closed(&mut c, std::time::Instant::now()).await;
+    assert_eq!(rest, "", "nothing more is sent");
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(4),
+        "closed {after:?} after the answer"
+    );
+    let ev = gw.assert_events(1).await;
+    assert_eq!((ev[0].response.status, ev[0].error), (200, None));
+}
+
+/// `gateway.idle_timeout` bounds the time a request head may take: a client that sends a
+/// header line every 300 ms and never ends the head (a slow-header attack) is cut off.
+#[tokio::test]
+async fn a_request_head_that_never_ends_is_cut_off() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\n{}",
+        open_route("echo", "/", echo)
+    );
+    let gw = start(&cfg).await;
+    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    c.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let cut_after = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "a request head trickling in for 8 s was not cut off"
+        );
+        tokio::select! {
+            r = c.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break started.elapsed(),
+                Ok(n) => panic!("an answer to a head never ended: {:?}", String::from_utf8_lossy(&buf[..n])),
+            },
+            () = tokio::time::sleep(Duration::from_millis(300)) => {
+                if c.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                    break started.elapsed();
+                }
+            }
+        }
+    };
+    assert!(
+        cut_after >= Duration::from_millis(900) && cut_after < Duration::from_secs(4),
+        "cut off after {cut_after:?}"
+    );
+    // The gateway still serves others.
+    let (status, _, _) = get(&gw.url("/echo")).await;
+    assert_eq!(status, 200);
+}

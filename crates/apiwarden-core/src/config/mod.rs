@@ -87,6 +87,9 @@ pub struct GatewayConfig {
     pub max_header_size: usize,
     pub encoded_slashes: EncodedSlashes,
     pub shutdown_timeout: Duration,
+    /// An HTTP/1.1 connection with no request in flight is closed once no whole request
+    /// head has come for this long: the keep-alive idle time and a slow request head alike.
+    pub idle_timeout: Duration,
     /// This node's name in audit events; `None` lets the binary pick the host name.
     pub node: Option<String>,
     /// Runtime worker threads; `None` means one per core.
@@ -507,6 +510,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "gateway.max_header_size", default: "\"32KiB\"", example: "\"64KiB\"", doc: "Largest request head (request line and all header lines) accepted; larger ones get `431`." },
     OptionDoc { key: "gateway.encoded_slashes", default: "\"reject\"", example: "\"keep\"", doc: "`reject`: a path with `%2F` or `%5C` gets `400`. `keep`: they stay encoded inside their segment and never separate segments for routing." },
     OptionDoc { key: "gateway.shutdown_timeout", default: "\"30s\"", example: "\"10s\"", doc: "On SIGTERM or Ctrl-C, how long requests in flight may take to finish." },
+    OptionDoc { key: "gateway.idle_timeout", default: "\"30s\"", example: "\"75s\"", doc: "An HTTP/1.1 connection with no request in flight is closed when no whole request head has arrived for this long: it bounds both the time a kept-alive connection may sit idle and the time a request head may take to arrive (slow-header attacks). Checked once a second, so at least `\"1s\"`; HTTP/2 connections are kept by their pings instead." },
     OptionDoc { key: "gateway.node", default: "the host name", example: "\"gw-1\"", doc: "This node's name in audit events." },
     OptionDoc { key: "gateway.worker_threads", default: "one per core", example: "2", doc: "Worker threads, each with its own event loop, connections and upstream pools (read at start only)." },
     OptionDoc { key: "gateway.h2c", default: "false", example: "true", doc: "Plain-TCP listener only: also accept HTTP/2 with prior knowledge (h2c). Over TLS, HTTP/2 is always offered through ALPN." },

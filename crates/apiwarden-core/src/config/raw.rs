@@ -18,6 +18,7 @@ pub(crate) struct Gateway {
     pub max_header_size: Option<Size>,
     pub encoded_slashes: Option<String>,
     pub shutdown_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
     pub node: Option<String>,
     pub worker_threads: Option<u64>,
     pub h2c: Option<bool>,

@@ -264,6 +264,18 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         "30s",
         &g("shutdown_timeout"),
     );
+    let idle_timeout = duration(
+        &mut cx,
+        gateway.idle_timeout.as_deref(),
+        "30s",
+        &g("idle_timeout"),
+    );
+    if idle_timeout < Duration::from_secs(1) {
+        cx.error(
+            &g("idle_timeout"),
+            "idle_timeout must be at least 1s (idle connections are checked once a second)",
+        );
+    }
     let worker_threads = match gateway.worker_threads {
         Some(0) => {
             cx.error(&g("worker_threads"), "worker_threads must be at least 1");
@@ -1132,6 +1144,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             max_header_size: usize::try_from(max_header_size).unwrap_or(usize::MAX),
             encoded_slashes,
             shutdown_timeout,
+            idle_timeout,
             node: gateway.node.clone(),
             worker_threads,
             h2c: gateway.h2c.unwrap_or(false),
@@ -1580,6 +1593,7 @@ colour = "blue"
             ("[[consumers]]\nname = \"a\"\ncertificate_names = [\"Billing.internal\"]\n[[consumers]]\nname = \"b\"\ncertificate_names = [\"billing.internal\"]\n", "already given to consumer \"a\""),
             ("[[consumers]]\nname = \"a\"\ncertificate_names = [\"\"]\n", "non-empty SAN or CN"),
             ("[gateway]\nshutdown_timeout = \"300000000000y\"\n", "longer than ten years"),
+            ("[gateway]\nidle_timeout = \"500ms\"\n", "at least 1s"),
             ("[gateway]\nworker_threads = 100000\n", "at most 1024"),
             ("[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1\"\ntimeout = \"0s\"\n", "must be longer than zero"),
             ("[[upstreams]]\nname = \"u\"\nurl = \"http://admin:hunter2@127.0.0.1:1\"\n", "must not contain credentials"),
