@@ -759,9 +759,11 @@ struct Watched {
     conn: Arc<ConnInfo>,
     /// A second handle on the connection's socket; shutting it down ends the connection.
     socket: std::net::TcpStream,
-    /// Requests begun when last seen, and since when that has not changed with none open.
+    /// Requests begun when last seen, and since when that has not changed with none open:
+    /// the first check that found the connection idle (or its start), so that it is never
+    /// closed sooner than `gateway.idle_timeout` after its last request ended.
     begun: u64,
-    quiet_since: Instant,
+    quiet_since: Option<Instant>,
     closed: bool,
 }
 
@@ -775,7 +777,7 @@ impl IdleGuard {
             conn,
             socket,
             begun,
-            quiet_since: Instant::now(),
+            quiet_since: Some(Instant::now()),
             closed: false,
         };
         IDLE.try_with(|w| {
@@ -823,8 +825,11 @@ async fn idle_check(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 let (begun, open) = c.conn.activity.read();
                 if open || begun != c.begun {
                     c.begun = begun;
-                    c.quiet_since = now;
-                } else if !c.closed && now.duration_since(c.quiet_since) >= timeout {
+                    c.quiet_since = None;
+                    continue;
+                }
+                let since = *c.quiet_since.get_or_insert(now);
+                if !c.closed && now.duration_since(since) >= timeout {
                     tracing::debug!(peer = %c.conn.peer, "closing an idle connection");
                     let _ = c.socket.shutdown(std::net::Shutdown::Both);
                     c.closed = true;
