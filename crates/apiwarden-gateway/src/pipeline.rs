@@ -888,8 +888,8 @@ impl Forward {
         }
         // X-Forwarded-For: appended to when the peer is a trusted proxy (every line of it, in
         // order), replaced otherwise.
-        let xff = match joined(h, &X_FORWARDED_FOR) {
-            Some(prev) if trusted_peer => {
+        let xff = match trusted_peer.then(|| joined(h, &X_FORWARDED_FOR)).flatten() {
+            Some(prev) => {
                 let mut v = Vec::with_capacity(prev.len() + 2 + conn.peer_ip.len());
                 v.extend_from_slice(&prev);
                 v.extend_from_slice(b", ");
@@ -1162,14 +1162,42 @@ fn without_query_param(uri: &Uri, name: &str) -> Uri {
     Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
-/// Size of the request head as it came on the wire (near enough for HTTP/2).
-fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len()
-        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
-        + 12;
-    req.headers()
-        .iter()
-        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+/// What the first stages read of a request's head, found in one pass over its headers
+/// rather than a hash look-up each.
+struct Head<'a> {
+    /// The head's size as sent, near enough: request line and header lines.
+    size: usize,
+    /// The first `Host`, `User-Agent` and `Content-Length` lines (as `HeaderMap::get`).
+    host: Option<&'a HeaderValue>,
+    user_agent: Option<&'a HeaderValue>,
+    content_length: Option<&'a HeaderValue>,
+    /// Whether there is an `X-Forwarded-For` line.
+    forwarded_for: bool,
+}
+
+fn read_head<B>(req: &Request<B>) -> Head<'_> {
+    let mut head = Head {
+        size: req.method().as_str().len()
+            + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+            + 12,
+        host: None,
+        user_agent: None,
+        content_length: None,
+        forwarded_for: false,
+    };
+    for (k, v) in req.headers() {
+        head.size += k.as_str().len() + v.len() + 4;
+        if *k == header::HOST {
+            head.host.get_or_insert(v);
+        } else if *k == header::USER_AGENT {
+            head.user_agent.get_or_insert(v);
+        } else if *k == header::CONTENT_LENGTH {
+            head.content_length.get_or_insert(v);
+        } else if *k == X_FORWARDED_FOR {
+            head.forwarded_for = true;
+        }
+    }
+    head
 }
 
 /// A method's name for the audit event: HTTP's own methods without an allocation.
@@ -1190,12 +1218,11 @@ pub(crate) fn method_name(m: &hyper::Method) -> std::borrow::Cow<'static, str> {
 }
 
 /// The host a request is for, without port.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    let raw = req.uri().host().or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    })?;
+fn request_host<'a, B>(req: &'a Request<B>, host: Option<&'a HeaderValue>) -> Option<&'a str> {
+    let raw = req
+        .uri()
+        .host()
+        .or_else(|| host.and_then(|h| h.to_str().ok()))?;
     if raw.starts_with('[') {
         return raw.split(']').next().map(|h| &h[1..]);
     }
@@ -1223,14 +1250,18 @@ pub async fn handle(
         now,
     ));
     event.request_id = Some(request_id);
+    let head = read_head(&req);
     let (ip, trusted_peer) = client_ip(&state.config, conn.peer.ip(), req.headers());
     event.client.ip = Some(ip);
-    event.client.forwarded_for =
-        joined(req.headers(), &X_FORWARDED_FOR).map(|v| String::from_utf8_lossy(&v).into_owned());
+    event.client.forwarded_for = match head.forwarded_for {
+        true => joined(req.headers(), &X_FORWARDED_FOR)
+            .map(|v| String::from_utf8_lossy(&v).into_owned()),
+        false => None,
+    };
     event.tls.version = conn.tls_version;
     event.tls.client_subject = conn.client_cert.as_ref().map(|c| c.subject.clone());
     event.request.method = Some(method_name(req.method()));
-    let host = request_host(&req);
+    let host = request_host(&req, head.host);
     event.request.host = host.map(str::to_string);
     let audit_cfg = &state.config.audit;
     event.request.query = req.uri().query().map(|q| {
@@ -1248,9 +1279,8 @@ pub async fn handle(
             event.request.headers_hmac.push((name.clone(), hashed));
         }
     }
-    event.request.user_agent = req
-        .headers()
-        .get(header::USER_AGENT)
+    event.request.user_agent = head
+        .user_agent
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
 
@@ -1271,7 +1301,7 @@ pub async fn handle(
     let cfg = &state.config;
 
     // Stage: admit. Refuse what is malformed or too large before anything else looks at it.
-    if head_size(&req) > cfg.gateway.max_header_size {
+    if head.size > cfg.gateway.max_header_size {
         recorder.event.request.path = Some(truncate(req.uri().path()));
         return deny(recorder, Reason::RequestHeadersTooLarge);
     }
@@ -1283,9 +1313,8 @@ pub async fn handle(
         }
     };
     recorder.event.request.path = Some(path.to_string());
-    let announced = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
+    let announced = head
+        .content_length
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > cfg.gateway.max_body_size) {

@@ -560,13 +560,24 @@ async fn worker_loop(
     mut stop: watch::Receiver<bool>,
     live: &Arc<()>,
 ) {
+    // The stop signal as this worker's connections see it: a channel of the worker's own,
+    // passed on from the gateway's. Every connection waits on its signal, and each poll of
+    // that wait takes the channel's lock: one channel for all workers would make that lock
+    // travel between cores on every request.
+    let (worker_stop, conn_stop) = watch::channel(*stop.borrow_and_update());
     loop {
         let (std, peer, assigned) = tokio::select! {
             c = conns.recv() => match c {
                 Some(c) => c,
-                None => return,
+                None => {
+                    let _ = worker_stop.send(true);
+                    return;
+                }
             },
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                let _ = worker_stop.send(true);
+                return;
+            }
         };
         // A second handle on the socket, for the idle check (HTTP/1.1 connections only).
         let idle_socket = std.try_clone().ok();
@@ -575,7 +586,7 @@ async fn worker_loop(
         };
         let shared = shared.clone();
         let watcher = Watcher {
-            stop: stop.clone(),
+            stop: conn_stop.clone(),
             _live: live.clone(),
             _assigned: assigned,
         };
