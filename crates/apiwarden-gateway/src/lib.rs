@@ -28,6 +28,7 @@ pub mod server;
 pub mod tag;
 pub mod tls;
 pub mod upstream;
+pub mod wakeups;
 
 pub use server::{Gateway, Options, ReloadError, StartError};
 

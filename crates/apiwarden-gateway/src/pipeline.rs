@@ -943,11 +943,19 @@ impl Forward {
         // The response timeout counts from the end of the request body: a slow upload is not
         // the upstream's fault, and must not put a target into cool-down.
         let send = upstream.send(ti, Request::from_parts(parts, body), stats.clone());
+        // The worker's own deadline list rather than tokio's timer: no entry put into the
+        // timer wheel and taken out again per request; the 504 comes at most
+        // `wakeups::TICK` late.
+        let timeout = upstream.config.timeout;
         let deadline = async {
-            if let Some(s) = &stats {
-                s.wait_done().await;
-            }
-            tokio::time::sleep(upstream.config.timeout).await;
+            let from = match &stats {
+                Some(s) => {
+                    s.wait_done().await;
+                    Instant::now()
+                }
+                None => started,
+            };
+            crate::wakeups::deadline(from + timeout).await;
         };
         let result = tokio::select! {
             r = send => Ok(r),

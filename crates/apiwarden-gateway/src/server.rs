@@ -303,6 +303,7 @@ impl Gateway {
                     rt.block_on(async move {
                         // `strict` answers reach this thread's requests through its relay.
                         crate::ledger::start_durable_relay();
+                        tokio::spawn(crate::wakeups::run());
                         tokio::spawn(idle_check(shared.clone(), stop.clone()));
                         let timeout = shared.state.load().config.gateway.shutdown_timeout;
                         worker_loop(conn_rx, shared, acceptor, stop, &live).await;
@@ -560,22 +561,20 @@ async fn worker_loop(
     mut stop: watch::Receiver<bool>,
     live: &Arc<()>,
 ) {
-    // The stop signal as this worker's connections see it: a channel of the worker's own,
-    // passed on from the gateway's. Every connection waits on its signal, and each poll of
-    // that wait takes the channel's lock: one channel for all workers would make that lock
-    // travel between cores on every request.
-    let (worker_stop, conn_stop) = watch::channel(*stop.borrow_and_update());
+    // The worker's connections wait for the stop signal in its own wake-up list (see
+    // `wakeups`): a poll of that wait reads a flag, where a poll of a wait on the gateway's
+    // channel would take the channel's lock, shared by every worker's core.
     loop {
         let (std, peer, assigned) = tokio::select! {
             c = conns.recv() => match c {
                 Some(c) => c,
                 None => {
-                    let _ = worker_stop.send(true);
+                    crate::wakeups::stop();
                     return;
                 }
             },
             _ = stop.changed() => {
-                let _ = worker_stop.send(true);
+                crate::wakeups::stop();
                 return;
             }
         };
@@ -586,7 +585,7 @@ async fn worker_loop(
         };
         let shared = shared.clone();
         let watcher = Watcher {
-            stop: conn_stop.clone(),
+            stop: stop.clone(),
             _live: live.clone(),
             _assigned: assigned,
         };
@@ -661,6 +660,8 @@ async fn worker_loop(
 /// tells the worker how many connections are still open. It also keeps the connection
 /// counted in the acceptor's view of its worker's load.
 struct Watcher {
+    /// The gateway's stop channel: read once at the start, and waited on only off a worker
+    /// thread (a worker's connections wait in its wake-up list).
     stop: watch::Receiver<bool>,
     _live: Arc<()>,
     _assigned: Assigned,
@@ -681,7 +682,7 @@ where
     if !*stop.borrow_and_update() {
         tokio::select! {
             r = conn.as_mut() => return r,
-            _ = stop.changed() => {}
+            () = crate::wakeups::stopped(stop) => {}
         }
     }
     shutdown(conn.as_mut());

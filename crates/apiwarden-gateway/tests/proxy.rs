@@ -821,6 +821,47 @@ async fn an_idle_kept_alive_connection_is_closed_but_a_slow_request_is_not() {
     assert_eq!((ev[0].response.status, ev[0].error), (200, None));
 }
 
+/// Shutdown tells every connection to close: a kept-alive connection with nothing in flight
+/// is closed at once, not left until `gateway.shutdown_timeout` or `gateway.idle_timeout`.
+#[tokio::test]
+async fn shutdown_closes_a_kept_alive_connection_at_once() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"30s\"\nidle_timeout = \"30s\"\n{}",
+        open_route("echo", "/", echo)
+    );
+    let gw = start(&cfg).await;
+    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    c.write_all(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+        .await
+        .expect("the answer comes")
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    gw.assert_events(1).await;
+    let common::TestGateway { gw: g, .. } = gw;
+    let g = std::sync::Arc::try_unwrap(g).ok().expect("sole owner");
+    let since = std::time::Instant::now();
+    let stopping = tokio::spawn(g.shutdown());
+    let (rest, after) = read_until_closed(&mut c, since).await;
+    assert_eq!(rest, "", "nothing more is sent");
+    assert!(
+        after < Duration::from_secs(5),
+        "closed {after:?} after the shutdown began"
+    );
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the shutdown ends without waiting out its timeout")
+        .unwrap();
+}
+
 /// `gateway.idle_timeout` bounds the time a request head may take: a client that sends a
 /// header line every 300 ms and never ends the head (a slow-header attack) is cut off.
 #[tokio::test]

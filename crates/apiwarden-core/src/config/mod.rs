@@ -540,7 +540,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "upstreams[].url", default: "required unless `targets`", example: "\"http://127.0.0.1:3000\"", doc: "One target: `http://host:port` with an optional base path that is put before every forwarded path." },
     OptionDoc { key: "upstreams[].targets", default: "none", example: "[\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001\"]", doc: "Several targets instead of `url`: round-robin, and a target that fails `failure_threshold` times in a row is skipped for `cooldown`." },
     OptionDoc { key: "upstreams[].connect_timeout", default: "\"5s\"", example: "\"1s\"", doc: "Time to open a connection to a target; past it the request gets `502`." },
-    OptionDoc { key: "upstreams[].timeout", default: "\"30s\"", example: "\"10s\"", doc: "Time from sending the request until the response head arrives; past it the request gets `504`." },
+    OptionDoc { key: "upstreams[].timeout", default: "\"30s\"", example: "\"10s\"", doc: "Time from sending the request (from the end of its body, if it has one) until the response head arrives; past it the request gets `504`. Checked every 50 ms: the `504` comes up to 50 ms after the timeout, never before." },
     OptionDoc { key: "upstreams[].failure_threshold", default: "5", example: "3", doc: "Consecutive connect errors or timeouts after which a target is skipped." },
     OptionDoc { key: "upstreams[].cooldown", default: "\"10s\"", example: "\"30s\"", doc: "How long a failed target is skipped (if all are failing, the least recently failed one is tried)." },
     OptionDoc { key: "routes[].name", default: "required", example: "\"orders-read\"", doc: "Name in audit events and metrics; unique." },
