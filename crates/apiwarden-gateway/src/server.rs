@@ -303,6 +303,9 @@ impl Gateway {
                     rt.block_on(async move {
                         // `strict` answers reach this thread's requests through its relay.
                         crate::ledger::start_durable_relay();
+                        // Installed before the first connection, so that a stop always
+                        // finds the list; `run` fires its deadlines.
+                        crate::wakeups::install();
                         tokio::spawn(crate::wakeups::run());
                         tokio::spawn(idle_check(shared.clone(), stop.clone()));
                         let timeout = shared.state.load().config.gateway.shutdown_timeout;

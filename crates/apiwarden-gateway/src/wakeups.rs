@@ -8,12 +8,15 @@
 //! flag. A worker's [`run`] task looks for passed deadlines every [`TICK`] while any is
 //! waiting, and sleeps otherwise: a deadline fires at most one tick late, never early.
 //!
-//! Off a worker thread (where [`run`] has not installed the list) the same futures fall back
-//! to tokio's timer and to the gateway's stop channel.
+//! The list never wakes a task while it is borrowed: the wakers are taken out first, so a
+//! waker that runs code of its own cannot come back into a borrowed list. Off a worker thread
+//! (where no list is installed) the same futures fall back to tokio's timer and to the
+//! gateway's stop channel.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -27,33 +30,25 @@ thread_local! {
     static LIST: RefCell<Option<List>> = const { RefCell::new(None) };
 }
 
+/// Numbers the lists, so that a wait can tell its own list from another thread's.
+static LISTS: AtomicU64 = AtomicU64::new(1);
+
 /// What one waiting future left in the list.
 struct Slot {
-    /// The deadline; `None` for a wait for the stop signal.
-    at: Option<Instant>,
+    at: Instant,
     waker: Waker,
     fired: bool,
 }
 
+/// Slots with a free list: a slot's index stays its owner's until the owner drops.
 #[derive(Default)]
-struct List {
+struct Slots {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
-    /// Deadlines waiting (not yet fired).
-    waiting: usize,
-    stopped: bool,
-    /// The [`run`] task, while it sleeps for want of deadlines.
-    ticker: Option<Waker>,
 }
 
-impl List {
+impl Slots {
     fn insert(&mut self, slot: Slot) -> usize {
-        if slot.at.is_some() {
-            self.waiting += 1;
-            if let Some(t) = self.ticker.take() {
-                t.wake();
-            }
-        }
         match self.free.pop() {
             Some(i) => {
                 self.slots[i] = Some(slot);
@@ -66,64 +61,81 @@ impl List {
         }
     }
 
-    fn remove(&mut self, i: usize) {
-        if let Some(s) = self.slots[i].take() {
-            if s.at.is_some() && !s.fired {
-                self.waiting -= 1;
-            }
-            self.free.push(i);
-        }
+    fn remove(&mut self, i: usize) -> Option<Slot> {
+        let s = self.slots.get_mut(i)?.take()?;
+        self.free.push(i);
+        Some(s)
     }
 
-    /// Whether slot `i` has fired; if not, it will wake `cx`'s task when it does.
-    fn poll(&mut self, i: usize, cx: &Context<'_>) -> bool {
-        match &mut self.slots[i] {
-            Some(s) if s.fired => true,
-            Some(s) => {
-                if !s.waker.will_wake(cx.waker()) {
-                    s.waker = cx.waker().clone();
-                }
-                false
-            }
-            None => true,
-        }
-    }
-
-    fn fire_due(&mut self, now: Instant) {
-        for s in self.slots.iter_mut().flatten() {
-            if !s.fired && s.at.is_some_and(|at| at <= now) {
-                s.fired = true;
-                self.waiting -= 1;
-                s.waker.wake_by_ref();
-            }
-        }
-    }
-
-    fn stop(&mut self) {
-        self.stopped = true;
-        for s in self.slots.iter_mut().flatten() {
-            if !s.fired && s.at.is_none() {
-                s.fired = true;
-                s.waker.wake_by_ref();
-            }
+    /// Whether slot `i` has fired; if not, it will wake `cx`'s task when it does. The waker
+    /// it held before, if another, is returned to be dropped outside the list's borrow.
+    fn poll(&mut self, i: usize, cx: &Context<'_>) -> (bool, Option<Waker>) {
+        match self.slots.get_mut(i) {
+            Some(Some(s)) if s.fired => (true, None),
+            Some(Some(s)) if !s.waker.will_wake(cx.waker()) => (
+                false,
+                Some(std::mem::replace(&mut s.waker, cx.waker().clone())),
+            ),
+            Some(Some(_)) => (false, None),
+            _ => (true, None),
         }
     }
 }
 
+struct List {
+    id: u64,
+    /// Upstream response deadlines.
+    deadlines: Slots,
+    /// Deadlines not yet fired.
+    waiting: usize,
+    /// Connections waiting for the stop signal (their `at` is not read).
+    stops: Slots,
+    stopped: bool,
+    /// The [`run`] task, while it sleeps for want of deadlines.
+    ticker: Option<Waker>,
+}
+
+impl List {
+    fn new() -> List {
+        List {
+            id: LISTS.fetch_add(1, Relaxed),
+            deadlines: Slots::default(),
+            waiting: 0,
+            stops: Slots::default(),
+            stopped: false,
+            ticker: None,
+        }
+    }
+}
+
+/// `f` on this thread's list, if it has one. Wakers are woken by the caller after this
+/// returns, never inside: a waker's code may come back here.
 fn with<R>(f: impl FnOnce(&mut List) -> R) -> Option<R> {
     LIST.try_with(|l| l.borrow_mut().as_mut().map(f))
         .ok()
         .flatten()
 }
 
-fn installed() -> bool {
-    LIST.try_with(|l| l.borrow().is_some()).unwrap_or(false)
+/// The id of this thread's list, if it has one.
+fn list_id() -> Option<u64> {
+    LIST.try_with(|l| l.borrow().as_ref().map(|l| l.id))
+        .ok()
+        .flatten()
 }
 
-/// A worker's wake-up task: installs the list on this thread and fires its deadlines. Runs
-/// for the life of the worker's runtime.
+/// Gives this thread its wake-up list (once; later calls keep the list there). A worker
+/// calls it before it takes its first connection, so that [`stop`] always finds it; the
+/// deadlines fire once [`run`] runs too.
+pub fn install() {
+    LIST.with(|l| {
+        l.borrow_mut().get_or_insert_with(List::new);
+    });
+}
+
+/// A worker's wake-up task: fires the deadlines of this thread's list (installing it if
+/// [`install`] has not). Runs for the life of the worker's runtime.
 pub async fn run() {
-    LIST.with(|l| *l.borrow_mut() = Some(List::default()));
+    install();
     loop {
         // Asleep until a deadline waits, then one tick.
         std::future::poll_fn(|cx| {
@@ -139,86 +151,204 @@ pub async fn run() {
         })
         .await;
         tokio::time::sleep(TICK).await;
-        with(|l| l.fire_due(Instant::now()));
+        let now = Instant::now();
+        let due = with(|l| {
+            let mut due = Vec::new();
+            for s in l.deadlines.slots.iter_mut().flatten() {
+                if !s.fired && s.at <= now {
+                    s.fired = true;
+                    due.push(s.waker.clone());
+                }
+            }
+            l.waiting -= due.len();
+            due
+        });
+        due.into_iter().flatten().for_each(Waker::wake);
     }
 }
 
 /// Wakes every connection of this worker that waits in [`stopped`]; later waits end at once.
 pub fn stop() {
-    with(List::stop);
+    install();
+    let waiting = with(|l| {
+        l.stopped = true;
+        l.stops
+            .slots
+            .iter_mut()
+            .flatten()
+            .filter(|s| !s.fired)
+            .map(|s| {
+                s.fired = true;
+                s.waker.clone()
+            })
+            .collect::<Vec<_>>()
+    });
+    waiting.into_iter().flatten().for_each(Waker::wake);
 }
 
 /// A future that ends at `at` (at most [`TICK`] later on a worker thread).
 pub fn deadline(at: Instant) -> Wait {
-    if installed() {
-        Wait::Slot {
-            at: Some(at),
+    match list_id() {
+        Some(list) => Wait::Slot {
+            kind: Kind::Deadline(at),
+            list,
             slot: None,
-        }
-    } else {
-        Wait::Other(Box::pin(tokio::time::sleep_until(at.into())))
+        },
+        None => Wait::Other(Box::pin(tokio::time::sleep_until(at.into()))),
     }
 }
 
 /// A future that ends when this worker is told to stop ([`stop`]); off a worker thread, when
-/// `fallback` says so.
+/// `fallback` says so or its sender is gone.
 pub fn stopped(mut fallback: watch::Receiver<bool>) -> Wait {
-    if installed() {
-        Wait::Slot {
-            at: None,
+    match list_id() {
+        Some(list) => Wait::Slot {
+            kind: Kind::Stop,
+            list,
             slot: None,
-        }
-    } else {
-        Wait::Other(Box::pin(async move {
+        },
+        None => Wait::Other(Box::pin(async move {
             let _ = fallback.wait_for(|stop| *stop).await;
-        }))
+        })),
     }
+}
+
+/// What a [`Wait`] in a list waits for.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Deadline(Instant),
+    Stop,
 }
 
 /// A deadline or a wait for the stop signal; see [`deadline`] and [`stopped`].
 pub enum Wait {
+    /// In the list numbered `list` (the thread's where it was made); `slot` once registered.
     Slot {
-        at: Option<Instant>,
+        kind: Kind,
+        list: u64,
         slot: Option<usize>,
     },
     Other(Pin<Box<dyn Future<Output = ()> + Send>>),
+}
+
+/// What a poll found in the list.
+struct Polled {
+    done: bool,
+    slot: Option<usize>,
+    /// The ticker, to wake now that a deadline waits.
+    wake: Option<Waker>,
+    /// A waker the slot held before, to drop.
+    old: Option<Waker>,
+}
+
+impl List {
+    fn poll_slot(&mut self, kind: Kind, slot: Option<usize>, cx: &Context<'_>) -> Polled {
+        let slots = match kind {
+            Kind::Deadline(_) => &mut self.deadlines,
+            Kind::Stop => &mut self.stops,
+        };
+        let (done, slot, wake, old) = match slot {
+            Some(i) => {
+                let (done, old) = slots.poll(i, cx);
+                (done, Some(i), None, old)
+            }
+            None if matches!(kind, Kind::Stop) && self.stopped => (true, None, None, None),
+            None => {
+                let at = match kind {
+                    Kind::Deadline(at) => at,
+                    Kind::Stop => Instant::now(),
+                };
+                let i = slots.insert(Slot {
+                    at,
+                    waker: cx.waker().clone(),
+                    fired: false,
+                });
+                let wake = match kind {
+                    Kind::Deadline(_) => {
+                        self.waiting += 1;
+                        self.ticker.take()
+                    }
+                    Kind::Stop => None,
+                };
+                (false, Some(i), wake, None)
+            }
+        };
+        Polled {
+            done,
+            slot,
+            wake,
+            old,
+        }
+    }
 }
 
 impl Future for Wait {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match self.get_mut() {
-            Wait::Slot { at, slot } => {
-                let done = with(|l| match *slot {
-                    Some(i) => l.poll(i, cx),
-                    None if at.is_none() && l.stopped => true,
-                    None => {
-                        *slot = Some(l.insert(Slot {
-                            at: *at,
-                            waker: cx.waker().clone(),
-                            fired: false,
-                        }));
-                        false
-                    }
-                });
-                // The list is gone only when the worker's runtime is: nothing to wait for.
-                if done.unwrap_or(true) {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                }
+        let this = self.get_mut();
+        let (kind, list, registered) = match this {
+            Wait::Other(f) => return f.as_mut().poll(cx),
+            Wait::Slot { kind, list, slot } => (*kind, *list, *slot),
+        };
+        let polled = with(|l| (l.id == list).then(|| l.poll_slot(kind, registered, cx))).flatten();
+        let Some(polled) = polled else {
+            // Polled away from the thread whose list it is in, or after that list is gone.
+            // Nothing in the gateway does this (a worker's futures stay on its thread); if it
+            // happens, a deadline keeps its time on tokio's timer and a stop wait ends.
+            debug_assert!(false, "a wake-up polled away from its worker's list");
+            if let Wait::Slot { slot, .. } = this {
+                *slot = None;
             }
-            Wait::Other(f) => f.as_mut().poll(cx),
+            return match kind {
+                Kind::Deadline(at) => {
+                    *this = Wait::Other(Box::pin(tokio::time::sleep_until(at.into())));
+                    Pin::new(this).poll(cx)
+                }
+                Kind::Stop => Poll::Ready(()),
+            };
+        };
+        if let Wait::Slot { slot, .. } = this {
+            *slot = polled.slot;
+        }
+        if let Some(w) = polled.wake {
+            w.wake();
+        }
+        drop(polled.old);
+        if polled.done {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 }
 
 impl Drop for Wait {
     fn drop(&mut self) {
-        if let Wait::Slot { slot: Some(i), .. } = *self {
-            with(|l| l.remove(i));
-        }
+        let Wait::Slot {
+            kind,
+            list,
+            slot: Some(i),
+        } = *self
+        else {
+            return;
+        };
+        // The slot (and its waker) is dropped after the list's borrow ends. A drop that
+        // comes while the list is borrowed leaves the slot behind rather than panic.
+        let _removed = LIST.try_with(|l| {
+            let mut l = l.try_borrow_mut().ok()?;
+            let l = l.as_mut().filter(|l| l.id == list)?;
+            match kind {
+                Kind::Deadline(_) => {
+                    let s = l.deadlines.remove(i)?;
+                    if !s.fired {
+                        l.waiting -= 1;
+                    }
+                    Some(s)
+                }
+                Kind::Stop => l.stops.remove(i),
+            }
+        });
     }
 }
 
@@ -267,7 +397,7 @@ mod tests {
                 assert!(r.is_err(), "a deadline an hour away fired");
             }
             let (slots, free, waiting) =
-                with(|l| (l.slots.len(), l.free.len(), l.waiting)).unwrap();
+                with(|l| (l.deadlines.slots.len(), l.deadlines.free.len(), l.waiting)).unwrap();
             assert_eq!((slots, free, waiting), (1, 1, 0));
         });
     }
@@ -293,6 +423,21 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(5), stopped(rx))
                 .await
                 .expect("a wait begun after the stop did not end");
+        });
+    }
+
+    /// A worker may be told to stop before its wake-up task has first run (its queue closed
+    /// at once): the stop still holds for every connection that waits later.
+    #[test]
+    fn a_stop_before_the_wake_up_task_runs_is_not_lost() {
+        runtime().block_on(async {
+            stop();
+            tokio::spawn(run());
+            tokio::task::yield_now().await;
+            let (_tx, rx) = watch::channel(false);
+            tokio::time::timeout(Duration::from_secs(5), stopped(rx))
+                .await
+                .expect("the stop was lost");
         });
     }
 
