@@ -1261,11 +1261,11 @@ pub async fn handle(
     let head = read_head(&req);
     let (ip, trusted_peer) = client_ip(&state.config, conn.peer.ip(), req.headers());
     event.client.ip = Some(ip);
-    event.client.forwarded_for = match head.forwarded_for {
-        true => joined(req.headers(), &X_FORWARDED_FOR)
-            .map(|v| String::from_utf8_lossy(&v).into_owned()),
-        false => None,
-    };
+    event.client.forwarded_for = head
+        .forwarded_for
+        .then(|| joined(req.headers(), &X_FORWARDED_FOR))
+        .flatten()
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
     event.tls.version = conn.tls_version;
     event.tls.client_subject = conn.client_cert.as_ref().map(|c| c.subject.clone());
     event.request.method = Some(method_name(req.method()));

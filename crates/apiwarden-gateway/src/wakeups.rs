@@ -363,11 +363,18 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn a_deadline_fires_after_its_time_never_before_and_at_most_a_tick_late() {
+    /// Runs `test` as on a worker: a single-threaded runtime whose wake-up task is running.
+    fn on_a_worker(test: impl Future<Output = ()>) {
         runtime().block_on(async {
             tokio::spawn(run());
             tokio::task::yield_now().await;
+            test.await;
+        });
+    }
+
+    #[test]
+    fn a_deadline_fires_after_its_time_never_before_and_at_most_a_tick_late() {
+        on_a_worker(async {
             for ms in [0u64, 30, 120, 260] {
                 let start = Instant::now();
                 let at = start + Duration::from_millis(ms);
@@ -388,9 +395,7 @@ mod tests {
 
     #[test]
     fn a_dropped_deadline_gives_its_slot_back_and_is_not_counted() {
-        runtime().block_on(async {
-            tokio::spawn(run());
-            tokio::task::yield_now().await;
+        on_a_worker(async {
             let far = Instant::now() + Duration::from_secs(3600);
             for _ in 0..3 {
                 let r = tokio::time::timeout(Duration::from_millis(10), deadline(far)).await;
@@ -404,9 +409,7 @@ mod tests {
 
     #[test]
     fn stop_wakes_every_waiting_connection_and_ends_later_waits_at_once() {
-        runtime().block_on(async {
-            tokio::spawn(run());
-            tokio::task::yield_now().await;
+        on_a_worker(async {
             let (_tx, rx) = watch::channel(false);
             let waits: Vec<_> = (0..3).map(|_| tokio::spawn(stopped(rx.clone()))).collect();
             tokio::task::yield_now().await;
