@@ -766,8 +766,7 @@ thread_local! {
 /// open, so its connection is never idle.
 #[derive(Default)]
 struct IdleWatch {
-    conns: Vec<Option<Watched>>,
-    free: Vec<usize>,
+    conns: slab::Slab<Watched>,
 }
 
 struct Watched {
@@ -795,30 +794,14 @@ impl IdleGuard {
             quiet_since: Some(Instant::now()),
             closed: false,
         };
-        IDLE.try_with(|w| {
-            let mut w = w.borrow_mut();
-            match w.free.pop() {
-                Some(i) => {
-                    w.conns[i] = Some(entry);
-                    IdleGuard(i)
-                }
-                None => {
-                    w.conns.push(Some(entry));
-                    IdleGuard(w.conns.len() - 1)
-                }
-            }
-        })
-        .ok()
+        IDLE.try_with(|w| IdleGuard(w.borrow_mut().conns.insert(entry)))
+            .ok()
     }
 }
 
 impl Drop for IdleGuard {
     fn drop(&mut self) {
-        let _ = IDLE.try_with(|w| {
-            let mut w = w.borrow_mut();
-            w.conns[self.0] = None;
-            w.free.push(self.0);
-        });
+        let _ = IDLE.try_with(|w| w.borrow_mut().conns.try_remove(self.0));
     }
 }
 
@@ -836,7 +819,7 @@ async fn idle_check(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let timeout = shared.state.load().config.gateway.idle_timeout;
         let now = Instant::now();
         let _ = IDLE.try_with(|w| {
-            for c in w.borrow_mut().conns.iter_mut().flatten() {
+            for (_, c) in w.borrow_mut().conns.iter_mut() {
                 let (begun, open) = c.conn.activity.read();
                 if open || begun != c.begun {
                     c.begun = begun;

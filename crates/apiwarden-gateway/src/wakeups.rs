@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use slab::Slab;
 use tokio::sync::watch;
 
 /// How often a worker looks for passed deadlines while any is waiting: the most a deadline
@@ -35,61 +36,34 @@ static LISTS: AtomicU64 = AtomicU64::new(1);
 
 /// What one waiting future left in the list.
 struct Slot {
-    at: Instant,
+    /// The deadline; `None` in a wait for the stop signal.
+    at: Option<Instant>,
     waker: Waker,
     fired: bool,
 }
 
-/// Slots with a free list: a slot's index stays its owner's until the owner drops.
-#[derive(Default)]
-struct Slots {
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
-}
-
-impl Slots {
-    fn insert(&mut self, slot: Slot) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some(slot);
-                i
-            }
-            None => {
-                self.slots.push(Some(slot));
-                self.slots.len() - 1
-            }
-        }
-    }
-
-    fn remove(&mut self, i: usize) -> Option<Slot> {
-        let s = self.slots.get_mut(i)?.take()?;
-        self.free.push(i);
-        Some(s)
-    }
-
-    /// Whether slot `i` has fired; if not, it will wake `cx`'s task when it does. The waker
-    /// it held before, if another, is returned to be dropped outside the list's borrow.
-    fn poll(&mut self, i: usize, cx: &Context<'_>) -> (bool, Option<Waker>) {
-        match self.slots.get_mut(i) {
-            Some(Some(s)) if s.fired => (true, None),
-            Some(Some(s)) if !s.waker.will_wake(cx.waker()) => (
-                false,
-                Some(std::mem::replace(&mut s.waker, cx.waker().clone())),
-            ),
-            Some(Some(_)) => (false, None),
-            _ => (true, None),
-        }
+/// Whether slot `i` of `slots` has fired; if not, it will wake `cx`'s task when it does. The
+/// waker it held before, if another, is returned to be dropped outside the list's borrow.
+fn poll_registered(slots: &mut Slab<Slot>, i: usize, cx: &Context<'_>) -> (bool, Option<Waker>) {
+    match slots.get_mut(i) {
+        Some(s) if s.fired => (true, None),
+        Some(s) if !s.waker.will_wake(cx.waker()) => (
+            false,
+            Some(std::mem::replace(&mut s.waker, cx.waker().clone())),
+        ),
+        Some(_) => (false, None),
+        None => (true, None),
     }
 }
 
 struct List {
     id: u64,
     /// Upstream response deadlines.
-    deadlines: Slots,
+    deadlines: Slab<Slot>,
     /// Deadlines not yet fired.
     waiting: usize,
-    /// Connections waiting for the stop signal (their `at` is not read).
-    stops: Slots,
+    /// Connections waiting for the stop signal.
+    stops: Slab<Slot>,
     stopped: bool,
     /// The [`run`] task, while it sleeps for want of deadlines.
     ticker: Option<Waker>,
@@ -99,9 +73,9 @@ impl List {
     fn new() -> List {
         List {
             id: LISTS.fetch_add(1, Relaxed),
-            deadlines: Slots::default(),
+            deadlines: Slab::new(),
             waiting: 0,
-            stops: Slots::default(),
+            stops: Slab::new(),
             stopped: false,
             ticker: None,
         }
@@ -154,8 +128,8 @@ pub async fn run() {
         let now = Instant::now();
         let due = with(|l| {
             let mut due = Vec::new();
-            for s in l.deadlines.slots.iter_mut().flatten() {
-                if !s.fired && s.at <= now {
+            for (_, s) in l.deadlines.iter_mut() {
+                if !s.fired && s.at.is_some_and(|at| at <= now) {
                     s.fired = true;
                     due.push(s.waker.clone());
                 }
@@ -173,11 +147,9 @@ pub fn stop() {
     let waiting = with(|l| {
         l.stopped = true;
         l.stops
-            .slots
             .iter_mut()
-            .flatten()
-            .filter(|s| !s.fired)
-            .map(|s| {
+            .filter(|(_, s)| !s.fired)
+            .map(|(_, s)| {
                 s.fired = true;
                 s.waker.clone()
             })
@@ -249,14 +221,14 @@ impl List {
         };
         let (done, slot, wake, old) = match slot {
             Some(i) => {
-                let (done, old) = slots.poll(i, cx);
+                let (done, old) = poll_registered(slots, i, cx);
                 (done, Some(i), None, old)
             }
             None if matches!(kind, Kind::Stop) && self.stopped => (true, None, None, None),
             None => {
                 let at = match kind {
-                    Kind::Deadline(at) => at,
-                    Kind::Stop => Instant::now(),
+                    Kind::Deadline(at) => Some(at),
+                    Kind::Stop => None,
                 };
                 let i = slots.insert(Slot {
                     at,
@@ -340,13 +312,13 @@ impl Drop for Wait {
             let l = l.as_mut().filter(|l| l.id == list)?;
             match kind {
                 Kind::Deadline(_) => {
-                    let s = l.deadlines.remove(i)?;
+                    let s = l.deadlines.try_remove(i)?;
                     if !s.fired {
                         l.waiting -= 1;
                     }
                     Some(s)
                 }
-                Kind::Stop => l.stops.remove(i),
+                Kind::Stop => l.stops.try_remove(i),
             }
         });
     }
@@ -361,6 +333,13 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    /// `f`'s output, failing the test with `what` unless it comes within 5 s.
+    async fn soon<T>(f: impl Future<Output = T>, what: &str) -> T {
+        tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
     }
 
     /// Runs `test` as on a worker: a single-threaded runtime whose wake-up task is running.
@@ -378,9 +357,7 @@ mod tests {
             for ms in [0u64, 30, 120, 260] {
                 let start = Instant::now();
                 let at = start + Duration::from_millis(ms);
-                tokio::time::timeout(Duration::from_secs(5), deadline(at))
-                    .await
-                    .expect("a deadline never fired");
+                soon(deadline(at), "a deadline never fired").await;
                 let now = Instant::now();
                 assert!(now >= at, "fired {:?} early", at - now);
                 // A tick, and room for a loaded machine.
@@ -401,9 +378,10 @@ mod tests {
                 let r = tokio::time::timeout(Duration::from_millis(10), deadline(far)).await;
                 assert!(r.is_err(), "a deadline an hour away fired");
             }
-            let (slots, free, waiting) =
-                with(|l| (l.deadlines.slots.len(), l.deadlines.free.len(), l.waiting)).unwrap();
-            assert_eq!((slots, free, waiting), (1, 1, 0));
+            // None is held, none is counted, and the one slot used is the next to be used.
+            let (held, next, waiting) =
+                with(|l| (l.deadlines.len(), l.deadlines.vacant_key(), l.waiting)).unwrap();
+            assert_eq!((held, next, waiting), (0, 0, 0));
         });
     }
 
@@ -418,14 +396,9 @@ mod tests {
             }
             stop();
             for w in waits {
-                tokio::time::timeout(Duration::from_secs(5), w)
-                    .await
-                    .expect("a connection was not told to stop")
-                    .unwrap();
+                soon(w, "a connection was not told to stop").await.unwrap();
             }
-            tokio::time::timeout(Duration::from_secs(5), stopped(rx))
-                .await
-                .expect("a wait begun after the stop did not end");
+            soon(stopped(rx), "a wait begun after the stop did not end").await;
         });
     }
 
@@ -438,9 +411,7 @@ mod tests {
             tokio::spawn(run());
             tokio::task::yield_now().await;
             let (_tx, rx) = watch::channel(false);
-            tokio::time::timeout(Duration::from_secs(5), stopped(rx))
-                .await
-                .expect("the stop was lost");
+            soon(stopped(rx), "the stop was lost").await;
         });
     }
 
@@ -455,9 +426,8 @@ mod tests {
             tokio::task::yield_now().await;
             assert!(!w.is_finished());
             tx.send(true).unwrap();
-            tokio::time::timeout(Duration::from_secs(5), w)
+            soon(w, "the stop channel did not end the wait")
                 .await
-                .expect("the stop channel did not end the wait")
                 .unwrap();
         });
     }

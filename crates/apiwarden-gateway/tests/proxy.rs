@@ -780,20 +780,28 @@ async fn read_until_closed(c: &mut TcpStream, since: std::time::Instant) -> (Str
     }
 }
 
+/// A gateway with these `[gateway]` settings (besides its listen address) and `routes`.
+async fn start_with(settings: &str, routes: &str) -> common::TestGateway {
+    start(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n{settings}\n{routes}"
+    ))
+    .await
+}
+
+/// A plain TCP connection to the gateway that has sent `bytes`.
+async fn connect_and_send(gw: &common::TestGateway, bytes: &[u8]) -> TcpStream {
+    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    c.write_all(bytes).await.unwrap();
+    c
+}
+
 /// `gateway.idle_timeout`: a kept-alive connection with nothing more to ask is closed once it
 /// has been idle that long, and a request whose upstream takes longer than that is not cut.
 #[tokio::test]
 async fn an_idle_kept_alive_connection_is_closed_but_a_slow_request_is_not() {
     let slow = slow_upstream(Duration::from_millis(2500)).await;
-    let cfg = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\n{}",
-        open_route("slow", "/", slow)
-    );
-    let gw = start(&cfg).await;
-    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
-    c.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let gw = start_with("idle_timeout = \"1s\"", &open_route("slow", "/", slow)).await;
+    let mut c = connect_and_send(&gw, b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n").await;
     // The answer takes 2.5 s, more than the idle timeout: the request is open all along.
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
@@ -826,15 +834,12 @@ async fn an_idle_kept_alive_connection_is_closed_but_a_slow_request_is_not() {
 #[tokio::test]
 async fn shutdown_closes_a_kept_alive_connection_at_once() {
     let echo = echo_upstream().await;
-    let cfg = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"30s\"\nidle_timeout = \"30s\"\n{}",
-        open_route("echo", "/", echo)
-    );
-    let gw = start(&cfg).await;
-    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
-    c.write_all(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let gw = start_with(
+        "shutdown_timeout = \"30s\"\nidle_timeout = \"30s\"",
+        &open_route("echo", "/", echo),
+    )
+    .await;
+    let mut c = connect_and_send(&gw, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n").await;
     let mut buf = [0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
         .await
@@ -867,16 +872,9 @@ async fn shutdown_closes_a_kept_alive_connection_at_once() {
 #[tokio::test]
 async fn a_request_head_that_never_ends_is_cut_off() {
     let echo = echo_upstream().await;
-    let cfg = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\n{}",
-        open_route("echo", "/", echo)
-    );
-    let gw = start(&cfg).await;
-    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    let gw = start_with("idle_timeout = \"1s\"", &open_route("echo", "/", echo)).await;
     let started = std::time::Instant::now();
-    c.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\n")
-        .await
-        .unwrap();
+    let mut c = connect_and_send(&gw, b"GET /echo HTTP/1.1\r\nHost: a\r\n").await;
     let mut buf = [0u8; 4096];
     let cut_after = loop {
         assert!(
