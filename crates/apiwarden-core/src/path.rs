@@ -17,9 +17,13 @@
 //! [`EncodedSlashes::Keep`] they stay inside their segment (a raw backslash is sent as `%5C`),
 //! where they cannot match a route boundary.
 //!
-//! A segment that is a dot segment followed by a path parameter (`..;x`, `.;`) is refused:
-//! Tomcat, Jetty and Spring read `/a/..;/admin` as `/admin`. Bytes outside ASCII are
-//! percent-encoded.
+//! A path parameter (a raw `;` in a segment) is refused by default ([`PathParameters::Reject`]):
+//! Tomcat, Jetty and Spring cut `;...` off each segment before they match, so `/admin;x` is
+//! their `/admin` while a router that compares segments whole sees another path, and
+//! `/a/..;/admin` is their `/admin`. With [`PathParameters::Keep`] the parameter stays part of
+//! its segment, as RFC 3986 has it, except after a dot segment (`..;x`, `.;`), which is still
+//! refused. An encoded `%3B` is not a parameter for any of them and is kept. Bytes outside
+//! ASCII are percent-encoded.
 
 use std::fmt;
 
@@ -34,6 +38,34 @@ pub enum EncodedSlashes {
     Keep,
 }
 
+/// What to do with a path parameter (a raw `;`) in a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PathParameters {
+    /// Reject the request with `400` (the default: an upstream that cuts parameters off its
+    /// segments could otherwise serve `/admin` for `/admin;x`, which no `/admin` route matched).
+    #[default]
+    Reject,
+    /// Keep them inside their segment, where they are part of the segment for routing too.
+    Keep,
+}
+
+/// The rules a request path is normalised under (the `gateway.encoded_slashes` and
+/// `gateway.path_parameters` options).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PathRules {
+    pub encoded_slashes: EncodedSlashes,
+    pub parameters: PathParameters,
+}
+
+impl PathRules {
+    /// Everything kept that can be kept: the normal form of a path that the options would
+    /// refuse as a request (a route's own path is checked against this).
+    pub const KEEP: PathRules = PathRules {
+        encoded_slashes: EncodedSlashes::Keep,
+        parameters: PathParameters::Keep,
+    };
+}
+
 /// Why a path could not be normalised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PathError {
@@ -46,6 +78,8 @@ pub enum PathError {
     EncodedSlash,
     /// A dot segment with a path parameter, such as `..;`.
     DotSegmentParameter,
+    /// A path parameter (`;`) while [`PathParameters::Reject`] is in force.
+    Parameter,
 }
 
 impl fmt::Display for PathError {
@@ -59,6 +93,7 @@ impl fmt::Display for PathError {
             PathError::DotSegmentParameter => {
                 "a dot segment with a parameter (such as '..;') is not allowed in the path"
             }
+            PathError::Parameter => "a path parameter (';') is not allowed in the path",
         })
     }
 }
@@ -98,10 +133,8 @@ fn is_normal(path: &str) -> bool {
 }
 
 /// Normalises a request path (without the query string). See the module documentation.
-pub fn normalize(
-    path: &str,
-    slashes: EncodedSlashes,
-) -> Result<std::borrow::Cow<'_, str>, PathError> {
+pub fn normalize(path: &str, rules: PathRules) -> Result<std::borrow::Cow<'_, str>, PathError> {
+    let slashes = rules.encoded_slashes;
     if is_normal(path) {
         return Ok(std::borrow::Cow::Borrowed(path));
     }
@@ -145,6 +178,8 @@ pub fn normalize(
             }
             current.push_str("%5C");
             i += 1;
+        } else if b == b';' && rules.parameters == PathParameters::Reject {
+            return Err(PathError::Parameter);
         } else if !b.is_ascii() {
             const HEX: &[u8; 16] = b"0123456789ABCDEF";
             current.push('%');
@@ -197,7 +232,40 @@ mod tests {
     use super::*;
 
     fn n(p: &str) -> Result<String, PathError> {
-        normalize(p, EncodedSlashes::Reject).map(|c| c.into_owned())
+        normalize(p, KEEP_PARAMETERS).map(|c| c.into_owned())
+    }
+
+    /// Encoded slashes refused, path parameters kept.
+    const KEEP_PARAMETERS: PathRules = PathRules {
+        encoded_slashes: EncodedSlashes::Reject,
+        parameters: PathParameters::Keep,
+    };
+
+    #[test]
+    fn path_parameters_are_refused_by_default() {
+        for p in [
+            "/admin;x",
+            "/admin;x/users",
+            "/users/me;jsessionid=1",
+            "/public/..;/admin",
+            "/a/%2e%2e;/admin",
+            "/caf\u{e9};x",
+        ] {
+            assert_eq!(
+                normalize(p, PathRules::default()),
+                Err(PathError::Parameter),
+                "{p:?}"
+            );
+        }
+        // An encoded `;` is no parameter: kept encoded, as any reserved character.
+        assert_eq!(
+            normalize("/a%3bx", PathRules::default()).as_deref(),
+            Ok("/a%3Bx")
+        );
+        assert_eq!(
+            normalize("/a/./b", PathRules::default()).as_deref(),
+            Ok("/a/b")
+        );
     }
 
     #[test]
@@ -245,18 +313,18 @@ mod tests {
 
     #[test]
     fn keep_mode_leaves_encoded_slash_inside_its_segment() {
-        let got = normalize("/public%2f..%2Fadmin/../x", EncodedSlashes::Keep).unwrap();
+        let got = normalize("/public%2f..%2Fadmin/../x", PathRules::KEEP).unwrap();
         assert_eq!(got, "/x");
-        let got = normalize("/public%2f..%2Fadmin", EncodedSlashes::Keep).unwrap();
+        let got = normalize("/public%2f..%2Fadmin", PathRules::KEEP).unwrap();
         assert_eq!(got, "/public%2F..%2Fadmin");
-        let got = normalize("/public/..\\admin", EncodedSlashes::Keep).unwrap();
+        let got = normalize("/public/..\\admin", PathRules::KEEP).unwrap();
         assert_eq!(got, "/public/..%5Cadmin");
     }
 
     #[test]
     fn normal_paths_are_borrowed() {
         assert!(matches!(
-            normalize("/orders/42", EncodedSlashes::Reject),
+            normalize("/orders/42", PathRules::default()),
             Ok(std::borrow::Cow::Borrowed(_))
         ));
     }

@@ -20,7 +20,7 @@ use crate::respond::error_response;
 use crate::upstream::{Lease, SendError, Upstream};
 use apiwarden_core::config::{AuthMethod, Config, RouteConfig};
 use apiwarden_core::event::{push_decimal, redact_query, AuditEvent, EventKind, Outcome, Reason};
-use apiwarden_core::path::normalize;
+use apiwarden_core::path::{normalize, PathRules};
 use apiwarden_core::router::Router;
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -868,10 +868,18 @@ impl Forward {
             }
         };
         // The authority of an absolute-form request wins over `Host` (RFC 9112 section 3.2.2).
+        // Its host and port only: never the user information an absolute-form target may hold
+        // (`http://user:secret@host/`), which would leak a password upstream.
         let original_host = parts
             .uri
             .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .and_then(|a| {
+                let host_port = match a.as_str().rsplit_once('@') {
+                    Some((_, hp)) => hp,
+                    None => a.as_str(),
+                };
+                HeaderValue::from_str(host_port).ok()
+            })
             .or_else(|| parts.headers.get(header::HOST).cloned());
         // Origin form, as HTTP/1.1 sends to a server: the target is named by `Host`.
         parts.uri = Uri::from(path_and_query);
@@ -1059,14 +1067,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
             .iter()
             .any(|v| !option_only(v.as_bytes()))
     {
+        // Split as bytes: a value with a byte outside ASCII (which hyper lets through) still
+        // names its headers; only a name that is no header name is passed over.
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .filter(|t| !option_only(t.as_bytes()))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !option_only(t))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for n in named {
             h.remove(n);
@@ -1085,14 +1094,25 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Forwarding headers that only a trusted proxy may set; removed from other peers' requests
 /// (the gateway then sets `X-Forwarded-For`, `-Proto` and `-Host` itself).
-const UNTRUSTED_FORWARDING: [HeaderName; 7] = [
+/// Also the other names upstreams read a client's address, scheme, certificate or original URL
+/// from (`X-Forwarded-Client-Cert` as Envoy's, `X-Original-URL` and `X-Rewrite-URL` as IIS's and
+/// Symfony's), which the gateway never sets: from an untrusted peer they are forgeries.
+const UNTRUSTED_FORWARDING: [HeaderName; 15] = [
     X_FORWARDED_HOST,
     X_FORWARDED_PROTO,
     HeaderName::from_static("x-forwarded-port"),
     HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-client-cert"),
     HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("true-client-ip"),
     header::FORWARDED,
     HeaderName::from_static("x-original-forwarded-for"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
 ];
 
 /// All lines of a header joined with `", "`, as RFC 9110 section 5.3 allows for lists.
@@ -1313,7 +1333,11 @@ pub async fn handle(
         recorder.event.request.path = Some(truncate(req.uri().path()));
         return deny(recorder, Reason::RequestHeadersTooLarge);
     }
-    let path = match normalize(req.uri().path(), cfg.gateway.encoded_slashes) {
+    let rules = PathRules {
+        encoded_slashes: cfg.gateway.encoded_slashes,
+        parameters: cfg.gateway.path_parameters,
+    };
+    let path = match normalize(req.uri().path(), rules) {
         Ok(p) => p,
         Err(_) => {
             recorder.event.request.path = Some(truncate(req.uri().path()));
@@ -1481,15 +1505,23 @@ pub async fn handle(
     if let Some(h) = credential_header {
         let headers = req.headers_mut();
         if h == X_API_KEY {
-            // A second key in `Authorization` does not go on either.
-            let bearer_key = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split_once(' '))
-                .is_some_and(|(scheme, token)| {
-                    scheme.eq_ignore_ascii_case("bearer") && token.trim().starts_with("aw_")
-                });
-            if bearer_key {
+            // A second credential in `Authorization` does not go on either, as it was never
+            // checked: a key, or on a route that takes tokens any bearer token (an upstream
+            // reading its claims would trust a forgery). Other schemes (`Basic` for the
+            // upstream's own login) go on.
+            let takes_tokens = route
+                .auth
+                .iter()
+                .any(|m| matches!(m, AuthMethod::Jwt | AuthMethod::Introspection));
+            let unchecked = headers.get_all(header::AUTHORIZATION).iter().any(|v| {
+                v.as_bytes()
+                    .split_at_checked(7)
+                    .is_some_and(|(scheme, token)| {
+                        scheme.eq_ignore_ascii_case(b"bearer ")
+                            && (takes_tokens || token.trim_ascii().starts_with(b"aw_"))
+                    })
+            });
+            if unchecked {
                 headers.remove(header::AUTHORIZATION);
             }
         }

@@ -425,3 +425,66 @@ async fn a_route_may_opt_in_to_keys_in_the_query_string() {
         "a key in the query of a route that did not opt in is no credential"
     );
 }
+
+/// Regression: with an `X-API-Key` on a route that also takes tokens, a bearer token beside
+/// it reached the upstream unchecked (an upstream reading its claims would trust a forgery).
+/// On a route that takes only keys, another scheme (`Basic`, the upstream's own login) still
+/// goes on, and a second key does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_beside_the_one_used_is_not_passed_on_unchecked() {
+    let up = echo_upstream().await;
+    let secret_file = temp_dir("hs").join("hs256.secret");
+    std::fs::write(
+        &secret_file,
+        b"a shared secret of more than thirty-two bytes",
+    )
+    .unwrap();
+    let gw = start(&format!(
+        "[[upstreams]]\nname = \"echo\"\nurl = \"http://{up}\"\n\n\
+         [jwt.shared]\nissuer = \"hs-issuer\"\naudiences = [\"orders-api\"]\nsecret = \"file:{secret}\"\n\n\
+         [[routes]]\nname = \"mixed\"\npath_prefix = \"/mixed\"\nupstream = \"echo\"\nauth = [\"api_key\", \"jwt\"]\njwt = \"shared\"\n\n\
+         [[routes]]\nname = \"keys\"\npath_prefix = \"/keys\"\nupstream = \"echo\"\nauth = [\"api_key\"]\n\n\
+         [[consumers]]\nname = \"billing\"\n",
+        secret = secret_file.display()
+    ))
+    .await;
+    let cfg = gw.gw.shared.state.load().config.clone();
+    let mut store = KeyStore::open(&cfg).unwrap();
+    let (_, key) = store.create(&cfg, "billing", None, None).unwrap();
+    let (_, other_key) = store.create(&cfg, "billing", None, None).unwrap();
+    let start = Instant::now();
+    while call(&gw, "/keys", Some(("x-api-key", key.clone()))).await.0 != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the key was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhZG1pbiJ9.Zm9yZ2Vk";
+    let cases: &[(&str, String, Option<&str>)] = &[
+        ("/mixed", format!("Bearer {forged}"), None),
+        ("/mixed", format!("bearer {other_key}"), None),
+        ("/keys", format!("Bearer {other_key}"), None),
+        (
+            "/keys",
+            "Basic dXNlcjpwdw==".to_string(),
+            Some("Basic dXNlcjpwdw=="),
+        ),
+    ];
+    for (path, authorization, passed_on) in cases {
+        let req = http::Request::get(gw.url(path))
+            .header("x-api-key", &key)
+            .header("authorization", authorization)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let (status, _, body) = send(req).await;
+        assert_eq!(status, 200, "{path} {authorization}: {body}");
+        let echoed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            echoed["headers"]["authorization"].as_str(),
+            *passed_on,
+            "{path} {authorization}"
+        );
+        assert!(echoed["headers"]["x-api-key"].is_null(), "{path}: {body}");
+    }
+}

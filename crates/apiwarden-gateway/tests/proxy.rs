@@ -321,6 +321,12 @@ async fn path_tricks_cannot_reach_a_route_they_should_not() {
         ("/public/..\\admin", 400, None, None),
         ("/public/..;/admin", 400, None, None),
         ("/public/%2e%2e;x/admin", 400, None, None),
+        // Tomcat, Jetty and Spring cut `;x` off a segment: `/admin;x` is their `/admin`.
+        ("/admin;x", 400, None, None),
+        ("/admin;jsessionid=1/users", 400, None, None),
+        ("/public/a;v=1", 400, None, None),
+        // An encoded `;` is no parameter to anyone, and goes on encoded.
+        ("/public/a%3bb", 200, Some("public"), Some("/public/a%3Bb")),
     ];
     for (i, (path, status, route, upstream_path)) in table.iter().enumerate() {
         let answer = raw(
@@ -344,6 +350,43 @@ async fn path_tricks_cannot_reach_a_route_they_should_not() {
         assert_eq!(e.response.status, *status, "{path}");
     }
     gw.assert_events(table.len()).await;
+}
+
+/// With `gateway.path_parameters = "keep"`, a parameter is part of its segment: for routing
+/// (`/admin;x` is not `/admin`) and for the upstream, which receives it as sent.
+#[tokio::test]
+async fn path_parameters_kept_when_configured() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\npath_parameters = \"keep\"\n\
+         [[upstreams]]\nname = \"echo\"\nurl = \"http://{echo}\"\n\
+         [[routes]]\nname = \"public\"\npath_prefix = \"/public\"\nupstream = \"echo\"\nauth = [\"none\"]\n\
+         [[routes]]\nname = \"admin\"\npath_prefix = \"/admin\"\nupstream = \"echo\"\nauth = [\"api_key\"]\n"
+    );
+    let gw = start(&cfg).await;
+    let table: &[(&str, &str)] = &[
+        ("/public/a;v=1", "HTTP/1.1 200"),
+        ("/admin;x", "HTTP/1.1 404"),
+        ("/public/..;/admin", "HTTP/1.1 400"),
+    ];
+    for (path, want) in table {
+        let answer = raw(
+            gw.gw.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with(want), "{path}: {answer}");
+    }
+    let answer = raw(
+        gw.gw.addr,
+        b"GET /public/a;v=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.contains("\"path\": \"/public/a;v=1\""),
+        "upstream saw {answer}"
+    );
+    gw.assert_events(table.len() + 1).await;
 }
 
 #[tokio::test]
@@ -700,7 +743,9 @@ async fn a_slow_upload_is_not_an_upstream_timeout() {
 async fn forwarding_headers_from_an_untrusted_client_are_replaced_or_removed() {
     let echo = echo_upstream().await;
     let gw = start(&open_route("echo", "/", echo)).await;
-    let req = "GET /x HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\nX-Real-IP: 1.2.3.4\r\nForwarded: for=1.2.3.4\r\n\r\n";
+    let req = "GET /x HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\nX-Real-IP: 1.2.3.4\r\nForwarded: for=1.2.3.4\r\n\
+        X-Forwarded-Client-Cert: Hash=00;Subject=\"CN=admin\"\r\nTrue-Client-IP: 1.2.3.4\r\nX-Client-IP: 1.2.3.4\r\n\
+        X-Forwarded-Ssl: on\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n\r\n";
     let answer = raw(gw.gw.addr, req.as_bytes()).await;
     let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
     let seen: serde_json::Value = serde_json::from_str(body).unwrap();
@@ -713,8 +758,44 @@ async fn forwarding_headers_from_an_untrusted_client_are_replaced_or_removed() {
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-real-ip"], serde_json::Value::Null);
     assert_eq!(h["forwarded"], serde_json::Value::Null);
+    for name in [
+        "x-forwarded-client-cert",
+        "true-client-ip",
+        "x-client-ip",
+        "x-forwarded-ssl",
+        "x-original-url",
+        "x-rewrite-url",
+    ] {
+        assert_eq!(h[name], serde_json::Value::Null, "{name}: {body}");
+    }
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     gw.assert_events(1).await;
+}
+
+/// Regression: a `Connection` value with a byte outside ASCII was passed over whole, so the
+/// headers it named reached the upstream; and the user information of an absolute-form
+/// target (a password) went upstream in `X-Forwarded-Host`.
+#[tokio::test]
+async fn hop_by_hop_names_and_the_forwarded_host_survive_odd_requests() {
+    let echo = echo_upstream().await;
+    let gw = start(&open_route("echo", "/", echo)).await;
+    let req = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close, x-hop, \xff\r\nX-Hop: must-not-pass\r\n\r\n";
+    let answer = raw(gw.gw.addr, req).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(seen["headers"]["x-hop"], serde_json::Value::Null, "{body}");
+    let req = b"GET http://user:secret@api.example:8080/x HTTP/1.1\r\nHost: api.example:8080\r\nConnection: close\r\n\r\n";
+    let answer = raw(gw.gw.addr, req).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.contains("secret"), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        seen["headers"]["x-forwarded-host"], "api.example:8080",
+        "{body}"
+    );
+    gw.assert_events(2).await;
 }
 
 /// Regression: only the first `X-Forwarded-For` line of a trusted proxy was kept.

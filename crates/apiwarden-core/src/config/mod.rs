@@ -10,7 +10,7 @@ mod spans;
 mod validate;
 
 use crate::net::IpNet;
-use crate::path::EncodedSlashes;
+use crate::path::{EncodedSlashes, PathParameters};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -86,6 +86,7 @@ pub struct GatewayConfig {
     pub max_body_size: u64,
     pub max_header_size: usize,
     pub encoded_slashes: EncodedSlashes,
+    pub path_parameters: PathParameters,
     pub shutdown_timeout: Duration,
     /// An HTTP/1.1 connection with no request in flight is closed once no whole request
     /// head has come for this long: the keep-alive idle time and a slow request head alike.
@@ -509,6 +510,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "gateway.max_body_size", default: "\"10MiB\"", example: "\"1GiB\"", doc: "Largest request body accepted; larger ones get `413`, whether announced by `Content-Length` or found while streaming." },
     OptionDoc { key: "gateway.max_header_size", default: "\"32KiB\"", example: "\"64KiB\"", doc: "Largest request head (request line and all header lines) accepted; larger ones get `431`." },
     OptionDoc { key: "gateway.encoded_slashes", default: "\"reject\"", example: "\"keep\"", doc: "`reject`: a path with `%2F` or `%5C` gets `400`. `keep`: they stay encoded inside their segment and never separate segments for routing." },
+    OptionDoc { key: "gateway.path_parameters", default: "\"reject\"", example: "\"keep\"", doc: "`reject`: a path with a path parameter (a raw `;`, as in `/admin;x`) gets `400`, since Tomcat, Jetty and Spring cut `;...` off a segment before matching. `keep`: `;...` stays part of its segment, for routing too; a dot segment with one (`..;`) is still refused." },
     OptionDoc { key: "gateway.shutdown_timeout", default: "\"30s\"", example: "\"10s\"", doc: "On SIGTERM or Ctrl-C, how long requests in flight may take to finish." },
     OptionDoc { key: "gateway.idle_timeout", default: "\"30s\"", example: "\"75s\"", doc: "An HTTP/1.1 connection with no request in flight is closed when no whole request head has arrived for this long: it bounds both the time a kept-alive connection may sit idle and the time a request head may take to arrive (slow-header attacks). Checked once a second (a connection may stay up to 2 s longer, never shorter), so at least `\"1s\"`; HTTP/2 connections are kept by their pings instead." },
     OptionDoc { key: "gateway.node", default: "the host name", example: "\"gw-1\"", doc: "This node's name in audit events." },

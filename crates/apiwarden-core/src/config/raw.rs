@@ -17,6 +17,7 @@ pub(crate) struct Gateway {
     pub max_body_size: Option<Size>,
     pub max_header_size: Option<Size>,
     pub encoded_slashes: Option<String>,
+    pub path_parameters: Option<String>,
     pub shutdown_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub node: Option<String>,

@@ -3,7 +3,7 @@
 use super::raw;
 use super::spans::{line_col, locate, Key, Node};
 use super::*;
-use crate::path::{normalize, EncodedSlashes};
+use crate::path::{normalize, EncodedSlashes, PathParameters, PathRules};
 use crate::units::{ByteSize, HumanDuration};
 use serde::de::DeserializeOwned;
 use std::collections::HashSet;
@@ -256,6 +256,17 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 format!("encoded_slashes must be \"reject\" or \"keep\", not {other:?}"),
             );
             EncodedSlashes::Reject
+        }
+    };
+    let path_parameters = match gateway.path_parameters.as_deref() {
+        None | Some("reject") => PathParameters::Reject,
+        Some("keep") => PathParameters::Keep,
+        Some(other) => {
+            cx.error(
+                &g("path_parameters"),
+                format!("path_parameters must be \"reject\" or \"keep\", not {other:?}"),
+            );
+            PathParameters::Reject
         }
     };
     let shutdown_timeout = duration(
@@ -945,8 +956,14 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             }
         });
         let (path, path_text) = match (&r.path, &r.path_prefix) {
-            (Some(p), None) => (route_path(&mut cx, p, false, &at("path")), p.clone()),
-            (None, Some(p)) => (route_path(&mut cx, p, true, &at("path_prefix")), p.clone()),
+            (Some(p), None) => (
+                route_path(&mut cx, p, false, path_parameters, &at("path")),
+                p.clone(),
+            ),
+            (None, Some(p)) => (
+                route_path(&mut cx, p, true, path_parameters, &at("path_prefix")),
+                p.clone(),
+            ),
             (Some(_), Some(_)) => {
                 cx.error(
                     &at("path_prefix"),
@@ -1143,6 +1160,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             max_body_size,
             max_header_size: usize::try_from(max_header_size).unwrap_or(usize::MAX),
             encoded_slashes,
+            path_parameters,
             shutdown_timeout,
             idle_timeout,
             node: gateway.node.clone(),
@@ -1364,7 +1382,7 @@ fn target(cx: &mut Ctx<'_>, url: &str, path: &[Key]) -> Option<Target> {
     // The base path is prefixed to already-normal paths, so it must be normal itself.
     let base_ok = base.is_empty()
         || base.bytes().all(|b| b.is_ascii_graphic())
-            && normalize(base, EncodedSlashes::Keep).is_ok_and(|n| n == base);
+            && normalize(base, PathRules::KEEP).is_ok_and(|n| n == base);
     if !host_ok || base.contains(['?', '#']) || !base_ok {
         cx.error(
             path,
@@ -1425,7 +1443,13 @@ fn parse_rate(s: &str) -> Result<(u64, Duration), String> {
     Ok((n, Duration::from_secs(per)))
 }
 
-fn route_path(cx: &mut Ctx<'_>, p: &str, prefix: bool, path: &[Key]) -> PathMatch {
+fn route_path(
+    cx: &mut Ctx<'_>,
+    p: &str,
+    prefix: bool,
+    parameters: PathParameters,
+    path: &[Key],
+) -> PathMatch {
     let is_template = p.contains('{');
     if prefix && is_template {
         cx.error(
@@ -1443,7 +1467,10 @@ fn route_path(cx: &mut Ctx<'_>, p: &str, prefix: bool, path: &[Key]) -> PathMatc
     if upper.contains("%2F") || upper.contains("%5C") || p.contains('\\') {
         cx.error(path, format!("{p:?}: encoded slashes and backslashes never match (requests with them are refused unless gateway.encoded_slashes = \"keep\")"));
     }
-    match normalize(p, EncodedSlashes::Keep) {
+    if p.contains(';') && parameters == PathParameters::Reject {
+        cx.error(path, format!("{p:?}: a path parameter (';') never matches (requests with one are refused unless gateway.path_parameters = \"keep\")"));
+    }
+    match normalize(p, PathRules::KEEP) {
         Ok(n) if n == p => {}
         Ok(n) => cx.error(path, format!("{p:?} is not in normal form; write {n:?}")),
         Err(e) => cx.error(path, format!("{p:?}: {e}")),
@@ -1603,6 +1630,8 @@ colour = "blue"
             (&format!("{U}[[routes]]\nname = \"r\"\nhost = \"a.example.com:8080\"\npath = \"/a\"\nupstream = \"u\"\nauth = [\"none\"]\n"), "without port or path"),
             (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a%2Fb\"\nupstream = \"u\"\nauth = [\"none\"]\n"), "never match"),
             (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a?b=1\"\nupstream = \"u\"\nauth = [\"none\"]\n"), "query or fragment"),
+            (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a;v=1\"\nupstream = \"u\"\nauth = [\"none\"]\n"), "gateway.path_parameters = \"keep\""),
+            ("[gateway]\npath_parameters = \"strip\"\n", "\"reject\" or \"keep\""),
             ("[limits.l]\nrate = \"10/s\"\nburst = 0\n", "burst must be at least 1"),
             ("[limits.l]\nrate = \"10/w\"\n", "units s, m, h, d"),
             ("[limits.l]\nrate = \"10000000/s\"\n", "not a limit"),
