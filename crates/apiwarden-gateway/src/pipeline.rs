@@ -888,7 +888,7 @@ impl Forward {
         let h = &mut parts.headers;
         if !trusted_peer {
             // What an untrusted client says about proxies in front of it is not passed on.
-            if h.keys().any(|k| UNTRUSTED_FORWARDING.contains(k)) {
+            if h.keys().any(is_untrusted_forwarding) {
                 for name in &UNTRUSTED_FORWARDING {
                     h.remove(name);
                 }
@@ -1114,6 +1114,13 @@ const UNTRUSTED_FORWARDING: [HeaderName; 15] = [
     HeaderName::from_static("x-original-url"),
     HeaderName::from_static("x-rewrite-url"),
 ];
+
+/// Whether a header is one of [`UNTRUSTED_FORWARDING`]. Every one of their names begins with
+/// `x`, `f` or `t`, so most headers are passed over on their first byte.
+fn is_untrusted_forwarding(name: &HeaderName) -> bool {
+    matches!(name.as_str().as_bytes().first(), Some(b'x' | b'f' | b't'))
+        && UNTRUSTED_FORWARDING.contains(name)
+}
 
 /// All lines of a header joined with `", "`, as RFC 9110 section 5.3 allows for lists.
 fn joined(h: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
@@ -1654,6 +1661,15 @@ pub fn record_unparsed(shared: &Shared, conn: &ConnInfo, reason: Reason) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn every_untrusted_forwarding_header_is_found() {
+        for name in &UNTRUSTED_FORWARDING {
+            assert!(is_untrusted_forwarding(name), "{name}");
+        }
+        assert!(!is_untrusted_forwarding(&header::HOST));
+        assert!(!is_untrusted_forwarding(&X_FORWARDED_FOR));
+    }
     use super::*;
 
     #[test]
