@@ -530,13 +530,18 @@ impl Issuer {
         } else {
             parsed.header.kid.as_deref()
         };
+        // One fresh key set per request at most: a fetch that takes longer than `min_refresh`
+        // would otherwise let a made-up `kid` fetch again and again, the request never ending.
+        let mut refreshed = false;
         let key = loop {
             match set.find(kid, alg) {
                 Ok(k) => break k,
                 Err(false) => return Err(Reason::AuthnAlgConfusion),
+                Err(true) if refreshed => return Err(Reason::AuthnUnknownKid),
                 Err(true) => {
                     // An unknown `kid`: the issuer may have rotated its keys. Fetch once more
                     // (single flight, at most once per `min_refresh`) and look again.
+                    refreshed = true;
                     if hmac_issuer || !self.refresh_now(set.fetched).await {
                         return Err(if set.fetched == 0 {
                             Reason::AuthnKeysUnavailable

@@ -124,11 +124,12 @@ fn now() -> i64 {
 }
 
 /// The test's identity provider: discovery and a JWKS that the test can change, counting
-/// how often each is fetched.
+/// how often each is fetched, and answering the JWKS after `jwks_delay_ms`.
 struct Idp {
     addr: SocketAddr,
     jwks: Arc<Mutex<Value>>,
     jwks_fetches: Arc<AtomicUsize>,
+    jwks_delay_ms: Arc<AtomicUsize>,
 }
 
 impl Idp {
@@ -138,13 +139,18 @@ impl Idp {
         let addr = listener.local_addr().unwrap();
         let jwks = Arc::new(Mutex::new(jwks));
         let fetches = Arc::new(AtomicUsize::new(0));
-        let (j, f) = (jwks.clone(), fetches.clone());
+        let delay = Arc::new(AtomicUsize::new(0));
+        let (j, f, d) = (jwks.clone(), fetches.clone(), delay.clone());
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
-                let (j, f) = (j.clone(), f.clone());
+                let (j, f, d) = (j.clone(), f.clone(), d.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let wait = match req.uri().path() {
+                            "/jwks" => d.load(Relaxed) as u64,
+                            _ => 0,
+                        };
                         let body = match req.uri().path() {
                             "/.well-known/openid-configuration" => json!({
                                 "issuer": format!("http://{addr}"),
@@ -158,6 +164,7 @@ impl Idp {
                             _ => String::new(),
                         };
                         async move {
+                            tokio::time::sleep(Duration::from_millis(wait)).await;
                             Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
                                 Bytes::from(body),
                             )))
@@ -173,6 +180,7 @@ impl Idp {
             addr,
             jwks,
             jwks_fetches: fetches,
+            jwks_delay_ms: delay,
         }
     }
 
@@ -591,6 +599,41 @@ async fn the_whole_decision_space_of_jwt() {
     }
     assert!(!everything.contains(&es_ok));
     assert!(!everything.contains(std::str::from_utf8(HS_SECRET).unwrap()));
+}
+
+/// Regression: when the issuer took longer to answer than `min_refresh`, a token with a
+/// made-up `kid` fetched the key set again and again and its request never ended. Now one
+/// fresh key set is all a request gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_kid_fetches_once_even_from_a_slow_issuer() {
+    let es = Signer::es256();
+    let idp = Idp::start(json!({"keys": [es.jwk("es-1")]})).await;
+    let dir = temp_dir("jwt-slow");
+    let secret_file = dir.join("hs256.secret");
+    std::fs::write(&secret_file, HS_SECRET).unwrap();
+    let up = echo_upstream().await;
+    let gw = start(&config(up, &idp, &secret_file)).await;
+    until_ready(&gw).await;
+    // Slower than the floor (`min_refresh` 300 ms), well within the fetch timeout (5 s).
+    idp.jwks_delay_ms.store(400, Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let claims = json!({"iss": idp.issuer(), "aud": "orders-api", "sub": "u", "scope": "orders:read", "exp": now() + 300});
+    let made_up = token(&json!({"alg": "ES256", "kid": "made-up"}), &claims, |m| {
+        es.sign("ES256", m)
+    });
+    let before = idp.jwks_fetches.load(Relaxed);
+    let (status, body, rid) = tokio::time::timeout(
+        Duration::from_secs(10),
+        call(&gw, "/orders", bearer(&made_up)),
+    )
+    .await
+    .expect("the request ends");
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        event_of(&gw, &rid).await.decision.reason,
+        Reason::AuthnUnknownKid
+    );
+    assert_eq!(idp.jwks_fetches.load(Relaxed) - before, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
