@@ -118,6 +118,8 @@ pub enum LedgerError {
         first: u64,
         why: String,
     },
+    #[error("the audit ledger holds records up to {found}, but its saved state says {durable} were written, synced and checkpointed: records are missing (a rollback, or a cut segment); nothing was changed — run `apiwarden audit verify` against a checkpoint held elsewhere")]
+    Missing { durable: u64, found: u64 },
     #[error("the ledger signing key {0} is not a 32-byte Ed25519 seed; restore it, or move it away to start a new key (keep keys/ so old checkpoints stay verifiable)")]
     BadKey(PathBuf),
     #[error("the system random number generator failed")]
@@ -514,9 +516,15 @@ fn saved_state(dir: &Path) -> Option<(u64, Hash, Tree)> {
 /// record. Without a usable state, or when it does not fit the segments, from the start: from
 /// record 1, or from the retention anchor when retention deleted the oldest records (a first
 /// segment after record 1 without an anchor that reaches it stops the start).
+///
+/// The saved state's size is also a floor: those records were synced and checkpointed before
+/// the state was written, so none of them may be missing or cut off as torn; a ledger that
+/// does not reach it stops the start ([`LedgerError::Missing`], [`LedgerError::Corrupt`]).
 fn replay(dir: &Path) -> Result<(Tail, Option<Cut>), LedgerError> {
-    if let Some((size, chain, tree)) = saved_state(dir) {
-        match replay_from(dir, size, chain, tree) {
+    let saved = saved_state(dir);
+    let durable = saved.as_ref().map_or(0, |(size, _, _)| *size);
+    if let Some((size, chain, tree)) = saved {
+        match replay_from(dir, size, chain, tree, durable) {
             Ok(r) => return Ok(r),
             Err(LedgerError::Corrupt { .. }) | Err(LedgerError::Sequence { .. }) => {
                 tracing::warn!(
@@ -533,7 +541,7 @@ fn replay(dir: &Path) -> Result<(Tail, Option<Cut>), LedgerError> {
         // (An anchor past the first segment's start: a retention interrupted between writing
         // the anchor and unlinking the segments it covers.)
         if a.size + 1 >= first {
-            match replay_from(dir, a.size, a.chain, a.tree()) {
+            match replay_from(dir, a.size, a.chain, a.tree(), durable) {
                 Ok(r) => return Ok(r),
                 Err(LedgerError::Corrupt { .. }) | Err(LedgerError::Sequence { .. })
                     if first == 1 =>
@@ -558,15 +566,17 @@ fn replay(dir: &Path) -> Result<(Tail, Option<Cut>), LedgerError> {
             why,
         });
     }
-    replay_from(dir, 0, CHAIN_START, Tree::new())
+    replay_from(dir, 0, CHAIN_START, Tree::new(), durable)
 }
 
-/// `replay`, trusting `tree` and `chain` for the first `skip` records.
+/// `replay`, trusting `tree` and `chain` for the first `skip` records; the first `durable`
+/// records must all be there, whole.
 fn replay_from(
     dir: &Path,
     skip: u64,
     chain: Hash,
     tree: Tree,
+    durable: u64,
 ) -> Result<(Tail, Option<Cut>), LedgerError> {
     let segs = segments(dir)?;
     let mut tree = tree;
@@ -617,9 +627,14 @@ fn replay_from(
                 }
                 Err(error) => {
                     // A torn write: the damaged record runs to the end of the last segment.
+                    // Not when the record was checkpointed (synced long before), and not when
+                    // a whole later record follows: a torn write is the last thing written, so
+                    // that is damage, such as a flipped bit in a length field.
                     let declared_end = declared_end(&bytes[offset..]);
-                    let torn =
-                        i == last_index && declared_end.is_none_or(|e| offset + e >= bytes.len());
+                    let torn = i == last_index
+                        && declared_end.is_none_or(|e| offset + e >= bytes.len())
+                        && next_seq > durable
+                        && !later_record_follows(&bytes, offset, next_seq);
                     if !torn {
                         return Err(LedgerError::Corrupt {
                             segment: path.clone(),
@@ -651,6 +666,12 @@ fn replay_from(
         return Err(LedgerError::Sequence {
             segment: dir.join("state"),
             expected: skip,
+            found: next_seq - 1,
+        });
+    }
+    if next_seq - 1 < durable {
+        return Err(LedgerError::Missing {
+            durable,
             found: next_seq - 1,
         });
     }
@@ -781,6 +802,22 @@ fn replay_record(
 
 /// The length a frame at the start of `buf` claims (header, payload, checksum), if its
 /// header is there to say.
+/// Whether a whole record numbered `seq` or later begins somewhere after `from`. A torn
+/// write leaves nothing whole after it, so if one does, the bytes at `from` are damage.
+/// Only positions holding the magic byte and a plausible later number are decoded (with
+/// their checksum), so a long segment is scanned at the speed of a byte search.
+fn later_record_follows(bytes: &[u8], from: usize, seq: u64) -> bool {
+    (from + 1..bytes.len()).any(|k| {
+        bytes[k] == frame::MAGIC
+            && bytes
+                .get(k + 5..k + frame::HEADER_LEN)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_le_bytes)
+                .is_some_and(|n| n >= seq && n - seq < 1 << 24)
+            && frame::decode(&bytes[k..]).is_ok()
+    })
+}
+
 fn declared_end(buf: &[u8]) -> Option<usize> {
     let len = u32::from_le_bytes(buf.get(1..5)?.try_into().ok()?) as usize;
     Some(frame::OVERHEAD + len)
@@ -2598,6 +2635,78 @@ pub(crate) mod tests {
         let text = err.to_string();
         assert!(text.contains("audit verify"), "{text}");
         assert!(matches!(err, LedgerError::Corrupt { .. }), "{text}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Regression: a flipped bit in a record's length field made it look torn, and start-up
+    /// cut it and every whole record after it; with the saved state, a record already
+    /// checkpointed could be cut with no event at all, and a ledger shorter than its state
+    /// started anyway, numbering records again.
+    #[tokio::test]
+    async fn damage_that_looks_torn_and_missing_records_stop_the_start() {
+        let dir = temp();
+        let opened = LedgerSink::open(options(&dir)).unwrap();
+        for i in 0..10 {
+            opened.sink.record(event(i));
+        }
+        opened.sink.flush().await.unwrap();
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let ledger = dir.join("ledger");
+        let last = segments(&ledger).unwrap().last().unwrap().1.clone();
+        let good = std::fs::read(&last).unwrap();
+        // Where each record begins, by its number.
+        let mut starts = std::collections::HashMap::new();
+        let mut at = 0;
+        while at < good.len() {
+            let (f, used) = frame::decode(&good[at..]).unwrap();
+            starts.insert(f.seq, at);
+            at += used;
+        }
+        // Record 4's length now points far past the end of the file.
+        let mut flipped = good.clone();
+        flipped[starts[&4] + 3] ^= 0x40;
+        for state_kept in [true, false] {
+            std::fs::write(&last, &flipped).unwrap();
+            if !state_kept {
+                std::fs::remove_file(ledger.join("state")).unwrap();
+            }
+            let err = LedgerSink::open(options(&dir)).err().expect("refused");
+            assert!(
+                matches!(err, LedgerError::Corrupt { after_seq: 3, .. }),
+                "state kept {state_kept}: {err}"
+            );
+            assert_eq!(std::fs::read(&last).unwrap(), flipped, "nothing was cut");
+        }
+        std::fs::write(&last, &good).unwrap();
+        // Whole records gone from the end, behind a state that covers them.
+        let opened = LedgerSink::open(options(&dir)).unwrap();
+        assert_eq!(opened.records, 10);
+        opened.sink.flush().await.unwrap();
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let last = segments(&ledger).unwrap().last().unwrap().1.clone();
+        let now = std::fs::read(&last).unwrap();
+        let mut at = 0;
+        let mut end_of_7 = None;
+        while at < now.len() {
+            let (f, used) = frame::decode(&now[at..]).unwrap();
+            at += used;
+            if f.seq == 7 {
+                end_of_7 = Some(at);
+            }
+        }
+        std::fs::write(
+            &last,
+            &now[..end_of_7.expect("record 7 is in the last segment")],
+        )
+        .unwrap();
+        let err = LedgerSink::open(options(&dir)).err().expect("refused");
+        assert!(
+            matches!(err, LedgerError::Missing { found: 7, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("audit verify"), "{err}");
         let _ = std::fs::remove_dir_all(dir);
     }
 
