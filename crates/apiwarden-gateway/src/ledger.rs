@@ -120,6 +120,12 @@ pub enum LedgerError {
     },
     #[error("the audit ledger holds records up to {found}, but its saved state says {durable} were written, synced and checkpointed: records are missing (a rollback, or a cut segment); nothing was changed — run `apiwarden audit verify` against a checkpoint held elsewhere")]
     Missing { durable: u64, found: u64 },
+    #[error("the audit ledger does not match the checkpoint copy {copy}, which covers {size} records where the ledger holds {records}: the ledger was rolled back or cut; nothing was changed — run `apiwarden audit verify` (it compares the two)")]
+    BehindCopy {
+        copy: PathBuf,
+        size: u64,
+        records: u64,
+    },
     #[error("the ledger signing key {0} is not a 32-byte Ed25519 seed; restore it, or move it away to start a new key (keep keys/ so old checkpoints stay verifiable)")]
     BadKey(PathBuf),
     #[error("the system random number generator failed")]
@@ -802,6 +808,30 @@ fn replay_record(
 
 /// The length a frame at the start of `buf` claims (header, payload, checksum), if its
 /// header is there to say.
+/// The checkpoint copy held elsewhere (`audit.checkpoint_copy`) against the ledger found at
+/// start: one that covers more records than the ledger holds, or as many with another root,
+/// means the ledger was rolled back or cut. Starting would sign checkpoints over the changed
+/// ledger and overwrite the copy, the evidence; so the start stops. A copy that is missing,
+/// unreadable or signed by no key of this ledger is passed over (`audit verify` reports it).
+fn check_copy(path: &Path, verifiers: &[Verifier], tail: &Tail) -> Result<(), LedgerError> {
+    let Ok(note) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let Ok(cp) = apiwarden_core::ledger::note::verify(&note, verifiers) else {
+        tracing::warn!(copy = %path.display(), "the ledger's checkpoint copy is not signed by a key of this ledger; it is replaced at the next checkpoint");
+        return Ok(());
+    };
+    let records = tail.next_seq - 1;
+    if cp.size > records || (cp.size == records && cp.root != tail.tree.root()) {
+        return Err(LedgerError::BehindCopy {
+            copy: path.to_path_buf(),
+            size: cp.size,
+            records,
+        });
+    }
+    Ok(())
+}
+
 /// Whether a whole record numbered `seq` or later begins somewhere after `from`. A torn
 /// write leaves nothing whole after it, so if one does, the bytes at `from` are damage.
 /// Only positions holding the magic byte and a plausible later number are decoded (with
@@ -980,6 +1010,9 @@ impl LedgerSink {
         let records = tail.next_seq - 1;
         let mut verifiers = own_verifiers(&opts.dir);
         verifiers.push(signer.verifier());
+        if let Some(copy) = &opts.copy_to {
+            check_copy(&copy.join("checkpoint"), &verifiers, &tail)?;
+        }
         if opts.retention.is_some() {
             // Segments sealed before this version (or whose seal was lost) get theirs now,
             // so that retention can pass them.
@@ -2562,6 +2595,9 @@ pub(crate) mod tests {
         std::fs::remove_file(copy.join("state")).unwrap();
         let mut copy_opts = opts.clone();
         copy_opts.dir = copy.clone();
+        // Not the original's checkpoint copy: that one has moved on past this older copy
+        // of the directory (and a start refuses a ledger behind its copy).
+        copy_opts.copy_to = Some(dir.join("elsewhere-of-the-copy"));
         let opened = LedgerSink::open(copy_opts).unwrap();
         assert_eq!(opened.records, 300);
         until("the leftover segment deleted", || {
@@ -2640,8 +2676,8 @@ pub(crate) mod tests {
 
     /// Regression: a flipped bit in a record's length field made it look torn, and start-up
     /// cut it and every whole record after it; with the saved state, a record already
-    /// checkpointed could be cut with no event at all, and a ledger shorter than its state
-    /// started anyway, numbering records again.
+    /// checkpointed could be cut with no event at all, and a ledger shorter than its state, or
+    /// than the checkpoint copy held elsewhere, started anyway, numbering records again.
     #[tokio::test]
     async fn damage_that_looks_torn_and_missing_records_stop_the_start() {
         let dir = temp();
@@ -2707,6 +2743,21 @@ pub(crate) mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("audit verify"), "{err}");
+        // The state rolled back too (an old copy of the whole directory): the checkpoint copy
+        // held elsewhere still covers ten records, so the start stops rather than sign
+        // smaller checkpoints and overwrite that copy.
+        std::fs::remove_file(ledger.join("state")).unwrap();
+        let copy = std::fs::read(dir.join("elsewhere").join("checkpoint")).unwrap();
+        let err = LedgerSink::open(options(&dir)).err().expect("refused");
+        assert!(
+            matches!(err, LedgerError::BehindCopy { records: 7, .. }),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(dir.join("elsewhere").join("checkpoint")).unwrap(),
+            copy,
+            "the copy is kept"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 
