@@ -582,9 +582,18 @@ fn verify(
     public_key: &[PathBuf],
     json: bool,
 ) -> Result<()> {
+    // The configured copy, when it is not there (an unmounted share): said, not passed over.
+    let mut copy_missing = None;
     let held_path = match from_checkpoint {
         Some(p) => Some(p),
-        None => copy.map(|c| c.join("checkpoint")).filter(|p| p.exists()),
+        None => copy.map(|c| c.join("checkpoint")).and_then(|p| {
+            if p.exists() {
+                Some(p)
+            } else {
+                copy_missing = Some(p);
+                None
+            }
+        }),
     };
     let held = held_path.as_ref().map(|p| {
         std::fs::read_to_string(p)
@@ -602,6 +611,8 @@ fn verify(
             if json {
                 let mut v = report.to_json();
                 v["held_checkpoint"] = held_path.map(|p| p.display().to_string()).into();
+                v["checkpoint_copy_missing"] = copy_missing.map(|p| p.display().to_string()).into();
+                v["keys_pinned"] = keys.is_some().into();
                 v["seconds"] = started.elapsed().as_secs_f64().into();
                 println!("{v}");
                 return Ok(());
@@ -656,8 +667,13 @@ fn verify(
                     "consistent with the checkpoint held at {} ({size} records)",
                     p.display()
                 );
+            } else if let Some(p) = &copy_missing {
+                println!("the checkpoint copy {} (audit.checkpoint_copy) is missing (is its directory mounted?): a rollback of the whole ledger cannot be ruled out", p.display());
             } else {
                 println!("no checkpoint held elsewhere was given (--from-checkpoint): a rollback of the whole ledger cannot be ruled out");
+            }
+            if keys.is_none() {
+                println!("signatures were checked against the ledger's own public keys (keys/*.vkey in its directory), which whoever can write there can replace: pass --public-key with keys kept elsewhere to pin them");
             }
             if report.records > report.covered {
                 println!(

@@ -477,6 +477,38 @@ fn prove_and_verify_proof_through_the_cli() {
     std::fs::write(&key_file, &key).unwrap();
     let key_file = key_file.to_str().unwrap();
 
+    // Verify says whose keys it trusted: the ledger's own (replaceable by whoever can write
+    // its directory) unless they are pinned.
+    let (code, out, err) = run(&["verify"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pass --public-key"), "{out}");
+    let (code, out, err) = run(&["verify", "--public-key", key_file]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("pass --public-key"), "{out}");
+    // A configured checkpoint copy that is not there is said to be missing.
+    let with_copy = root.join("with-copy.toml");
+    std::fs::write(
+        &with_copy,
+        format!(
+            "[audit]\ncheckpoint_copy = \"{}\"\n",
+            root.join("not-mounted").display()
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["audit", "verify", "--config"])
+        .arg(&with_copy)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        text.contains("not-mounted/checkpoint (audit.checkpoint_copy) is missing"),
+        "{text}"
+    );
+
     let (code, proof, err) = run(&["prove", "123"]);
     assert_eq!(code, 0, "{err}");
     let proof_file = root.join("proof.json");
