@@ -1684,6 +1684,17 @@ impl Writer {
                 }),
                 Err(_) => 0,
             };
+            // No export reaches past the last record written: such a cursor was not written
+            // by an export.
+            let seq = if seq >= self.tail.next_seq {
+                self.hold(format!(
+                    "the export cursor {} is at {seq}, past the ledger's last record: it counts as nothing exported",
+                    at.display()
+                ));
+                0
+            } else {
+                seq
+            };
             exported = exported.min(seq);
             cursors.push(format!("{name} at {seq}"));
         }
@@ -1693,9 +1704,27 @@ impl Writer {
         for i in 0..segs.len() - 1 {
             let last = segs[i + 1].0 - 1;
             if last > given_up {
-                let old = std::fs::metadata(&segs[i].1)
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t <= cutoff);
+                // Its seal, signed when it was closed, must end where the next segment
+                // begins: a segment missing in between is never deleted over. Its signed time
+                // is the segment's age, never the file's modification time, which whoever can
+                // write the directory can set (the time is in whole seconds: a second is
+                // added, so that no segment goes early).
+                let seal = std::fs::read_to_string(seal_path(dir, segs[i].0))
+                    .ok()
+                    .and_then(|n| parse_anchor(&n, &self.verifiers).ok())
+                    .filter(|a| a.size == last);
+                let Some(seal) = seal else {
+                    why = Some(format!(
+                        "segment {} has no valid seal ending at record {last} (seals/): run `apiwarden audit verify`; a restart seals a segment that has none",
+                        segs[i].1.display()
+                    ));
+                    break;
+                };
+                let old = seal
+                    .time
+                    .as_deref()
+                    .and_then(|t| humantime::parse_rfc3339(t).ok())
+                    .is_some_and(|t| t + Duration::from_secs(1) <= cutoff);
                 if !old {
                     break;
                 }
@@ -1707,19 +1736,6 @@ impl Writer {
                     why = Some(format!(
                         "record {last} is not exported yet (cursors: {})",
                         cursors.join(", ")
-                    ));
-                    break;
-                }
-                // Its seal, signed when it was closed, must end where the next segment
-                // begins: a segment missing in between is never deleted over.
-                let sealed = std::fs::read_to_string(seal_path(dir, segs[i].0))
-                    .ok()
-                    .and_then(|n| parse_anchor(&n, &self.verifiers).ok())
-                    .is_some_and(|a| a.size == last);
-                if !sealed {
-                    why = Some(format!(
-                        "segment {} has no valid seal ending at record {last} (seals/): run `apiwarden audit verify`; a restart seals a segment that has none",
-                        segs[i].1.display()
                     ));
                     break;
                 }
@@ -2472,7 +2488,11 @@ pub(crate) mod tests {
         );
         assert!(b.checkpoints_skipped > 0);
         // Everything exported: every sealed segment goes, never the one being written.
-        std::fs::write(cursor_path(&ledger, "siem"), "1000000\n").unwrap();
+        std::fs::write(
+            cursor_path(&ledger, "siem"),
+            format!("{}\n", report.records),
+        )
+        .unwrap();
         let last = *before.last().unwrap();
         until("all sealed segments deleted", || firsts(&ledger) == [last]).await;
         drop(opened);
@@ -2522,6 +2542,62 @@ pub(crate) mod tests {
         assert!(!anchor_path(&ledger).exists());
         std::fs::remove_dir(ledger.join("checkpoints.log")).unwrap();
         until("deleted once covered", || firsts(&ledger)[0] > 1).await;
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Regression: retention took a segment's age from its file's modification time and an
+    /// export cursor at its word, so whoever could write the data directory could make it
+    /// delete every sealed segment (`touch -d 2000-01-01`, a cursor of u64::MAX), with a
+    /// signed anchor after which `audit verify` passed.
+    #[tokio::test]
+    async fn retention_trusts_neither_file_times_nor_impossible_cursors() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let mut opts = options(&dir);
+        opts.retention = Some(Retention {
+            max_age: Duration::from_secs(3600),
+            requires_export: vec![],
+        });
+        let opened = LedgerSink::open(opts.clone()).unwrap();
+        write_events(&opened.sink, 0..300).await;
+        assert!(firsts(&ledger).len() >= 3);
+        let y2000 = std::time::UNIX_EPOCH + Duration::from_secs(946_684_800);
+        for (_, p) in segments(&ledger).unwrap() {
+            File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(y2000)
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(firsts(&ledger)[0], 1, "nothing deleted for a file's time");
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        opts.retention = Some(Retention {
+            max_age: Duration::from_millis(1),
+            requires_export: vec!["siem".into()],
+        });
+        std::fs::create_dir_all(ledger.join("cursors")).unwrap();
+        std::fs::write(cursor_path(&ledger, "siem"), format!("{}\n", u64::MAX)).unwrap();
+        let opened = LedgerSink::open(opts.clone()).unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(
+            firsts(&ledger)[0],
+            1,
+            "nothing deleted for an impossible cursor"
+        );
+        // A cursor an export could have written: the segments it covers go.
+        let before = firsts(&ledger);
+        std::fs::write(cursor_path(&ledger, "siem"), format!("{}\n", before[1] - 1)).unwrap();
+        until("the exported segment deleted", || {
+            firsts(&ledger)[0] == before[1]
+        })
+        .await;
         drop(opened);
         tokio::time::sleep(Duration::from_millis(100)).await;
         crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
