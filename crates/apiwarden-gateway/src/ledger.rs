@@ -118,9 +118,11 @@ pub enum LedgerError {
         first: u64,
         why: String,
     },
-    #[error("the audit ledger holds records up to {found}, but its saved state says {durable} were written, synced and checkpointed: records are missing (a rollback, or a cut segment); nothing was changed — run `apiwarden audit verify` against a checkpoint held elsewhere")]
+    #[error("the audit ledger holds records up to {found}, but {durable} were written, synced and checkpointed (its saved state, or its checkpoint copy held elsewhere, says so): records are missing (a rollback, or a cut segment); nothing was changed — run `apiwarden audit verify` to see what is missing. To start from what the ledger holds after restoring a backup on purpose, move `state` (in the ledger directory) and the checkpoint copy aside, keeping the copy as evidence")]
     Missing { durable: u64, found: u64 },
-    #[error("the audit ledger does not match the checkpoint copy {copy}, which covers {size} records where the ledger holds {records}: the ledger was rolled back or cut; nothing was changed — run `apiwarden audit verify` (it compares the two)")]
+    #[error("the checkpoint copy {copy} is not signed by any key of this audit ledger ({error}): the ledger's keys were replaced, or the copy is another ledger's; nothing was changed — run `apiwarden audit verify --from-checkpoint {copy}`, and if the keys were changed on purpose, move the copy aside")]
+    CopyUnverified { copy: PathBuf, error: String },
+    #[error("the audit ledger does not match the checkpoint copy {copy}, which covers {size} records where the ledger holds {records}: the ledger was rolled back or changed; nothing was changed — run `apiwarden audit verify` (it compares the two). To start from what the ledger holds after restoring a backup on purpose, move the copy aside, keeping it as evidence")]
     BehindCopy {
         copy: PathBuf,
         size: u64,
@@ -523,12 +525,13 @@ fn saved_state(dir: &Path) -> Option<(u64, Hash, Tree)> {
 /// record 1, or from the retention anchor when retention deleted the oldest records (a first
 /// segment after record 1 without an anchor that reaches it stops the start).
 ///
-/// The saved state's size is also a floor: those records were synced and checkpointed before
-/// the state was written, so none of them may be missing or cut off as torn; a ledger that
-/// does not reach it stops the start ([`LedgerError::Missing`], [`LedgerError::Corrupt`]).
-fn replay(dir: &Path) -> Result<(Tail, Option<Cut>), LedgerError> {
+/// The saved state's size, and `copied` (what the checkpoint copy held elsewhere covers), are
+/// also a floor: those records were synced and checkpointed before the state or the copy was
+/// written, so none of them may be missing or cut off as torn; a ledger that does not reach it
+/// stops the start ([`LedgerError::Missing`], [`LedgerError::Corrupt`]).
+fn replay(dir: &Path, copied: u64) -> Result<(Tail, Option<Cut>), LedgerError> {
     let saved = saved_state(dir);
-    let durable = saved.as_ref().map_or(0, |(size, _, _)| *size);
+    let durable = saved.as_ref().map_or(0, |(size, _, _)| *size).max(copied);
     if let Some((size, chain, tree)) = saved {
         match replay_from(dir, size, chain, tree, durable) {
             Ok(r) => return Ok(r),
@@ -806,26 +809,45 @@ fn replay_record(
     Ok(())
 }
 
-/// The length a frame at the start of `buf` claims (header, payload, checksum), if its
-/// header is there to say.
-/// The checkpoint copy held elsewhere (`audit.checkpoint_copy`) against the ledger found at
-/// start: one that covers more records than the ledger holds, or as many with another root,
-/// means the ledger was rolled back or cut. Starting would sign checkpoints over the changed
-/// ledger and overwrite the copy, the evidence; so the start stops. A copy that is missing,
-/// unreadable or signed by no key of this ledger is passed over (`audit verify` reports it).
-fn check_copy(path: &Path, verifiers: &[Verifier], tail: &Tail) -> Result<(), LedgerError> {
+/// The checkpoint copy held elsewhere (`audit.checkpoint_copy`), read at start before
+/// anything is changed.
+struct HeldCopy {
+    path: PathBuf,
+    size: u64,
+    root: Hash,
+}
+
+/// Reads the checkpoint copy. A missing one is passed over (a first start, or an unmounted
+/// share: `audit verify` says so). One that no key of this ledger signed stops the start: the
+/// ledger's keys were replaced, or the copy is another ledger's, and the next checkpoint would
+/// overwrite it, the evidence.
+fn read_copy(path: &Path, verifiers: &[Verifier]) -> Result<Option<HeldCopy>, LedgerError> {
     let Ok(note) = std::fs::read_to_string(path) else {
-        return Ok(());
+        return Ok(None);
     };
-    let Ok(cp) = apiwarden_core::ledger::note::verify(&note, verifiers) else {
-        tracing::warn!(copy = %path.display(), "the ledger's checkpoint copy is not signed by a key of this ledger; it is replaced at the next checkpoint");
-        return Ok(());
-    };
-    let records = tail.next_seq - 1;
-    if cp.size > records || (cp.size == records && cp.root != tail.tree.root()) {
-        return Err(LedgerError::BehindCopy {
-            copy: path.to_path_buf(),
+    match apiwarden_core::ledger::note::verify(&note, verifiers) {
+        Ok(cp) => Ok(Some(HeldCopy {
+            path: path.to_path_buf(),
             size: cp.size,
+            root: cp.root,
+        })),
+        Err(e) => Err(LedgerError::CopyUnverified {
+            copy: path.to_path_buf(),
+            error: e.to_string(),
+        }),
+    }
+}
+
+/// The ledger found at start against its checkpoint copy: the copy's size was already a floor
+/// for the replay (fewer records is [`LedgerError::Missing`]); as many records with another
+/// root means the ledger was changed and refilled. Starting would sign checkpoints over the
+/// changed ledger and overwrite the copy, the evidence; so the start stops.
+fn check_copy(held: &HeldCopy, tail: &Tail) -> Result<(), LedgerError> {
+    let records = tail.next_seq - 1;
+    if held.size > records || (held.size == records && held.root != tail.tree.root()) {
+        return Err(LedgerError::BehindCopy {
+            copy: held.path.clone(),
+            size: held.size,
             records,
         });
     }
@@ -848,6 +870,8 @@ fn later_record_follows(bytes: &[u8], from: usize, seq: u64) -> bool {
     })
 }
 
+/// The length a frame at the start of `buf` claims (header, payload, checksum), if its
+/// header is there to say.
 fn declared_end(buf: &[u8]) -> Option<usize> {
     let len = u32::from_le_bytes(buf.get(1..5)?.try_into().ok()?) as usize;
     Some(frame::OVERHEAD + len)
@@ -1006,13 +1030,18 @@ impl LedgerSink {
             )?),
             None => None,
         };
-        let (tail, cut) = replay(&opts.dir)?;
-        let records = tail.next_seq - 1;
         let mut verifiers = own_verifiers(&opts.dir);
         verifiers.push(signer.verifier());
-        if let Some(copy) = &opts.copy_to {
-            check_copy(&copy.join("checkpoint"), &verifiers, &tail)?;
+        // The copy first: what it covers must not be cut off as torn either.
+        let held = match &opts.copy_to {
+            Some(copy) => read_copy(&copy.join("checkpoint"), &verifiers)?,
+            None => None,
+        };
+        let (tail, cut) = replay(&opts.dir, held.as_ref().map_or(0, |h| h.size))?;
+        if let Some(held) = &held {
+            check_copy(held, &tail)?;
         }
+        let records = tail.next_seq - 1;
         if opts.retention.is_some() {
             // Segments sealed before this version (or whose seal was lost) get theirs now,
             // so that retention can pass them.
@@ -1686,15 +1715,14 @@ impl Writer {
             };
             // No export reaches past the last record written: such a cursor was not written
             // by an export.
-            let seq = if seq >= self.tail.next_seq {
-                self.hold(format!(
-                    "the export cursor {} is at {seq}, past the ledger's last record: it counts as nothing exported",
-                    at.display()
+            if seq >= self.tail.next_seq {
+                // Named in the reason segments are kept (logged once with it).
+                exported = 0;
+                cursors.push(format!(
+                    "{name} at {seq}, past the last record, so it counts as nothing exported"
                 ));
-                0
-            } else {
-                seq
-            };
+                continue;
+            }
             exported = exported.min(seq);
             cursors.push(format!("{name} at {seq}"));
         }
@@ -2823,17 +2851,42 @@ pub(crate) mod tests {
         // held elsewhere still covers ten records, so the start stops rather than sign
         // smaller checkpoints and overwrite that copy.
         std::fs::remove_file(ledger.join("state")).unwrap();
-        let copy = std::fs::read(dir.join("elsewhere").join("checkpoint")).unwrap();
+        let held = dir.join("elsewhere").join("checkpoint");
+        let copy = std::fs::read(&held).unwrap();
         let err = LedgerSink::open(options(&dir)).err().expect("refused");
         assert!(
-            matches!(err, LedgerError::BehindCopy { records: 7, .. }),
+            matches!(err, LedgerError::Missing { found: 7, .. }),
             "{err}"
         );
-        assert_eq!(
-            std::fs::read(dir.join("elsewhere").join("checkpoint")).unwrap(),
-            copy,
-            "the copy is kept"
+        // Refilled to the copy's size with other records: the roots differ.
+        let mut without_copy = options(&dir);
+        without_copy.copy_to = None;
+        let opened = LedgerSink::open(without_copy).unwrap();
+        assert_eq!(opened.records, 7);
+        for i in 0..3 {
+            opened.sink.record(event(100 + i));
+        }
+        opened.sink.flush().await.unwrap();
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let err = LedgerSink::open(options(&dir)).err().expect("refused");
+        assert!(
+            matches!(
+                err,
+                LedgerError::BehindCopy {
+                    size: 10,
+                    records: 10,
+                    ..
+                }
+            ),
+            "{err}"
         );
+        // New keys (the old ones deleted): the copy verifies with none of them.
+        std::fs::remove_file(ledger.join("signing.key")).unwrap();
+        std::fs::remove_dir_all(ledger.join("keys")).unwrap();
+        let err = LedgerSink::open(options(&dir)).err().expect("refused");
+        assert!(matches!(err, LedgerError::CopyUnverified { .. }), "{err}");
+        assert_eq!(std::fs::read(&held).unwrap(), copy, "the copy is kept");
         let _ = std::fs::remove_dir_all(dir);
     }
 

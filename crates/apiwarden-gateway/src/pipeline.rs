@@ -1346,7 +1346,9 @@ pub async fn handle(
     };
     let path = match normalize(req.uri().path(), rules) {
         Ok(p) => p,
-        Err(_) => {
+        Err(e) => {
+            // Which rule refused it, for whoever reads the event (`;`, `%2F`, `..;`).
+            recorder.event.message = Some(e.to_string());
             recorder.event.request.path = Some(truncate(req.uri().path()));
             return deny(recorder, Reason::RequestBadPath);
         }

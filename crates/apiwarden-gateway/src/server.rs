@@ -58,6 +58,10 @@ pub enum ReloadError {
     Invalid(ConfigErrors),
     #[error("no config file to reload from")]
     NoFile,
+    /// Caught between being emptied and written again (`cat new > apiwarden.toml`), most
+    /// likely: an empty file would take every route away.
+    #[error("{path} is empty; an empty configuration is not taken on reload")]
+    Empty { path: PathBuf },
 }
 
 /// A running gateway.
@@ -369,6 +373,7 @@ impl Gateway {
             let mut hup =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let mut tick = tokio::time::interval(interval);
+            let mut retried_empty = None;
             loop {
                 #[cfg(unix)]
                 let hup_fut = async {
@@ -385,15 +390,21 @@ impl Gateway {
                     _ = stop.changed() => return,
                 };
                 let Some(gw) = gw.upgrade() else { return };
-                let changed = {
+                let (changed, now) = {
                     let mut last = gw.reload_lock.lock().expect("reload lock poisoned");
                     let now = modified(&path);
                     let changed = now != *last;
                     *last = now;
-                    changed
+                    (changed, now)
                 };
-                if forced || changed {
-                    let _ = gw.reload();
+                if (forced || changed)
+                    && matches!(gw.reload(), Err(ReloadError::Empty { .. }))
+                    && retried_empty != Some(now)
+                {
+                    // Its writer may finish within the same tick of the file's clock: look
+                    // again at the next check whatever the time says (once per file time).
+                    retried_empty = Some(now);
+                    *gw.reload_lock.lock().expect("reload lock poisoned") = None;
                 }
             }
         });
@@ -409,6 +420,9 @@ impl Gateway {
                 error,
             })
             .and_then(|text| {
+                if text.trim().is_empty() {
+                    return Err(ReloadError::Empty { path: path.clone() });
+                }
                 parse(&text, &path.display().to_string()).map_err(ReloadError::Invalid)
             });
         match result {

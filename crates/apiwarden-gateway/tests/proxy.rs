@@ -348,6 +348,16 @@ async fn path_tricks_cannot_reach_a_route_they_should_not() {
         let e = &ev[i];
         assert_eq!(e.request.route_name.as_deref(), *route, "{path}");
         assert_eq!(e.response.status, *status, "{path}");
+        if path.contains(';') {
+            // The event says which rule refused it.
+            assert!(
+                e.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("path parameter (';')")),
+                "{path}: {:?}",
+                e.message
+            );
+        }
     }
     gw.assert_events(table.len()).await;
 }

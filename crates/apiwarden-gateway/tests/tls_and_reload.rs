@@ -292,3 +292,18 @@ async fn an_invalid_reload_keeps_the_old_routes_and_is_recorded() {
     );
     gw.assert_events(2).await;
 }
+
+/// Regression: a file caught between being emptied and written (`cat new > apiwarden.toml`)
+/// was a valid, empty configuration, and a reload took every route away.
+#[tokio::test]
+async fn an_empty_file_is_not_taken_on_reload() {
+    let echo = echo_upstream().await;
+    let gw = start(&two_routes(echo, false)).await;
+    std::fs::write(gw.dir.join("apiwarden.toml"), "\n").unwrap();
+    let err = gw.gw.reload().unwrap_err().to_string();
+    assert!(err.contains("is empty"), "{err}");
+    assert_eq!(get(&gw.url("/a/still")).await.0, 200, "the routes stay");
+    std::fs::write(gw.dir.join("apiwarden.toml"), two_routes(echo, true)).unwrap();
+    gw.gw.reload().expect("a whole file is taken");
+    assert_eq!(get(&gw.url("/b/new")).await.0, 200);
+}
