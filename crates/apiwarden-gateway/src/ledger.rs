@@ -2728,16 +2728,33 @@ pub(crate) mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_torn_last_record_is_cut_and_reported_and_damage_inside_stops_the_start() {
-        let dir = temp();
-        let opened = LedgerSink::open(options(&dir)).unwrap();
-        for i in 0..10 {
+    /// Opens the ledger, records `events`, flushes, and closes it again.
+    async fn record_and_close(opts: LedgerOptions, events: std::ops::Range<usize>) {
+        let opened = LedgerSink::open(opts).unwrap();
+        for i in events {
             opened.sink.record(event(i));
         }
         opened.sink.flush().await.unwrap();
         drop(opened);
         tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+
+    /// Each whole record in a segment's bytes: its number, where it begins and where it ends.
+    fn frames_of(bytes: &[u8]) -> Vec<(u64, usize, usize)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let (f, used) = frame::decode(&bytes[at..]).unwrap();
+            out.push((f.seq, at, at + used));
+            at += used;
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_record_is_cut_and_reported_and_damage_inside_stops_the_start() {
+        let dir = temp();
+        record_and_close(options(&dir), 0..10).await;
         let segs = segments(&dir.join("ledger")).unwrap();
         let last = &segs.last().unwrap().1;
         // A crash in the middle of a write: half a record at the end.
@@ -2785,27 +2802,14 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn damage_that_looks_torn_and_missing_records_stop_the_start() {
         let dir = temp();
-        let opened = LedgerSink::open(options(&dir)).unwrap();
-        for i in 0..10 {
-            opened.sink.record(event(i));
-        }
-        opened.sink.flush().await.unwrap();
-        drop(opened);
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        record_and_close(options(&dir), 0..10).await;
         let ledger = dir.join("ledger");
         let last = segments(&ledger).unwrap().last().unwrap().1.clone();
         let good = std::fs::read(&last).unwrap();
-        // Where each record begins, by its number.
-        let mut starts = std::collections::HashMap::new();
-        let mut at = 0;
-        while at < good.len() {
-            let (f, used) = frame::decode(&good[at..]).unwrap();
-            starts.insert(f.seq, at);
-            at += used;
-        }
+        let (_, start_of_4, _) = frames_of(&good).into_iter().find(|f| f.0 == 4).unwrap();
         // Record 4's length now points far past the end of the file.
         let mut flipped = good.clone();
-        flipped[starts[&4] + 3] ^= 0x40;
+        flipped[start_of_4 + 3] ^= 0x40;
         for state_kept in [true, false] {
             std::fs::write(&last, &flipped).unwrap();
             if !state_kept {
@@ -2827,20 +2831,11 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_millis(30)).await;
         let last = segments(&ledger).unwrap().last().unwrap().1.clone();
         let now = std::fs::read(&last).unwrap();
-        let mut at = 0;
-        let mut end_of_7 = None;
-        while at < now.len() {
-            let (f, used) = frame::decode(&now[at..]).unwrap();
-            at += used;
-            if f.seq == 7 {
-                end_of_7 = Some(at);
-            }
-        }
-        std::fs::write(
-            &last,
-            &now[..end_of_7.expect("record 7 is in the last segment")],
-        )
-        .unwrap();
+        let (_, _, end_of_7) = frames_of(&now)
+            .into_iter()
+            .find(|f| f.0 == 7)
+            .expect("record 7 is in the last segment");
+        std::fs::write(&last, &now[..end_of_7]).unwrap();
         let err = LedgerSink::open(options(&dir)).err().expect("refused");
         assert!(
             matches!(err, LedgerError::Missing { found: 7, .. }),

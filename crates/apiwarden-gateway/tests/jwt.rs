@@ -229,6 +229,17 @@ fn bearer(t: &str) -> Option<(&'static str, String)> {
     Some(("authorization", format!("Bearer {t}")))
 }
 
+/// A gateway with this file's routes in front of an echo upstream, trusting `idp` (and the
+/// shared HS256 secret), once it holds the issuer's keys.
+async fn gateway_for(idp: &Idp, tag: &str) -> TestGateway {
+    let secret_file = temp_dir(tag).join("hs256.secret");
+    std::fs::write(&secret_file, HS_SECRET).unwrap();
+    let up = echo_upstream().await;
+    let gw = start(&config(up, idp, &secret_file)).await;
+    until_ready(&gw).await;
+    gw
+}
+
 async fn until_ready(gw: &TestGateway) {
     let url = format!("http://{}/readyz", gw.gw.admin_addr);
     let start = Instant::now();
@@ -248,12 +259,7 @@ async fn the_whole_decision_space_of_jwt() {
     let rsa = Signer::rsa();
     let other = Signer::es256();
     let idp = Idp::start(json!({"keys": [es.jwk("es-1"), ed.jwk("ed-1"), rsa.jwk("rsa-1")]})).await;
-    let dir = temp_dir("jwt");
-    let secret_file = dir.join("hs256.secret");
-    std::fs::write(&secret_file, HS_SECRET).unwrap();
-    let up = echo_upstream().await;
-    let gw = start(&config(up, &idp, &secret_file)).await;
-    until_ready(&gw).await;
+    let gw = gateway_for(&idp, "jwt").await;
 
     let iss = idp.issuer();
     let t = now();
@@ -608,12 +614,7 @@ async fn the_whole_decision_space_of_jwt() {
 async fn an_unknown_kid_fetches_once_even_from_a_slow_issuer() {
     let es = Signer::es256();
     let idp = Idp::start(json!({"keys": [es.jwk("es-1")]})).await;
-    let dir = temp_dir("jwt-slow");
-    let secret_file = dir.join("hs256.secret");
-    std::fs::write(&secret_file, HS_SECRET).unwrap();
-    let up = echo_upstream().await;
-    let gw = start(&config(up, &idp, &secret_file)).await;
-    until_ready(&gw).await;
+    let gw = gateway_for(&idp, "jwt-slow").await;
     // Slower than the floor (`min_refresh` 300 ms), well within the fetch timeout (5 s).
     idp.jwks_delay_ms.store(400, Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -640,12 +641,7 @@ async fn an_unknown_kid_fetches_once_even_from_a_slow_issuer() {
 async fn a_hot_token_is_verified_once_and_unknown_kids_cannot_force_fetches() {
     let es = Signer::es256();
     let idp = Idp::start(json!({"keys": [es.jwk("es-1")]})).await;
-    let dir = temp_dir("jwt-cache");
-    let secret_file = dir.join("hs256.secret");
-    std::fs::write(&secret_file, HS_SECRET).unwrap();
-    let up = echo_upstream().await;
-    let gw = start(&config(up, &idp, &secret_file)).await;
-    until_ready(&gw).await;
+    let gw = gateway_for(&idp, "jwt-cache").await;
     let t = now();
     let claims = json!({"iss": idp.issuer(), "aud": "orders-api", "sub": "u", "client_id": "billing-app", "scope": "orders:read", "exp": t + 300});
     let hot = token(&json!({"alg": "ES256", "kid": "es-1"}), &claims, |m| {
@@ -711,12 +707,7 @@ async fn a_key_rotation_at_the_issuer_while_traffic_runs() {
     let old = Arc::new(Signer::es256());
     let new = Arc::new(Signer::ed25519());
     let idp = Idp::start(json!({"keys": [old.jwk("2026-old")]})).await;
-    let dir = temp_dir("jwt-rotation");
-    let secret_file = dir.join("hs256.secret");
-    std::fs::write(&secret_file, HS_SECRET).unwrap();
-    let up = echo_upstream().await;
-    let gw = Arc::new(start(&config(up, &idp, &secret_file)).await);
-    until_ready(&gw).await;
+    let gw = Arc::new(gateway_for(&idp, "jwt-rotation").await);
     let iss = idp.issuer();
     let claims = move |sub: &str| json!({"iss": iss, "aud": "orders-api", "sub": sub, "client_id": "billing-app", "scope": "orders:read", "exp": now() + 300});
     let old_token = |sub: &str| {
