@@ -2122,6 +2122,14 @@ pub(crate) mod tests {
         }
     }
 
+    /// Retention after `max_age`, waiting for the export cursors named.
+    fn retention(max_age: Duration, requires_export: &[&str]) -> Option<Retention> {
+        Some(Retention {
+            max_age,
+            requires_export: requires_export.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
     fn event(i: usize) -> Box<AuditEvent> {
         let mut e = AuditEvent::new(EventKind::System, crate::ids::new_id(), Arc::from("t"));
         e.message = Some(format!("event {i}"));
@@ -2455,10 +2463,7 @@ pub(crate) mod tests {
         let dir = temp();
         let ledger = dir.join("ledger");
         let mut opts = options(&dir);
-        opts.retention = Some(Retention {
-            max_age: Duration::from_millis(500),
-            requires_export: vec!["siem".into()],
-        });
+        opts.retention = retention(Duration::from_millis(500), &["siem"]);
         let opened = LedgerSink::open(opts.clone()).unwrap();
         write_events(&opened.sink, 0..400).await;
         let before = firsts(&ledger);
@@ -2528,10 +2533,7 @@ pub(crate) mod tests {
 
         // A start without the state file replays from the anchor; young segments stay.
         std::fs::remove_file(ledger.join("state")).unwrap();
-        opts.retention = Some(Retention {
-            max_age: Duration::from_secs(3600),
-            requires_export: vec![],
-        });
+        opts.retention = retention(Duration::from_secs(3600), &[]);
         let opened = LedgerSink::open(opts.clone()).unwrap();
         let records = opened.records;
         assert!(records >= 402, "{records}");
@@ -2552,10 +2554,7 @@ pub(crate) mod tests {
         let dir = temp();
         let ledger = dir.join("ledger");
         let mut opts = options(&dir);
-        opts.retention = Some(Retention {
-            max_age: Duration::from_millis(1),
-            requires_export: vec![],
-        });
+        opts.retention = retention(Duration::from_millis(1), &[]);
         // No checkpoint can be written while its log is a directory.
         std::fs::create_dir_all(ledger.join("checkpoints.log")).unwrap();
         let opened = LedgerSink::open(opts).unwrap();
@@ -2585,10 +2584,7 @@ pub(crate) mod tests {
         let dir = temp();
         let ledger = dir.join("ledger");
         let mut opts = options(&dir);
-        opts.retention = Some(Retention {
-            max_age: Duration::from_secs(3600),
-            requires_export: vec![],
-        });
+        opts.retention = retention(Duration::from_secs(3600), &[]);
         let opened = LedgerSink::open(opts.clone()).unwrap();
         write_events(&opened.sink, 0..300).await;
         assert!(firsts(&ledger).len() >= 3);
@@ -2606,10 +2602,7 @@ pub(crate) mod tests {
         drop(opened);
         tokio::time::sleep(Duration::from_millis(100)).await;
 
-        opts.retention = Some(Retention {
-            max_age: Duration::from_millis(1),
-            requires_export: vec!["siem".into()],
-        });
+        opts.retention = retention(Duration::from_millis(1), &["siem"]);
         std::fs::create_dir_all(ledger.join("cursors")).unwrap();
         std::fs::write(cursor_path(&ledger, "siem"), format!("{}\n", u64::MAX)).unwrap();
         let opened = LedgerSink::open(opts.clone()).unwrap();
@@ -2637,10 +2630,7 @@ pub(crate) mod tests {
         let dir = temp();
         let ledger = dir.join("ledger");
         let mut opts = options(&dir);
-        opts.retention = Some(Retention {
-            max_age: Duration::from_millis(1),
-            requires_export: vec!["siem".into()],
-        });
+        opts.retention = retention(Duration::from_millis(1), &["siem"]);
         let opened = LedgerSink::open(opts).unwrap();
         write_events(&opened.sink, 0..300).await;
         let before = firsts(&ledger);
@@ -2663,10 +2653,7 @@ pub(crate) mod tests {
         let dir = temp();
         let ledger = dir.join("ledger");
         let mut opts = options(&dir);
-        opts.retention = Some(Retention {
-            max_age: Duration::from_millis(1),
-            requires_export: vec!["siem".into()],
-        });
+        opts.retention = retention(Duration::from_millis(1), &["siem"]);
         let opened = LedgerSink::open(opts.clone()).unwrap();
         write_events(&opened.sink, 0..300).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -2739,18 +2726,6 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
 
-    /// Each whole record in a segment's bytes: its number, where it begins and where it ends.
-    fn frames_of(bytes: &[u8]) -> Vec<(u64, usize, usize)> {
-        let mut out = Vec::new();
-        let mut at = 0;
-        while at < bytes.len() {
-            let (f, used) = frame::decode(&bytes[at..]).unwrap();
-            out.push((f.seq, at, at + used));
-            at += used;
-        }
-        out
-    }
-
     #[tokio::test]
     async fn a_torn_last_record_is_cut_and_reported_and_damage_inside_stops_the_start() {
         let dir = temp();
@@ -2806,7 +2781,11 @@ pub(crate) mod tests {
         let ledger = dir.join("ledger");
         let last = segments(&ledger).unwrap().last().unwrap().1.clone();
         let good = std::fs::read(&last).unwrap();
-        let (_, start_of_4, _) = frames_of(&good).into_iter().find(|f| f.0 == 4).unwrap();
+        let (_, start_of_4, _) = frame::spans(&good)
+            .unwrap()
+            .into_iter()
+            .find(|f| f.0 == 4)
+            .unwrap();
         // Record 4's length now points far past the end of the file.
         let mut flipped = good.clone();
         flipped[start_of_4 + 3] ^= 0x40;
@@ -2831,7 +2810,8 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_millis(30)).await;
         let last = segments(&ledger).unwrap().last().unwrap().1.clone();
         let now = std::fs::read(&last).unwrap();
-        let (_, _, end_of_7) = frames_of(&now)
+        let (_, _, end_of_7) = frame::spans(&now)
+            .unwrap()
             .into_iter()
             .find(|f| f.0 == 7)
             .expect("record 7 is in the last segment");

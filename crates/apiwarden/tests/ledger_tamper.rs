@@ -110,14 +110,7 @@ fn segments(data: &Path) -> Vec<PathBuf> {
 
 /// Every record of a segment: (seq, frame start, frame end).
 fn frames(bytes: &[u8]) -> Vec<(u64, usize, usize)> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < bytes.len() {
-        let (f, used) = frame::decode(&bytes[at..]).unwrap();
-        out.push((f.seq, at, at + used));
-        at += used;
-    }
-    out
+    frame::spans(bytes).unwrap()
 }
 
 /// The segment holding record `seq`, its bytes and its frames.

@@ -183,17 +183,13 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
     );
     let tls = gateway.tls.as_ref().map(|t| {
         let at_auth = [name("gateway"), name("tls"), name("client_auth")];
-        let client_auth = match t.client_auth.as_deref() {
-            None | Some("optional") => ClientAuth::Optional,
-            Some("required") => ClientAuth::Required,
-            Some(other) => {
-                cx.error(
-                    &at_auth,
-                    format!("client_auth must be \"optional\" or \"required\", not {other:?}"),
-                );
-                ClientAuth::Optional
-            }
-        };
+        let client_auth = one_of(
+            &mut cx,
+            &at_auth,
+            t.client_auth.as_deref(),
+            ("optional", ClientAuth::Optional),
+            ("required", ClientAuth::Required),
+        );
         if t.client_auth.is_some() && t.client_ca.is_none() {
             cx.error(
                 &at_auth,
@@ -247,28 +243,20 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             "max_header_size must be at least 1KiB",
         );
     }
-    let encoded_slashes = match gateway.encoded_slashes.as_deref() {
-        None | Some("reject") => EncodedSlashes::Reject,
-        Some("keep") => EncodedSlashes::Keep,
-        Some(other) => {
-            cx.error(
-                &g("encoded_slashes"),
-                format!("encoded_slashes must be \"reject\" or \"keep\", not {other:?}"),
-            );
-            EncodedSlashes::Reject
-        }
-    };
-    let path_parameters = match gateway.path_parameters.as_deref() {
-        None | Some("reject") => PathParameters::Reject,
-        Some("keep") => PathParameters::Keep,
-        Some(other) => {
-            cx.error(
-                &g("path_parameters"),
-                format!("path_parameters must be \"reject\" or \"keep\", not {other:?}"),
-            );
-            PathParameters::Reject
-        }
-    };
+    let encoded_slashes = one_of(
+        &mut cx,
+        &g("encoded_slashes"),
+        gateway.encoded_slashes.as_deref(),
+        ("reject", EncodedSlashes::Reject),
+        ("keep", EncodedSlashes::Keep),
+    );
+    let path_parameters = one_of(
+        &mut cx,
+        &g("path_parameters"),
+        gateway.path_parameters.as_deref(),
+        ("reject", PathParameters::Reject),
+        ("keep", PathParameters::Keep),
+    );
     let shutdown_timeout = duration(
         &mut cx,
         gateway.shutdown_timeout.as_deref(),
@@ -653,17 +641,13 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
                 LimitStore::Local
             }
         };
-        let failure_mode = match l.failure_mode.as_deref() {
-            None | Some("open") => FailureMode::Open,
-            Some("closed") => FailureMode::Closed,
-            Some(other) => {
-                cx.error(
-                    &at("failure_mode"),
-                    format!("failure_mode must be \"open\" or \"closed\", not {other:?}"),
-                );
-                FailureMode::Open
-            }
-        };
+        let failure_mode = one_of(
+            &mut cx,
+            &at("failure_mode"),
+            l.failure_mode.as_deref(),
+            ("open", FailureMode::Open),
+            ("closed", FailureMode::Closed),
+        );
         limits.insert(
             lname.clone(),
             LimitConfig {
@@ -1424,6 +1408,33 @@ fn http_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// A setting that is one of two words, the first when it is absent. Anything else is an error
+/// at `path` (whose last key names the setting) and counts as the first.
+fn one_of<T: Copy>(
+    cx: &mut Ctx<'_>,
+    path: &[Key],
+    value: Option<&str>,
+    (first, a): (&str, T),
+    (second, b): (&str, T),
+) -> T {
+    match value {
+        None => a,
+        Some(v) if v == first => a,
+        Some(v) if v == second => b,
+        Some(other) => {
+            let setting = match path.last() {
+                Some(Key::Name(n)) => n,
+                _ => "the setting",
+            };
+            cx.error(
+                path,
+                format!("{setting} must be {first:?} or {second:?}, not {other:?}"),
+            );
+            a
+        }
+    }
 }
 
 fn parse_rate(s: &str) -> Result<(u64, Duration), String> {

@@ -131,6 +131,20 @@ pub fn decode(buf: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
     ))
 }
 
+/// Where each frame of `buf` lies, in order: its sequence number, its first byte and the byte
+/// after it. The first bytes that are not a whole frame end the walk with their error. For
+/// tools and tests that change a segment record by record.
+pub fn spans(buf: &[u8]) -> Result<Vec<(u64, usize, usize)>, FrameError> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        let (f, used) = decode(&buf[at..])?;
+        out.push((f.seq, at, at + used));
+        at += used;
+    }
+    Ok(out)
+}
+
 /// Where the hash chain starts: the link before the first record.
 pub const CHAIN_START: Hash = [0; 32];
 
@@ -150,6 +164,21 @@ mod tests {
         let mut out = Vec::new();
         encode(seq, payload, &mut out).unwrap();
         out
+    }
+
+    #[test]
+    fn spans_walk_every_frame_and_stop_at_a_torn_one() {
+        let mut buf = Vec::new();
+        encode(7, b"a", &mut buf).unwrap();
+        encode(8, b"bcd", &mut buf).unwrap();
+        let whole = buf.len();
+        assert_eq!(
+            spans(&buf).unwrap(),
+            vec![(7, 0, OVERHEAD + 1), (8, OVERHEAD + 1, whole)]
+        );
+        encode(9, b"torn", &mut buf).unwrap();
+        buf.pop();
+        assert!(matches!(spans(&buf), Err(FrameError::Truncated { .. })));
     }
 
     #[test]
