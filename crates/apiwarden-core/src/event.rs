@@ -77,6 +77,9 @@ pub enum Reason {
     AuthnTokenNotYetValid,
     /// The issuer's keys could not be fetched yet, so no token can be checked.
     AuthnKeysUnavailable,
+    /// The connection's client certificate expired after its handshake, or the client CA
+    /// loaded since no longer verifies it.
+    AuthnCertificateInvalid,
     /// The introspection endpoint says the token is not active (unknown, revoked, expired or
     /// never issued).
     AuthnTokenInactive,
@@ -141,6 +144,7 @@ impl Reason {
             Reason::AuthnWrongAudience => "authn.wrong_audience",
             Reason::AuthnTokenExpired => "authn.token_expired",
             Reason::AuthnTokenNotYetValid => "authn.token_not_yet_valid",
+            Reason::AuthnCertificateInvalid => "authn.certificate_invalid",
             Reason::AuthnKeysUnavailable => "authn.keys_unavailable",
             Reason::AuthnTokenInactive => "authn.token_inactive",
             Reason::AuthnIntrospectionUnavailable => "authn.introspection_unavailable",

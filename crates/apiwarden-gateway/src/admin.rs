@@ -111,7 +111,16 @@ fn needs_keys(shared: &Shared) -> bool {
         .any(|r| r.auth.contains(&apiwarden_core::config::AuthMethod::ApiKey))
 }
 
+/// Resolves once `stop` is true (at once if it already is).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Serves the admin listener until `stop` turns true; then lets the admin requests in flight
+/// finish (within `gateway.shutdown_timeout`) and closes kept-alive connections, so that no
+/// admin action is applied after the gateway's last audit flush.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -121,17 +130,38 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
                     continue;
                 }
             },
-            _ = stop.changed() => return,
+            () = stopped(&mut stop) => break,
+            // Reaps the connections that ended.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         let (stream, peer) = stream;
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let mut conn_stop = stop.clone();
+        conns.spawn(async move {
             let svc = service_fn(move |req| handle(shared.clone(), peer, req));
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .serve_connection(TokioIo::new(stream), svc);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = stopped(&mut conn_stop) => {}
+            }
+            // Finishes the request in flight, then closes (at once when idle).
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         });
+    }
+    drop(listener);
+    let bound = shared.state.load().config.gateway.shutdown_timeout;
+    let drained =
+        tokio::time::timeout(bound, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = conns.len(),
+            "admin connections still open after gateway.shutdown_timeout; closing them"
+        );
+        conns.shutdown().await;
     }
 }

@@ -241,6 +241,8 @@ pub struct ConnInfo {
     /// The client certificate rustls verified against `gateway.tls.client_ca`, read once
     /// after the handshake.
     pub client_cert: Option<Arc<crate::tls::ClientCert>>,
+    /// Checks `client_cert` again at each request (expiry, a client CA loaded since).
+    cert_check: Option<crate::tls::CertCheck>,
     /// Its requests, for the idle check (`gateway.idle_timeout`, see `server::IdleWatch`).
     pub(crate) activity: Activity,
 }
@@ -283,13 +285,19 @@ impl ConnInfo {
             tls_version,
             peer_ip,
             client_cert: None,
+            cert_check: None,
             activity: Activity::default(),
         }
     }
 
-    /// The connection's verified client certificate.
-    pub fn with_client_cert(mut self, cert: Option<Arc<crate::tls::ClientCert>>) -> Self {
+    /// The connection's verified client certificate, and its check at each request.
+    pub fn with_client_cert(
+        mut self,
+        cert: Option<Arc<crate::tls::ClientCert>>,
+        check: Option<crate::tls::CertCheck>,
+    ) -> Self {
         self.client_cert = cert;
+        self.cert_check = check;
         self
     }
 }
@@ -1370,6 +1378,24 @@ pub async fn handle(
     recorder.route = Some(ri);
     recorder.event.request.route = Some(state.routes[ri].template.clone());
     recorder.event.request.route_name = Some(state.routes[ri].name.clone());
+
+    // A client certificate that expired, or that a client CA loaded since the handshake no
+    // longer trusts, is refused as the handshake would refuse it now, whatever the route
+    // (HTTP/1.1: the connection closes after the answer).
+    if let Some(check) = &recorder.conn.cert_check {
+        if let Err(why) = check.check(std::time::SystemTime::now()) {
+            recorder.event.message = Some(why);
+            let close = req.version() < http::Version::HTTP_2;
+            let mut resp = deny(recorder, Reason::AuthnCertificateInvalid);
+            if close {
+                if let Ok(r) = &mut resp {
+                    r.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+            }
+            return resp;
+        }
+    }
 
     // A blocked address is refused before anything looks at its credentials.
     let blocks = shared.blocks.load();

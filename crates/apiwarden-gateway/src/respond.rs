@@ -30,6 +30,10 @@ pub fn status_and_message(reason: Reason) -> (StatusCode, &'static str) {
         Reason::AuthnMalformed => (StatusCode::UNAUTHORIZED, "the credential is malformed"),
         Reason::AuthnTokenExpired => (StatusCode::UNAUTHORIZED, "the token has expired"),
         Reason::AuthnTokenNotYetValid => (StatusCode::UNAUTHORIZED, "the token is not valid yet"),
+        Reason::AuthnCertificateInvalid => (
+            StatusCode::UNAUTHORIZED,
+            "the client certificate is no longer valid (expired, or no longer trusted); reconnect with a valid certificate",
+        ),
         Reason::AuthnKeysUnavailable => (
             StatusCode::SERVICE_UNAVAILABLE,
             "the token issuer's keys cannot be fetched now; retry later",

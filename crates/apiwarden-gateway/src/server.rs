@@ -4,7 +4,7 @@
 use crate::audit::AuditSink;
 use crate::metrics::Metrics;
 use crate::pipeline::{handle, record_unparsed, ConnInfo, Shared, State};
-use crate::tls::{server_config, ClientCert, ServerConfigs, TlsError};
+use crate::tls::{server_config, CertCheck, ClientCert, ServerConfigs, TlsError};
 use apiwarden_core::config::{parse, Config, ConfigErrors};
 use apiwarden_core::event::{Outcome, Reason};
 use arc_swap::ArcSwap;
@@ -334,7 +334,8 @@ impl Gateway {
             workers.push((thread, done_rx));
         }
         let acceptor_task = tokio::spawn(accept_loop(api, queues, stop_rx.clone()));
-        // The admin listener stops last, so that /readyz answers 503 while requests drain.
+        // The admin listener stops after the workers have drained (so /readyz answers 503
+        // meanwhile) and before the last flush.
         let (admin_stop, admin_stop_rx) = watch::channel(false);
         let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone(), admin_stop_rx));
         shared.system_event(
@@ -482,6 +483,11 @@ impl Gateway {
         for t in self.background {
             t.abort();
         }
+        // Then the admin listener (it answered /readyz with 503 while requests drained): its
+        // requests in flight finish and its connections close before the last flush, so no
+        // admin action is applied without its event.
+        let _ = self.admin_stop.send(true);
+        let _ = self.admin_task.await;
         for (stop, thread) in [self.blocklist, self.keys] {
             stop.store(true, Ordering::Relaxed);
             if let Some(t) = thread {
@@ -492,8 +498,6 @@ impl Gateway {
         self.shared
             .system_event("gateway stopped".into(), Outcome::Allow, Reason::Ok);
         let _ = self.shared.sink.flush().await;
-        let _ = self.admin_stop.send(true);
-        let _ = self.admin_task.await;
         tracing::info!("apiwarden gateway stopped");
     }
 }
@@ -624,7 +628,9 @@ async fn worker_loop(
             }
             Some(configs) => {
                 // The configuration in force now (a new client CA file swaps in another).
-                let acceptor = TlsAcceptor::from(configs.load_full());
+                let state = configs.load_full();
+                let acceptor = TlsAcceptor::from(state.server.clone());
+                let configs = configs.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
                         .await
@@ -641,22 +647,34 @@ async fn worker_loop(
                             };
                             // rustls has verified the chain against client_ca; read the
                             // end-entity certificate once for the connection's requests.
-                            let client_cert = match tls.get_ref().1.peer_certificates() {
-                                Some([der, ..]) => match ClientCert::parse(der.as_ref()) {
+                            let (client_cert, cert_check) = match tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                            {
+                                Some(chain @ [der, ..]) => match ClientCert::parse(der.as_ref()) {
                                     Ok(c) => {
                                         tracing::debug!(%peer, subject = %c.subject, sha256 = %c.fingerprint, "client certificate verified");
-                                        Some(Arc::new(c))
+                                        // Checked again at each request (expiry, a new CA).
+                                        let check = CertCheck::new(
+                                            chain,
+                                            c.not_after,
+                                            configs,
+                                            state.generation,
+                                        );
+                                        (Some(Arc::new(c)), Some(check))
                                     }
                                     Err(e) => {
                                         tracing::warn!(%peer, error = %e, "a verified client certificate cannot be read; closing the connection");
                                         return;
                                     }
                                 },
-                                _ => None,
+                                _ => (None, None),
                             };
                             serve(
                                 tls,
-                                ConnInfo::new(peer, Some(version)).with_client_cert(client_cert),
+                                ConnInfo::new(peer, Some(version))
+                                    .with_client_cert(client_cert, cert_check),
                                 shared,
                                 watcher,
                                 protocol,

@@ -4,7 +4,9 @@
 //!
 //! rustls (webpki) verifies a client's chain during the handshake; [`ClientCert`] then reads
 //! the values an identity needs (subject, SANs, fingerprint) from the verified end-entity
-//! certificate, once per connection.
+//! certificate, once per connection. A connection outlives its handshake, so [`CertCheck`]
+//! looks again at each request: a certificate past its `notAfter`, or one that the client CA
+//! loaded since no longer verifies, is refused.
 
 use apiwarden_core::config::{ClientAuth, TlsConfig};
 use arc_swap::ArcSwap;
@@ -12,8 +14,9 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -97,26 +100,43 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-/// The rustls configuration in force: each handshake takes the current one, and a new client
+/// The TLS configuration in force and the client CA it verifies against.
+pub struct TlsState {
+    /// What each handshake takes.
+    pub server: Arc<rustls::ServerConfig>,
+    /// Counts the client CA files loaded (0: the one read at start).
+    pub generation: u64,
+    /// The verifier of client certificates inside `server`, to check a connection's
+    /// certificate again after a new client CA (none without `client_ca`).
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+/// The TLS configuration in force: each handshake takes the current one, and a new client
 /// CA file swaps in a new one (the certificate is swapped inside it, by its resolver).
-pub type ServerConfigs = Arc<ArcSwap<rustls::ServerConfig>>;
+pub type ServerConfigs = Arc<ArcSwap<TlsState>>;
 
 /// A whole server configuration: protocol versions, ALPN, the certificate resolver and, with
 /// `client_ca`, the verifier of client certificates.
-fn build(cfg: &TlsConfig, resolver: Arc<Resolver>) -> Result<rustls::ServerConfig, TlsError> {
+fn build(cfg: &TlsConfig, resolver: Arc<Resolver>, generation: u64) -> Result<TlsState, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Pair(e.to_string()))?;
-    let mut sc = match &cfg.client_ca {
+    let verifier = match &cfg.client_ca {
+        None => None,
+        Some(ca) => Some(client_verifier(ca, cfg.client_auth, provider)?),
+    };
+    let mut sc = match &verifier {
         None => builder.with_no_client_auth(),
-        Some(ca) => {
-            builder.with_client_cert_verifier(client_verifier(ca, cfg.client_auth, provider)?)
-        }
+        Some(v) => builder.with_client_cert_verifier(v.clone()),
     }
     .with_cert_resolver(resolver);
     sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(sc)
+    Ok(TlsState {
+        server: Arc::new(sc),
+        generation,
+        verifier,
+    })
 }
 
 /// Watches the certificate, key and client CA files.
@@ -162,7 +182,8 @@ impl CertReloader {
         }
         // A new configuration (with a new session cache: a session resumed after the change
         // was verified against the new CA certificates).
-        match build(&self.config, self.resolver.clone()) {
+        let generation = self.server.load().generation + 1;
+        match build(&self.config, self.resolver.clone(), generation) {
             Ok(sc) => {
                 self.server.store(Arc::new(sc));
                 self.ca_stamp = now;
@@ -186,7 +207,7 @@ pub fn server_config(cfg: &TlsConfig) -> Result<(ServerConfigs, CertReloader), T
     let resolver = Arc::new(Resolver(ArcSwap::new(ck)));
     // Stamped before reading: a change while reading is read again at the next check.
     let ca_stamp = cfg.client_ca.as_deref().and_then(modified);
-    let server = Arc::new(ArcSwap::from_pointee(build(cfg, resolver.clone())?));
+    let server = Arc::new(ArcSwap::from_pointee(build(cfg, resolver.clone(), 0)?));
     Ok((
         server.clone(),
         CertReloader {
@@ -215,6 +236,8 @@ pub struct ClientCert {
     pub emails: Vec<String>,
     /// SHA-256 of the certificate's DER, lowercase hex.
     pub fingerprint: String,
+    /// Its `notAfter`, in seconds since the Unix epoch (the last second it is valid).
+    pub not_after: i64,
 }
 
 /// Longest subject string kept (an audit field); a longer one is cut at a character boundary.
@@ -259,6 +282,7 @@ impl ClientCert {
             uris,
             emails,
             fingerprint: apiwarden_core::apikey::hex(digest.as_ref()),
+            not_after: cert.validity().not_after.timestamp(),
         })
     }
 
@@ -282,6 +306,86 @@ impl ClientCert {
             || self.emails.iter().any(|v| v == name)
             || self.dns_names.iter().any(|v| v.eq_ignore_ascii_case(name))
             || (!has_sans && self.common_name.as_deref() == Some(name))
+    }
+}
+
+/// A connection's client certificate, checked again at each request: the handshake verified
+/// it once, but a kept-alive connection lives on after the certificate expires or after a
+/// new client CA file stops trusting it.
+pub struct CertCheck {
+    /// The chain the client sent, end entity first.
+    chain: Vec<CertificateDer<'static>>,
+    not_after: i64,
+    configs: ServerConfigs,
+    /// The client CA generation the chain last verified against; [`REFUSED`] once it did not.
+    verified: AtomicU64,
+}
+
+/// [`CertCheck::verified`] of a certificate that failed a check: it stays refused (the
+/// client is to reconnect).
+const REFUSED: u64 = u64::MAX;
+
+impl CertCheck {
+    /// `generation`: that of the configuration whose handshake verified `chain`.
+    pub fn new(
+        chain: &[CertificateDer<'_>],
+        not_after: i64,
+        configs: ServerConfigs,
+        generation: u64,
+    ) -> CertCheck {
+        CertCheck {
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+            not_after,
+            configs,
+            verified: AtomicU64::new(generation),
+        }
+    }
+
+    /// Whether the certificate is still good at `now`: not past its `notAfter`, and, when
+    /// the client CA changed since it was last checked, verified by the one in force (once
+    /// per change and connection). Otherwise, why not (for the audit event's `message`).
+    pub fn check(&self, now: SystemTime) -> Result<(), String> {
+        let seen = self.verified.load(Ordering::Relaxed);
+        if seen == REFUSED {
+            return Err("the client certificate was refused earlier on this connection".into());
+        }
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        if secs > self.not_after {
+            self.verified.store(REFUSED, Ordering::Relaxed);
+            return Err(format!(
+                "the client certificate expired during the connection (notAfter {})",
+                humantime::format_rfc3339_seconds(
+                    SystemTime::UNIX_EPOCH
+                        + std::time::Duration::from_secs(self.not_after.max(0).unsigned_abs())
+                )
+            ));
+        }
+        let state = self.configs.load();
+        if state.generation == seen {
+            return Ok(());
+        }
+        let result = match (&state.verifier, self.chain.split_first()) {
+            (Some(v), Some((end_entity, intermediates))) => v
+                .verify_client_cert(end_entity, intermediates, UnixTime::now())
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            (None, _) => Err("no client CA is configured any more".into()),
+            (_, None) => Err("no certificate".into()),
+        };
+        match result {
+            Ok(()) => {
+                self.verified.store(state.generation, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.verified.store(REFUSED, Ordering::Relaxed);
+                Err(format!(
+                    "the client certificate does not verify against the client CA loaded since the connection opened: {e}"
+                ))
+            }
+        }
     }
 }
 

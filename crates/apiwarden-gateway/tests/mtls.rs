@@ -70,6 +70,78 @@ fn client_cert(ca: &TestCa, cn: Option<&str>, sans: &[SanType], expired: bool) -
     }
 }
 
+/// A client certificate for `billing` that is valid from an hour ago until `seconds` from now.
+fn expiring_cert(ca: &TestCa, seconds: u64) -> Issued {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "billing");
+    params.subject_alt_names = vec![uri("spiffe://example.org/billing")];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    params.not_before = epoch + Duration::from_secs(now - 3600);
+    params.not_after = epoch + Duration::from_secs(now + seconds);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    Issued {
+        cert: cert.der().clone(),
+        key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+    }
+}
+
+/// One kept-alive HTTP/1.1 connection over TLS, for several requests in a row.
+struct KeptAlive {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    conn: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
+impl KeptAlive {
+    async fn open(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> KeptAlive {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        KeptAlive {
+            send,
+            conn: tokio::spawn(conn),
+        }
+    }
+
+    /// The status, the request id and the `Connection` header of the answer.
+    async fn get(&mut self, path: &str) -> (u16, String, Option<String>) {
+        self.send.ready().await.unwrap();
+        let req = http::Request::get(path)
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = self.send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        let connection = resp
+            .headers()
+            .get("connection")
+            .map(|v| v.to_str().unwrap().to_string());
+        let _ = resp.into_body().collect().await;
+        (status, rid, connection)
+    }
+
+    /// Whether the gateway closed the connection (within two seconds).
+    async fn closed(self) -> bool {
+        tokio::time::timeout(Duration::from_secs(2), self.conn)
+            .await
+            .is_ok()
+    }
+}
+
 fn uri(v: &str) -> SanType {
     SanType::URI(Ia5String::try_from(v).unwrap())
 }
@@ -697,6 +769,117 @@ async fn a_new_client_ca_file_is_in_force_without_a_restart() {
         .await
         .expect("the old CA is no longer trusted");
     assert!(err.contains("AlertReceived"), "{err}");
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_is_checked_again_after_a_new_client_ca() {
+    let (server_ca, old_ca, new_ca) = (
+        test_ca("server CA"),
+        test_ca("old clients CA"),
+        test_ca("new clients CA"),
+    );
+    let dir = temp_dir("mtls-kept-alive");
+    write_files(&server_ca, &old_ca, &dir);
+    let (up, upstream_requests) = counting_upstream().await;
+    let gw = start(&config(&dir, up, None)).await;
+    let sans = [uri("spiffe://example.org/billing")];
+    let old = client_config(
+        &server_ca,
+        Some(&client_cert(&old_ca, Some("billing"), &sans, false)),
+    );
+    let mut conn = KeptAlive::open(gw.gw.addr, old.clone()).await;
+    assert_eq!(conn.get("/billing").await.0, 200);
+
+    // A new file that still holds the old CA: the connection's chain verifies again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let both = format!("{}{}", old_ca.cert.pem(), new_ca.cert.pem());
+    std::fs::write(dir.join("clients-ca.pem"), both).unwrap();
+    let new_only = client_config(
+        &server_ca,
+        Some(&client_cert(&new_ca, Some("billing"), &sans, false)),
+    );
+    wait_for_ca(gw.gw.addr, new_only.clone()).await;
+    assert_eq!(conn.get("/billing").await.0, 200, "still trusted");
+    assert_eq!(conn.get("/open").await.0, 200);
+
+    // Only the new CA: the next request on the old connection is refused, on an open route
+    // too, and the connection closes.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(dir.join("clients-ca.pem"), new_ca.cert.pem()).unwrap();
+    let started = Instant::now();
+    while refused(gw.gw.addr, old.clone()).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the new CA is not in force"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = upstream_requests.load(Ordering::SeqCst);
+    let (status, rid, connection) = conn.get("/open").await;
+    assert_eq!(status, 401);
+    assert_eq!(connection.as_deref(), Some("close"));
+    let e = event_of(&gw, &rid).await;
+    assert_eq!(e.decision.reason, Reason::AuthnCertificateInvalid);
+    let message = e.message.unwrap();
+    assert!(message.contains("does not verify"), "{message}");
+    assert_eq!(
+        e.tls.client_subject.as_deref(),
+        Some("CN=billing,O=Example")
+    );
+    assert!(
+        conn.closed().await,
+        "the connection is closed after the refusal"
+    );
+    assert_eq!(upstream_requests.load(Ordering::SeqCst), before);
+}
+
+/// Waits until the gateway's client CA trusts `tls`'s certificate.
+async fn wait_for_ca(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) {
+    let started = Instant::now();
+    loop {
+        let got = call(addr, tls.clone(), "/open", None).await;
+        if got.as_ref().is_ok_and(|r| r.0 == 200) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the new CA is not in force: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_certificate_that_expires_during_a_connection_is_refused_at_the_next_request() {
+    let (server_ca, clients_ca) = (test_ca("server CA"), test_ca("clients CA"));
+    let dir = temp_dir("mtls-expiring");
+    write_files(&server_ca, &clients_ca, &dir);
+    let (up, upstream_requests) = counting_upstream().await;
+    let gw = start(&config(&dir, up, None)).await;
+    let tls = client_config(&server_ca, Some(&expiring_cert(&clients_ca, 2)));
+    let mut conn = KeptAlive::open(gw.gw.addr, tls).await;
+    let (status, rid, _) = conn.get("/billing").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        event_of(&gw, &rid).await.identity.consumer.as_deref(),
+        Some("billing")
+    );
+
+    // Past its notAfter (whole seconds, inclusive).
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let (status, rid, connection) = conn.get("/billing").await;
+    assert_eq!(status, 401);
+    assert_eq!(connection.as_deref(), Some("close"));
+    let e = event_of(&gw, &rid).await;
+    assert_eq!(e.decision.reason, Reason::AuthnCertificateInvalid);
+    assert_eq!(e.identity.consumer, None);
+    let message = e.message.unwrap();
+    assert!(message.contains("expired"), "{message}");
+    assert!(
+        conn.closed().await,
+        "the connection is closed after the refusal"
+    );
+    assert_eq!(upstream_requests.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

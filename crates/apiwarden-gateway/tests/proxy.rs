@@ -564,6 +564,36 @@ async fn shutdown_lets_a_request_in_flight_finish_and_flushes_its_event() {
 }
 
 #[tokio::test]
+async fn shutdown_closes_kept_alive_admin_connections_before_its_last_flush() {
+    let echo = echo_upstream().await;
+    let gw = start(&open_route("echo", "/", echo)).await;
+    let common::TestGateway { gw: g, sink, .. } = gw;
+    let g = std::sync::Arc::try_unwrap(g).ok().expect("sole owner");
+    let tcp = TcpStream::connect(g.admin_addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let healthz = || {
+        http::Request::get("/healthz")
+            .header("host", "admin")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(send.send_request(healthz()).await.unwrap().status(), 200);
+    g.shutdown().await;
+    // Closed by the gateway, not left open for an admin action after the last flush.
+    let closed = tokio::time::timeout(Duration::from_secs(2), conn).await;
+    assert!(
+        closed.is_ok(),
+        "the kept-alive admin connection is still open"
+    );
+    assert!(send.send_request(healthz()).await.is_err());
+    let last = sink.events().pop().unwrap();
+    assert_eq!(last.message.as_deref(), Some("gateway stopped"));
+}
+
+#[tokio::test]
 async fn errors_never_echo_credentials() {
     let echo = echo_upstream().await;
     let cfg = format!(
