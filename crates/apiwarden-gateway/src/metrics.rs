@@ -171,6 +171,10 @@ pub struct Metrics {
     shards: Box<[Shard]>,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// Client connections open now (handed to a worker and not yet closed).
+    pub connections_open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Client connections closed at accept because `gateway.max_connections` were open.
+    pub connections_refused: Arc<AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -194,6 +198,8 @@ impl Metrics {
             shards: (0..workers).map(|_| Shard::default()).collect(),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            connections_open: Arc::default(),
+            connections_refused: Arc::default(),
         }
     }
 
@@ -430,6 +436,13 @@ impl Metrics {
             out,
             "apiwarden_config_reloads_total{{result=\"invalid\"}} {}",
             self.reloads_failed.load(Relaxed)
+        );
+        let _ = write!(
+            out,
+            "# HELP apiwarden_connections_open Client connections open now.\n# TYPE apiwarden_connections_open gauge\napiwarden_connections_open {}\n\
+             # HELP apiwarden_connections_refused_total Client connections closed at accept because gateway.max_connections were open.\n# TYPE apiwarden_connections_refused_total counter\napiwarden_connections_refused_total {}\n",
+            self.connections_open.load(Relaxed),
+            self.connections_refused.load(Relaxed)
         );
         out
     }

@@ -107,6 +107,13 @@ impl Shared {
     }
 }
 
+impl State {
+    /// The upstreams of this configuration.
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+}
+
 /// One compiled configuration: what a request needs, ready to use.
 pub struct State {
     pub config: Config,

@@ -333,7 +333,15 @@ impl Gateway {
                 .map_err(|error| StartError::Bind { addr, error })?;
             workers.push((thread, done_rx));
         }
-        let acceptor_task = tokio::spawn(accept_loop(api, queues, stop_rx.clone()));
+        let admission = {
+            let sh = shared.clone();
+            Admission {
+                max: Box::new(move || sh.state.load().config.gateway.max_connections),
+                open: shared.metrics.connections_open.clone(),
+                refused: shared.metrics.connections_refused.clone(),
+            }
+        };
+        let acceptor_task = tokio::spawn(accept_loop(api, queues, admission, stop_rx.clone()));
         // The admin listener stops after the workers have drained (so /readyz answers 503
         // meanwhile) and before the last flush.
         let (admin_stop, admin_stop_rx) = watch::channel(false);
@@ -506,12 +514,16 @@ fn modified(p: &std::path::Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-/// Accepts connections and hands each to the worker with the fewest open ones.
+/// Accepts connections and hands each to the worker with the fewest open ones; closes one
+/// at once while `gateway.max_connections` are open.
 async fn accept_loop(
     listener: TcpListener,
     queues: Vec<WorkerQueue>,
+    admission: Admission,
     mut stop: watch::Receiver<bool>,
 ) {
+    let total = admission.open.clone();
+    let mut last_warning: Option<Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -525,6 +537,18 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
         };
+        let max = (admission.max)();
+        if total.load(Ordering::Relaxed) >= max {
+            // Closed before any byte is read: no request, so no audit event (a flood of
+            // connections cannot flood the ledger); counted, and logged once a second.
+            drop(stream);
+            admission.refused.fetch_add(1, Ordering::Relaxed);
+            if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                last_warning = Some(Instant::now());
+                tracing::warn!(%peer, max_connections = max, "gateway.max_connections are open; closing new connections (see apiwarden_connections_refused_total)");
+            }
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let Ok(std) = stream.into_std() else { continue };
         // A worker whose thread has ended (its `live` token is gone) takes no connections.
@@ -539,8 +563,18 @@ async fn accept_loop(
         // Counted here, not when the worker gets to it: a burst of connections (a load
         // generator opening 50 at once) would otherwise all go to the worker that looked
         // least loaded before the burst.
-        let _ = queue.tx.send((std, peer, Assigned::new(&queue.open)));
+        let _ = queue
+            .tx
+            .send((std, peer, Assigned::new(&queue.open, &total)));
     }
+}
+
+/// How many client connections may be open, how many are, and the count of those refused.
+struct Admission {
+    /// `gateway.max_connections` of the configuration in force (a reload changes it).
+    max: Box<dyn Fn() -> usize + Send>,
+    open: Arc<AtomicUsize>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What the acceptor knows of a worker.
@@ -559,18 +593,21 @@ type Handoff = (std::net::TcpStream, SocketAddr, Assigned);
 
 /// One connection counted in its worker's `open` until it is dropped (the connection has
 /// closed, or never reached the worker).
-struct Assigned(Arc<AtomicUsize>);
+/// The gateway's total (`apiwarden_connections_open`, read against `max_connections`) too.
+struct Assigned(Arc<AtomicUsize>, Arc<AtomicUsize>);
 
 impl Assigned {
-    fn new(open: &Arc<AtomicUsize>) -> Self {
+    fn new(open: &Arc<AtomicUsize>, total: &Arc<AtomicUsize>) -> Self {
         open.fetch_add(1, Ordering::Relaxed);
-        Assigned(open.clone())
+        total.fetch_add(1, Ordering::Relaxed);
+        Assigned(open.clone(), total.clone())
     }
 }
 
 impl Drop for Assigned {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -848,7 +885,16 @@ async fn idle_check(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let timeout = shared.state.load().config.gateway.idle_timeout;
+        let state = shared.state.load();
+        // This worker's upstream pools: connections unused for their `idle_timeout`.
+        for u in state.upstreams() {
+            let closed = u.sweep();
+            if closed > 0 {
+                tracing::debug!(upstream = %u.name, closed, "closed idle upstream connections");
+            }
+        }
+        let timeout = state.config.gateway.idle_timeout;
+        drop(state);
         let now = Instant::now();
         let _ = IDLE.try_with(|w| {
             for (_, c) in w.borrow_mut().conns.iter_mut() {
@@ -916,7 +962,12 @@ mod tests {
             });
         }
         let (stop_tx, stop_rx) = watch::channel(false);
-        let acceptor = tokio::spawn(accept_loop(listener, queues, stop_rx));
+        let admission = Admission {
+            max: Box::new(|| usize::MAX),
+            open: Arc::default(),
+            refused: Arc::default(),
+        };
+        let acceptor = tokio::spawn(accept_loop(listener, queues, admission, stop_rx));
 
         // The workers are busy: nobody takes a connection off its queue during the burst.
         let mut clients = Vec::new();

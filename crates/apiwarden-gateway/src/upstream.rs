@@ -4,7 +4,9 @@
 //! Each worker thread has its own pool per target (a connection is only used by the thread
 //! whose runtime drives it), so taking a connection is a pop from a vector that no other
 //! thread touches. A connection returns to its pool when the response body has been read to
-//! its end; a response abandoned half-way closes its connection.
+//! its end; a response abandoned half-way closes its connection. A pool keeps at most
+//! `max_idle` connections (the least recently used goes first) and closes those unused for
+//! `idle_timeout` (each worker's once-a-second check, [`Upstream::sweep`]).
 
 use crate::body::RequestBody;
 use crate::metrics::UpstreamMetrics;
@@ -13,6 +15,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -50,7 +53,16 @@ impl Lease {
         }
         let slot = &self.upstream.targets[self.target].idle[self.worker];
         if let Ok(mut idle) = slot.lock() {
-            idle.push(self.sender);
+            if idle.len() >= self.upstream.config.max_idle {
+                // The least recently used one is closed (dropping its sender ends it).
+                if idle.pop_front().is_none() {
+                    return;
+                }
+            }
+            idle.push_back(Idle {
+                sender: self.sender,
+                checks: 0,
+            });
         }
     }
 }
@@ -74,9 +86,18 @@ pub struct TargetState {
     consecutive_failures: AtomicU32,
     /// Milliseconds since the process epoch until which the target is skipped.
     down_until: AtomicU64,
-    /// Idle keep-alive connections, one list per worker thread. Each list is only ever locked
-    /// by its own worker, so the lock is never contended.
-    idle: Vec<Mutex<Vec<Sender>>>,
+    /// Idle keep-alive connections, one list per worker thread, the most recently used at
+    /// the back. Each list is only ever locked by its own worker, so the lock is never
+    /// contended.
+    idle: Vec<Mutex<VecDeque<Idle>>>,
+}
+
+/// An idle connection in a pool.
+struct Idle {
+    sender: Sender,
+    /// Once-a-second checks that found it idle: how long it has been unused, without a
+    /// clock read when it comes back.
+    checks: u32,
 }
 
 /// A named upstream.
@@ -101,7 +122,7 @@ impl Upstream {
                 label: Arc::from(t.to_string()),
                 consecutive_failures: AtomicU32::new(0),
                 down_until: AtomicU64::new(0),
-                idle: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+                idle: (0..workers).map(|_| Mutex::new(VecDeque::new())).collect(),
             })
             .collect();
         Upstream {
@@ -154,7 +175,11 @@ impl Upstream {
 
     async fn pooled(&self, target: usize, worker: usize) -> Option<Sender> {
         loop {
-            let mut sender = self.targets[target].idle[worker].lock().ok()?.pop()?;
+            let mut sender = self.targets[target].idle[worker]
+                .lock()
+                .ok()?
+                .pop_back()?
+                .sender;
             if !sender.is_closed() && sender.ready().await.is_ok() {
                 return Some(sender);
             }
@@ -191,6 +216,36 @@ impl Upstream {
             }
         });
         Ok(sender)
+    }
+
+    /// The calling worker's share of the once-a-second idle check: closes its pooled
+    /// connections that have been unused for `idle_timeout` (and forgets those the upstream
+    /// closed). Returns how many it closed.
+    pub fn sweep(&self) -> usize {
+        let worker = crate::server::worker_index() % self.workers;
+        let limit = u32::try_from(self.config.idle_timeout.as_secs()).unwrap_or(u32::MAX);
+        let mut closed = 0;
+        for t in &self.targets {
+            let Ok(mut idle) = t.idle[worker].lock() else {
+                continue;
+            };
+            idle.retain_mut(|c| {
+                c.checks = c.checks.saturating_add(1);
+                let keep = c.checks <= limit && !c.sender.is_closed();
+                closed += usize::from(!keep);
+                keep
+            });
+        }
+        closed
+    }
+
+    /// Idle connections in the calling worker's pools.
+    pub fn idle_count(&self) -> usize {
+        let worker = crate::server::worker_index() % self.workers;
+        self.targets
+            .iter()
+            .map(|t| t.idle[worker].lock().map_or(0, |i| i.len()))
+            .sum()
     }
 
     /// Picks the next healthy target round-robin. When every target is cooling down, the one
@@ -257,6 +312,8 @@ mod tests {
             timeout: Duration::from_secs(1),
             failure_threshold: threshold,
             cooldown: Duration::from_secs(60),
+            max_idle: 128,
+            idle_timeout: Duration::from_secs(60),
         };
         Upstream::new(cfg, crate::metrics::Metrics::default().upstream("u"), 1)
     }

@@ -628,17 +628,35 @@ async fn counting_upstream() -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
+    let (addr, accepted, _) = upstream_with_connections(Duration::ZERO).await;
+    (addr, accepted)
+}
+
+/// An upstream that answers `ok` after `delay`, and counts the connections it has accepted
+/// and those open now.
+async fn upstream_with_connections(
+    delay: Duration,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use hyper_util::rt::TokioIo;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let open = std::sync::Arc::new(AtomicUsize::new(0));
+    let (count, live) = (accepted.clone(), open.clone());
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            count.fetch_add(1, SeqCst);
+            live.fetch_add(1, SeqCst);
+            let live = live.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
                     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
                         Bytes::from_static(b"ok"),
                     )))
@@ -646,10 +664,102 @@ async fn counting_upstream() -> (
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
+                live.fetch_sub(1, SeqCst);
             });
         }
     });
-    (addr, accepted)
+    (addr, accepted, open)
+}
+
+/// Waits up to `within` for `count` to reach `want`.
+async fn until_count(count: &std::sync::atomic::AtomicUsize, want: usize, within: Duration) {
+    let started = std::time::Instant::now();
+    while count.load(std::sync::atomic::Ordering::SeqCst) != want {
+        assert!(
+            started.elapsed() < within,
+            "{} instead of {want} after {within:?}",
+            count.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn upstream_pools_keep_at_most_max_idle_and_close_unused_connections() {
+    let (up, accepted, open) = upstream_with_connections(Duration::from_millis(300)).await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nworker_threads = 1\n{}",
+        open_route("u", "/", up).replacen(
+            "\n\n[[routes]]",
+            "\nmax_idle = 1\nidle_timeout = \"1s\"\n\n[[routes]]",
+            1
+        )
+    );
+    let gw = start(&cfg).await;
+    let url = gw.url("/x");
+    // Three at once: three upstream connections.
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await.0 })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    // One stays in the pool; the two beyond max_idle are closed as they come back.
+    until_count(&open, 1, Duration::from_secs(1)).await;
+    // Unused for idle_timeout (checked once a second): closed too.
+    until_count(&open, 0, Duration::from_secs(4)).await;
+    assert_eq!(
+        get(&url).await.0,
+        200,
+        "a new connection after the pool emptied"
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+    gw.assert_events(4).await;
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_closed_and_counted() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\n{}",
+        open_route("echo", "/", echo)
+    );
+    let gw = start(&cfg).await;
+    let request = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+    // Two kept-alive connections, each answered.
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(gw.gw.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        kept.push(s);
+    }
+    // A third is closed without an answer.
+    let answer = raw(gw.gw.addr, request).await;
+    assert_eq!(answer, "", "a connection beyond the cap gets no answer");
+    assert_eq!(metric(&gw, "apiwarden_connections_refused_total "), 1);
+    assert_eq!(metric(&gw, "apiwarden_connections_open "), 2);
+    // One closes: there is room again.
+    drop(kept.pop());
+    let started = std::time::Instant::now();
+    while metric(&gw, "apiwarden_connections_open ") != 1 {
+        assert!(started.elapsed() < Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = raw(
+        gw.gw.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Three requests answered, three events; the refused connection made none.
+    gw.assert_events(3).await;
 }
 
 #[tokio::test]

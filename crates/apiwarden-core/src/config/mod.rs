@@ -95,6 +95,8 @@ pub struct GatewayConfig {
     pub node: Option<String>,
     /// Runtime worker threads; `None` means one per core.
     pub worker_threads: Option<usize>,
+    /// Client connections open at once (TLS handshakes included); more are closed at accept.
+    pub max_connections: usize,
     /// Accept HTTP/2 with prior knowledge on a plain-TCP listener.
     pub h2c: bool,
 }
@@ -238,6 +240,10 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub failure_threshold: u32,
     pub cooldown: Duration,
+    /// Idle keep-alive connections kept per target and worker thread; more are closed.
+    pub max_idle: usize,
+    /// An idle keep-alive connection unused for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 /// How a route matches the host.
@@ -515,6 +521,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "gateway.idle_timeout", default: "\"30s\"", example: "\"75s\"", doc: "An HTTP/1.1 connection with no request in flight is closed when no whole request head has arrived for this long: it bounds both the time a kept-alive connection may sit idle and the time a request head may take to arrive (slow-header attacks). Checked once a second (a connection may stay up to 2 s longer, never shorter), so at least `\"1s\"`; HTTP/2 connections are kept by their pings instead." },
     OptionDoc { key: "gateway.node", default: "the host name", example: "\"gw-1\"", doc: "This node's name in audit events." },
     OptionDoc { key: "gateway.worker_threads", default: "one per core", example: "2", doc: "Worker threads, each with its own event loop, connections and upstream pools (read at start only)." },
+    OptionDoc { key: "gateway.max_connections", default: "10000", example: "50000", doc: "Client connections open at once, TLS handshakes included (as nginx's `worker_connections`, but for the whole gateway). A connection beyond it is closed as soon as it is accepted, logged (at most once a second) and counted in `apiwarden_connections_refused_total`; the admin listener does not count. Each connection may hold an upstream connection too, so keep it below half the process's open-file limit (`ulimit -n`)." },
     OptionDoc { key: "gateway.h2c", default: "false", example: "true", doc: "Plain-TCP listener only: also accept HTTP/2 with prior knowledge (h2c). Over TLS, HTTP/2 is always offered through ALPN." },
     OptionDoc { key: "admin.listen", default: "\"127.0.0.1:9090\"", example: "\"127.0.0.1:9090\"", doc: "Address of the admin listener (`/healthz`, `/readyz`, `/metrics`)." },
     OptionDoc { key: "admin.tokens.NAME.role", default: "required", example: "\"auditor\"", doc: "`admin` (read and write) or `auditor` (read only) for the admin API (`/admin/v1/...`). The token's name is the actor of its audit events (`admin-token:NAME`)." },
@@ -545,6 +552,8 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "upstreams[].timeout", default: "\"30s\"", example: "\"10s\"", doc: "Time from sending the request (from the end of its body, if it has one) until the response head arrives; past it the request gets `504`. Checked every 50 ms: the `504` comes up to 50 ms after the timeout, never before." },
     OptionDoc { key: "upstreams[].failure_threshold", default: "5", example: "3", doc: "Consecutive connect errors or timeouts after which a target is skipped." },
     OptionDoc { key: "upstreams[].cooldown", default: "\"10s\"", example: "\"30s\"", doc: "How long a failed target is skipped (if all are failing, the least recently failed one is tried)." },
+    OptionDoc { key: "upstreams[].max_idle", default: "128", example: "32", doc: "Idle keep-alive connections kept per target and worker thread (as nginx's `keepalive`); when more come back from a burst, the least recently used is closed. `0` keeps none (a new connection per request)." },
+    OptionDoc { key: "upstreams[].idle_timeout", default: "\"60s\"", example: "\"30s\"", doc: "An idle keep-alive connection to a target unused for this long is closed (checked once a second, so at least `\"1s\"`). Keep it below the upstream's own keep-alive timeout, so that the gateway closes first." },
     OptionDoc { key: "routes[].name", default: "required", example: "\"orders-read\"", doc: "Name in audit events and metrics; unique." },
     OptionDoc { key: "routes[].host", default: "any host", example: "\"api.example.com\"", doc: "Exact host name or `*.example.com`; compared without the port, case-insensitively." },
     OptionDoc { key: "routes[].path", default: "one of `path`, `path_prefix`", example: "\"/orders/{id}\"", doc: "Exact path, or a template whose `{name}` segments match one segment each. The template is what audit events record as `request.route`." },

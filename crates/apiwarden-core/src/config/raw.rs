@@ -22,6 +22,7 @@ pub(crate) struct Gateway {
     pub idle_timeout: Option<String>,
     pub node: Option<String>,
     pub worker_threads: Option<u64>,
+    pub max_connections: Option<u64>,
     pub h2c: Option<bool>,
 }
 
@@ -99,6 +100,8 @@ pub(crate) struct Upstream {
     pub timeout: Option<String>,
     pub failure_threshold: Option<u32>,
     pub cooldown: Option<String>,
+    pub max_idle: Option<u64>,
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

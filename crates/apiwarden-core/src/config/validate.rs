@@ -286,6 +286,14 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         }
         n => n.map(|n| n as usize),
     };
+    let max_connections = match gateway.max_connections {
+        Some(0) => {
+            cx.error(&g("max_connections"), "max_connections must be at least 1");
+            1
+        }
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        None => 10_000,
+    };
 
     // [admin], [storage], [audit]
     let admin_listen = addr(
@@ -474,6 +482,24 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             timeout: positive(&mut cx, u.timeout.as_deref(), "30s", &at("timeout")),
             failure_threshold: failure_threshold.max(1),
             cooldown: duration(&mut cx, u.cooldown.as_deref(), "10s", &at("cooldown")),
+            max_idle: u
+                .max_idle
+                .map_or(128, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+            idle_timeout: {
+                let t = duration(
+                    &mut cx,
+                    u.idle_timeout.as_deref(),
+                    "60s",
+                    &at("idle_timeout"),
+                );
+                if t < Duration::from_secs(1) {
+                    cx.error(
+                        &at("idle_timeout"),
+                        "idle_timeout must be at least 1s (idle connections are checked once a second)",
+                    );
+                }
+                t
+            },
         });
     }
 
@@ -1149,6 +1175,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             idle_timeout,
             node: gateway.node.clone(),
             worker_threads,
+            max_connections,
             h2c: gateway.h2c.unwrap_or(false),
         },
         admin: AdminConfig {
@@ -1633,6 +1660,8 @@ colour = "blue"
             ("[gateway]\nshutdown_timeout = \"300000000000y\"\n", "longer than ten years"),
             ("[gateway]\nidle_timeout = \"500ms\"\n", "at least 1s"),
             ("[gateway]\nworker_threads = 100000\n", "at most 1024"),
+            ("[gateway]\nmax_connections = 0\n", "max_connections must be at least 1"),
+            ("[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1\"\nidle_timeout = \"200ms\"\n", "at least 1s"),
             ("[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1\"\ntimeout = \"0s\"\n", "must be longer than zero"),
             ("[[upstreams]]\nname = \"u\"\nurl = \"http://admin:hunter2@127.0.0.1:1\"\n", "must not contain credentials"),
             ("[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1/a b\"\n", "is not an upstream URL"),
