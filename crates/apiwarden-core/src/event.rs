@@ -42,6 +42,8 @@ pub enum Reason {
     RequestHeadersTooLarge,
     /// The body is larger than `gateway.max_body_size`.
     RequestBodyTooLarge,
+    /// No part of the request body came for `gateway.body_timeout`.
+    RequestBodyTimeout,
     /// No route matches.
     RouteNotFound,
     /// No credential was presented.
@@ -128,6 +130,7 @@ impl Reason {
             Reason::RequestBadPath => "request.bad_path",
             Reason::RequestHeadersTooLarge => "request.headers_too_large",
             Reason::RequestBodyTooLarge => "request.body_too_large",
+            Reason::RequestBodyTimeout => "request.body_timeout",
             Reason::RouteNotFound => "route.not_found",
             Reason::AuthnMissing => "authn.missing",
             Reason::AuthnUnavailable => "authn.unavailable",

@@ -1,6 +1,7 @@
 //! Body types of the proxy. Bodies stream frame by frame and are never collected whole.
 //!
-//! [`RequestBody`] counts the bytes going upstream and stops at `gateway.max_body_size`.
+//! [`RequestBody`] counts the bytes going upstream, stops at `gateway.max_body_size`, and
+//! fails a body that stops arriving for `gateway.body_timeout`.
 //! [`ResponseBody`] counts the bytes going to the client and, when it ends or is dropped,
 //! hands the request's audit event to the record stage, so every request is recorded exactly
 //! once, however it ends.
@@ -23,6 +24,8 @@ pub struct BodyStats {
     pub too_large: AtomicBool,
     /// Set when reading the body from the client failed.
     pub client_failed: AtomicBool,
+    /// Set when no byte of the body came for `gateway.body_timeout`.
+    pub timed_out: AtomicBool,
     /// Set once the whole body has been read from the client.
     done: AtomicBool,
     done_signal: tokio::sync::Notify,
@@ -57,6 +60,8 @@ impl BodyStats {
 pub enum RequestBodyError {
     #[error("request body exceeds the limit")]
     TooLarge,
+    #[error("no byte of the request body came for {0:?}")]
+    TimedOut(std::time::Duration),
     #[error("reading the request body failed: {0}")]
     Read(#[from] hyper::Error),
 }
@@ -67,6 +72,11 @@ pub struct RequestBody {
     seen: u64,
     limit: u64,
     stats: Option<Arc<BodyStats>>,
+    /// `gateway.body_timeout`: the longest pause between two parts of the body.
+    idle: std::time::Duration,
+    /// Armed the first time the client keeps the body waiting, and reset by each part after
+    /// that: a body that comes with its head (the common case) never touches the timer.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl RequestBody {
@@ -77,11 +87,18 @@ impl RequestBody {
             seen: 0,
             limit: 0,
             stats: None,
+            idle: std::time::Duration::ZERO,
+            stall: None,
         }
     }
 
-    /// Streams `inner`, failing once more than `limit` bytes have passed.
-    pub fn limited(inner: Incoming, limit: u64) -> (Self, Arc<BodyStats>) {
+    /// Streams `inner`, failing once more than `limit` bytes have passed, or once no part of
+    /// it has come for `idle`.
+    pub fn limited(
+        inner: Incoming,
+        limit: u64,
+        idle: std::time::Duration,
+    ) -> (Self, Arc<BodyStats>) {
         let stats = Arc::new(BodyStats::default());
         (
             RequestBody {
@@ -89,6 +106,8 @@ impl RequestBody {
                 seen: 0,
                 limit,
                 stats: Some(stats.clone()),
+                idle,
+                stall: None,
             },
             stats,
         )
@@ -107,7 +126,29 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match ready!(Pin::new(inner).poll_frame(cx)) {
+        let polled = Pin::new(inner).poll_frame(cx);
+        if polled.is_pending() {
+            let idle = this.idle;
+            let stall = this
+                .stall
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+            if std::future::Future::poll(stall.as_mut(), cx).is_ready() {
+                // The client stopped sending: the body fails (the upstream connection that
+                // carries it is closed), and the request is answered 408 if it still can be.
+                if let Some(s) = &this.stats {
+                    s.timed_out.store(true, Relaxed);
+                }
+                this.inner = None;
+                return Poll::Ready(Some(Err(RequestBodyError::TimedOut(idle))));
+            }
+            return Poll::Pending;
+        }
+        if let Some(stall) = this.stall.as_mut() {
+            stall
+                .as_mut()
+                .reset(tokio::time::Instant::now() + this.idle);
+        }
+        match ready!(polled) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;

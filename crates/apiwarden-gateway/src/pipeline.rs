@@ -817,6 +817,9 @@ impl RecorderParts {
             if stats.too_large.load(std::sync::atomic::Ordering::Relaxed) && event.error.is_none() {
                 event.error = Some(Reason::RequestBodyTooLarge);
             }
+            if stats.timed_out.load(std::sync::atomic::Ordering::Relaxed) && event.error.is_none() {
+                event.error = Some(Reason::RequestBodyTimeout);
+            }
         }
         if event.error.is_none() {
             event.error = error;
@@ -850,7 +853,9 @@ impl Forward {
         max_body: u64,
         recorder: &mut RecorderParts,
     ) -> Result<Forwarded, Reason> {
-        let RecorderParts { event, conn, .. } = recorder;
+        let RecorderParts {
+            event, conn, state, ..
+        } = recorder;
         let upgrade = is_upgrade(&req);
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -959,7 +964,7 @@ impl Forward {
         let (body, stats) = if body.is_end_stream() {
             (RequestBody::empty(), None)
         } else {
-            let (b, s) = RequestBody::limited(body, max_body);
+            let (b, s) = RequestBody::limited(body, max_body, state.config.gateway.body_timeout);
             (b, Some(s))
         };
         let started = Instant::now();
@@ -996,6 +1001,13 @@ impl Forward {
                 })
             }
             Ok(Err(e)) => {
+                if stats
+                    .as_ref()
+                    .is_some_and(|s| s.timed_out.load(std::sync::atomic::Ordering::Relaxed))
+                {
+                    // The client's pause, not the upstream's fault.
+                    return Err(Reason::RequestBodyTimeout);
+                }
                 if stats
                     .as_ref()
                     .is_some_and(|s| s.client_failed.load(std::sync::atomic::Ordering::Relaxed))
@@ -1578,6 +1590,9 @@ pub async fn handle(
         }
     }
     let upstream = &state.upstreams[route.upstream];
+    // A refusal after the body began is answered with `Connection: close` on HTTP/1.1 (the
+    // rest of the body is never read).
+    let http1 = req.version() < Version::HTTP_2;
     let forwarded = Forward::run(
         upstream,
         req,
@@ -1596,6 +1611,14 @@ pub async fn handle(
     } = match forwarded {
         Ok(f) => f,
         Err(Reason::RequestBodyTooLarge) => return deny(recorder, Reason::RequestBodyTooLarge),
+        Err(Reason::RequestBodyTimeout) => {
+            let mut resp = deny(recorder, Reason::RequestBodyTimeout);
+            if let (true, Ok(r)) = (http1, &mut resp) {
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return resp;
+        }
         Err(reason) => {
             recorder.event.error = Some(reason);
             return respond_with(recorder, reason, &rid);

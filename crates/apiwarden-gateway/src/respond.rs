@@ -21,6 +21,10 @@ pub fn status_and_message(reason: Reason) -> (StatusCode, &'static str) {
             StatusCode::PAYLOAD_TOO_LARGE,
             "the request body is too large",
         ),
+        Reason::RequestBodyTimeout => (
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body stopped arriving; send the whole body without long pauses",
+        ),
         Reason::RouteNotFound => (StatusCode::NOT_FOUND, "no route matches this request"),
         Reason::AuthnMissing => (StatusCode::UNAUTHORIZED, "a credential is required"),
         Reason::AuthnUnavailable => (

@@ -632,8 +632,8 @@ async fn counting_upstream() -> (
     (addr, accepted)
 }
 
-/// An upstream that answers `ok` after `delay`, and counts the connections it has accepted
-/// and those open now.
+/// An upstream that reads the whole request body, answers `ok` after `delay`, and counts
+/// the connections it has accepted and those open now.
 async fn upstream_with_connections(
     delay: Duration,
 ) -> (
@@ -655,12 +655,16 @@ async fn upstream_with_connections(
             live.fetch_add(1, SeqCst);
             let live = live.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| async move {
-                    tokio::time::sleep(delay).await;
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                        Bytes::from_static(b"ok"),
-                    )))
-                });
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(_)) = body.frame().await {}
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
@@ -719,6 +723,47 @@ async fn upstream_pools_keep_at_most_max_idle_and_close_unused_connections() {
     );
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
     gw.assert_events(4).await;
+}
+
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_gets_408_and_its_upstream_connection_closes() {
+    let (up, accepted, open) = upstream_with_connections(Duration::ZERO).await;
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nbody_timeout = \"1s\"\n{}{}",
+        open_route("u", "/upload", up),
+        open_route("echo", "/echo", echo)
+    );
+    let gw = start(&cfg).await;
+    let half_a_body = |path: &str| {
+        format!("POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789")
+    };
+
+    // The upstream waits for the whole body: the client gets 408 and the connection closes.
+    let answer = raw(gw.gw.addr, half_a_body("/upload").as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(answer.contains("\"request_id\""), "{answer}");
+    let ev = gw.assert_events(1).await;
+    assert_eq!(ev[0].decision.outcome, Outcome::Deny);
+    assert_eq!(ev[0].decision.reason, Reason::RequestBodyTimeout);
+    assert_eq!(ev[0].response.status, 408);
+    // The upstream connection that carried half a body is closed, not pooled.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    until_count(&open, 0, Duration::from_secs(2)).await;
+
+    // The upstream answered before the body ended (an echo streams it back): the answer is
+    // cut, and the event says why.
+    let answer = raw(gw.gw.addr, half_a_body("/echo").as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.contains("0123456789\r\n0\r\n\r\n"), "{answer}");
+    let ev = gw.assert_events(2).await;
+    assert_eq!(ev[1].response.status, 200);
+    assert_eq!(ev[1].error, Some(Reason::RequestBodyTimeout));
+    assert_eq!(ev[1].request.bytes, 10);
 }
 
 #[tokio::test]

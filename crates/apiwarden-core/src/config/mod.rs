@@ -91,6 +91,9 @@ pub struct GatewayConfig {
     /// An HTTP/1.1 connection with no request in flight is closed once no whole request
     /// head has come for this long: the keep-alive idle time and a slow request head alike.
     pub idle_timeout: Duration,
+    /// The longest pause between two parts of a request body (nginx's
+    /// `client_body_timeout`); a longer one fails the request with `408`.
+    pub body_timeout: Duration,
     /// This node's name in audit events; `None` lets the binary pick the host name.
     pub node: Option<String>,
     /// Runtime worker threads; `None` means one per core.
@@ -519,6 +522,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "gateway.path_parameters", default: "\"reject\"", example: "\"keep\"", doc: "`reject`: a path with a path parameter (a raw `;`, as in `/admin;x`) gets `400`, since Tomcat, Jetty and Spring cut `;...` off a segment before matching. `keep`: `;...` stays part of its segment, for routing too; a dot segment with one (`..;`) is still refused." },
     OptionDoc { key: "gateway.shutdown_timeout", default: "\"30s\"", example: "\"10s\"", doc: "On SIGTERM or Ctrl-C, how long requests in flight may take to finish." },
     OptionDoc { key: "gateway.idle_timeout", default: "\"30s\"", example: "\"75s\"", doc: "An HTTP/1.1 connection with no request in flight is closed when no whole request head has arrived for this long: it bounds both the time a kept-alive connection may sit idle and the time a request head may take to arrive (slow-header attacks). Checked once a second (a connection may stay up to 2 s longer, never shorter), so at least `\"1s\"`; HTTP/2 connections are kept by their pings instead." },
+    OptionDoc { key: "gateway.body_timeout", default: "\"60s\"", example: "\"20s\"", doc: "The longest pause between two parts of a request body (as nginx's `client_body_timeout`). A client that stops sending in the middle of a body gets `408` `request.body_timeout` (if the upstream has not answered yet; otherwise the event's `error` says so), and the upstream connection that carried the body is closed. It bounds pauses, not the whole upload." },
     OptionDoc { key: "gateway.node", default: "the host name", example: "\"gw-1\"", doc: "This node's name in audit events." },
     OptionDoc { key: "gateway.worker_threads", default: "one per core", example: "2", doc: "Worker threads, each with its own event loop, connections and upstream pools (read at start only)." },
     OptionDoc { key: "gateway.max_connections", default: "10000", example: "50000", doc: "Client connections open at once, TLS handshakes included (as nginx's `worker_connections`, but for the whole gateway). A connection beyond it is closed as soon as it is accepted, logged (at most once a second) and counted in `apiwarden_connections_refused_total`; the admin listener does not count. Each connection may hold an upstream connection too, so keep it below half the process's open-file limit (`ulimit -n`)." },

@@ -20,6 +20,7 @@ pub(crate) struct Gateway {
     pub path_parameters: Option<String>,
     pub shutdown_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub body_timeout: Option<String>,
     pub node: Option<String>,
     pub worker_threads: Option<u64>,
     pub max_connections: Option<u64>,

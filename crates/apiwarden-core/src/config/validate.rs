@@ -275,6 +275,12 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             "idle_timeout must be at least 1s (idle connections are checked once a second)",
         );
     }
+    let body_timeout = positive(
+        &mut cx,
+        gateway.body_timeout.as_deref(),
+        "60s",
+        &g("body_timeout"),
+    );
     let worker_threads = match gateway.worker_threads {
         Some(0) => {
             cx.error(&g("worker_threads"), "worker_threads must be at least 1");
@@ -1173,6 +1179,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             path_parameters,
             shutdown_timeout,
             idle_timeout,
+            body_timeout,
             node: gateway.node.clone(),
             worker_threads,
             max_connections,
