@@ -9,7 +9,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -111,15 +111,21 @@ fn needs_keys(shared: &Shared) -> bool {
         .any(|r| r.auth.contains(&apiwarden_core::config::AuthMethod::ApiKey))
 }
 
-/// Resolves once `stop` is true (at once if it already is).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
+/// Resolves once `stop` holds a deadline (at once if it already does).
+async fn stopped(stop: &mut watch::Receiver<Option<Instant>>) {
+    let _ = stop.wait_for(Option::is_some).await;
 }
 
-/// Serves the admin listener until `stop` turns true; then lets the admin requests in flight
-/// finish (within `gateway.shutdown_timeout`) and closes kept-alive connections, so that no
-/// admin action is applied after the gateway's last audit flush.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// Serves the admin listener until `stop` gives a deadline; then lets the admin requests in
+/// flight finish (until that deadline, at least a second) and closes kept-alive connections,
+/// so that the gateway's last audit flush comes after every admin action's event. (Changes
+/// are refused from the start of the shutdown, see `admin_api`; one still running at the
+/// deadline is recorded as interrupted.)
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<Option<Instant>>,
+) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -154,7 +160,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         });
     }
     drop(listener);
-    let bound = shared.state.load().config.gateway.shutdown_timeout;
+    let deadline = *stop.borrow();
+    let bound = deadline
+        .map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+        })
+        .max(Duration::from_secs(1));
     let drained =
         tokio::time::timeout(bound, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {

@@ -218,6 +218,20 @@ fn store_error(e: KeyError, what: &str) -> Done {
     }
 }
 
+/// The event of an admin call in progress, recorded if the call is dropped before it ends.
+struct Unfinished<'a> {
+    shared: &'a Shared,
+    event: Option<AuditEvent>,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.event.take() {
+            self.shared.record(Box::new(e));
+        }
+    }
+}
+
 /// Serves `/admin/v1/...`.
 pub async fn handle(
     shared: Arc<Shared>,
@@ -232,6 +246,10 @@ pub async fn handle(
     event.request.method = Some(crate::pipeline::method_name(&method));
     event.request.path = Some(path.clone());
     let auth = authenticate(&cfg, &req);
+    let mut pending = Unfinished {
+        shared: &shared,
+        event: None,
+    };
     let outcome = match auth {
         Err(reason) => refused(
             StatusCode::UNAUTHORIZED,
@@ -239,15 +257,40 @@ pub async fn handle(
             "an admin token is required: Authorization: Bearer <token> ([admin.tokens.NAME])",
             format!("admin API {method} {path} refused: no valid admin token"),
         ),
+        // From the start of a shutdown nothing is changed any more: a change must never be
+        // applied after the last flush of the audit ledger.
+        Ok(_)
+            if method != Method::GET
+                && method != Method::HEAD
+                && shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) =>
+        {
+            refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Reason::ShuttingDown,
+                "the gateway is shutting down; send the change to another node or after the restart",
+                format!("admin API {method} {path} refused: the gateway is shutting down"),
+            )
+        }
         Ok((name, role)) => {
             event.actor = Some(format!("admin-token:{name}"));
             event.identity.method = Some("admin_token");
             event.identity.subject = Some(name.clone());
             event.identity.scopes = vec![role.as_str().to_string()];
             let actor = format!("admin-token:{name}");
+            // If this call is cut off (the admin listener's drain ran out at shutdown), its
+            // event is still recorded, saying that the outcome is unknown.
+            let mut interrupted = event.clone();
+            interrupted.decision.outcome = Outcome::Allow;
+            interrupted.decision.reason = Reason::AdminAction;
+            interrupted.decision.policy = Some("admin_api".into());
+            interrupted.message = Some(format!(
+                "admin API {method} {path} interrupted at shutdown: whether it was applied is unknown"
+            ));
+            pending.event = Some(interrupted);
             route(&cfg, role, &actor, &method, &path, req).await
         }
     };
+    pending.event = None;
     let allowed = outcome.reason == Reason::AdminAction && outcome.status.is_success();
     event.decision.outcome = if allowed {
         Outcome::Allow

@@ -249,7 +249,13 @@ pub struct ConnInfo {
     /// after the handshake.
     pub client_cert: Option<Arc<crate::tls::ClientCert>>,
     /// Checks `client_cert` again at each request (expiry, a client CA loaded since).
-    cert_check: Option<crate::tls::CertCheck>,
+    pub(crate) cert_check: Option<crate::tls::CertCheck>,
+    /// Set on connections that can be asked to close gracefully (HTTP/2, h2c, and those with
+    /// a client certificate): see [`ConnInfo::request_close`].
+    pub(crate) closing: Option<tokio::sync::Notify>,
+    /// The connection's place in the open-connection counts (`gateway.max_connections`),
+    /// held as long as anything serves it (a WebSocket tunnel outlives hyper's connection).
+    pub(crate) slot: Option<crate::server::Assigned>,
     /// Its requests, for the idle check (`gateway.idle_timeout`, see `server::IdleWatch`).
     pub(crate) activity: Activity,
 }
@@ -293,7 +299,18 @@ impl ConnInfo {
             peer_ip,
             client_cert: None,
             cert_check: None,
+            closing: None,
+            slot: None,
             activity: Activity::default(),
+        }
+    }
+
+    /// Asks the connection to finish its requests in flight and close (HTTP/2: GOAWAY).
+    /// Does nothing on a connection that cannot be asked (plain HTTP/1.1 without a client
+    /// certificate).
+    pub(crate) fn request_close(&self) {
+        if let Some(n) = &self.closing {
+            n.notify_one();
         }
     }
 
@@ -1362,6 +1379,26 @@ pub async fn handle(
     };
     let cfg = &state.config;
 
+    // A client certificate that expired, or that a client CA loaded since the handshake no
+    // longer trusts, is refused as the handshake would refuse it now, whatever the request,
+    // and the connection is asked to close (HTTP/1.1 after this answer, HTTP/2 with GOAWAY).
+    if let Some(check) = &recorder.conn.cert_check {
+        if let Err(why) = check.check(now) {
+            recorder.event.message = Some(why);
+            recorder.event.request.path = Some(truncate(req.uri().path()));
+            recorder.conn.request_close();
+            let close = req.version() < http::Version::HTTP_2;
+            let mut resp = deny(recorder, Reason::AuthnCertificateInvalid);
+            if close {
+                if let Ok(r) = &mut resp {
+                    r.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+            }
+            return resp;
+        }
+    }
+
     // Stage: admit. Refuse what is malformed or too large before anything else looks at it.
     if head.size > cfg.gateway.max_header_size {
         recorder.event.request.path = Some(truncate(req.uri().path()));
@@ -1397,24 +1434,6 @@ pub async fn handle(
     recorder.route = Some(ri);
     recorder.event.request.route = Some(state.routes[ri].template.clone());
     recorder.event.request.route_name = Some(state.routes[ri].name.clone());
-
-    // A client certificate that expired, or that a client CA loaded since the handshake no
-    // longer trusts, is refused as the handshake would refuse it now, whatever the route
-    // (HTTP/1.1: the connection closes after the answer).
-    if let Some(check) = &recorder.conn.cert_check {
-        if let Err(why) = check.check(std::time::SystemTime::now()) {
-            recorder.event.message = Some(why);
-            let close = req.version() < http::Version::HTTP_2;
-            let mut resp = deny(recorder, Reason::AuthnCertificateInvalid);
-            if close {
-                if let Ok(r) = &mut resp {
-                    r.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-            }
-            return resp;
-        }
-    }
 
     // A blocked address is refused before anything looks at its credentials.
     let blocks = shared.blocks.load();
@@ -1682,12 +1701,36 @@ async fn tunnel(
         Ok((c, u)) => {
             let mut c = TokioIo::new(c);
             let mut u = TokioIo::new(u);
-            match tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                Ok((to_upstream, to_client)) => {
-                    recorder.event.request.bytes = to_upstream;
-                    recorder.finish(to_client, None);
+            let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
+            // A tunnel on a connection with a client certificate is checked once a second as
+            // a request would be (expiry, a new client CA), and closed when it fails.
+            let conn = recorder.conn.clone();
+            let refused = async {
+                match &conn.cert_check {
+                    Some(check) => {
+                        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                        loop {
+                            tick.tick().await;
+                            if let Err(why) = check.check(std::time::SystemTime::now()) {
+                                return why;
+                            }
+                        }
+                    }
+                    None => std::future::pending().await,
                 }
-                Err(_) => recorder.finish(0, Some(Reason::ClientDisconnected)),
+            };
+            tokio::select! {
+                r = copy => match r {
+                    Ok((to_upstream, to_client)) => {
+                        recorder.event.request.bytes = to_upstream;
+                        recorder.finish(to_client, None);
+                    }
+                    Err(_) => recorder.finish(0, Some(Reason::ClientDisconnected)),
+                },
+                why = refused => {
+                    recorder.event.message = Some(why);
+                    recorder.finish(0, Some(Reason::AuthnCertificateInvalid));
+                }
             }
         }
         Err(_) => recorder.finish(0, Some(Reason::UpstreamError)),

@@ -75,7 +75,9 @@ pub struct Gateway {
     reload_lock: Mutex<Option<SystemTime>>,
     stop: watch::Sender<bool>,
     admin_task: JoinHandle<()>,
-    admin_stop: watch::Sender<bool>,
+    /// The admin listener's stop signal: the deadline of its drain (shutdown's start plus
+    /// `gateway.shutdown_timeout`, shared with the workers' drain).
+    admin_stop: watch::Sender<Option<Instant>>,
     acceptor_task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
     /// The threads that follow the block list's store and the API keys.
@@ -344,7 +346,7 @@ impl Gateway {
         let acceptor_task = tokio::spawn(accept_loop(api, queues, admission, stop_rx.clone()));
         // The admin listener stops after the workers have drained (so /readyz answers 503
         // meanwhile) and before the last flush.
-        let (admin_stop, admin_stop_rx) = watch::channel(false);
+        let (admin_stop, admin_stop_rx) = watch::channel(None);
         let admin_task = tokio::spawn(crate::admin::serve(admin, shared.clone(), admin_stop_rx));
         shared.system_event(
             format!("gateway started on {addr}, admin on {admin_addr}"),
@@ -448,6 +450,13 @@ impl Gateway {
                 for issuer in &state.issuers {
                     issuer.prefetch();
                 }
+                // Upstreams the new state does not keep: their pooled connections close now, and
+                // those of requests still in flight close when they end.
+                for u in old.upstreams() {
+                    if !state.upstreams().iter().any(|n| Arc::ptr_eq(n, u)) {
+                        u.retire();
+                    }
+                }
                 self.shared.state.store(Arc::new(state));
                 self.shared
                     .metrics
@@ -480,6 +489,7 @@ impl Gateway {
     /// Stops accepting, lets requests in flight finish within `gateway.shutdown_timeout`,
     /// then flushes the audit sink.
     pub async fn shutdown(self) {
+        let deadline = Instant::now() + self.shared.state.load().config.gateway.shutdown_timeout;
         self.shared.shutting_down.store(true, Ordering::Relaxed);
         let _ = self.stop.send(true);
         let _ = self.acceptor_task.await;
@@ -494,7 +504,7 @@ impl Gateway {
         // Then the admin listener (it answered /readyz with 503 while requests drained): its
         // requests in flight finish and its connections close before the last flush, so no
         // admin action is applied without its event.
-        let _ = self.admin_stop.send(true);
+        let _ = self.admin_stop.send(Some(deadline));
         let _ = self.admin_task.await;
         for (stop, thread) in [self.blocklist, self.keys] {
             stop.store(true, Ordering::Relaxed);
@@ -594,7 +604,9 @@ type Handoff = (std::net::TcpStream, SocketAddr, Assigned);
 /// One connection counted in its worker's `open` until it is dropped (the connection has
 /// closed, or never reached the worker).
 /// The gateway's total (`apiwarden_connections_open`, read against `max_connections`) too.
-struct Assigned(Arc<AtomicUsize>, Arc<AtomicUsize>);
+/// Once served, the connection's `ConnInfo` holds it, so a WebSocket tunnel that outlives
+/// hyper's connection stays counted until it closes.
+pub(crate) struct Assigned(Arc<AtomicUsize>, Arc<AtomicUsize>);
 
 impl Assigned {
     fn new(open: &Arc<AtomicUsize>, total: &Arc<AtomicUsize>) -> Self {
@@ -645,7 +657,7 @@ async fn worker_loop(
         let watcher = Watcher {
             stop: stop.clone(),
             _live: live.clone(),
-            _assigned: assigned,
+            assigned: Some(assigned),
         };
         match &tls {
             None => {
@@ -736,25 +748,32 @@ struct Watcher {
     /// thread (a worker's connections wait in its wake-up list).
     stop: watch::Receiver<bool>,
     _live: Arc<()>,
-    _assigned: Assigned,
+    /// Moved into the connection's `ConnInfo` when it is served.
+    assigned: Option<Assigned>,
 }
 
-/// Drives a connection to its end; on the stop signal, asks it to finish the request in
-/// flight and close.
-async fn drive<C, E>(conn: C, watcher: Watcher, shutdown: impl FnOnce(Pin<&mut C>)) -> Result<(), E>
+/// Drives a connection to its end; on the stop signal, or when the connection itself asks to
+/// close (`ConnInfo::request_close`: a refused client certificate, an idle HTTP/2
+/// connection), asks it to finish the requests in flight and close (HTTP/2: GOAWAY).
+async fn drive<C, E>(
+    conn: C,
+    watcher: Watcher,
+    close: Option<&tokio::sync::Notify>,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> Result<(), E>
 where
     C: Future<Output = Result<(), E>>,
 {
     let Watcher {
-        mut stop,
-        _live,
-        _assigned,
+        mut stop, _live, ..
     } = watcher;
     let mut conn = std::pin::pin!(conn);
     if !*stop.borrow_and_update() {
+        // The close branch is only polled on connections that can ask (not plain HTTP/1.1).
         tokio::select! {
             r = conn.as_mut() => return r,
             () = crate::wakeups::stopped(stop) => {}
+            () = async { if let Some(n) = close { n.notified().await } }, if close.is_some() => {}
         }
     }
     shutdown(conn.as_mut());
@@ -771,13 +790,22 @@ async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut conn = conn;
+    let mut watcher = watcher;
+    conn.slot = watcher.assigned.take();
+    if protocol != Protocol::Http1 || conn.cert_check.is_some() {
+        conn.closing = Some(tokio::sync::Notify::new());
+    }
     let conn = Arc::new(conn);
     // Dropped after the connection below, on this thread: the second handle on the socket
     // goes with it.
     let _idle = match (protocol, idle_socket) {
-        (Protocol::Http1, Some(socket)) => IdleGuard::watch(conn.clone(), socket),
+        (Protocol::Http1, Some(socket)) => IdleGuard::watch(conn.clone(), Some(socket)),
+        // HTTP/2 (and h2c detection): closed with GOAWAY once idle, never by the socket.
+        (Protocol::Http2 | Protocol::Detect, _) => IdleGuard::watch(conn.clone(), None),
         _ => None,
     };
+    let close = conn.closing.as_ref();
     let svc = {
         let shared = shared.clone();
         let conn = conn.clone();
@@ -791,20 +819,20 @@ async fn serve<I>(
             let conn = http1_builder(&shared.state.load().config)
                 .serve_connection(io, svc)
                 .with_upgrades();
-            drive(conn, watcher, |c| c.graceful_shutdown())
+            drive(conn, watcher, close, |c| c.graceful_shutdown())
                 .await
                 .map_err(Into::into)
         }
         Protocol::Http2 => {
             let conn = http2_builder(&shared.state.load().config).serve_connection(io, svc);
-            drive(conn, watcher, |c| c.graceful_shutdown())
+            drive(conn, watcher, close, |c| c.graceful_shutdown())
                 .await
                 .map_err(Into::into)
         }
         Protocol::Detect => {
             let builder = auto_builder(&shared.state.load().config);
             let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-            drive(conn, watcher, |c| c.graceful_shutdown()).await
+            drive(conn, watcher, close, |c| c.graceful_shutdown()).await
         }
     };
     if let Err(e) = served {
@@ -841,7 +869,8 @@ struct IdleWatch {
 struct Watched {
     conn: Arc<ConnInfo>,
     /// A second handle on the connection's socket; shutting it down ends the connection.
-    socket: std::net::TcpStream,
+    /// None for HTTP/2, which is asked to close instead (GOAWAY, `ConnInfo::request_close`).
+    socket: Option<std::net::TcpStream>,
     /// Requests begun when last seen, and since when that has not changed with none open:
     /// the first check that found the connection idle (or its start), so that it is never
     /// closed sooner than `gateway.idle_timeout` after its last request ended.
@@ -854,7 +883,7 @@ struct Watched {
 struct IdleGuard(usize);
 
 impl IdleGuard {
-    fn watch(conn: Arc<ConnInfo>, socket: std::net::TcpStream) -> Option<IdleGuard> {
+    fn watch(conn: Arc<ConnInfo>, socket: Option<std::net::TcpStream>) -> Option<IdleGuard> {
         let (begun, _) = conn.activity.read();
         let entry = Watched {
             conn,
@@ -907,7 +936,12 @@ async fn idle_check(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 let since = *c.quiet_since.get_or_insert(now);
                 if !c.closed && now.duration_since(since) >= timeout {
                     tracing::debug!(peer = %c.conn.peer, "closing an idle connection");
-                    let _ = c.socket.shutdown(std::net::Shutdown::Both);
+                    match &c.socket {
+                        Some(socket) => {
+                            let _ = socket.shutdown(std::net::Shutdown::Both);
+                        }
+                        None => c.conn.request_close(),
+                    }
                     c.closed = true;
                 }
             }

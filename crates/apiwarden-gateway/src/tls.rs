@@ -315,6 +315,7 @@ impl ClientCert {
 pub struct CertCheck {
     /// The chain the client sent, end entity first.
     chain: Vec<CertificateDer<'static>>,
+    /// The earliest `notAfter` in the chain (an intermediate may expire first).
     not_after: i64,
     configs: ServerConfigs,
     /// The client CA generation the chain last verified against; [`REFUSED`] once it did not.
@@ -326,16 +327,23 @@ pub struct CertCheck {
 const REFUSED: u64 = u64::MAX;
 
 impl CertCheck {
-    /// `generation`: that of the configuration whose handshake verified `chain`.
+    /// `generation`: that of the configuration whose handshake verified `chain`;
+    /// `not_after`: the end entity's.
     pub fn new(
         chain: &[CertificateDer<'_>],
         not_after: i64,
         configs: ServerConfigs,
         generation: u64,
     ) -> CertCheck {
+        let earliest = chain
+            .iter()
+            .skip(1)
+            .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .fold(not_after, i64::min);
         CertCheck {
             chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
-            not_after,
+            not_after: earliest,
             configs,
             verified: AtomicU64::new(generation),
         }
@@ -349,13 +357,14 @@ impl CertCheck {
         if seen == REFUSED {
             return Err("the client certificate was refused earlier on this connection".into());
         }
-        let secs = now
+        let since_epoch = now
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            .unwrap_or_default();
+        let secs = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
         if secs > self.not_after {
             self.verified.store(REFUSED, Ordering::Relaxed);
             return Err(format!(
-                "the client certificate expired during the connection (notAfter {})",
+                "the client certificate (or a certificate of its chain) expired during the connection (notAfter {})",
                 humantime::format_rfc3339_seconds(
                     SystemTime::UNIX_EPOCH
                         + std::time::Duration::from_secs(self.not_after.max(0).unsigned_abs())
@@ -368,7 +377,11 @@ impl CertCheck {
         }
         let result = match (&state.verifier, self.chain.split_first()) {
             (Some(v), Some((end_entity, intermediates))) => v
-                .verify_client_cert(end_entity, intermediates, UnixTime::now())
+                .verify_client_cert(
+                    end_entity,
+                    intermediates,
+                    UnixTime::since_unix_epoch(since_epoch),
+                )
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
             (None, _) => Err("no client CA is configured any more".into()),

@@ -51,6 +51,9 @@ impl Lease {
         if self.request_body.as_ref().is_some_and(|b| !b.done()) {
             return;
         }
+        if self.upstream.retired.load(Relaxed) {
+            return;
+        }
         let slot = &self.upstream.targets[self.target].idle[self.worker];
         if let Ok(mut idle) = slot.lock() {
             if idle.len() >= self.upstream.config.max_idle {
@@ -108,6 +111,8 @@ pub struct Upstream {
     pub targets: Vec<TargetState>,
     next: AtomicUsize,
     pub metrics: Arc<UpstreamMetrics>,
+    /// Set when a reload dropped this upstream: its connections are no longer pooled.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl Upstream {
@@ -132,6 +137,7 @@ impl Upstream {
             targets,
             next: AtomicUsize::new(0),
             metrics,
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -223,7 +229,10 @@ impl Upstream {
     /// closed). Returns how many it closed.
     pub fn sweep(&self) -> usize {
         let worker = crate::server::worker_index() % self.workers;
-        let limit = u32::try_from(self.config.idle_timeout.as_secs()).unwrap_or(u32::MAX);
+        // Whole checks, rounded up: a connection is never closed sooner than `idle_timeout`.
+        let t = self.config.idle_timeout;
+        let secs = t.as_secs() + u64::from(t.subsec_nanos() > 0);
+        let limit = u32::try_from(secs).unwrap_or(u32::MAX);
         let mut closed = 0;
         for t in &self.targets {
             let Ok(mut idle) = t.idle[worker].lock() else {
@@ -239,13 +248,17 @@ impl Upstream {
         closed
     }
 
-    /// Idle connections in the calling worker's pools.
-    pub fn idle_count(&self) -> usize {
-        let worker = crate::server::worker_index() % self.workers;
-        self.targets
-            .iter()
-            .map(|t| t.idle[worker].lock().map_or(0, |i| i.len()))
-            .sum()
+    /// A reload no longer uses this upstream: closes its pooled connections (each worker's
+    /// connection task ends when its sender is dropped), and those in use when they come back.
+    pub fn retire(&self) {
+        self.retired.store(true, Relaxed);
+        for t in &self.targets {
+            for idle in &t.idle {
+                if let Ok(mut idle) = idle.lock() {
+                    idle.clear();
+                }
+            }
+        }
     }
 
     /// Picks the next healthy target round-robin. When every target is cooling down, the one

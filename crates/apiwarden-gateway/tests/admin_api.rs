@@ -434,3 +434,37 @@ async fn consumers_are_kept_in_the_store_through_the_admin_api() {
         );
     }
 }
+
+#[tokio::test]
+async fn changes_are_refused_once_a_shutdown_has_begun() {
+    let gw = start_with_tokens().await;
+    // The first thing a shutdown does; the admin listener keeps answering while requests
+    // drain (readiness, reads), but applies no change that could land after the last flush.
+    gw.gw
+        .shared
+        .shutting_down
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (s, body) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/keys",
+        Some(ADMIN_TOKEN),
+        Some(json!({"consumer": "billing"})),
+    )
+    .await;
+    assert_eq!(s, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("shutting down"),
+        "{body}"
+    );
+    let (s, body) = admin(&gw, "GET", "/admin/v1/keys", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["keys"].as_array().map(Vec::len), Some(0), "{body}");
+    let events = gw.events_of(EventKind::Admin);
+    let refused = events
+        .iter()
+        .find(|e| e.request.method.as_deref() == Some("POST"))
+        .expect("the refused change is recorded");
+    assert_eq!(refused.decision.reason, Reason::ShuttingDown);
+    assert_eq!(refused.response.status, 503);
+}

@@ -94,36 +94,69 @@ fn expiring_cert(ca: &TestCa, seconds: u64) -> Issued {
     }
 }
 
-/// One kept-alive HTTP/1.1 connection over TLS, for several requests in a row.
+/// One kept-alive connection over TLS (HTTP/1.1, or HTTP/2 through ALPN), for several
+/// requests in a row.
 struct KeptAlive {
-    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    send: Sender,
     conn: tokio::task::JoinHandle<Result<(), hyper::Error>>,
 }
 
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
 impl KeptAlive {
-    async fn open(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> KeptAlive {
+    async fn open(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, h2: bool) -> KeptAlive {
+        let mut tls = (*tls).clone();
+        tls.alpn_protocols = vec![if h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let stream = tokio_rustls::TlsConnector::from(tls)
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .unwrap();
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        KeptAlive {
-            send,
-            conn: tokio::spawn(conn),
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (send, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            KeptAlive {
+                send: Sender::Http2(send),
+                conn: tokio::spawn(conn),
+            }
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            KeptAlive {
+                send: Sender::Http1(send),
+                conn: tokio::spawn(conn),
+            }
         }
     }
 
     /// The status, the request id and the `Connection` header of the answer.
     async fn get(&mut self, path: &str) -> (u16, String, Option<String>) {
-        self.send.ready().await.unwrap();
         let req = http::Request::get(path)
             .header("host", "localhost")
             .body(Full::new(Bytes::new()))
             .unwrap();
-        let resp = self.send.send_request(req).await.unwrap();
+        let resp = match &mut self.send {
+            Sender::Http1(s) => {
+                s.ready().await.unwrap();
+                s.send_request(req).await.unwrap()
+            }
+            Sender::Http2(s) => {
+                s.ready().await.unwrap();
+                let mut req = req;
+                *req.uri_mut() = format!("https://localhost{path}").parse().unwrap();
+                req.headers_mut().remove("host");
+                s.send_request(req).await.unwrap()
+            }
+        };
         let status = resp.status().as_u16();
         let rid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
         let connection = resp
@@ -134,7 +167,8 @@ impl KeptAlive {
         (status, rid, connection)
     }
 
-    /// Whether the gateway closed the connection (within two seconds).
+    /// Whether the connection ended within two seconds. An HTTP/2 client keeps its
+    /// connection open whatever the answers, so an end there is the gateway's doing (GOAWAY).
     async fn closed(self) -> bool {
         tokio::time::timeout(Duration::from_secs(2), self.conn)
             .await
@@ -787,7 +821,7 @@ async fn a_kept_alive_connection_is_checked_again_after_a_new_client_ca() {
         &server_ca,
         Some(&client_cert(&old_ca, Some("billing"), &sans, false)),
     );
-    let mut conn = KeptAlive::open(gw.gw.addr, old.clone()).await;
+    let mut conn = KeptAlive::open(gw.gw.addr, old.clone(), false).await;
     assert_eq!(conn.get("/billing").await.0, 200);
 
     // A new file that still holds the old CA: the connection's chain verifies again.
@@ -826,10 +860,6 @@ async fn a_kept_alive_connection_is_checked_again_after_a_new_client_ca() {
         e.tls.client_subject.as_deref(),
         Some("CN=billing,O=Example")
     );
-    assert!(
-        conn.closed().await,
-        "the connection is closed after the refusal"
-    );
     assert_eq!(upstream_requests.load(Ordering::SeqCst), before);
 }
 
@@ -856,30 +886,38 @@ async fn a_certificate_that_expires_during_a_connection_is_refused_at_the_next_r
     write_files(&server_ca, &clients_ca, &dir);
     let (up, upstream_requests) = counting_upstream().await;
     let gw = start(&config(&dir, up, None)).await;
-    let tls = client_config(&server_ca, Some(&expiring_cert(&clients_ca, 2)));
-    let mut conn = KeptAlive::open(gw.gw.addr, tls).await;
-    let (status, rid, _) = conn.get("/billing").await;
-    assert_eq!(status, 200);
-    assert_eq!(
-        event_of(&gw, &rid).await.identity.consumer.as_deref(),
-        Some("billing")
-    );
+    let valid_for = 4;
+    let tls = client_config(&server_ca, Some(&expiring_cert(&clients_ca, valid_for)));
+    let issued = Instant::now();
+    let mut http1 = KeptAlive::open(gw.gw.addr, tls.clone(), false).await;
+    let mut http2 = KeptAlive::open(gw.gw.addr, tls, true).await;
+    for conn in [&mut http1, &mut http2] {
+        let (status, rid, _) = conn.get("/billing").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            event_of(&gw, &rid).await.identity.consumer.as_deref(),
+            Some("billing")
+        );
+    }
 
     // Past its notAfter (whole seconds, inclusive).
-    tokio::time::sleep(Duration::from_millis(3100)).await;
-    let (status, rid, connection) = conn.get("/billing").await;
-    assert_eq!(status, 401);
-    assert_eq!(connection.as_deref(), Some("close"));
-    let e = event_of(&gw, &rid).await;
-    assert_eq!(e.decision.reason, Reason::AuthnCertificateInvalid);
-    assert_eq!(e.identity.consumer, None);
-    let message = e.message.unwrap();
-    assert!(message.contains("expired"), "{message}");
+    let past = Duration::from_secs(valid_for + 1) + Duration::from_millis(100);
+    tokio::time::sleep(past.saturating_sub(issued.elapsed())).await;
+    for (conn, close_header) in [(&mut http1, Some("close")), (&mut http2, None)] {
+        let (status, rid, connection) = conn.get("/open").await;
+        assert_eq!(status, 401);
+        assert_eq!(connection.as_deref(), close_header);
+        let e = event_of(&gw, &rid).await;
+        assert_eq!(e.decision.reason, Reason::AuthnCertificateInvalid);
+        assert_eq!(e.identity.consumer, None);
+        let message = e.message.unwrap();
+        assert!(message.contains("expired"), "{message}");
+    }
     assert!(
-        conn.closed().await,
-        "the connection is closed after the refusal"
+        http2.closed().await,
+        "the gateway closes the HTTP/2 connection (GOAWAY) after the refusal"
     );
-    assert_eq!(upstream_requests.load(Ordering::SeqCst), 1);
+    assert_eq!(upstream_requests.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

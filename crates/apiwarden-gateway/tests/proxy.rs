@@ -450,9 +450,8 @@ async fn round_robin_skips_a_dead_target_after_it_fails() {
     gw.assert_events(10).await;
 }
 
-#[tokio::test]
-async fn an_upgrade_passes_through_with_one_audit_event_for_its_duration() {
-    // An upstream that accepts a WebSocket-style upgrade and echoes bytes.
+/// An upstream that accepts one WebSocket-style upgrade and echoes bytes.
+async fn upgrade_upstream() -> std::net::SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -473,7 +472,11 @@ async fn an_upgrade_passes_through_with_one_audit_event_for_its_duration() {
             s.write_all(&buf[..n]).await.unwrap();
         }
     });
-    let gw = start(&open_route("ws", "/ws", up)).await;
+    up
+}
+
+/// Opens a WebSocket-style tunnel through the gateway to `/ws`; returns the client's side.
+async fn open_tunnel(gw: &TestGateway) -> TcpStream {
     let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
     c.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
     let mut buf = vec![0u8; 1024];
@@ -481,6 +484,19 @@ async fn an_upgrade_passes_through_with_one_audit_event_for_its_duration() {
     let head = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(head.to_ascii_lowercase().contains("x-request-id:"));
+    c
+}
+
+#[tokio::test]
+async fn an_upgrade_passes_through_with_one_audit_event_for_its_duration() {
+    let up = upgrade_upstream().await;
+    let gw = start(&open_route("ws", "/ws", up)).await;
+    let mut c = open_tunnel(&gw).await;
+    assert_eq!(
+        metric(&gw, "apiwarden_connections_open "),
+        1,
+        "a tunnel counts as an open connection"
+    );
     c.write_all(b"ping-ping").await.unwrap();
     let mut got = [0u8; 9];
     c.read_exact(&mut got).await.unwrap();
@@ -628,14 +644,15 @@ async fn counting_upstream() -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    let (addr, accepted, _) = upstream_with_connections(Duration::ZERO).await;
+    let (addr, accepted, _) = upstream_with_connections(1).await;
     (addr, accepted)
 }
 
-/// An upstream that reads the whole request body, answers `ok` after `delay`, and counts
-/// the connections it has accepted and those open now.
+/// An upstream that reads the whole request body and answers `ok`, the first `together`
+/// requests only once all of them have arrived (so they surely overlap); it counts the
+/// connections it has accepted and those open now.
 async fn upstream_with_connections(
-    delay: Duration,
+    together: usize,
 ) -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -643,28 +660,43 @@ async fn upstream_with_connections(
 ) {
     use hyper_util::rt::TokioIo;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-    let open = std::sync::Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new((AtomicUsize::new(0), tokio::sync::Notify::new()));
     let (count, live) = (accepted.clone(), open.clone());
     tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
             count.fetch_add(1, SeqCst);
             live.fetch_add(1, SeqCst);
-            let live = live.clone();
+            let (live, gate) = (live.clone(), gate.clone());
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: http::Request<hyper::body::Incoming>| async move {
-                        let mut body = req.into_body();
-                        while let Some(Ok(_)) = body.frame().await {}
-                        tokio::time::sleep(delay).await;
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                            Bytes::from_static(b"ok"),
-                        )))
-                    },
-                );
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let gate = gate.clone();
+                        async move {
+                            let mut body = req.into_body();
+                            while let Some(Ok(_)) = body.frame().await {}
+                            let (arrived, notify) = &*gate;
+                            if arrived.fetch_add(1, SeqCst) + 1 >= together {
+                                notify.notify_waiters();
+                            } else {
+                                loop {
+                                    let woken = notify.notified();
+                                    if arrived.load(SeqCst) >= together {
+                                        break;
+                                    }
+                                    woken.await;
+                                }
+                            }
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from_static(b"ok"),
+                            )))
+                        }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
@@ -688,20 +720,22 @@ async fn until_count(count: &std::sync::atomic::AtomicUsize, want: usize, within
     }
 }
 
-#[tokio::test]
-async fn upstream_pools_keep_at_most_max_idle_and_close_unused_connections() {
-    let (up, accepted, open) = upstream_with_connections(Duration::from_millis(300)).await;
+/// A gateway with one worker and an open route to `up`, whose upstream section has `extra`.
+async fn pooled_gateway(up: std::net::SocketAddr, extra: &str) -> TestGateway {
     let cfg = format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\nworker_threads = 1\n{}",
-        open_route("u", "/", up).replacen(
-            "\n\n[[routes]]",
-            "\nmax_idle = 1\nidle_timeout = \"1s\"\n\n[[routes]]",
-            1
-        )
+        open_route("u", "/", up).replacen("\n\n[[routes]]", &format!("\n{extra}\n\n[[routes]]"), 1)
     );
-    let gw = start(&cfg).await;
+    start(&cfg).await
+}
+
+#[tokio::test]
+async fn an_upstream_pool_keeps_at_most_max_idle_connections() {
+    let (up, accepted, open) = upstream_with_connections(3).await;
+    let gw = pooled_gateway(up, "max_idle = 1").await;
     let url = gw.url("/x");
-    // Three at once: three upstream connections.
+    // Three at once (the upstream answers none before all three are there): three
+    // upstream connections.
     let calls: Vec<_> = (0..3)
         .map(|_| {
             let url = url.clone();
@@ -713,21 +747,59 @@ async fn upstream_pools_keep_at_most_max_idle_and_close_unused_connections() {
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
     // One stays in the pool; the two beyond max_idle are closed as they come back.
-    until_count(&open, 1, Duration::from_secs(1)).await;
-    // Unused for idle_timeout (checked once a second): closed too.
+    until_count(&open, 1, Duration::from_secs(2)).await;
+    assert_eq!(get(&url).await.0, 200);
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "the pooled connection is used again"
+    );
+    gw.assert_events(4).await;
+}
+
+#[tokio::test]
+async fn an_unused_upstream_connection_is_closed_after_idle_timeout() {
+    let (up, accepted, open) = upstream_with_connections(1).await;
+    let gw = pooled_gateway(up, "idle_timeout = \"1s\"").await;
+    let url = gw.url("/x");
+    assert_eq!(get(&url).await.0, 200);
+    assert_eq!(open.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Checked once a second: closed between one and three seconds later.
     until_count(&open, 0, Duration::from_secs(4)).await;
     assert_eq!(
         get(&url).await.0,
         200,
         "a new connection after the pool emptied"
     );
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
-    gw.assert_events(4).await;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    gw.assert_events(2).await;
+}
+
+#[tokio::test]
+async fn a_reload_that_replaces_an_upstream_closes_its_pooled_connections() {
+    let (up, _, open) = upstream_with_connections(1).await;
+    let ws = upgrade_upstream().await;
+    let gw = pooled_gateway(up, &format!("\n{}", open_route("ws", "/ws", ws))).await;
+    assert_eq!(get(&gw.url("/x")).await.0, 200);
+    assert_eq!(open.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // A tunnel holds the configuration it began under (and so the old upstream) for its life.
+    let _tunnel = open_tunnel(&gw).await;
+    // Another timeout: a new upstream, and the old one's pool is no longer used.
+    let path = gw.dir.join("apiwarden.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let url = format!("url = \"http://{up}\"\n");
+    assert!(text.contains(&url));
+    let text = text.replacen(&url, &format!("{url}connect_timeout = \"4s\"\n"), 1);
+    std::fs::write(&path, text).unwrap();
+    gw.gw.reload().unwrap();
+    until_count(&open, 0, Duration::from_secs(2)).await;
+    assert_eq!(get(&gw.url("/x")).await.0, 200);
+    until_count(&open, 1, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
 async fn a_request_body_that_stops_arriving_gets_408_and_its_upstream_connection_closes() {
-    let (up, accepted, open) = upstream_with_connections(Duration::ZERO).await;
+    let (up, accepted, open) = upstream_with_connections(1).await;
     let echo = echo_upstream().await;
     let cfg = format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\nbody_timeout = \"1s\"\n{}{}",
@@ -868,6 +940,44 @@ async fn h2c_with_prior_knowledge_only_when_enabled() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_with_goaway_after_idle_timeout() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\nidle_timeout = \"1s\"\n{}",
+        open_route("echo", "/", echo)
+    );
+    let gw = start(&cfg).await;
+    let tcp = TcpStream::connect(gw.gw.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let status = send
+        .send_request(
+            http::Request::get("http://a/x")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    assert_eq!(metric(&gw, "apiwarden_connections_open "), 1);
+    // Idle for idle_timeout (checked once a second): the gateway ends it. An HTTP/2 client
+    // keeps its connection as long as the server does, so the end is the gateway's GOAWAY.
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "the idle HTTP/2 connection is still open");
+    let started = std::time::Instant::now();
+    while metric(&gw, "apiwarden_connections_open ") != 0 {
+        assert!(started.elapsed() < Duration::from_secs(2), "still counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.assert_events(1).await;
 }
 
 /// Regression: a request whose client goes away while the upstream is still working was
