@@ -218,15 +218,34 @@ fn store_error(e: KeyError, what: &str) -> Done {
     }
 }
 
-/// The event of an admin call in progress, recorded if the call is dropped before it ends.
+/// The event of an admin call in progress, recorded if the call is dropped before it ends:
+/// cut off at the end of a shutdown's drain, or its client went away.
 struct Unfinished<'a> {
     shared: &'a Shared,
     event: Option<AuditEvent>,
+    method_path: String,
 }
 
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
-        if let Some(e) = self.event.take() {
+        if let Some(mut e) = self.event.take() {
+            let shutting_down = self
+                .shared
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let (why, reason) = if shutting_down {
+                ("interrupted at shutdown", Reason::ShuttingDown)
+            } else {
+                (
+                    "left unanswered: the client went away",
+                    Reason::ClientDisconnected,
+                )
+            };
+            e.message = Some(format!(
+                "admin API {} {why}; whether it was applied is unknown",
+                self.method_path
+            ));
+            e.error = Some(reason);
             self.shared.record(Box::new(e));
         }
     }
@@ -249,6 +268,7 @@ pub async fn handle(
     let mut pending = Unfinished {
         shared: &shared,
         event: None,
+        method_path: String::new(),
     };
     let outcome = match auth {
         Err(reason) => refused(
@@ -257,40 +277,43 @@ pub async fn handle(
             "an admin token is required: Authorization: Bearer <token> ([admin.tokens.NAME])",
             format!("admin API {method} {path} refused: no valid admin token"),
         ),
-        // From the start of a shutdown nothing is changed any more: a change must never be
-        // applied after the last flush of the audit ledger.
-        Ok(_)
-            if method != Method::GET
-                && method != Method::HEAD
-                && shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) =>
-        {
-            refused(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Reason::ShuttingDown,
-                "the gateway is shutting down; send the change to another node or after the restart",
-                format!("admin API {method} {path} refused: the gateway is shutting down"),
-            )
-        }
         Ok((name, role)) => {
             event.actor = Some(format!("admin-token:{name}"));
             event.identity.method = Some("admin_token");
             event.identity.subject = Some(name.clone());
             event.identity.scopes = vec![role.as_str().to_string()];
             let actor = format!("admin-token:{name}");
+            // From the start of a shutdown nothing is changed any more: a change must never
+            // be applied after the last flush of the audit ledger.
+            let shutting_down = shared
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if shutting_down && method != Method::GET && method != Method::HEAD {
+                let done = refused(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Reason::ShuttingDown,
+                    "the gateway is shutting down; send the change to another node or after the restart",
+                    format!("admin API {method} {path} refused: the gateway is shutting down"),
+                );
+                return finish(&shared, event, done);
+            }
             // If this call is cut off (the admin listener's drain ran out at shutdown), its
             // event is still recorded, saying that the outcome is unknown.
             let mut interrupted = event.clone();
             interrupted.decision.outcome = Outcome::Allow;
             interrupted.decision.reason = Reason::AdminAction;
             interrupted.decision.policy = Some("admin_api".into());
-            interrupted.message = Some(format!(
-                "admin API {method} {path} interrupted at shutdown: whether it was applied is unknown"
-            ));
             pending.event = Some(interrupted);
+            pending.method_path = format!("{method} {path}");
             route(&cfg, role, &actor, &method, &path, req).await
         }
     };
     pending.event = None;
+    finish(&shared, event, outcome)
+}
+
+/// Records an admin call's event and answers it.
+fn finish(shared: &Shared, mut event: AuditEvent, outcome: Done) -> Response<ResponseBody> {
     let allowed = outcome.reason == Reason::AdminAction && outcome.status.is_success();
     event.decision.outcome = if allowed {
         Outcome::Allow

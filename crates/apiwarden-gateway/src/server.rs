@@ -314,8 +314,11 @@ impl Gateway {
                         crate::wakeups::install();
                         tokio::spawn(crate::wakeups::run());
                         tokio::spawn(idle_check(shared.clone(), stop.clone()));
-                        let timeout = shared.state.load().config.gateway.shutdown_timeout;
+                        let sh = shared.clone();
                         worker_loop(conn_rx, shared, acceptor, stop, &live).await;
+                        // The configuration in force at the stop (as the admin drain's).
+                        let timeout = sh.state.load().config.gateway.shutdown_timeout;
+                        drop(sh);
                         // Every connection holds a clone of `live` until it has closed.
                         let deadline = tokio::time::Instant::now() + timeout;
                         while Arc::strong_count(&live) > 1 && tokio::time::Instant::now() < deadline
@@ -648,7 +651,7 @@ async fn worker_loop(
                 return;
             }
         };
-        // A second handle on the socket, for the idle check (HTTP/1.1 connections only).
+        // A second handle on the socket, for the idle check.
         let idle_socket = std.try_clone().ok();
         let Ok(stream) = tokio::net::TcpStream::from_std(std) else {
             continue;
@@ -800,9 +803,12 @@ async fn serve<I>(
     // Dropped after the connection below, on this thread: the second handle on the socket
     // goes with it.
     let _idle = match (protocol, idle_socket) {
-        (Protocol::Http1, Some(socket)) => IdleGuard::watch(conn.clone(), Some(socket)),
-        // HTTP/2 (and h2c detection): closed with GOAWAY once idle, never by the socket.
-        (Protocol::Http2 | Protocol::Detect, _) => IdleGuard::watch(conn.clone(), None),
+        (Protocol::Http1, Some(socket)) => IdleGuard::watch(conn.clone(), Some(socket), false),
+        // HTTP/2 (and h2c detection): asked to close (GOAWAY) once idle, the socket shut
+        // down only if that does not end it.
+        (Protocol::Http2 | Protocol::Detect, socket) => {
+            IdleGuard::watch(conn.clone(), socket, true)
+        }
         _ => None,
     };
     let close = conn.closing.as_ref();
@@ -847,20 +853,21 @@ async fn serve<I>(
     }
 }
 
-/// How often each worker checks its HTTP/1.1 connections for idleness.
+/// How often each worker checks its connections for idleness.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 thread_local! {
-    /// This worker thread's HTTP/1.1 connections (each is served on one worker's runtime).
+    /// This worker thread's connections (each is served on one worker's runtime).
     static IDLE: std::cell::RefCell<IdleWatch> = std::cell::RefCell::default();
 }
 
-/// A worker's HTTP/1.1 connections, and what its idle check last saw of each. A connection
-/// is idle while none of its requests is open and no new one has begun (see
-/// `pipeline::Activity`); once idle for `gateway.idle_timeout` its socket is shut down, which
+/// A worker's connections, and what its idle check last saw of each. A connection is idle
+/// while none of its requests is open and no new one has begun (see `pipeline::Activity`);
+/// once idle for `gateway.idle_timeout` an HTTP/1.1 connection's socket is shut down, which
 /// ends it wherever hyper is: waiting for the next request of a kept-alive connection, or
-/// reading a request head that comes too slowly. A request whose upstream or body is slow is
-/// open, so its connection is never idle.
+/// reading a request head that comes too slowly. An HTTP/2 (or h2c) connection is first asked
+/// to close (GOAWAY), and its socket shut down one `idle_timeout` later if it is still there.
+/// A request whose upstream or body is slow is open, so its connection is never idle.
 #[derive(Default)]
 struct IdleWatch {
     conns: slab::Slab<Watched>,
@@ -869,8 +876,12 @@ struct IdleWatch {
 struct Watched {
     conn: Arc<ConnInfo>,
     /// A second handle on the connection's socket; shutting it down ends the connection.
-    /// None for HTTP/2, which is asked to close instead (GOAWAY, `ConnInfo::request_close`).
     socket: Option<std::net::TcpStream>,
+    /// HTTP/2 and h2c: asked to close first (GOAWAY, `ConnInfo::request_close`), and its
+    /// socket shut down only if it is still there one `idle_timeout` later (a client that
+    /// never sent its preface, or ignores GOAWAY). Since when it was asked.
+    graceful: bool,
+    asked: Option<Instant>,
     /// Requests begun when last seen, and since when that has not changed with none open:
     /// the first check that found the connection idle (or its start), so that it is never
     /// closed sooner than `gateway.idle_timeout` after its last request ended.
@@ -883,11 +894,17 @@ struct Watched {
 struct IdleGuard(usize);
 
 impl IdleGuard {
-    fn watch(conn: Arc<ConnInfo>, socket: Option<std::net::TcpStream>) -> Option<IdleGuard> {
+    fn watch(
+        conn: Arc<ConnInfo>,
+        socket: Option<std::net::TcpStream>,
+        graceful: bool,
+    ) -> Option<IdleGuard> {
         let (begun, _) = conn.activity.read();
         let entry = Watched {
             conn,
             socket,
+            graceful,
+            asked: None,
             begun,
             quiet_since: Some(Instant::now()),
             closed: false,
@@ -903,9 +920,9 @@ impl Drop for IdleGuard {
     }
 }
 
-/// A worker's idle check: once a second, shuts down the HTTP/1.1 connections that have been
-/// idle for `gateway.idle_timeout` (read from the configuration in force, so a reload
-/// changes it).
+/// A worker's idle check: once a second, closes the connections that have been idle for
+/// `gateway.idle_timeout` (read from the configuration in force, so a reload changes it),
+/// and this worker's pooled upstream connections unused for their `idle_timeout`.
 async fn idle_check(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(IDLE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -935,12 +952,18 @@ async fn idle_check(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
                 let since = *c.quiet_since.get_or_insert(now);
                 if !c.closed && now.duration_since(since) >= timeout {
+                    if c.graceful && c.asked.is_none() {
+                        tracing::debug!(peer = %c.conn.peer, "asking an idle connection to close");
+                        c.conn.request_close();
+                        c.asked = Some(now);
+                        continue;
+                    }
+                    if c.asked.is_some_and(|at| now.duration_since(at) < timeout) {
+                        continue;
+                    }
                     tracing::debug!(peer = %c.conn.peer, "closing an idle connection");
-                    match &c.socket {
-                        Some(socket) => {
-                            let _ = socket.shutdown(std::net::Shutdown::Both);
-                        }
-                        None => c.conn.request_close(),
+                    if let Some(socket) = &c.socket {
+                        let _ = socket.shutdown(std::net::Shutdown::Both);
                     }
                     c.closed = true;
                 }

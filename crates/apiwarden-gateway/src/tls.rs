@@ -315,11 +315,27 @@ impl ClientCert {
 pub struct CertCheck {
     /// The chain the client sent, end entity first.
     chain: Vec<CertificateDer<'static>>,
-    /// The earliest `notAfter` in the chain (an intermediate may expire first).
+    /// The end entity's `notAfter`: past it, refused without more ado.
     not_after: i64,
+    /// The `notAfter`s of the other certificates the client sent. Which of them the verified
+    /// path uses is not known (a client may send stale extras), so once one of them passes,
+    /// the chain is verified again at that time, and refused only if that fails.
+    others: Vec<i64>,
+    /// The earliest of `others` still ahead when last verified (`i64::MAX`: none).
+    recheck_at: std::sync::atomic::AtomicI64,
     configs: ServerConfigs,
     /// The client CA generation the chain last verified against; [`REFUSED`] once it did not.
     verified: AtomicU64,
+}
+
+/// The earliest of `times` after `now` (`i64::MAX`: none).
+fn next_after(times: &[i64], now: i64) -> i64 {
+    times
+        .iter()
+        .copied()
+        .filter(|&t| t >= now)
+        .min()
+        .unwrap_or(i64::MAX)
 }
 
 /// [`CertCheck::verified`] of a certificate that failed a check: it stays refused (the
@@ -335,15 +351,20 @@ impl CertCheck {
         configs: ServerConfigs,
         generation: u64,
     ) -> CertCheck {
-        let earliest = chain
+        let others: Vec<i64> = chain
             .iter()
             .skip(1)
             .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
             .map(|(_, c)| c.validity().not_after.timestamp())
-            .fold(not_after, i64::min);
+            .collect();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         CertCheck {
             chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
-            not_after: earliest,
+            not_after,
+            recheck_at: std::sync::atomic::AtomicI64::new(next_after(&others, now)),
+            others,
             configs,
             verified: AtomicU64::new(generation),
         }
@@ -364,7 +385,7 @@ impl CertCheck {
         if secs > self.not_after {
             self.verified.store(REFUSED, Ordering::Relaxed);
             return Err(format!(
-                "the client certificate (or a certificate of its chain) expired during the connection (notAfter {})",
+                "the client certificate expired during the connection (notAfter {})",
                 humantime::format_rfc3339_seconds(
                     SystemTime::UNIX_EPOCH
                         + std::time::Duration::from_secs(self.not_after.max(0).unsigned_abs())
@@ -372,7 +393,8 @@ impl CertCheck {
             ));
         }
         let state = self.configs.load();
-        if state.generation == seen {
+        let chain_due = secs > self.recheck_at.load(Ordering::Relaxed);
+        if state.generation == seen && !chain_due {
             return Ok(());
         }
         let result = match (&state.verifier, self.chain.split_first()) {
@@ -390,13 +412,17 @@ impl CertCheck {
         match result {
             Ok(()) => {
                 self.verified.store(state.generation, Ordering::Relaxed);
+                self.recheck_at
+                    .store(next_after(&self.others, secs), Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
                 self.verified.store(REFUSED, Ordering::Relaxed);
-                Err(format!(
-                    "the client certificate does not verify against the client CA loaded since the connection opened: {e}"
-                ))
+                Err(if state.generation == seen {
+                    format!("the client certificate's chain no longer verifies (a CA certificate of it expired during the connection): {e}")
+                } else {
+                    format!("the client certificate does not verify against the client CA loaded since the connection opened: {e}")
+                })
             }
         }
     }
@@ -475,6 +501,106 @@ mod tests {
         assert_eq!(escape_value(" x"), "\\ x");
         assert_eq!(escape_value("a\nb"), "a\\0Ab");
         assert_eq!(apiwarden_core::apikey::hex(&[0, 0xab, 0x7f]), "00ab7f");
+    }
+
+    /// A certificate signed by `issuer` (self-signed without one), valid from a day ago
+    /// until `not_after` (seconds since the epoch).
+    fn issue(
+        name: &str,
+        ca: bool,
+        not_after: u64,
+        issuer: Option<(&rcgen::Certificate, &rcgen::KeyPair)>,
+    ) -> (rcgen::Certificate, rcgen::KeyPair) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut params = CertificateParams::new(vec![format!("{name}.example")]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        if ca {
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        } else {
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        params.not_before = epoch + std::time::Duration::from_secs(now - 86_400 * 400);
+        params.not_after = epoch + std::time::Duration::from_secs(not_after);
+        let key = KeyPair::generate().unwrap();
+        let cert = match issuer {
+            Some((c, k)) => params.signed_by(&key, c, k).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        (cert, key)
+    }
+
+    /// The check at each request, with chosen times: the end entity's expiry refuses; a
+    /// certificate the client sent that the verified path does not need (a stale extra) does
+    /// not, even once it has expired; a CA change re-verifies.
+    #[test]
+    fn a_connection_certificate_is_checked_against_its_expiry_and_the_ca_in_force() {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let dir = std::env::temp_dir().join(format!("aw-certcheck-{}", crate::ids::new_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca, ca_key) = issue("clients-ca", true, now + 86_400 * 365, None);
+        let (server, server_key) = issue("localhost", false, now + 86_400, None);
+        let (client, _) = issue("billing", false, now + 3_600, Some((&ca, &ca_key)));
+        // Sent along but not on the path: expired before the connection, and one expiring
+        // in a minute.
+        let (stale, _) = issue("old-intermediate", true, now - 86_400, None);
+        let (soon, _) = issue("other-intermediate", true, now + 60, None);
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+        let cfg = TlsConfig {
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            client_ca: Some(dir.join("ca.pem")),
+            client_auth: ClientAuth::Optional,
+            reload_interval: std::time::Duration::from_secs(1),
+        };
+        let (configs, _) = server_config(&cfg).unwrap();
+        let chain = [
+            client.der().clone(),
+            stale.der().clone(),
+            soon.der().clone(),
+        ];
+        let parsed = ClientCert::parse(client.der()).unwrap();
+        let check = CertCheck::new(&chain, parsed.not_after, configs.clone(), 0);
+        let at = |secs: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+
+        assert_eq!(check.check(at(now)), Ok(()), "a stale extra is no reason");
+        assert_eq!(
+            check.check(at(now + 120)),
+            Ok(()),
+            "the extra that expired is not on the path: verified again, still good"
+        );
+        // A new CA that does not trust the client: refused, and for good.
+        let (other, _) = issue("other-ca", true, now + 86_400, None);
+        std::fs::write(dir.join("ca.pem"), other.pem()).unwrap();
+        let state = build(
+            &cfg,
+            Arc::new(Resolver(ArcSwap::new(server_certified(&dir)))),
+            1,
+        )
+        .unwrap();
+        configs.store(Arc::new(state));
+        let err = check.check(at(now + 130)).unwrap_err();
+        assert!(err.contains("does not verify"), "{err}");
+        assert!(check.check(at(now + 131)).is_err(), "refused for good");
+        assert_eq!(configs.load().generation, 1);
+
+        // Past the end entity's notAfter.
+        let fresh = CertCheck::new(&chain[..1], parsed.not_after, configs.clone(), 1);
+        let err = fresh.check(at(now + 3_601)).unwrap_err();
+        assert!(err.contains("expired"), "{err}");
+    }
+
+    fn server_certified(dir: &Path) -> Arc<CertifiedKey> {
+        load(&dir.join("server.pem"), &dir.join("server.key")).unwrap()
     }
 
     #[test]

@@ -51,11 +51,13 @@ impl Lease {
         if self.request_body.as_ref().is_some_and(|b| !b.done()) {
             return;
         }
-        if self.upstream.retired.load(Relaxed) {
-            return;
-        }
         let slot = &self.upstream.targets[self.target].idle[self.worker];
         if let Ok(mut idle) = slot.lock() {
+            // Read under the lock: `retire` sets the flag before it takes each lock to clear
+            // the pool, so a connection is either cleared by it or never put back.
+            if self.upstream.retired.load(Relaxed) {
+                return;
+            }
             if idle.len() >= self.upstream.config.max_idle {
                 // The least recently used one is closed (dropping its sender ends it).
                 if idle.pop_front().is_none() {
@@ -90,8 +92,8 @@ pub struct TargetState {
     /// Milliseconds since the process epoch until which the target is skipped.
     down_until: AtomicU64,
     /// Idle keep-alive connections, one list per worker thread, the most recently used at
-    /// the back. Each list is only ever locked by its own worker, so the lock is never
-    /// contended.
+    /// the back. Each list is locked by its own worker, and by another thread only when a
+    /// reload retires the upstream, so the lock is practically never contended.
     idle: Vec<Mutex<VecDeque<Idle>>>,
 }
 

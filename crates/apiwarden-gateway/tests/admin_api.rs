@@ -467,4 +467,5 @@ async fn changes_are_refused_once_a_shutdown_has_begun() {
         .expect("the refused change is recorded");
     assert_eq!(refused.decision.reason, Reason::ShuttingDown);
     assert_eq!(refused.response.status, 503);
+    assert_eq!(refused.actor.as_deref(), Some("admin-token:ops"));
 }

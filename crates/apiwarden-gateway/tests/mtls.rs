@@ -837,7 +837,7 @@ async fn a_kept_alive_connection_is_checked_again_after_a_new_client_ca() {
     assert_eq!(conn.get("/open").await.0, 200);
 
     // Only the new CA: the next request on the old connection is refused, on an open route
-    // too, and the connection closes.
+    // too, and the answer closes the connection (`Connection: close`).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     std::fs::write(dir.join("clients-ca.pem"), new_ca.cert.pem()).unwrap();
     let started = Instant::now();

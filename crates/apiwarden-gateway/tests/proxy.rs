@@ -508,6 +508,14 @@ async fn an_upgrade_passes_through_with_one_audit_event_for_its_duration() {
     );
     drop(c);
     let ev = gw.assert_events(1).await;
+    let started = std::time::Instant::now();
+    while metric(&gw, "apiwarden_connections_open ") != 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the closed tunnel is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(ev[0].response.status, 101);
     assert_eq!(ev[0].request.upgrade.as_deref(), Some("websocket"));
     assert_eq!((ev[0].request.bytes, ev[0].response.bytes), (9, 9));
@@ -970,7 +978,7 @@ async fn an_idle_http2_connection_is_closed_with_goaway_after_idle_timeout() {
     assert_eq!(metric(&gw, "apiwarden_connections_open "), 1);
     // Idle for idle_timeout (checked once a second): the gateway ends it. An HTTP/2 client
     // keeps its connection as long as the server does, so the end is the gateway's GOAWAY.
-    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
     assert!(ended.is_ok(), "the idle HTTP/2 connection is still open");
     let started = std::time::Instant::now();
     while metric(&gw, "apiwarden_connections_open ") != 0 {

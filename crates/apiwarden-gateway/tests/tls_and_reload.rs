@@ -307,3 +307,40 @@ async fn an_empty_file_is_not_taken_on_reload() {
     gw.gw.reload().expect("a whole file is taken");
     assert_eq!(get(&gw.url("/b/new")).await.0, 200);
 }
+
+/// A client that completes TLS with ALPN `h2` and then sends nothing (not even the HTTP/2
+/// preface, so GOAWAY cannot end it) is cut off one `idle_timeout` after it was asked to
+/// close: it cannot hold a connection slot for ever.
+#[tokio::test]
+async fn a_silent_http2_client_is_cut_off_after_two_idle_timeouts() {
+    use tokio::io::AsyncReadExt;
+    let ca = test_ca();
+    let dir = temp_dir("tls-silent-h2");
+    write_server_cert(&ca, &dir, "first-cert");
+    let up = echo_upstream().await;
+    let gw = start(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\ntls = {{ cert = \"{d}/server.pem\", key = \"{d}/server.key\" }}\n{}",
+        open_route("echo", "/", up),
+        d = dir.display()
+    ))
+    .await;
+    let mut tls = tls_connect(gw.gw.addr, client_config(&ca, &[b"h2"])).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let mut buf = [0u8; 256];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        // The server's own SETTINGS may come first; then the end of the stream.
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the silent connection is still open");
+    let started = std::time::Instant::now();
+    while metric(&gw, "apiwarden_connections_open ") != 0 {
+        assert!(started.elapsed() < Duration::from_secs(2), "still counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
