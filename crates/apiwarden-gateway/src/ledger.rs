@@ -136,6 +136,8 @@ pub enum LedgerError {
     Note(String),
     #[error("{0}")]
     Crypt(#[from] crate::ledger_crypt::CryptError),
+    #[error("{0}; nothing was changed. Start with the key file these records were sealed under (if the master key was rotated, finish `apiwarden audit rewrap` first)")]
+    WrongMasterKey(String),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> LedgerError + '_ {
@@ -1025,9 +1027,21 @@ impl LedgerSink {
         std::fs::create_dir_all(&seg_dir).map_err(io(&seg_dir))?;
         let signer = signing_key(&opts.dir, &opts.origin)?;
         let sealer = match &opts.encryption {
-            Some(master) => Some(crate::ledger_crypt::Sealer::new_data_key(
-                &opts.dir, master,
-            )?),
+            Some(master) => {
+                // The master key must open every data key already there before a new one is
+                // made under it: started once with the wrong key file, the gateway would
+                // otherwise seal on under a key no other data key shares, and search and
+                // export would fail for every record while `verify` still passed.
+                crate::ledger_crypt::Opener::load(&opts.dir, master).map_err(|e| match e {
+                    crate::ledger_crypt::CryptError::WrongMaster(_) => {
+                        LedgerError::WrongMasterKey(e.to_string())
+                    }
+                    other => LedgerError::Crypt(other),
+                })?;
+                Some(crate::ledger_crypt::Sealer::new_data_key(
+                    &opts.dir, master,
+                )?)
+            }
             None => None,
         };
         let mut verifiers = own_verifiers(&opts.dir);
@@ -2919,6 +2933,17 @@ pub(crate) mod tests {
         ));
         let opener = Opener::load(&ledger, &new).unwrap();
         assert_eq!(read_plain(&ledger, Some(&opener), |_, _| {}).unwrap(), 200);
+        // Started with the old (now wrong) key: refused, and no data key made under it.
+        let mut wrong = opts.clone();
+        wrong.encryption = Some(master);
+        let err = LedgerSink::open(wrong).err().expect("refused");
+        assert!(matches!(err, LedgerError::WrongMasterKey(_)), "{err}");
+        assert!(err.to_string().contains("audit rewrap"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(ledger.join("datakeys")).unwrap().count(),
+            2
+        );
+        assert!(Opener::load(&ledger, &new).is_ok(), "still one master key");
         // A sealed record moved or altered does not open.
         let mut sealed = None;
         read_records(&ledger, |seq, p| {

@@ -310,6 +310,23 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> LedgerError + '_ {
     }
 }
 
+/// Whether `entries` (read as a search reads them: stale entries, numbers already passed or
+/// offsets past the segment's `len`, skipped) name every record from `first` on, one after
+/// another.
+fn gapless(entries: &[Entry], first: u64, len: u64) -> bool {
+    let mut expect = first;
+    for e in entries {
+        if e.seq < expect || u64::from(e.offset) >= len {
+            continue;
+        }
+        if e.seq != expect {
+            return false;
+        }
+        expect += 1;
+    }
+    true
+}
+
 /// Every event of the ledger in `dir` that passes `filter`, in order, at most `limit`: `f`
 /// gets its sequence number, its plaintext (JSON) and the parsed event. Sealed records are
 /// opened with `opener`. Uses the segments' sidecars, and builds those of sealed segments
@@ -342,12 +359,17 @@ pub fn search(
     if limit == 0 {
         return Ok(stats);
     }
-    for (i, (_, path)) in segs.iter().enumerate() {
+    for (i, (first, path)) in segs.iter().enumerate() {
         stats.segments += 1;
         let side = sidecar_path(path);
+        let len = std::fs::metadata(path).map_err(io(path))?.len();
+        // A sidecar is only trusted when its entries name every record from the segment's
+        // first on, without a gap: an entry deleted (or a sidecar restored from an older
+        // backup) must not hide an event from a search. Otherwise the segment is read whole.
         let mut found: Option<(Vec<Entry>, IndexKey)> = std::fs::read(&side)
             .ok()
-            .and_then(|b| keys.iter().find_map(|k| entries_of(&b, k).map(|e| (e, *k))));
+            .and_then(|b| keys.iter().find_map(|k| entries_of(&b, k).map(|e| (e, *k))))
+            .filter(|(entries, _)| gapless(entries, *first, len));
         if found.is_none() && i != last {
             if let Some(key) = keys.first() {
                 if let Ok(entries) = build(path, opener, key) {
@@ -360,9 +382,9 @@ pub fn search(
         let mut from = 0u64;
         if let Some((entries, key)) = &found {
             let file = File::open(path).map_err(io(path))?;
-            let len = file.metadata().map_err(io(path))?.len();
             let mut buf = Vec::new();
             let mut covered_to = 0u64;
+            let mut mismatch = false;
             for e in entries {
                 stats.entries += 1;
                 // Stale entries (records cut after a crash, whose numbers were used again)
@@ -382,14 +404,21 @@ pub fn search(
                             return Ok(stats);
                         }
                     }
-                    // Not the record the entry names: the event check by scanning decides.
-                    _ => {}
+                    // Not the record the entry names: the sidecar is wrong from here on, so
+                    // the segment is read from its start, past the records already seen.
+                    _ => {
+                        next_seq = e.seq;
+                        mismatch = true;
+                        break;
+                    }
                 }
             }
             // The rest of the segment, past the last entry (the writer's index may lag its
             // records by a moment, or stop early after a failure), is read one record after
             // another; for a whole index that is the last record, already seen.
-            from = covered_to;
+            if !mismatch {
+                from = covered_to;
+            }
         }
         let mut bytes = Vec::new();
         let mut file = File::open(path).map_err(io(path))?;
@@ -795,11 +824,21 @@ mod tests {
         for f in filters() {
             let want = truth(&ledger, None, &f);
             let (got, _) = found(&ledger, None, &f);
-            assert!(
-                got.iter().all(|s| want.contains(s)),
-                "nothing wrong is shown"
-            );
+            assert_eq!(got, want, "nothing wrong is shown, and nothing hidden");
         }
+
+        // One entry taken out of the middle of a sidecar (its header still valid): the
+        // record it named is still found, the segment being read whole.
+        let side = sidecar_path(&segs[0].1);
+        let mut bytes = std::fs::read(&side).unwrap();
+        let at = HEADER_LEN + 10 * ENTRY_LEN;
+        bytes.drain(at..at + ENTRY_LEN);
+        std::fs::write(&side, &bytes).unwrap();
+        let all = SearchFilter::default();
+        let want = truth(&ledger, None, &all);
+        let (got, _) = found(&ledger, None, &all);
+        assert_eq!(got, want, "the record of the missing entry is found");
+        assert!(got.contains(&(segs[0].0 + 10)), "{got:?}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -1468,9 +1468,25 @@ pub fn verify_proof(proof_json: &str, vkeys: &[String]) -> Result<Checkpoint, Ve
                     cp.size
                 )));
             }
+            // The record number a reader is told is the leaf's, never a claim of its own.
+            if let Some(seq) = v.get("seq").filter(|s| !s.is_null()) {
+                if seq.as_u64() != Some(index + 1) {
+                    return Err(bad(format!(
+                        "\"seq\" says {seq} but the proof places the record at leaf {index} (record {})",
+                        index + 1
+                    )));
+                }
+            }
             // A sealed record (encryption at rest) proves its ciphertext; it is read with the
-            // key, not from the proof.
-            if bytes.first() != Some(&crate::ledger_crypt::SEALED) {
+            // key, not from the proof, so a readable `record` beside it is no part of the
+            // proof and would be believed unchecked.
+            if bytes.first() == Some(&crate::ledger_crypt::SEALED) {
+                if v.get("record").is_some_and(|r| !r.is_null()) {
+                    return Err(bad(
+                        "the record is sealed, yet the proof carries a readable \"record\" that nothing proves: it was added",
+                    ));
+                }
+            } else {
                 let parsed: Value = serde_json::from_slice(&bytes)
                     .map_err(|_| bad("\"record_bytes\" is not the JSON of an audit event"))?;
                 if v.get("record") != Some(&parsed) {
@@ -1478,13 +1494,13 @@ pub fn verify_proof(proof_json: &str, vkeys: &[String]) -> Result<Checkpoint, Ve
                         "\"record\" is not what \"record_bytes\" hold: the readable record was altered",
                     ));
                 }
-                if let Some(seq) = parsed.get("seq").and_then(Value::as_u64) {
-                    if seq != index + 1 {
-                        return Err(bad(format!(
-                            "the record is number {seq} but the proof places it at leaf {index} (record {})",
-                            index + 1
-                        )));
-                    }
+                let seq = parsed.get("seq").and_then(Value::as_u64);
+                if seq != Some(index + 1) {
+                    return Err(bad(format!(
+                        "the record is number {} but the proof places it at leaf {index} (record {})",
+                        seq.map_or_else(|| "(none)".to_string(), |s| s.to_string()),
+                        index + 1
+                    )));
                 }
             }
             if !verify_inclusion(&leaf_hash(&bytes), index, size, &path, &cp.root) {

@@ -1192,8 +1192,10 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// The client IP: the peer, or when the peer is a trusted proxy, the right-most address of
-/// `X-Forwarded-For` that is not itself a trusted proxy.
+/// `X-Forwarded-For` that is not itself a trusted proxy. An IPv4 client of a dual-stack
+/// listener (`::ffff:a.b.c.d`) is its IPv4 address, in the event and to every stage.
 fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> (IpAddr, bool) {
+    let peer = peer.to_canonical();
     let trusted = |ip: IpAddr| {
         config
             .gateway
@@ -1210,6 +1212,7 @@ fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> (IpAddr, boo
         for part in s.rsplit(',') {
             match part.trim().parse::<IpAddr>() {
                 Ok(addr) => {
+                    let addr = addr.to_canonical();
                     ip = addr;
                     if !trusted(addr) {
                         return (ip, true);
@@ -1825,5 +1828,15 @@ mod tests {
         let ip = |peer: &str| client_ip(&cfg, peer.parse().unwrap(), &h);
         assert_eq!(ip("10.0.0.1"), ("203.0.113.9".parse().unwrap(), true));
         assert_eq!(ip("192.0.2.1"), ("192.0.2.1".parse().unwrap(), false));
+        // IPv4 clients of a dual-stack listener are their IPv4 address (so `audit search
+        // --ip 192.0.2.1` finds them), trusted proxies too.
+        assert_eq!(
+            ip("::ffff:192.0.2.1"),
+            ("192.0.2.1".parse().unwrap(), false)
+        );
+        assert_eq!(
+            ip("::ffff:10.0.0.1"),
+            ("203.0.113.9".parse().unwrap(), true)
+        );
     }
 }

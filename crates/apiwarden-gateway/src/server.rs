@@ -448,6 +448,33 @@ impl Gateway {
                 {
                     tracing::warn!("listen addresses and TLS settings change only on restart");
                 }
+                // The ledger is opened once, with these: a change waits for a restart (the
+                // HMAC'd headers and query parameters are read per request and change now).
+                let ledger_settings = |c: &Config| {
+                    let a = &c.audit;
+                    format!(
+                        "{:?}",
+                        (
+                            &c.storage.data_dir,
+                            &a.durability,
+                            a.checkpoint_interval,
+                            &a.checkpoint_copy,
+                            &a.encryption_key,
+                            a.segment_size,
+                            a.segment_max_age,
+                            a.retention,
+                            &a.retention_requires_export,
+                        )
+                    )
+                };
+                if ledger_settings(&config) != ledger_settings(&old.config) {
+                    tracing::warn!("storage.data_dir and the [audit] settings of the ledger (durability, checkpoints, encryption_key, segments, retention) change only on restart; the ledger keeps those it was opened with");
+                    self.shared.system_event(
+                        "configuration reloaded, but the ledger's settings ([audit], storage.data_dir) change only on restart: the ledger keeps those it was opened with".into(),
+                        Outcome::Allow,
+                        Reason::Ok,
+                    );
+                }
                 let routes = config.routes.len();
                 let state = State::compile(config, &self.shared.metrics, Some(&old), old.workers());
                 for issuer in &state.issuers {

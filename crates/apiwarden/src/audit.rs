@@ -454,12 +454,14 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
             let keys = read_keys(&public_key);
             match ledger_verify::verify_proof(&text, &keys) {
                 Ok(cp) => {
+                    // The number proven is the leaf's (the proof's own `seq` was checked to match).
                     let what = serde_json::from_str::<serde_json::Value>(&text)
                         .ok()
-                        .and_then(|v| v.get("seq").and_then(|s| s.as_u64()))
+                        .filter(|v| v.get("type").and_then(|t| t.as_str()) != Some("consistency"))
+                        .and_then(|v| v.get("leaf_index").and_then(|s| s.as_u64()))
                         .map_or_else(
                             || "the older checkpoint is a prefix of the newer one".to_string(),
-                            |seq| format!("record {seq} is in the ledger"),
+                            |leaf| format!("record {} is in the ledger", leaf + 1),
                         );
                     println!(
                         "valid: {what} (checkpoint {} of {} records, root {})",

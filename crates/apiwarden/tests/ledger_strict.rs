@@ -484,6 +484,55 @@ fn an_encrypted_ledger_verifies_without_the_key_and_searches_with_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A proof of a sealed record proves its ciphertext: a readable `record` added to it is
+    // refused, where it used to be shown as proven.
+    let audit = |args: &[&str]| {
+        bin()
+            .arg("audit")
+            .args(args)
+            .arg("--config")
+            .arg(dir.join("none.toml"))
+            .arg("--data-dir")
+            .arg(dir.join("data0"))
+            .output()
+            .unwrap()
+    };
+    let out = audit(&["prove", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut proof: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(proof["record"].is_null(), "{proof}");
+    let out = audit(&["public-key"]);
+    assert!(out.status.success());
+    std::fs::write(dir.join("ledger.vkey"), &out.stdout).unwrap();
+    let verify_proof = |proof: &serde_json::Value| {
+        std::fs::write(dir.join("proof.json"), proof.to_string()).unwrap();
+        bin()
+            .args(["audit", "verify-proof"])
+            .arg(dir.join("proof.json"))
+            .arg("--public-key")
+            .arg(dir.join("ledger.vkey"))
+            .output()
+            .unwrap()
+    };
+    let out = verify_proof(&proof);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("record 2 is in the ledger"));
+    proof["record"] = serde_json::json!({"seq": 2, "request": {"path": "/forged"}});
+    let out = verify_proof(&proof);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing proves"),
+        "{out:?}"
+    );
+
     // Searched with it.
     let config = dir.join("node0.toml");
     let (ok, out, err) = cli("audit", &config, &["search", "--status", "200", "--json"]);

@@ -535,6 +535,22 @@ fn prove_and_verify_proof_through_the_cli() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 
+    // The number shown is the leaf's: a proof whose `seq` claims another is refused.
+    let mut v: serde_json::Value = serde_json::from_str(&proof).unwrap();
+    v["seq"] = 124.into();
+    std::fs::write(&proof_file, v.to_string()).unwrap();
+    let out = bin()
+        .args([
+            "audit",
+            "verify-proof",
+            proof_file_s,
+            "--public-key",
+            key_file,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
     let (code, _, err) = run(&["prove", "501"]);
     assert_eq!(code, 2);
     assert!(err.contains("wait for the next checkpoint"), "{err}");

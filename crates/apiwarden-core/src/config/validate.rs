@@ -388,6 +388,13 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             &[name("audit"), name("segment_size")],
             "segment_size must be at least 1KiB",
         );
+    } else if segment_size > 1 << 31 {
+        // The search index keeps 32-bit offsets; a segment is sealed once past this size, so
+        // its last record still begins below 4 GiB.
+        cx.error(
+            &[name("audit"), name("segment_size")],
+            "segment_size must be at most 2GiB",
+        );
     }
     let segment_max_age = positive(
         &mut cx,
@@ -1163,6 +1170,30 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             },
         });
     }
+    // A credential in the query string is never recorded, not even as an HMAC: the API key
+    // parameter of any route, and the usual names of tokens and passwords.
+    for (i, q) in audit.hmac_query.iter().enumerate() {
+        let at = [name("audit"), name("hmac_query"), Key::Index(i)];
+        let lower = q.to_ascii_lowercase();
+        if routes
+            .iter()
+            .any(|r| r.api_key_query.as_deref() == Some(q.as_str()))
+        {
+            cx.error(&at, format!("{q:?} is a route's `api_key_query`: API keys are never recorded, not even as an HMAC"));
+        } else if matches!(
+            lower.as_str(),
+            "access_token"
+                | "id_token"
+                | "refresh_token"
+                | "client_secret"
+                | "api_key"
+                | "apikey"
+                | "password"
+                | "passwd"
+        ) {
+            cx.error(&at, format!("{q:?} names a credential: it is never recorded, not even as an HMAC (a hash of a password can be guessed offline)"));
+        }
+    }
 
     if !cx.errors.is_empty() {
         cx.errors.sort_by_key(|e| (e.line, e.column));
@@ -1688,6 +1719,9 @@ colour = "blue"
             ("[admin.tokens.ops]\nrole = \"root\"\nsecret = \"env:T\"\n", "\"auditor\" (read only)"),
             (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a\"\nupstream = \"u\"\nauth = [\"none\"]\napi_key_query = \"k\"\n"), "needs \"api_key\""),
             (&format!("{U}[[routes]]\nname = \"r\"\npath = \"/a\"\nupstream = \"u\"\nauth = [\"api_key\"]\napi_key_query = \"a b\"\n"), "parameter name"),
+            (&format!("[audit]\nhmac_query = [\"k\"]\n{U}[[routes]]\nname = \"r\"\npath = \"/a\"\nupstream = \"u\"\nauth = [\"api_key\"]\napi_key_query = \"k\"\n"), "route's `api_key_query`"),
+            ("[audit]\nhmac_query = [\"access_token\"]\n", "names a credential"),
+            ("[audit]\nsegment_size = \"5GiB\"\n", "at most 2GiB"),
             ("[admin.tokens.ops]\nrole = \"admin\"\nsecret = \"hunter2\"\n", "never goes in the config"),
             ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nalgorithms = [\"HS256\"]\n", "HS256 needs a shared secret"),
             ("[jwt.j]\nissuer = \"https://idp.example.com\"\naudiences = [\"api\"]\nalgorithms = [\"none\"]\n", "not supported"),
