@@ -76,3 +76,65 @@ mod tests {
         assert!(HumanDuration::parse("soon").is_err());
     }
 }
+
+/// A point in time written as a duration back from `now` (`1h`, `30m`) or an RFC 3339 time,
+/// with `Z` or a numeric offset (`2026-11-25T10:00:00Z`, `2026-11-25T12:00:00+02:00`; a time
+/// without either is taken as UTC).
+pub fn parse_time(text: &str, now: std::time::SystemTime) -> Result<std::time::SystemTime, String> {
+    let t = text.trim();
+    if let Ok(d) = humantime::parse_duration(t) {
+        return Ok(now.checked_sub(d).unwrap_or(std::time::UNIX_EPOCH));
+    }
+    if let Ok(at) = humantime::parse_rfc3339_weak(t) {
+        return Ok(at);
+    }
+    // `+HH:MM` or `-HH:MM` at the end: the local time, less the offset.
+    let bad = || {
+        format!("{text:?}: write a duration back from now (1h, 30m) or an RFC 3339 time (2026-11-25T10:00:00Z)")
+    };
+    let split = t.len().checked_sub(6).ok_or_else(bad)?;
+    let (local, offset) = t.split_at(split);
+    let sign = match offset.as_bytes()[0] {
+        b'+' => 1i64,
+        b'-' => -1i64,
+        _ => return Err(bad()),
+    };
+    let (h, m) = offset[1..].split_once(':').ok_or_else(bad)?;
+    let (h, m): (u64, u64) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 23 || m > 59 || !local.contains('T') {
+        return Err(bad());
+    }
+    let at = humantime::parse_rfc3339_weak(local).map_err(|_| bad())?;
+    let shift = Duration::from_secs(h * 3600 + m * 60);
+    if sign > 0 {
+        at.checked_sub(shift).ok_or_else(bad)
+    } else {
+        at.checked_add(shift).ok_or_else(bad)
+    }
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::*;
+
+    #[test]
+    fn times_with_offsets_and_durations_back_from_now() {
+        let utc = parse_time("2026-11-25T10:00:00Z", std::time::SystemTime::now()).unwrap();
+        for same in [
+            "2026-11-25T12:00:00+02:00",
+            "2026-11-25T05:30:00-04:30",
+            "2026-11-25T10:00:00",
+        ] {
+            assert_eq!(
+                parse_time(same, std::time::SystemTime::now()),
+                Ok(utc),
+                "{same}"
+            );
+        }
+        let now = std::time::SystemTime::now();
+        assert_eq!(parse_time("1h", now), Ok(now - Duration::from_secs(3600)));
+        for bad in ["yesterday", "2026-11-25T10:00:00+25:00", "+02:00", ""] {
+            assert!(parse_time(bad, now).is_err(), "{bad}");
+        }
+    }
+}

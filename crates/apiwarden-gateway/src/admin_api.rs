@@ -421,12 +421,32 @@ async fn route(
     };
     match parts.as_slice() {
         ["audit"] => match search(cfg, query.as_deref()).await {
+            // The filter goes into the auditor's own event: who searched for what.
             Ok((events, scanned)) => ok(
                 StatusCode::OK,
                 json!({ "events": events, "count": events.len(), "scanned": scanned }),
-                format!("searched the audit ledger: {} events", events.len()),
+                format!(
+                    "searched the audit ledger ({}): {} events",
+                    query.as_deref().unwrap_or("no filter"),
+                    events.len()
+                ),
             ),
-            Err(e) => bad(e),
+            Err(SearchFailure::Bad(e)) => bad(e),
+            Err(SearchFailure::Busy) => refused(
+                StatusCode::TOO_MANY_REQUESTS,
+                Reason::RateLimitExceeded,
+                "two searches are running already; retry when one has ended",
+                format!("admin API {method} {path}: refused, two searches were running"),
+            ),
+            Err(SearchFailure::Failed(e)) => {
+                tracing::error!(error = %e, "an audit search failed");
+                refused(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Reason::AuditUnavailable,
+                    "the audit ledger cannot be searched now; the gateway's log says why",
+                    format!("admin API {method} {path}: the search failed: {e}"),
+                )
+            }
         },
         ["consumers"] if *method == Method::GET => {
             let mut list: Vec<Value> = cfg
@@ -619,22 +639,59 @@ async fn route(
     }
 }
 
-/// `GET /admin/v1/audit`: the ledger searched on a thread of its own (it reads files).
-async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), String> {
+/// `%XX` decoded (a `+` stays a `+`: it is an offset's sign in a time); `None` if it is not
+/// valid percent-encoding of UTF-8.
+fn percent_decoded(v: &str) -> Option<String> {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Why an audit search gave no answer.
+enum SearchFailure {
+    /// The caller's query (`400`).
+    Bad(String),
+    /// [`SEARCHES`] are running already (`429`).
+    Busy,
+    /// The ledger could not be read (`503`; the detail goes to the log and the event, not to
+    /// the caller).
+    Failed(String),
+}
+
+impl From<String> for SearchFailure {
+    fn from(e: String) -> Self {
+        SearchFailure::Bad(e)
+    }
+}
+
+/// Searches running at once: each may read the whole ledger.
+const SEARCHES: usize = 2;
+static SEARCHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(SEARCHES);
+
+/// `GET /admin/v1/audit`: the ledger searched on a thread of its own (it reads files), at
+/// most [`SEARCHES`] at once.
+async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), SearchFailure> {
     let mut filter = crate::ledger::SearchFilter::default();
     let mut limit = 100usize;
     let when = |k: &str, v: &str| -> Result<std::time::SystemTime, String> {
-        if let Ok(d) = humantime::parse_duration(v) {
-            return Ok(std::time::SystemTime::now()
-                .checked_sub(d)
-                .unwrap_or(std::time::UNIX_EPOCH));
-        }
-        humantime::parse_rfc3339_weak(v)
-            .map_err(|_| format!("{k}={v:?}: a duration back from now (1h) or an RFC 3339 time"))
+        apiwarden_core::units::parse_time(v, std::time::SystemTime::now())
+            .map_err(|e| format!("{k}={e}"))
     };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = v.to_string();
+        // Values as a client encodes them (`since=2026-11-25T10%3A00%3A00Z`).
+        let v = percent_decoded(v).ok_or_else(|| format!("{k}: invalid percent-encoding"))?;
         match k {
             "consumer" => filter.consumer = Some(v),
             "key" => filter.key = Some(v),
@@ -643,7 +700,7 @@ async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), 
                 filter.status = Some(v.parse().map_err(|_| format!("status={v:?} is not a number"))?)
             }
             "decision" if v == "allow" || v == "deny" => filter.decision = Some(v),
-            "decision" => return Err(format!("decision={v:?}: allow or deny")),
+            "decision" => return Err(format!("decision={v:?}: allow or deny").into()),
             "since" => filter.since = Some(when(k, &v)?),
             "until" => filter.until = Some(when(k, &v)?),
             "limit" => {
@@ -656,14 +713,18 @@ async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), 
             other => {
                 return Err(format!(
                     "unknown parameter {other:?}: consumer, key, ip, status, decision, since, until, limit"
-                ))
+                )
+                .into())
             }
         }
     }
     let dir = cfg.storage.data_dir.join("ledger");
     let key = cfg.audit.encryption_key.clone();
+    let permit = SEARCHING.try_acquire().map_err(|_| SearchFailure::Busy)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
+        // Held until the search has ended, even if its caller has gone.
+        let _permit = permit;
         let result = (|| -> Result<(Vec<Value>, u64), String> {
             let opener = match &key {
                 Some(k) => Some(
@@ -687,4 +748,5 @@ async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), 
     });
     rx.await
         .unwrap_or_else(|_| Err("the search stopped unexpectedly".into()))
+        .map_err(SearchFailure::Failed)
 }

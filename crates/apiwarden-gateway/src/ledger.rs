@@ -69,8 +69,8 @@ pub struct Retention {
     pub requires_export: Vec<String>,
 }
 
-/// How the ledger is set up.
-#[derive(Clone, Debug)]
+/// How the ledger is set up. (`Debug` leaves the master key out.)
+#[derive(Clone)]
 pub struct LedgerOptions {
     /// `<data_dir>/ledger`.
     pub dir: PathBuf,
@@ -89,6 +89,23 @@ pub struct LedgerOptions {
     pub node: Arc<str>,
     /// The master key (`audit.encryption_key`): records are sealed under a new data key.
     pub encryption: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for LedgerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerOptions")
+            .field("dir", &self.dir)
+            .field("durability", &self.durability)
+            .field("checkpoint_interval", &self.checkpoint_interval)
+            .field("origin", &self.origin)
+            .field("copy_to", &self.copy_to)
+            .field("segment_bytes", &self.segment_bytes)
+            .field("segment_max_age", &self.segment_max_age)
+            .field("retention", &self.retention)
+            .field("node", &self.node)
+            .field("encryption", &self.encryption.map(|_| "(a master key)"))
+            .finish()
+    }
 }
 
 /// Why the ledger cannot be opened or read.
@@ -2927,6 +2944,13 @@ pub(crate) mod tests {
         // Master key rotation: the new key opens, the old one no longer does.
         let new = [9u8; 32];
         assert_eq!(rewrap(&ledger, &master, &new).unwrap(), 2);
+        // Run again (as after a rotation cut off half-way): the keys already under the new
+        // master are left as they are; a third key opens none and stops it.
+        assert_eq!(rewrap(&ledger, &master, &new).unwrap(), 0);
+        assert!(matches!(
+            rewrap(&ledger, &[3u8; 32], &[4u8; 32]),
+            Err(CryptError::WrongMaster(_))
+        ));
         assert!(matches!(
             Opener::load(&ledger, &master),
             Err(CryptError::WrongMaster(_))

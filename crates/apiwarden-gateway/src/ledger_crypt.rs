@@ -133,6 +133,8 @@ impl Sealer {
         file.extend_from_slice(&wrapped);
         let path = keys.join(format!("{id:08x}.key"));
         write_new(&path, &file).map_err(io(&path))?;
+        // The key file must outlive the records sealed under it (`strict` syncs those).
+        sync_dir(&keys).map_err(io(&keys))?;
         Ok(Sealer {
             id,
             key: aes(&data),
@@ -275,18 +277,21 @@ pub fn open_with(opener: Option<&Opener>, seq: u64, payload: &[u8]) -> Result<Ve
 }
 
 /// Wraps every data key under `new` instead of `old` (master key rotation); the number of
-/// keys rewrapped. Each file is replaced atomically; a key that does not unwrap under `old`
-/// stops the rotation before anything is changed.
+/// keys rewrapped. Each file is replaced atomically and the directory synced; a key that
+/// unwraps under neither key stops the rotation before anything is changed. A key already
+/// under `new` (a rotation cut off half-way, run again) is left as it is.
 pub fn rewrap(dir: &Path, old: &[u8; 32], new: &[u8; 32]) -> Result<usize, CryptError> {
     let files = data_key_files(dir)?;
     let mut plain = Vec::new();
     for (id, path, file) in &files {
-        plain.push((
-            *id,
-            path.clone(),
-            file[..4].to_vec(),
-            unwrap(*id, path, file, old)?,
-        ));
+        match unwrap(*id, path, file, old) {
+            Ok(key) => plain.push((*id, path.clone(), file[..4].to_vec(), key)),
+            Err(e) => {
+                if unwrap(*id, path, file, new).is_err() {
+                    return Err(e);
+                }
+            }
+        }
     }
     for (id, path, prefix, data) in &plain {
         let wrap_nonce: [u8; 12] = random()?;
@@ -306,5 +311,14 @@ pub fn rewrap(dir: &Path, old: &[u8; 32], new: &[u8; 32]) -> Result<usize, Crypt
         write_new(&tmp, &file).map_err(io(&tmp))?;
         std::fs::rename(&tmp, path).map_err(io(path))?;
     }
+    let keys = dir.join("datakeys");
+    if keys.exists() {
+        sync_dir(&keys).map_err(io(&keys))?;
+    }
     Ok(plain.len())
+}
+
+/// Makes the directory's entries (a new or renamed file) durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }

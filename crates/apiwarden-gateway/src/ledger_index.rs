@@ -42,8 +42,15 @@ pub const HEADER_LEN: usize = 16;
 pub const ENTRY_LEN: usize = 36;
 
 /// The key of the index's hashes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct IndexKey([u8; 16]);
+
+/// Never the key itself.
+impl std::fmt::Debug for IndexKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IndexKey(..)")
+    }
+}
 
 impl IndexKey {
     fn derive(secret: &[u8]) -> IndexKey {

@@ -205,16 +205,8 @@ fn write_cursor(path: &Path, seq: u64) -> std::io::Result<()> {
 
 /// `1h` (that long ago) or an RFC 3339 time.
 fn when(flag: &str, text: &str) -> std::time::SystemTime {
-    if let Ok(d) = humantime::parse_duration(text) {
-        return std::time::SystemTime::now()
-            .checked_sub(d)
-            .unwrap_or(std::time::UNIX_EPOCH);
-    }
-    humantime::parse_rfc3339_weak(text).unwrap_or_else(|_| {
-        usage(format!(
-            "--{flag} {text:?}: write a duration back from now (1h, 30m) or a time (2026-11-25T10:00:00Z)"
-        ))
-    })
+    apiwarden_core::units::parse_time(text, std::time::SystemTime::now())
+        .unwrap_or_else(|e| usage(format!("--{flag} {e}")))
 }
 
 /// Prints the error and exits: 1 for tampering, 2 for usage and I/O errors.

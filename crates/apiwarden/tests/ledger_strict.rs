@@ -447,22 +447,31 @@ fn an_encrypted_ledger_verifies_without_the_key_and_searches_with_it() {
     }
     // The auditor role searches through the admin API (the gateway opens sealed records).
     std::thread::sleep(Duration::from_millis(300));
-    let mut a = std::net::TcpStream::connect(&node.admin).unwrap();
-    write!(
-        a,
-        "GET /admin/v1/audit?status=200&limit=3 HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    a.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let body: serde_json::Value =
-        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let admin_search = |query: &str| {
+        let mut a = std::net::TcpStream::connect(&node.admin).unwrap();
+        write!(
+            a,
+            "GET /admin/v1/audit?{query} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        a.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let body: serde_json::Value =
+            serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        body
+    };
+    let body = admin_search("status=200&limit=3");
     assert_eq!(body["count"], 3, "{body}");
     assert!(body["events"][0]["request"]["path"]
         .as_str()
         .unwrap()
         .starts_with("/sealed/"));
+    // Values as clients encode them, and RFC 3339 times with an offset.
+    let body = admin_search("status=200&limit=3&since=2000-01-01T02%3A00%3A00%2B02%3A00");
+    assert_eq!(body["count"], 3, "{body}");
+    let body = admin_search("status=200&limit=3&since=2099-01-01T00%3A00%3A00Z");
+    assert_eq!(body["count"], 0, "{body}");
     let mut node = node;
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &node.child.id().to_string()])
