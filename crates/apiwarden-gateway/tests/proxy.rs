@@ -508,14 +508,7 @@ async fn an_upgrade_passes_through_with_one_audit_event_for_its_duration() {
     );
     drop(c);
     let ev = gw.assert_events(1).await;
-    let started = std::time::Instant::now();
-    while metric(&gw, "apiwarden_connections_open ") != 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "the closed tunnel is still counted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_metric(&gw, "apiwarden_connections_open ", 0).await;
     assert_eq!(ev[0].response.status, 101);
     assert_eq!(ev[0].request.upgrade.as_deref(), Some("websocket"));
     assert_eq!((ev[0].request.bytes, ev[0].response.bytes), (9, 9));
@@ -872,11 +865,7 @@ async fn connections_beyond_max_connections_are_closed_and_counted() {
     assert_eq!(metric(&gw, "apiwarden_connections_open "), 2);
     // One closes: there is room again.
     drop(kept.pop());
-    let started = std::time::Instant::now();
-    while metric(&gw, "apiwarden_connections_open ") != 1 {
-        assert!(started.elapsed() < Duration::from_secs(2));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_metric(&gw, "apiwarden_connections_open ", 1).await;
     let answer = raw(
         gw.gw.addr,
         b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
@@ -980,11 +969,7 @@ async fn an_idle_http2_connection_is_closed_with_goaway_after_idle_timeout() {
     // keeps its connection as long as the server does, so the end is the gateway's GOAWAY.
     let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
     assert!(ended.is_ok(), "the idle HTTP/2 connection is still open");
-    let started = std::time::Instant::now();
-    while metric(&gw, "apiwarden_connections_open ") != 0 {
-        assert!(started.elapsed() < Duration::from_secs(2), "still counted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_metric(&gw, "apiwarden_connections_open ", 0).await;
     gw.assert_events(1).await;
 }
 

@@ -507,48 +507,33 @@ fn prove_and_verify_proof_through_the_cli() {
     let proof_file = root.join("proof.json");
     std::fs::write(&proof_file, &proof).unwrap();
     let proof_file_s = proof_file.to_str().unwrap();
-    let out = bin()
-        .args([
-            "audit",
-            "verify-proof",
-            proof_file_s,
-            "--public-key",
-            key_file,
-        ])
-        .output()
-        .unwrap();
+    let verify_proof = || {
+        bin()
+            .args([
+                "audit",
+                "verify-proof",
+                proof_file_s,
+                "--public-key",
+                key_file,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = verify_proof();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("record 123 is in the ledger"));
 
     let mut v: serde_json::Value = serde_json::from_str(&proof).unwrap();
     v["record"]["message"] = "something else".into();
     std::fs::write(&proof_file, v.to_string()).unwrap();
-    let out = bin()
-        .args([
-            "audit",
-            "verify-proof",
-            proof_file_s,
-            "--public-key",
-            key_file,
-        ])
-        .output()
-        .unwrap();
+    let out = verify_proof();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 
     // The number shown is the leaf's: a proof whose `seq` claims another is refused.
     let mut v: serde_json::Value = serde_json::from_str(&proof).unwrap();
     v["seq"] = 124.into();
     std::fs::write(&proof_file, v.to_string()).unwrap();
-    let out = bin()
-        .args([
-            "audit",
-            "verify-proof",
-            proof_file_s,
-            "--public-key",
-            key_file,
-        ])
-        .output()
-        .unwrap();
+    let out = verify_proof();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 
     let (code, _, err) = run(&["prove", "501"]);
@@ -558,16 +543,7 @@ fn prove_and_verify_proof_through_the_cli() {
     let (code, c, err) = run(&["consistency", "500"]);
     assert_eq!(code, 0, "{err}");
     std::fs::write(&proof_file, &c).unwrap();
-    let out = bin()
-        .args([
-            "audit",
-            "verify-proof",
-            proof_file_s,
-            "--public-key",
-            key_file,
-        ])
-        .output()
-        .unwrap();
+    let out = verify_proof();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -215,6 +215,22 @@ pub fn open_route(name: &str, path_prefix: &str, upstream: SocketAddr) -> String
     )
 }
 
+/// Waits up to two seconds for a metric line of the gateway to read `want`.
+pub async fn until_metric(gw: &TestGateway, line_start: &str, want: u64) {
+    let started = std::time::Instant::now();
+    loop {
+        let got = metric(gw, line_start);
+        if got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{line_start}{got}, not {want}, after 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The value of one metric line of the gateway (`line_start` is the name with its labels and
 /// the space before the value).
 pub fn metric(gw: &TestGateway, line_start: &str) -> u64 {
