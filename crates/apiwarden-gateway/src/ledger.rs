@@ -2982,6 +2982,23 @@ pub(crate) mod tests {
             opener.open(6, &sealed),
             Err(CryptError::BadRecord(6))
         ));
+        // A data key file lost: the records still verify, and verify names the key whose
+        // records can no longer be read.
+        let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        assert!(report.missing_data_keys.is_empty());
+        let lost = std::fs::read_dir(ledger.join("datakeys"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::remove_file(&lost).unwrap();
+        let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        assert_eq!(report.missing_data_keys.len(), 1);
+        assert_eq!(
+            format!("{:08x}.key", report.missing_data_keys[0]),
+            lost.file_name().unwrap().to_str().unwrap()
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

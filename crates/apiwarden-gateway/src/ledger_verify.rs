@@ -268,6 +268,9 @@ pub struct Report {
     pub chain_checked_at: Option<u64>,
     /// Where retention left the ledger, when it deleted records.
     pub retention: Option<Boundary>,
+    /// Data keys that sealed records name but `datakeys/` does not hold: those records are
+    /// intact but can never be read (encryption at rest).
+    pub missing_data_keys: Vec<u32>,
 }
 
 /// The retention boundary the ledger starts from.
@@ -306,6 +309,7 @@ impl Report {
             "covered": self.covered,
             "held": self.held,
             "chain_checked_at": self.chain_checked_at,
+            "missing_data_keys": self.missing_data_keys.iter().map(|id| format!("{id:08x}")).collect::<Vec<_>>(),
             "retention": self.retention.as_ref().map(|b| json!({
                 "deleted_through": b.anchor_size,
                 "first_record": b.first,
@@ -710,12 +714,33 @@ struct Batch {
 /// most of the work: over a kilobyte of SHA-256 a record against two 64-byte blocks for the
 /// chain link and the tree node. A scan error is returned after every record before it was
 /// visited, so the first problem in ledger order is the one reported.
+#[cfg(test)]
 fn scan_leaves(
     segs: &[Seg],
     first: u64,
     threads: usize,
     progress: &mut dyn FnMut(u64, u64),
     visit: &mut dyn FnMut(usize, u64, &Hash) -> Result<(), VerifyError>,
+) -> Result<(u64, u64), VerifyError> {
+    scan_leaves_noting_keys(
+        segs,
+        first,
+        threads,
+        progress,
+        visit,
+        &mut Default::default(),
+    )
+}
+
+/// [`scan_leaves`], also noting the data key of every sealed record in `keys` (one byte
+/// compared a record; the key id read when the record is sealed).
+fn scan_leaves_noting_keys(
+    segs: &[Seg],
+    first: u64,
+    threads: usize,
+    progress: &mut dyn FnMut(u64, u64),
+    visit: &mut dyn FnMut(usize, u64, &Hash) -> Result<(), VerifyError>,
+    keys: &mut std::collections::BTreeSet<u32>,
 ) -> Result<(u64, u64), VerifyError> {
     use std::collections::BTreeMap;
     use std::sync::mpsc;
@@ -785,7 +810,13 @@ fn scan_leaves(
             segs,
             first,
             progress,
-            &mut |si, seq, range, _| {
+            &mut |si, seq, range, reader| {
+                let p = reader.payload(range.clone());
+                if p.first() == Some(&crate::ledger_crypt::SEALED) {
+                    if let Some(id) = p.get(1..5) {
+                        keys.insert(u32::from_be_bytes(id.try_into().expect("4 bytes")));
+                    }
+                }
                 // The batch is cut when the scan releases the reader's buffer: before the
                 // reader reads more, or leaves the segment. A failed visit stops the reading;
                 // its error is returned below.
@@ -1125,7 +1156,8 @@ pub fn verify_with(
     };
     // The chain and the tree stay serial, so more than a few hashing threads gain nothing.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let (records, bytes) = scan_leaves(
+    let mut sealed_under = std::collections::BTreeSet::new();
+    let (records, bytes) = scan_leaves_noting_keys(
         &segs,
         st.first,
         threads,
@@ -1177,6 +1209,7 @@ pub fn verify_with(
             }
             Ok(())
         },
+        &mut sealed_under,
     )?;
     let last_label = segs
         .last()
@@ -1227,6 +1260,10 @@ pub fn verify_with(
             checkpoints_skipped: skipped,
             anchor_checked: base == 0,
         }),
+        missing_data_keys: sealed_under
+            .into_iter()
+            .filter(|id| !dir.join("datakeys").join(format!("{id:08x}.key")).exists())
+            .collect(),
     })
 }
 

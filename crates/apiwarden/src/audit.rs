@@ -627,6 +627,9 @@ fn verify(
                 report.checkpoints_checked,
                 ledger_verify::b64(&report.last_root)
             );
+            for id in &report.missing_data_keys {
+                println!("warning: records sealed under data key {id:08x} can never be read: datakeys/{id:08x}.key is missing (restore it from a backup of the ledger directory)");
+            }
             if let Some(b) = &report.retention {
                 let signed = b
                     .anchor_time
