@@ -553,6 +553,35 @@ fn export(
             )
         })?;
     }
+    // A cursor past the ledger's end (a ledger restored from a backup, or records cut after a
+    // crash whose numbers are used again): the records numbered up to it would be skipped.
+    // Looked at only when nothing was new and the cursor is past what the ledger's `state`
+    // says is durable; then the last segment says where the ledger ends.
+    if let (Some(a), None, Some(file)) = (after, first_new, cursor_file) {
+        let durable = std::fs::read_to_string(dir.join("state"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("size").and_then(|s| s.as_u64()))
+            .unwrap_or(0);
+        let end = if a > durable {
+            let last_first = ledger::segments(dir)
+                .ok()
+                .and_then(|s| s.last().map(|(first, _)| *first))
+                .unwrap_or(0);
+            let mut end = last_first.saturating_sub(1);
+            let _ = ledger::read_records_from(dir, last_first, |seq, _| end = seq);
+            end
+        } else {
+            a
+        };
+        if end < a {
+            eprintln!(
+                "warning: the cursor {} is at record {a}, but the ledger ends at record {end}: records {} to {a}, when they are written, will not be exported with it. If the ledger was restored or cut, write {end} into the cursor file to export from there",
+                file.display(),
+                end + 1
+            );
+        }
+    }
     if let (Some(a), Some(first)) = (after, first_new) {
         if first > a + 1 {
             eprintln!(

@@ -398,6 +398,20 @@ async fn exports_the_ledger_in_every_siem_format_and_resumes_from_a_cursor() {
         std::fs::read_to_string(&cursor_file).unwrap(),
         format!("{new_last}\n")
     );
+    // A cursor past the ledger's end (a ledger restored from a backup) is said to skip what
+    // will be written, not passed over in silence.
+    let ahead = data.join("ledger/cursors/ahead");
+    std::fs::write(&ahead, format!("{}\n", new_last + 1000)).unwrap();
+    let (ok, out, err) = cli("audit", &config, &["export", "--cursor", "ahead"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "");
+    assert!(
+        err.contains(&format!(
+            "is at record {}, but the ledger ends at record {new_last}",
+            new_last + 1000
+        )),
+        "{err}"
+    );
     // A cursor of another name is independent; --since still applies.
     let other = export(&config, &["--format", "json", "--cursor", "elastic_2"]);
     assert_eq!(other.lines().count(), now.len());
