@@ -1702,8 +1702,8 @@ async fn tunnel(
 ) {
     match tokio::try_join!(client, upstream) {
         Ok((c, u)) => {
-            let mut c = TokioIo::new(c);
-            let mut u = TokioIo::new(u);
+            let mut c = Counted::new(TokioIo::new(c));
+            let mut u = Counted::new(TokioIo::new(u));
             let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
             // A tunnel on a connection with a client certificate is checked once a second as
             // a request would be (expiry, a new client CA), and closed when it fails.
@@ -1722,21 +1722,70 @@ async fn tunnel(
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
-                r = copy => match r {
-                    Ok((to_upstream, to_client)) => {
-                        recorder.event.request.bytes = to_upstream;
-                        recorder.finish(to_client, None);
-                    }
-                    Err(_) => recorder.finish(0, Some(Reason::ClientDisconnected)),
-                },
+            let error = tokio::select! {
+                r = copy => r.err().map(|_| Reason::ClientDisconnected),
                 why = refused => {
                     recorder.event.message = Some(why);
-                    recorder.finish(0, Some(Reason::AuthnCertificateInvalid));
+                    Some(Reason::AuthnCertificateInvalid)
                 }
-            }
+            };
+            // What went each way, however the tunnel ended.
+            recorder.event.request.bytes = c.read;
+            recorder.finish(u.read, error);
         }
         Err(_) => recorder.finish(0, Some(Reason::UpstreamError)),
+    }
+}
+
+/// One side of a tunnel, counting the bytes read from it: the copy reports its totals only
+/// when it ends without an error, and not at all when it is stopped.
+struct Counted<T> {
+    inner: T,
+    read: u64,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T) -> Self {
+        Counted { inner, read: 0 }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = polled {
+            self.read += (buf.filled().len() - before) as u64;
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
