@@ -218,6 +218,11 @@ fn store_error(e: KeyError, what: &str) -> Done {
     }
 }
 
+/// Whether a call of this method may change something (anything but a read).
+fn changes(method: &Method) -> bool {
+    *method != Method::GET && *method != Method::HEAD
+}
+
 /// The event of an admin call in progress, recorded if the call is dropped before it ends:
 /// cut off at the end of a shutdown's drain, or its client went away.
 struct Unfinished<'a> {
@@ -288,7 +293,7 @@ pub async fn handle(
             let shutting_down = shared
                 .shutting_down
                 .load(std::sync::atomic::Ordering::Relaxed);
-            if shutting_down && method != Method::GET && method != Method::HEAD {
+            if shutting_down && changes(&method) {
                 let done = refused(
                     StatusCode::SERVICE_UNAVAILABLE,
                     Reason::ShuttingDown,
@@ -344,7 +349,7 @@ async fn route(
         .split('/')
         .filter(|p| !p.is_empty())
         .collect();
-    let write = *method != Method::GET && *method != Method::HEAD;
+    let write = changes(method);
     let known = matches!(
         (method.as_str(), parts.as_slice()),
         ("GET", ["consumers"])

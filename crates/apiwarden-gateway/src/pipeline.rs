@@ -1390,15 +1390,8 @@ pub async fn handle(
             recorder.event.message = Some(why);
             recorder.event.request.path = Some(truncate(req.uri().path()));
             recorder.conn.request_close();
-            let close = req.version() < http::Version::HTTP_2;
-            let mut resp = deny(recorder, Reason::AuthnCertificateInvalid);
-            if close {
-                if let Ok(r) = &mut resp {
-                    r.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-            }
-            return resp;
+            let http1 = req.version() < Version::HTTP_2;
+            return closing(deny(recorder, Reason::AuthnCertificateInvalid), http1);
         }
     }
 
@@ -1634,12 +1627,7 @@ pub async fn handle(
         Ok(f) => f,
         Err(Reason::RequestBodyTooLarge) => return deny(recorder, Reason::RequestBodyTooLarge),
         Err(Reason::RequestBodyTimeout) => {
-            let mut resp = deny(recorder, Reason::RequestBodyTimeout);
-            if let (true, Ok(r)) = (http1, &mut resp) {
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            return resp;
+            return closing(deny(recorder, Reason::RequestBodyTimeout), http1)
         }
         Err(reason) => {
             recorder.event.error = Some(reason);
@@ -1735,6 +1723,19 @@ async fn tunnel(
         }
         Err(_) => recorder.finish(0, Some(Reason::UpstreamError)),
     }
+}
+
+/// An answer after which an HTTP/1.1 connection closes (`Connection: close`; HTTP/2 has no
+/// such header: its connection is asked to close with GOAWAY instead).
+fn closing(
+    mut resp: Result<Response<ResponseBody>, Infallible>,
+    http1: bool,
+) -> Result<Response<ResponseBody>, Infallible> {
+    if let (true, Ok(r)) = (http1, &mut resp) {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// One side of a tunnel, counting the bytes read from it: the copy reports its totals only

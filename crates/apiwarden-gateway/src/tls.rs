@@ -328,6 +328,12 @@ pub struct CertCheck {
     verified: AtomicU64,
 }
 
+/// Whole seconds since the Unix epoch, as certificates give their validity.
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// The earliest of `times` after `now` (`i64::MAX`: none).
 fn next_after(times: &[i64], now: i64) -> i64 {
     times
@@ -357,9 +363,7 @@ impl CertCheck {
             .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
             .map(|(_, c)| c.validity().not_after.timestamp())
             .collect();
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let now = unix_secs(SystemTime::now());
         CertCheck {
             chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
             not_after,
@@ -381,7 +385,7 @@ impl CertCheck {
         let since_epoch = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
-        let secs = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
+        let secs = unix_secs(now);
         if secs > self.not_after {
             self.verified.store(REFUSED, Ordering::Relaxed);
             return Err(format!(
