@@ -149,6 +149,8 @@ pub enum LedgerError {
     BadKey(PathBuf),
     #[error("the system random number generator failed")]
     Random,
+    #[error("the audit ledger {} is in use by another process (a running gateway, or `apiwarden audit rewrap`), which holds its lock: only one process may write a ledger. Stop the other one first, or give this gateway a data_dir of its own", .0.display())]
+    Locked(PathBuf),
     #[error("the ledger's checkpoint signing: {0}")]
     Note(String),
     #[error("{0}")]
@@ -212,10 +214,83 @@ pub fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LedgerError> {
     Ok(out)
 }
 
-/// Writes a file atomically (temp file, fsync, rename).
+/// The ledger's files are created readable and writable by their owner only (and its
+/// directories usable by their owner only), whatever the process's umask: records, index,
+/// checkpoints and keys alike. Files and directories made before keep their mode.
+pub const FILE_MODE: u32 = 0o600;
+
+/// See [`FILE_MODE`].
+pub const DIR_MODE: u32 = 0o700;
+
+/// Creates directory `path` and its missing parents with [`DIR_MODE`].
+pub fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(path)
+}
+
+/// Opens `path` for appending, creating it with [`FILE_MODE`].
+pub fn append_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
+/// Creates (or empties) `path` for writing, with [`FILE_MODE`] when it is new.
+pub fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
+/// How long a process that would write the ledger waits for another one to let it go (a
+/// gateway that was just stopped still writes its last checkpoint).
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// The ledger directory's lock: `<dir>/lock`, an advisory lock (`flock`) that the one
+/// process writing the ledger (the gateway, `apiwarden audit rewrap`) holds for as long as it
+/// writes. The kernel lets it go when the process ends, however it ends, so a crash never
+/// leaves a stale lock. Readers (`audit verify`, `search`, `export`, `prove`) take none.
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes the lock of the ledger in `dir` (made if need be), waiting up to `wait` for the
+    /// process that holds it.
+    pub fn take(dir: &Path, wait: Duration) -> Result<DirLock, LedgerError> {
+        private_dir(dir).map_err(io(dir))?;
+        let path = dir.join("lock");
+        let file = append_private(&path).map_err(io(&path))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(DirLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(LedgerError::Locked(dir.to_path_buf()))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+            }
+        }
+    }
+}
+
+/// Writes a file atomically (temp file, fsync, rename), readable by its owner only.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
+    let mut f = create_private(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -447,7 +522,7 @@ pub fn signing_key(dir: &Path, origin: &str) -> Result<NoteSigner, LedgerError> 
     let vkey = signer.verifier_key();
     let id = vkey.split('+').nth(1).unwrap_or("key").to_string();
     let keys = dir.join("keys");
-    std::fs::create_dir_all(&keys).map_err(io(&keys))?;
+    private_dir(&keys).map_err(io(&keys))?;
     let pub_path = keys.join(format!("{id}.vkey"));
     if !pub_path.exists() {
         write_atomic(&pub_path, format!("{vkey}\n").as_bytes()).map_err(io(&pub_path))?;
@@ -463,7 +538,7 @@ pub fn salt(dir: &Path) -> Result<Vec<u8>, LedgerError> {
         Ok(s) if s.len() == 32 => Ok(s),
         Ok(_) => Err(LedgerError::BadKey(path)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            private_dir(dir).map_err(io(dir))?;
             let mut s = vec![0u8; 32];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut s)
                 .map_err(|_| LedgerError::Random)?;
@@ -763,7 +838,7 @@ fn seal_missing(
     };
     let skip = tree.size();
     let seals = dir.join("seals");
-    std::fs::create_dir_all(&seals).map_err(io(&seals))?;
+    private_dir(&seals).map_err(io(&seals))?;
     let mut written = 0;
     let mut next_seq = first;
     for (i, (seg_first, path)) in segs.iter().enumerate().take(last + 1) {
@@ -1040,8 +1115,10 @@ pub struct LedgerSink {
 impl LedgerSink {
     /// Opens (or creates) the ledger, replays it, and starts the writer thread.
     pub fn open(opts: LedgerOptions) -> Result<Opened, LedgerError> {
+        // Before anything is read: replaying cuts a torn tail, which only the writer may do.
+        let lock = DirLock::take(&opts.dir, LOCK_WAIT)?;
         let seg_dir = opts.dir.join("segments");
-        std::fs::create_dir_all(&seg_dir).map_err(io(&seg_dir))?;
+        private_dir(&seg_dir).map_err(io(&seg_dir))?;
         let signer = signing_key(&opts.dir, &opts.origin)?;
         let sealer = match &opts.encryption {
             Some(master) => {
@@ -1107,17 +1184,14 @@ impl LedgerSink {
             index_key,
             opener.as_ref(),
         );
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&tail.segment)
-            .map_err(io(&tail.segment))?;
+        let file = append_private(&tail.segment).map_err(io(&tail.segment))?;
         let plain = sealer.is_none();
         let (tx, rx) = mpsc::unbounded_channel();
         let asleep = Arc::new(AtomicBool::new(false));
         let healthy = Arc::new(AtomicBool::new(true));
         let written = Arc::new(AtomicU64::new(records));
         let writer = Writer {
+            _lock: lock,
             opts: opts.clone(),
             signer,
             sealer,
@@ -1265,6 +1339,8 @@ thread_local! {
 
 struct Writer {
     opts: LedgerOptions,
+    /// Held until the writer thread ends: its last checkpoint is written by then.
+    _lock: DirLock,
     signer: NoteSigner,
     sealer: Option<crate::ledger_crypt::Sealer>,
     file: File,
@@ -1628,7 +1704,7 @@ impl Writer {
             .file
             .sync_all()
             .and_then(|_| self.seal())
-            .and_then(|_| OpenOptions::new().create(true).append(true).open(&next))
+            .and_then(|_| append_private(&next))
         {
             Ok(f) => {
                 self.rotate_failed = None;
@@ -1670,7 +1746,7 @@ impl Writer {
         )
         .map_err(std::io::Error::other)?;
         let seals = self.opts.dir.join("seals");
-        std::fs::create_dir_all(&seals)?;
+        private_dir(&seals)?;
         write_atomic(&seal_path(&self.opts.dir, first), note.as_bytes())?;
         sync_dir(&seals)
     }
@@ -1959,10 +2035,7 @@ impl Writer {
         };
         let log = self.opts.dir.join("checkpoints.log");
         let line = serde_json::json!({ "note": note }).to_string() + "\n";
-        let result = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
+        let result = append_private(&log)
             .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_data()))
             .and_then(|_| write_atomic(&self.opts.dir.join("checkpoint"), note.as_bytes()));
         if let Err(e) = result {
@@ -2999,6 +3072,93 @@ pub(crate) mod tests {
             format!("{:08x}.key", report.missing_data_keys[0]),
             lost.file_name().unwrap().to_str().unwrap()
         );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// One process writes a ledger at a time, and what it writes is its owner's only.
+    #[tokio::test]
+    async fn one_writer_holds_the_ledger_and_its_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let master = [7u8; 32];
+        let mut opts = options(&dir);
+        opts.encryption = Some(master);
+        let opened = LedgerSink::open(opts.clone()).unwrap();
+        for i in 0..300 {
+            opened.sink.record(event(i));
+        }
+        opened.sink.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // While the gateway writes: neither another writer nor a key rotation may begin.
+        let err = DirLock::take(&ledger, Duration::ZERO).err().expect("held");
+        assert!(matches!(err, LedgerError::Locked(_)), "{err}");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
+        let started = Instant::now();
+        let err = crate::ledger_crypt::rewrap(&ledger, &master, &[9u8; 32])
+            .expect_err("refused while the gateway writes");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
+        assert!(started.elapsed() >= LOCK_WAIT, "it waited for the writer");
+        // Readers take no lock.
+        assert_eq!(read_records(&ledger, |_, _| {}).unwrap(), 300);
+        drop(opened);
+        // The lock goes with the writer thread, once its last checkpoint is written.
+        let lock = DirLock::take(&ledger, LOCK_WAIT).expect("released");
+        drop(lock);
+        assert_eq!(
+            crate::ledger_crypt::rewrap(&ledger, &master, &[9u8; 32]).unwrap(),
+            1
+        );
+        // Everything the ledger made, whatever the umask: records, index, seals, checkpoints,
+        // state, keys, the lock, and the directories that hold them.
+        let mut seen = Vec::new();
+        let mut todo = vec![ledger.clone()];
+        while let Some(d) = todo.pop() {
+            for entry in std::fs::read_dir(&d).unwrap().flatten() {
+                let meta = entry.metadata().unwrap();
+                let mode = meta.permissions().mode() & 0o777;
+                let path = entry.path();
+                if meta.is_dir() {
+                    assert_eq!(mode, DIR_MODE, "{}", path.display());
+                    todo.push(path.clone());
+                } else {
+                    assert_eq!(mode, FILE_MODE, "{}", path.display());
+                }
+                seen.push(path.strip_prefix(&ledger).unwrap().to_path_buf());
+            }
+        }
+        assert_eq!(
+            std::fs::metadata(&ledger).unwrap().permissions().mode() & 0o777,
+            DIR_MODE
+        );
+        for want in [
+            "lock",
+            "signing.key",
+            "state",
+            "checkpoint",
+            "checkpoints.log",
+            "segments",
+            "seals",
+            "datakeys",
+            "keys",
+        ] {
+            assert!(
+                seen.iter().any(|p| p == Path::new(want)),
+                "{want} in {seen:?}"
+            );
+        }
+        for ext in ["seg", "idx", "seal", "vkey", "key"] {
+            assert!(
+                seen.iter().any(|p| p.extension().is_some_and(|e| e == ext)),
+                "a .{ext} file in {seen:?}"
+            );
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 }

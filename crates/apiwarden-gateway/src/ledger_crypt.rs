@@ -44,6 +44,8 @@ pub enum CryptError {
     BadMaster(String, String),
     #[error("the system random number generator failed")]
     Random,
+    #[error("{0}")]
+    Ledger(String),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> CryptError + '_ {
@@ -110,7 +112,7 @@ impl Sealer {
     /// in hex; contents: nonce prefix (4), wrap nonce (12), wrapped key and tag (48)).
     pub fn new_data_key(dir: &Path, master: &[u8; 32]) -> Result<Sealer, CryptError> {
         let keys = dir.join("datakeys");
-        std::fs::create_dir_all(&keys).map_err(io(&keys))?;
+        crate::ledger::private_dir(&keys).map_err(io(&keys))?;
         let data: [u8; 32] = random()?;
         let prefix: [u8; 4] = random()?;
         let id = loop {
@@ -281,6 +283,14 @@ pub fn open_with(opener: Option<&Opener>, seq: u64, payload: &[u8]) -> Result<Ve
 /// unwraps under neither key stops the rotation before anything is changed. A key already
 /// under `new` (a rotation cut off half-way, run again) is left as it is.
 pub fn rewrap(dir: &Path, old: &[u8; 32], new: &[u8; 32]) -> Result<usize, CryptError> {
+    // A gateway writing the ledger may make a new data key under the old master key meanwhile.
+    let _lock = match dir.exists() {
+        true => Some(
+            crate::ledger::DirLock::take(dir, crate::ledger::LOCK_WAIT)
+                .map_err(|e| CryptError::Ledger(e.to_string()))?,
+        ),
+        false => None,
+    };
     let files = data_key_files(dir)?;
     let mut plain = Vec::new();
     for (id, path, file) in &files {

@@ -510,7 +510,9 @@ pub fn build(
     }
     let side = sidecar_path(segment);
     let tmp = side.with_extension("idx.tmp");
-    if std::fs::write(&tmp, &out).is_ok() {
+    let written = crate::ledger::create_private(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &out));
+    if written.is_ok() {
         let _ = std::fs::rename(&tmp, &side);
     }
     Ok(entries)
@@ -570,7 +572,7 @@ impl SidecarWriter {
             e.encode(&mut out);
         }
         let tmp = side.with_extension("idx.tmp");
-        std::fs::write(&tmp, &out).ok()?;
+        std::io::Write::write_all(&mut crate::ledger::create_private(&tmp).ok()?, &out).ok()?;
         std::fs::rename(&tmp, &side).ok()?;
         let file = std::fs::OpenOptions::new().append(true).open(&side).ok()?;
         Some(SidecarWriter {
@@ -582,12 +584,7 @@ impl SidecarWriter {
     /// A new, empty sidecar for a new segment.
     pub fn create(segment: &Path, key: IndexKey) -> Option<SidecarWriter> {
         let side = sidecar_path(segment);
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&side)
-            .ok()?;
+        let mut file = crate::ledger::create_private(&side).ok()?;
         std::io::Write::write_all(&mut file, &key.header()).ok()?;
         Some(SidecarWriter {
             file,
