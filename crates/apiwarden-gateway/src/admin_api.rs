@@ -12,7 +12,7 @@
 //! | `POST /admin/v1/consumers` `{"name", "scopes"?, "roles"?, "allow_ips"?, "metadata"?}` | admin | adds a consumer to the store (`201`) or replaces one there (`200`) |
 //! | `DELETE /admin/v1/consumers/{name}` | admin | removes a consumer from the store and revokes its keys |
 //! | `GET /admin/v1/keys` | auditor | every key, as `keys list --json` |
-//! | `GET /admin/v1/audit?consumer=&key=&ip=&status=&decision=&since=&until=&limit=` | auditor | events from the ledger, as `audit search` (`since`/`until`: RFC 3339 or a duration back from now; `limit` default 100, at most 10 000) |
+//! | `GET /admin/v1/audit?consumer=&key=&ip=&status=&decision=&since=&until=&limit=&after=` | auditor | events from the ledger, oldest first, as `audit search` (`since`/`until`: RFC 3339 or a duration back from now; `limit` default 100, at most 10 000; a full page's `next` is the `after` of the next page) |
 //! | `POST /admin/v1/keys` `{"consumer", "scopes"?, "expires_in"?}` | admin | issues a key; the secret is in this answer only |
 //! | `POST /admin/v1/keys/{id}/rotate` `{"grace"?}` | admin | as `keys rotate` (default grace 24h) |
 //! | `POST /admin/v1/keys/{id}/revoke` | admin | as `keys revoke` |
@@ -427,9 +427,13 @@ async fn route(
     match parts.as_slice() {
         ["audit"] => match search(cfg, query.as_deref()).await {
             // The filter goes into the auditor's own event: who searched for what.
-            Ok((events, scanned)) => ok(
+            Ok(Found {
+                events,
+                scanned,
+                next,
+            }) => ok(
                 StatusCode::OK,
-                json!({ "events": events, "count": events.len(), "scanned": scanned }),
+                json!({ "events": events, "count": events.len(), "scanned": scanned, "next": next }),
                 format!(
                     "searched the audit ledger ({}): {} events",
                     query.as_deref().unwrap_or("no filter"),
@@ -680,13 +684,22 @@ impl From<String> for SearchFailure {
     }
 }
 
+/// One page of an audit search.
+struct Found {
+    events: Vec<Value>,
+    /// Records read.
+    scanned: u64,
+    /// The last record's sequence number when the page is full (`after=` for the next one).
+    next: Option<u64>,
+}
+
 /// Searches running at once: each may read the whole ledger.
 const SEARCHES: usize = 2;
 static SEARCHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(SEARCHES);
 
 /// `GET /admin/v1/audit`: the ledger searched on a thread of its own (it reads files), at
 /// most [`SEARCHES`] at once.
-async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), SearchFailure> {
+async fn search(cfg: &Config, query: Option<&str>) -> Result<Found, SearchFailure> {
     let mut filter = crate::ledger::SearchFilter::default();
     let mut limit = 100usize;
     let when = |k: &str, v: &str| -> Result<std::time::SystemTime, String> {
@@ -708,6 +721,12 @@ async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), 
             "decision" => return Err(format!("decision={v:?}: allow or deny").into()),
             "since" => filter.since = Some(when(k, &v)?),
             "until" => filter.until = Some(when(k, &v)?),
+            "after" => {
+                filter.after = Some(
+                    v.parse()
+                        .map_err(|_| format!("after={v:?}: a sequence number (the last page's `next`)"))?,
+                )
+            }
             "limit" => {
                 limit = v
                     .parse::<usize>()
@@ -717,7 +736,7 @@ async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), 
             }
             other => {
                 return Err(format!(
-                    "unknown parameter {other:?}: consumer, key, ip, status, decision, since, until, limit"
+                    "unknown parameter {other:?}: consumer, key, ip, status, decision, since, until, limit, after"
                 )
                 .into())
             }
@@ -730,7 +749,7 @@ async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), 
     std::thread::spawn(move || {
         // Held until the search has ended, even if its caller has gone.
         let _permit = permit;
-        let result = (|| -> Result<(Vec<Value>, u64), String> {
+        let result = (|| -> Result<Found, String> {
             let opener = match &key {
                 Some(k) => Some(
                     crate::ledger_crypt::master_from(k)
@@ -739,15 +758,21 @@ async fn search(cfg: &Config, query: Option<&str>) -> Result<(Vec<Value>, u64), 
                 ),
                 None => None,
             };
-            let mut found = Vec::new();
+            let mut events = Vec::new();
+            let mut last = 0;
             let stats =
-                crate::ledger_index::search(&dir, opener.as_ref(), &filter, limit, |_, _, e| {
-                    found.push(e.clone())
+                crate::ledger_index::search(&dir, opener.as_ref(), &filter, limit, |seq, _, e| {
+                    events.push(e.clone());
+                    last = seq;
                 })
                 .map_err(|e| e.to_string())?;
-            // Records read: the index's candidates, and those past it read one by one.
-            let scanned = stats.candidates + stats.scanned;
-            Ok((found, scanned))
+            Ok(Found {
+                // A full page: more may match after its last record.
+                next: (events.len() == limit).then_some(last),
+                events,
+                // Records read: the index's candidates, and those past it read one by one.
+                scanned: stats.candidates + stats.scanned,
+            })
         })();
         let _ = tx.send(result);
     });

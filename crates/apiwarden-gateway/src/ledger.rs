@@ -2151,7 +2151,7 @@ pub fn read_plain_from(
 }
 
 /// Whether an event (as JSON) passes the search filters.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct SearchFilter {
     pub consumer: Option<String>,
     pub key: Option<String>,
@@ -2160,6 +2160,8 @@ pub struct SearchFilter {
     pub decision: Option<String>,
     pub since: Option<std::time::SystemTime>,
     pub until: Option<std::time::SystemTime>,
+    /// Only records after this sequence number (the next page of a search).
+    pub after: Option<u64>,
 }
 
 impl SearchFilter {

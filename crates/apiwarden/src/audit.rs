@@ -86,6 +86,10 @@ pub enum AuditCommand {
         /// At most this many events (the first ones found).
         #[arg(long)]
         limit: Option<usize>,
+        /// Only events after this sequence number (the SEQ column; the next page after a
+        /// --limit).
+        #[arg(long, value_name = "SEQ")]
+        after: Option<u64>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -286,6 +290,7 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
             since,
             until,
             limit,
+            after,
             json,
         } => {
             if let Some(d) = &decision {
@@ -301,6 +306,7 @@ pub fn run(command: AuditCommand, config: &Path, data_dir: Option<PathBuf>) -> R
                 decision,
                 since: since.map(|s| when("since", &s)),
                 until: until.map(|s| when("until", &s)),
+                after,
             };
             let (dir, _) = ledger_dir(config, data_dir);
             let limit = limit.unwrap_or(usize::MAX);

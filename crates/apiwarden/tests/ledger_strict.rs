@@ -472,6 +472,40 @@ fn an_encrypted_ledger_verifies_without_the_key_and_searches_with_it() {
     assert_eq!(body["count"], 3, "{body}");
     let body = admin_search("status=200&limit=3&since=2099-01-01T00%3A00%3A00Z");
     assert_eq!(body["count"], 0, "{body}");
+    // Paging: a full page's `next` is its last record; `after` begins the next page there.
+    // (Each search is an admin event with status 200 too: only requests are compared.)
+    let all = admin_search("status=200");
+    assert!(all["next"].is_null(), "{all}");
+    let seqs = |body: &serde_json::Value| -> Vec<u64> {
+        body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "request")
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let want = seqs(&all);
+    assert!(want.len() > 3, "{all}");
+    let mut paged = Vec::new();
+    let mut query = "status=200&limit=3".to_string();
+    loop {
+        let body = admin_search(&query);
+        let page = seqs(&body);
+        paged.extend_from_slice(&page);
+        match body["next"].as_u64() {
+            Some(next) => {
+                assert_eq!(
+                    Some(next),
+                    body["events"][2]["seq"].as_u64(),
+                    "the last of 3: {body}"
+                );
+                query = format!("status=200&limit=3&after={next}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(paged, want);
     let mut node = node;
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &node.child.id().to_string()])
@@ -552,4 +586,19 @@ fn an_encrypted_ledger_verifies_without_the_key_and_searches_with_it() {
             .count(),
         5
     );
+    // The next page from the command line too.
+    let after = want[1].to_string();
+    let (ok, out, err) = cli(
+        "audit",
+        &config,
+        &["search", "--status", "200", "--json", "--after", &after],
+    );
+    assert!(ok, "{err}");
+    let got: Vec<u64> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["kind"] == "request")
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, want[2..]);
 }
