@@ -11,6 +11,7 @@ pub mod audit;
 pub mod blocklist;
 pub mod body;
 pub mod echo;
+mod h2watch;
 pub mod http_client;
 pub mod ids;
 pub mod introspect;

@@ -1813,6 +1813,24 @@ pub fn record_unparsed(shared: &Shared, conn: &ConnInfo, reason: Reason) {
     shared.record(Box::new(e));
 }
 
+/// Records the streams of an HTTP/2 connection that never became requests (see `h2watch`):
+/// one event when the connection ends, whose `message` says how many and why.
+pub(crate) fn record_h2_refused(shared: &Shared, conn: &ConnInfo, summary: String) {
+    let mut e = AuditEvent::new(EventKind::Request, new_id(), shared.node.clone());
+    e.request_id = Some(new_id());
+    e.client.ip = Some(conn.peer.ip());
+    e.tls.version = conn.tls_version;
+    e.tls.client_subject = conn.client_cert.as_ref().map(|c| c.subject.clone());
+    e.decision.outcome = Outcome::Deny;
+    e.decision.reason = Reason::RequestMalformed;
+    e.response.status = crate::respond::status_and_message(Reason::RequestMalformed)
+        .0
+        .as_u16();
+    e.message = Some(summary);
+    shared.metrics.unrouted.count(e.response.status, true);
+    shared.record(Box::new(e));
+}
+
 #[cfg(test)]
 mod tests {
 

@@ -2,8 +2,9 @@
 //! reload the configuration, shut down gracefully.
 
 use crate::audit::AuditSink;
+use crate::h2watch::{H2Counts, H2Watch};
 use crate::metrics::Metrics;
-use crate::pipeline::{handle, record_unparsed, ConnInfo, Shared, State};
+use crate::pipeline::{handle, record_h2_refused, record_unparsed, ConnInfo, Shared, State};
 use crate::tls::{server_config, CertCheck, ClientCert, ServerConfigs, TlsError};
 use apiwarden_core::config::{parse, Config, ConfigErrors};
 use apiwarden_core::event::{Outcome, Reason};
@@ -822,6 +823,9 @@ async fn serve<I>(
 {
     let mut conn = conn;
     let mut watcher = watcher;
+    // The worker counts this connection open until its last event below is recorded: a
+    // shutdown flushes the ledger only after that.
+    let _live = watcher._live.clone();
     conn.slot = watcher.assigned.take();
     if protocol != Protocol::Http1 || conn.cert_check.is_some() {
         conn.closing = Some(tokio::sync::Notify::new());
@@ -844,30 +848,37 @@ async fn serve<I>(
         let conn = conn.clone();
         service_fn(move |req| handle(shared.clone(), conn.clone(), req))
     };
-    let io = TokioIo::new(io);
+    // HTTP/2's frames are read on their way through, for the streams that never become
+    // requests (see `h2watch`).
+    let h2 = (protocol != Protocol::Http1).then(|| Arc::new(H2Counts::default()));
     // The connection's settings are read from the config in force now; the config itself is
     // not held for the connection's life (each request loads the current one).
-    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match protocol {
-        Protocol::Http1 => {
+    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match (protocol, &h2) {
+        (Protocol::Http1, _) | (_, None) => {
             let conn = http1_builder(&shared.state.load().config)
-                .serve_connection(io, svc)
+                .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades();
             drive(conn, watcher, close, |c| c.graceful_shutdown())
                 .await
                 .map_err(Into::into)
         }
-        Protocol::Http2 => {
+        (Protocol::Http2, Some(h2)) => {
+            let io = TokioIo::new(H2Watch::new(io, true, h2.clone()));
             let conn = http2_builder(&shared.state.load().config).serve_connection(io, svc);
             drive(conn, watcher, close, |c| c.graceful_shutdown())
                 .await
                 .map_err(Into::into)
         }
-        Protocol::Detect => {
+        (Protocol::Detect, Some(h2)) => {
+            let io = TokioIo::new(H2Watch::new(io, false, h2.clone()));
             let builder = auto_builder(&shared.state.load().config);
             let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
             drive(conn, watcher, close, |c| c.graceful_shutdown()).await
         }
     };
+    if let Some(summary) = h2.and_then(|h2| h2.summary(conn.activity.read().0)) {
+        record_h2_refused(&shared, &conn, summary);
+    }
     if let Err(e) = served {
         // hyper has already answered a request it could not parse; record it.
         if let Some(he) = e.downcast_ref::<hyper::Error>() {

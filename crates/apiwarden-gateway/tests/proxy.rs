@@ -973,6 +973,107 @@ async fn an_idle_http2_connection_is_closed_with_goaway_after_idle_timeout() {
     gw.assert_events(1).await;
 }
 
+/// An HTTP/2 frame: length, type, flags, stream id, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK integer with a 7-bit prefix (RFC 7541, 5.1), the first byte's high bit clear.
+fn hpack_len(mut n: usize) -> Vec<u8> {
+    if n < 127 {
+        return vec![n as u8];
+    }
+    let mut out = vec![127];
+    n -= 127;
+    while n >= 128 {
+        out.push((n % 128) as u8 | 0x80);
+        n /= 128;
+    }
+    out.push(n as u8);
+    out
+}
+
+/// Regression: HTTP/2 streams that the h2 library refuses itself (no `:path`, a header list
+/// over its limit) never reached the gateway and left no audit event. Now the connection's
+/// end records them, with the resets the gateway sent.
+#[tokio::test]
+async fn http2_streams_refused_by_the_protocol_layer_are_recorded() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n{}",
+        open_route("echo", "/", echo)
+    );
+    let gw = start(&cfg).await;
+    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+                                          // :method GET, :scheme http, :authority a; stream 1 without :path.
+    let authority = [0x41, 0x01, b'a'];
+    let mut no_path = vec![0x82, 0x86];
+    no_path.extend_from_slice(&authority);
+    out.extend(h2_frame(0x1, 0x5, 1, &no_path));
+    // Stream 3: GET / (it reaches the route).
+    let mut good = vec![0x82, 0x86, 0x84];
+    good.extend_from_slice(&authority);
+    out.extend(h2_frame(0x1, 0x5, 3, &good));
+    // Stream 5: a 100 000-byte header value, over h2's header list limit (about twice
+    // gateway.max_header_size); HEADERS and CONTINUATIONs (frames are at most 16 KiB).
+    let mut big = good.clone();
+    big.extend_from_slice(&[0x00, 0x05]);
+    big.extend_from_slice(b"x-big");
+    big.extend(hpack_len(100_000));
+    big.extend(std::iter::repeat_n(b'v', 100_000));
+    let parts: Vec<&[u8]> = big.chunks(16_000).collect();
+    for (i, part) in parts.iter().enumerate() {
+        let kind = if i == 0 { 0x1 } else { 0x9 };
+        let end_headers = if i == parts.len() - 1 { 0x4 } else { 0 };
+        let end_stream = if i == 0 { 0x1 } else { 0 };
+        out.extend(h2_frame(kind, end_headers | end_stream, 5, part));
+    }
+    c.write_all(&out).await.unwrap();
+    // Read what the gateway sends until stream 3's answer has ended.
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        let n = tokio::time::timeout(Duration::from_millis(500), c.read(&mut buf))
+            .await
+            .unwrap_or(Ok(0))
+            .unwrap();
+        seen.extend_from_slice(&buf[..n]);
+        if n == 0 || gw.request_events().iter().any(|e| e.response.status == 200) {
+            break;
+        }
+    }
+    // The client says goodbye; the connection ends.
+    c.write_all(&h2_frame(0x7, 0, 0, &[0, 0, 0, 3, 0, 0, 0, 0]))
+        .await
+        .unwrap();
+    c.shutdown().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut seen)).await;
+    let ev = gw.assert_events(2).await;
+    let served: Vec<_> = ev.iter().filter(|e| e.request.path.is_some()).collect();
+    assert_eq!(served.len(), 1, "{ev:#?}");
+    assert_eq!(served[0].response.status, 200);
+    let refused = ev
+        .iter()
+        .find(|e| e.request.path.is_none())
+        .expect("the refused streams' event");
+    assert_eq!(refused.decision.outcome, Outcome::Deny);
+    assert_eq!(refused.decision.reason, Reason::RequestMalformed);
+    let message = refused.message.as_deref().unwrap_or_default();
+    assert!(
+        message.starts_with("HTTP/2: 2 streams never reached a route"),
+        "{message}"
+    );
+    // h2 resets the stream without `:path`, and answers the oversized one with 431 itself.
+    assert!(message.contains("PROTOCOL_ERROR x1"), "{message}");
+}
+
 /// Regression: a request whose client goes away while the upstream is still working was
 /// forwarded but never recorded.
 #[tokio::test]
