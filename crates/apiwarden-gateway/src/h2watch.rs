@@ -7,9 +7,10 @@
 //! and reads the frame headers going by, without changing a byte: client streams opened
 //! (a `HEADERS` frame on a new stream id), and the `RST_STREAM` and `GOAWAY` frames the
 //! gateway sends with their error codes. When the connection ends, the streams opened but
-//! never handed to the gateway's service (`pipeline::Activity` counts those) are recorded in
-//! one audit event (`pipeline::record_h2_refused`). Only HTTP/2 and h2c connections are
-//! wrapped; HTTP/1.1 pays nothing.
+//! never handed to the gateway's service (counted as hyper calls it) are recorded in one
+//! audit event (`pipeline::record_h2_refused`). HTTP/2 connections are wrapped, and so are
+//! plain connections on an h2c listener until their first bytes show HTTP/1.1 (reading stops
+//! there); HTTP/1.1 over TLS and on a listener without h2c is not wrapped.
 
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -54,6 +55,8 @@ fn code_name(code: u32) -> String {
 pub(crate) struct H2Counts {
     /// Client streams opened.
     opened: AtomicU32,
+    /// Streams handed to the gateway's service.
+    accepted: AtomicU32,
     /// `RST_STREAM` frames the gateway sent, by error code (the last slot: codes past
     /// `HTTP_1_1_REQUIRED`).
     resets: [AtomicU32; CODES.len() + 1],
@@ -65,16 +68,23 @@ pub(crate) struct H2Counts {
 }
 
 impl H2Counts {
-    /// What the audit event says, when there is something to say: `requests_begun` is how
-    /// many streams reached the gateway's service.
-    pub(crate) fn summary(&self, requests_begun: u64) -> Option<String> {
+    /// A stream was handed to the gateway's service.
+    pub(crate) fn accepted(&self) {
+        self.accepted.fetch_add(1, Relaxed);
+    }
+
+    /// What the audit event says, when there is something to say.
+    pub(crate) fn summary(&self) -> Option<String> {
         if self.no_preface.load(Relaxed) {
             return Some(
                 "HTTP/2 (negotiated with ALPN): the client did not send the HTTP/2 connection preface"
                     .into(),
             );
         }
-        let refused = u64::from(self.opened.load(Relaxed)).saturating_sub(requests_begun);
+        let refused = self
+            .opened
+            .load(Relaxed)
+            .saturating_sub(self.accepted.load(Relaxed));
         let goaway = self.goaway.load(Relaxed).checked_sub(1).filter(|c| *c != 0);
         if refused == 0 && goaway.is_none() {
             return None;
@@ -381,8 +391,17 @@ mod tests {
     }
 
     /// Fed in pieces of every size (as reads and writes split them), the counts are the same.
-    fn watched(alpn: bool, client: &[u8], server: &[u8], step: usize) -> Arc<H2Counts> {
+    fn watched(
+        alpn: bool,
+        client: &[u8],
+        server: &[u8],
+        step: usize,
+        accepted: u32,
+    ) -> Arc<H2Counts> {
         let counts = Arc::new(H2Counts::default());
+        for _ in 0..accepted {
+            counts.accepted();
+        }
         let mut w = H2Watch::new((), alpn, counts.clone());
         for piece in client.chunks(step) {
             w.read(piece);
@@ -427,9 +446,9 @@ mod tests {
     fn streams_opened_and_the_gateways_resets_are_counted_however_bytes_are_split() {
         let (client, server) = (client_frames(), server_frames());
         for step in 1..=client.len() {
-            let counts = watched(true, &client, &server, step);
+            let counts = watched(true, &client, &server, step, 1);
             assert_eq!(counts.opened.load(Relaxed), 3, "step {step}");
-            let text = counts.summary(1).expect("streams refused");
+            let text = counts.summary().expect("streams refused");
             assert_eq!(
                 text,
                 "HTTP/2: 2 streams never reached a route (refused or reset by the HTTP/2 layer, \
@@ -442,9 +461,9 @@ mod tests {
         // Every stream served and a graceful end: nothing to record.
         let mut server = frame(0x4, 0, 0, &[]);
         server.extend(frame(GOAWAY, 0, 0, &[0, 0, 0, 5, 0, 0, 0, 0]));
-        assert!(watched(true, &client, &server, 7).summary(3).is_none());
+        assert!(watched(true, &client, &server, 7, 3).summary().is_none());
         // h2c detection: the same (this server reset nothing).
-        let text = watched(false, &client, &server, 5).summary(1).unwrap();
+        let text = watched(false, &client, &server, 5, 1).summary().unwrap();
         assert!(
             text.starts_with("HTTP/2: 2 streams never reached a route") && !text.contains("; "),
             "{text}"
@@ -457,12 +476,12 @@ mod tests {
         // Bytes that would read as frames with odd stream ids if they were parsed.
         let server = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
         for step in 1..client.len() {
-            let counts = watched(false, client, server, step);
+            let counts = watched(false, client, server, step, 1);
             assert_eq!(counts.opened.load(Relaxed), 0);
-            assert!(counts.summary(1).is_none(), "step {step}");
+            assert!(counts.summary().is_none(), "step {step}");
         }
         // ALPN said h2, the client says otherwise.
-        let text = watched(true, client, &[], 3).summary(0).unwrap();
+        let text = watched(true, client, &[], 3, 0).summary().unwrap();
         assert!(
             text.contains("did not send the HTTP/2 connection preface"),
             "{text}"

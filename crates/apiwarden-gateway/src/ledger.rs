@@ -270,7 +270,14 @@ impl DirLock {
     pub fn take(dir: &Path, wait: Duration) -> Result<DirLock, LedgerError> {
         private_dir(dir).map_err(io(dir))?;
         let path = dir.join("lock");
-        let file = append_private(&path).map_err(io(&path))?;
+        // Read access is enough for `flock`: a lock file made by another user (`audit rewrap`
+        // run as root) does not keep the gateway out.
+        let file = match File::open(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                append_private(&path).map_err(io(&path))?
+            }
+            other => other.map_err(io(&path))?,
+        };
         let deadline = Instant::now() + wait;
         loop {
             match file.try_lock() {
@@ -289,8 +296,19 @@ impl DirLock {
 
 /// Writes a file atomically (temp file, fsync, rename), readable by its owner only.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_mode(path, bytes, FILE_MODE)
+}
+
+/// [`write_atomic`] with the file's mode before the umask.
+fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = create_private(&tmp)?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(mode)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -2044,8 +2062,10 @@ impl Writer {
         }
         self.covered = cp.size;
         if let Some(copy) = &self.opts.copy_to {
+            // The copy is for whoever watches the ledger from elsewhere (a monitor running as
+            // another user): a signed note, public; its mode is the umask's.
             let r = std::fs::create_dir_all(copy)
-                .and_then(|_| write_atomic(&copy.join("checkpoint"), note.as_bytes()));
+                .and_then(|_| write_atomic_mode(&copy.join("checkpoint"), note.as_bytes(), 0o666));
             if let Err(e) = r {
                 tracing::warn!(error = %e, dir = %copy.display(), "cannot copy the ledger checkpoint to its second location");
             }
@@ -3155,6 +3175,21 @@ pub(crate) mod tests {
                 "{want} in {seen:?}"
             );
         }
+        // The checkpoint copy is for a monitor elsewhere: the umask decides its mode.
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.join("elsewhere/checkpoint"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o666 & !umask
+        );
         for ext in ["seg", "idx", "seal", "vkey", "key"] {
             assert!(
                 seen.iter().any(|p| p.extension().is_some_and(|e| e == ext)),

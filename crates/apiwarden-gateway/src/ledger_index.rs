@@ -369,7 +369,10 @@ pub fn search(
     // Records up to `after` are passed over: whole segments without reading them.
     let after = filter.after.unwrap_or(0);
     for (i, (first, path)) in segs.iter().enumerate() {
-        if segs.get(i + 1).is_some_and(|(next, _)| *next <= after + 1) {
+        if segs
+            .get(i + 1)
+            .is_some_and(|(next, _)| *next <= after.saturating_add(1))
+        {
             next_seq = segs[i + 1].0;
             continue;
         }

@@ -843,14 +843,22 @@ async fn serve<I>(
         _ => None,
     };
     let close = conn.closing.as_ref();
-    let svc = {
-        let shared = shared.clone();
-        let conn = conn.clone();
-        service_fn(move |req| handle(shared.clone(), conn.clone(), req))
-    };
     // HTTP/2's frames are read on their way through, for the streams that never become
     // requests (see `h2watch`).
     let h2 = (protocol != Protocol::Http1).then(|| Arc::new(H2Counts::default()));
+    let svc = {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        let h2 = h2.clone();
+        service_fn(move |req| {
+            // Counted when hyper hands the stream over, not when its task first runs: the
+            // connection may end in between.
+            if let Some(h2) = &h2 {
+                h2.accepted();
+            }
+            handle(shared.clone(), conn.clone(), req)
+        })
+    };
     // The connection's settings are read from the config in force now; the config itself is
     // not held for the connection's life (each request loads the current one).
     let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match (protocol, &h2) {
@@ -876,7 +884,7 @@ async fn serve<I>(
             drive(conn, watcher, close, |c| c.graceful_shutdown()).await
         }
     };
-    if let Some(summary) = h2.and_then(|h2| h2.summary(conn.activity.read().0)) {
+    if let Some(summary) = h2.and_then(|h2| h2.summary()) {
         record_h2_refused(&shared, &conn, summary);
     }
     if let Err(e) = served {

@@ -1074,6 +1074,42 @@ async fn http2_streams_refused_by_the_protocol_layer_are_recorded() {
     assert!(message.contains("PROTOCOL_ERROR x1"), "{message}");
 }
 
+/// A client that sends its request and closes its side at once: h2 may drop the stream at the
+/// end of the connection, or hand it over first. Either way it is recorded once: as the
+/// request, or as a stream that never reached a route, never both. (A review found that a
+/// stream handed over in the connection's last poll was counted as refused as well, since
+/// requests were counted only when their task first ran; this test does not reproduce that
+/// race on demand.)
+#[tokio::test]
+async fn an_http2_request_sent_with_the_connections_end_is_recorded_once() {
+    let echo = echo_upstream().await;
+    let cfg = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n{}",
+        open_route("echo", "/", echo)
+    );
+    let gw = start(&cfg).await;
+    for _ in 0..5 {
+        let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(0x4, 0, 0, &[]));
+        out.extend(h2_frame(0x1, 0x5, 1, &[0x82, 0x86, 0x84, 0x41, 0x01, b'a']));
+        c.write_all(&out).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ev = gw.assert_events(5).await;
+    for e in &ev {
+        let refused = e.message.as_deref().unwrap_or_default();
+        assert!(
+            e.request.path.as_deref() == Some("/")
+                || refused.starts_with("HTTP/2: 1 stream never reached a route"),
+            "{e:?}"
+        );
+    }
+}
+
 /// Regression: a request whose client goes away while the upstream is still working was
 /// forwarded but never recorded.
 #[tokio::test]

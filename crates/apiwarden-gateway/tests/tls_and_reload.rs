@@ -4,7 +4,7 @@
 
 mod common;
 
-use apiwarden_core::event::{EventKind, Outcome};
+use apiwarden_core::event::{EventKind, Outcome, Reason};
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Full};
@@ -339,4 +339,40 @@ async fn a_silent_http2_client_is_cut_off_after_two_idle_timeouts() {
     .await;
     assert!(ended.is_ok(), "the silent connection is still open");
     until_metric(&gw, "apiwarden_connections_open ", 0).await;
+}
+
+/// A client that negotiates `h2` by ALPN and then speaks HTTP/1.1 is recorded as malformed
+/// (h2 itself drops it before any request exists).
+#[tokio::test]
+async fn http1_after_alpn_h2_is_recorded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = test_ca();
+    let dir = temp_dir("tls-no-preface");
+    write_server_cert(&ca, &dir, "first-cert");
+    let up = echo_upstream().await;
+    let gw = start(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\ntls = {{ cert = \"{d}/server.pem\", key = \"{d}/server.key\" }}\n{}",
+        open_route("echo", "/", up),
+        d = dir.display()
+    ))
+    .await;
+    let mut tls = tls_connect(gw.gw.addr, client_config(&ca, &[b"h2"])).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    let ev = gw.assert_events(1).await;
+    assert_eq!(ev[0].decision.reason, Reason::RequestMalformed);
+    assert_eq!(ev[0].tls.version, Some("TLSv1.3"));
+    assert!(
+        ev[0]
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("did not send the HTTP/2 connection preface"),
+        "{:?}",
+        ev[0].message
+    );
 }

@@ -187,14 +187,14 @@ fn read_cursor(path: &Path) -> Option<u64> {
 /// to know what was exported.
 fn write_cursor(path: &Path, seq: u64) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    ledger::private_dir(dir)?;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("cursor");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = ledger::create_private(&tmp)?;
         f.write_all(format!("{seq}\n").as_bytes())?;
         f.sync_all()?;
         drop(f);
@@ -502,34 +502,16 @@ fn export(
     cursor_file: Option<&Path>,
 ) -> Result<()> {
     let format = format.siem();
-    let by_time = filter.since.is_some();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut last = None;
     let mut write_failed = None;
     let mut bad_record = None;
     let mut first_new = None;
-    // Segments wholly at or below the cursor are not read.
-    let from = after.map_or(0, |a| a.saturating_add(1));
-    let read = ledger::read_plain_from(dir, opener, from, |seq, payload| {
-        if write_failed.is_some() || bad_record.is_some() || after.is_some_and(|a| seq <= a) {
+    let mut line = |seq: u64, payload: &[u8], event: Option<&serde_json::Value>| {
+        if write_failed.is_some() {
             return;
         }
-        first_new.get_or_insert(seq);
-        let event = if format != apiwarden_core::siem::Format::Json || by_time {
-            match serde_json::from_slice::<serde_json::Value>(payload) {
-                Ok(e) => Some(e),
-                Err(e) => {
-                    bad_record = Some(format!("record {seq} is not a JSON event: {e}"));
-                    return;
-                }
-            }
-        } else {
-            None
-        };
-        if by_time && !event.as_ref().is_some_and(|e| filter.passes(e)) {
-            return;
-        }
-        let written = match &event {
+        let written = match event {
             Some(e) if format != apiwarden_core::siem::Format::Json => {
                 let mut line = apiwarden_core::siem::to_line(format, e);
                 line.push('\n');
@@ -541,7 +523,41 @@ fn export(
             Ok(()) => last = Some(seq),
             Err(e) => write_failed = Some(e),
         }
-    });
+    };
+    let read = if filter.since.is_some() {
+        // The search index finds the records from that time on (and after the cursor) without
+        // reading the others; each one it finds is checked against the time again.
+        let filter = apiwarden_gateway::ledger::SearchFilter {
+            after,
+            ..filter.clone()
+        };
+        apiwarden_gateway::ledger_index::search(dir, opener, &filter, usize::MAX, |seq, p, e| {
+            line(seq, p, Some(e))
+        })
+        .map(|_| ())
+    } else {
+        // Segments wholly at or below the cursor are not read.
+        let from = after.map_or(0, |a| a.saturating_add(1));
+        ledger::read_plain_from(dir, opener, from, |seq, payload| {
+            if bad_record.is_some() || after.is_some_and(|a| seq <= a) {
+                return;
+            }
+            first_new.get_or_insert(seq);
+            let event = if format != apiwarden_core::siem::Format::Json {
+                match serde_json::from_slice::<serde_json::Value>(payload) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        bad_record = Some(format!("record {seq} is not a JSON event: {e}"));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            line(seq, payload, event.as_ref());
+        })
+        .map(|_| ())
+    };
     let flushed = match write_failed {
         Some(e) => Err(e),
         None => out.flush(),
@@ -561,8 +577,9 @@ fn export(
     }
     // A cursor past the ledger's end (a ledger restored from a backup, or records cut after a
     // crash whose numbers are used again): the records numbered up to it would be skipped.
-    // Looked at only when nothing was new and the cursor is past what the ledger's `state`
-    // says is durable; then the last segment says where the ledger ends.
+    // Looked at only when nothing was new (with `--since`, whether anything was new is not
+    // known: always) and the cursor is past what the ledger's `state` says is durable; then
+    // the last segment says where the ledger ends.
     if let (Some(a), None, Some(file)) = (after, first_new, cursor_file) {
         let durable = std::fs::read_to_string(dir.join("state"))
             .ok()
@@ -588,8 +605,12 @@ fn export(
             );
         }
     }
-    if let (Some(a), Some(first)) = (after, first_new) {
-        if first > a + 1 {
+    // Records after the cursor that retention deleted: the ledger now begins past them.
+    let first_held = ledger::segments(dir)
+        .ok()
+        .and_then(|s| s.first().map(|(first, _)| *first));
+    if let (Some(a), Some(first)) = (after, first_held) {
+        if first > a.saturating_add(1) {
             eprintln!(
                 "warning: records {} to {} are no longer in the ledger (retention deleted them) and were never exported with this cursor",
                 a + 1,

@@ -359,6 +359,11 @@ async fn exports_the_ledger_in_every_siem_format_and_resumes_from_a_cursor() {
         std::fs::read_to_string(&cursor_file).unwrap(),
         format!("{last_seq}\n")
     );
+    // The cursor is the ledger's, and its owner's only like the rest of it.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&cursor_file), 0o600);
+    assert_eq!(mode(cursor_file.parent().unwrap()), 0o700);
     // ... a second run with nothing new prints nothing and keeps it.
     let again = export(&config, &["--format", "ecs", "--cursor", "splunk"]);
     assert_eq!(again, "");
@@ -425,6 +430,28 @@ async fn exports_the_ledger_in_every_siem_format_and_resumes_from_a_cursor() {
         &["--format", "cef", "--since", "2999-01-01T00:00:00Z"],
     );
     assert_eq!(future, "");
+    // --since from the middle (through the search index): what a full export holds from
+    // that time on; with a cursor, the next run has nothing new.
+    let mid = &now[now.len() / 2];
+    let from = mid["time"].as_str().unwrap();
+    let want: Vec<u64> = now
+        .iter()
+        .filter(|e| e["time"].as_str().unwrap() >= from)
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    let seqs = |text: &str| -> Vec<u64> {
+        text.lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let args = ["--format", "json", "--since", from, "--cursor", "mid"];
+    assert_eq!(seqs(&export(&config, &args)), want);
+    assert!(want.len() < now.len());
+    assert_eq!(export(&config, &args), "");
 }
 
 #[test]
