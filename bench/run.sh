@@ -63,15 +63,15 @@ done
 
 # Resolve (and if needed build) apiwarden before starting anything else.
 if [[ "$SKIP_APIWARDEN" != 1 ]]; then
-    if [[ ! -x "$APIWARDEN_BIN" ]]; then
-        if [[ "$APIWARDEN_BIN" == "$DEFAULT_APIWARDEN_BIN" ]]; then
-            command -v cargo >/dev/null 2>&1 || die "$APIWARDEN_BIN not found and cargo is not installed"
-            log "$APIWARDEN_BIN not found: running cargo build --release"
-            cargo build --release >&2 || die "cargo build --release failed"
-            [[ -x "$APIWARDEN_BIN" ]] || die "cargo build --release succeeded but $APIWARDEN_BIN does not exist"
-        else
-            die "APIWARDEN_BIN=$APIWARDEN_BIN does not exist or is not executable"
-        fi
+    if [[ "$APIWARDEN_BIN" == "$DEFAULT_APIWARDEN_BIN" ]]; then
+        # Always: a binary left from an earlier build would measure older code (cargo does
+        # nothing when it is up to date).
+        command -v cargo >/dev/null 2>&1 || die "cargo is not installed: build apiwarden or set APIWARDEN_BIN"
+        log "cargo build --release (the working tree's code)"
+        cargo build --release >&2 || die "cargo build --release failed"
+        [[ -x "$APIWARDEN_BIN" ]] || die "cargo build --release succeeded but $APIWARDEN_BIN does not exist"
+    elif [[ ! -x "$APIWARDEN_BIN" ]]; then
+        die "APIWARDEN_BIN=$APIWARDEN_BIN does not exist or is not executable"
     fi
 fi
 

@@ -2,7 +2,8 @@
 //! `SEARCH_EVENTS` (default 2 000 000) request events through `LedgerSink` (batched), then
 //! times searches with the segments' index (`ledger_index::search`) against reading every
 //! record (what `audit search` did before the index), and the making of a missing index.
-//! `cargo bench -p apiwarden-gateway --bench search`. Printed, not asserted.
+//! `cargo bench -p apiwarden-gateway --bench search`. Printed, not asserted. With
+//! `SEARCH_KEEP=1` the ledger stays (its path is printed) for timing the command line on it.
 
 use apiwarden_core::config::Durability;
 use apiwarden_core::event::{AuditEvent, EventKind, Outcome, Reason};
@@ -232,5 +233,10 @@ fn main() {
         stats.built,
         n as f64 / secs
     );
-    let _ = std::fs::remove_dir_all(&root);
+    if std::env::var_os("SEARCH_KEEP").is_some() {
+        // For timing the command line on it: `apiwarden audit export --data-dir <this>`.
+        println!("\nkept: the ledger is in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }
