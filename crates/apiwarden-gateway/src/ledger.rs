@@ -294,6 +294,25 @@ impl DirLock {
     }
 }
 
+/// Cuts a last line of `checkpoints.log` that a crash or a full disk left without its end: a
+/// line is written whole with its newline, so one without it never was. Returns the bytes cut.
+fn cut_torn_log_line(dir: &Path) -> std::io::Result<u64> {
+    let path = dir.join("checkpoints.log");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(0);
+    }
+    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let f = OpenOptions::new().write(true).open(&path)?;
+    f.set_len(keep as u64)?;
+    f.sync_all()?;
+    Ok((bytes.len() - keep) as u64)
+}
+
 /// Writes a file atomically (temp file, fsync, rename), readable by its owner only.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomic_mode(path, bytes, FILE_MODE)
@@ -1135,6 +1154,12 @@ impl LedgerSink {
     pub fn open(opts: LedgerOptions) -> Result<Opened, LedgerError> {
         // Before anything is read: replaying cuts a torn tail, which only the writer may do.
         let lock = DirLock::take(&opts.dir, LOCK_WAIT)?;
+        match cut_torn_log_line(&opts.dir) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(bytes = n, "cut a checkpoint line that was never written whole (a crash or a full disk) from the end of checkpoints.log"),
+            // Checkpoints will fail to be written too, and say so; the start goes on.
+            Err(e) => tracing::warn!(error = %e, "cannot read checkpoints.log"),
+        }
         let seg_dir = opts.dir.join("segments");
         private_dir(&seg_dir).map_err(io(&seg_dir))?;
         let signer = signing_key(&opts.dir, &opts.origin)?;
@@ -1616,8 +1641,9 @@ impl Writer {
         let full = self.tail.segment_len + batch.len() as u64 >= self.opts.segment_bytes;
         let sync = match self.opts.durability {
             Durability::Strict => true,
-            // Best effort, except for whoever waits for durability (a flush, shutdown, or a
-            // request after a reload made its route `strict`).
+            // Best effort, except for whoever waits for durability (a flush, shutdown). No
+            // request waits on an `async` writer: requests wait for their record only when
+            // the ledger was opened `strict` (`Shared::strict`; a reload changes neither).
             Durability::Async => sync_now,
             Durability::Batched => {
                 sync_now
@@ -2054,7 +2080,16 @@ impl Writer {
         let log = self.opts.dir.join("checkpoints.log");
         let line = serde_json::json!({ "note": note }).to_string() + "\n";
         let result = append_private(&log)
-            .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_data()))
+            .and_then(|mut f| {
+                // A line written in part (the disk filled up) is taken back: the next one
+                // would follow it on the same line, and `audit verify` refuse the log.
+                let before = f.metadata()?.len();
+                let written = f.write_all(line.as_bytes()).and_then(|_| f.sync_data());
+                if written.is_err() {
+                    let _ = f.set_len(before).and_then(|_| f.sync_data());
+                }
+                written
+            })
             .and_then(|_| write_atomic(&self.opts.dir.join("checkpoint"), note.as_bytes()));
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot write a ledger checkpoint");
@@ -3195,6 +3230,50 @@ pub(crate) mod tests {
                 seen.iter().any(|p| p.extension().is_some_and(|e| e == ext)),
                 "a .{ext} file in {seen:?}"
             );
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Regression (found by review): a checkpoint line written in part (a full disk, a crash)
+    /// stayed in `checkpoints.log`, the next one followed it on the same line, and `audit
+    /// verify` refused the intact ledger from then on.
+    #[tokio::test]
+    async fn a_checkpoint_line_written_in_part_is_cut_and_verify_passes() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let opened = LedgerSink::open(options(&dir)).unwrap();
+        for i in 0..50 {
+            opened.sink.record(event(i));
+        }
+        opened.sink.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        drop(opened);
+        drop(DirLock::take(&ledger, LOCK_WAIT).expect("the writer has ended"));
+        let log = ledger.join("checkpoints.log");
+        // The first half of a line, as a failed write leaves it.
+        let text = std::fs::read_to_string(&log).unwrap();
+        let line = text.lines().last().unwrap();
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(&line.as_bytes()[..line.len() / 2]).unwrap();
+        drop(f);
+        let verify = || crate::ledger_verify::verify(&ledger, None, &mut |_, _| {});
+        verify().expect("a torn last line proves nothing and is passed over");
+        // The next start cuts it; the checkpoints after it are whole lines of their own.
+        let opened = LedgerSink::open(options(&dir)).unwrap();
+        for i in 50..60 {
+            opened.sink.record(event(i));
+        }
+        opened.sink.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        drop(opened);
+        let _ = DirLock::take(&ledger, LOCK_WAIT).expect("the writer has ended");
+        let report = verify().expect("verifies");
+        assert_eq!(report.records, 60);
+        let after = std::fs::read_to_string(&log).unwrap();
+        assert!(after.starts_with(&text) && after.len() > text.len() && after.ends_with('\n'));
+        for line in after.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("a whole line");
+            assert!(v["note"].is_string());
         }
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -381,7 +381,14 @@ fn ledger_checkpoints(dir: &Path, verifiers: &[Verifier]) -> Result<Vec<Cp>, Ver
     let log = dir.join("checkpoints.log");
     match std::fs::read_to_string(&log) {
         Ok(text) => {
-            for (i, line) in text.lines().enumerate() {
+            // A last line without its newline was never written whole (a crash, a full disk):
+            // it proves nothing, and the gateway cuts it at its next start.
+            let whole = match text.rfind('\n') {
+                Some(end) if !text.ends_with('\n') => &text[..=end],
+                None if !text.is_empty() => "",
+                _ => &text[..],
+            };
+            for (i, line) in whole.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
                 }

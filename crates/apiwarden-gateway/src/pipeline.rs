@@ -59,6 +59,11 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// HMAC-SHA256 under the ledger's salt, for `audit.hmac_headers` and `audit.hmac_query`.
     pub audit_hmac: Option<ring::hmac::Key>,
+    /// `audit.durability` as the ledger was opened with it (read at start): whether a request
+    /// waits for its received record. A reload does not change it, as it does not change the
+    /// ledger's writer: a `strict` wait on a writer opened `async` would be answered before
+    /// the record is synced.
+    pub strict: bool,
 }
 
 impl Shared {
@@ -1535,7 +1540,7 @@ pub async fn handle(
     // request's record is durable (concurrent requests share one fdatasync); the outcome is a
     // second record when the response ends. In every mode, a ledger that cannot write refuses
     // the request unless the route fails open.
-    let strict = cfg.audit.durability == apiwarden_core::config::Durability::Strict;
+    let strict = shared.strict;
     let fail_closed = route.audit_failure == apiwarden_core::config::FailureMode::Closed;
     if strict {
         // The received record is the event as it stands now, marked as such: encoded from it

@@ -203,6 +203,7 @@ impl Gateway {
         let workers_n = worker_count(&config);
         let local_limits = Arc::new(crate::limit::LocalStore::new(config.storage.limit_keys));
         let state_data_dir = config.storage.data_dir.join("ledger");
+        let strict = config.audit.durability == apiwarden_core::config::Durability::Strict;
         let state = State::compile(config, &metrics, None, workers_n);
         // Token issuers' keys are fetched in the background; `/readyz` waits for them.
         for issuer in &state.issuers {
@@ -217,6 +218,7 @@ impl Gateway {
             keys: ArcSwap::from_pointee(crate::keystore::KeyRing::default()),
             node: Arc::from(node.as_str()),
             shutting_down: AtomicBool::new(false),
+            strict,
             audit_hmac: match crate::ledger::salt(&state_data_dir) {
                 Ok(salt) => Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salt)),
                 Err(e) => {

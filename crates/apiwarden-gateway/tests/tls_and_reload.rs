@@ -376,3 +376,34 @@ async fn http1_after_alpn_h2_is_recorded() {
         ev[0].message
     );
 }
+
+/// Regression (found by review): a reload that changed `audit.durability` changed whether
+/// requests wait for their received record, while the ledger's writer kept the mode it was
+/// opened with, so a writer opened `async` could answer a `strict` wait before syncing.
+/// Durability now changes on restart only, for the requests as for the writer.
+#[tokio::test]
+async fn a_reload_does_not_change_durability() {
+    let echo = echo_upstream().await;
+    let route = open_route("echo", "/", echo);
+    let gw = start(&format!("[audit]\ndurability = \"batched\"\n{route}")).await;
+    assert_eq!(get(&gw.url("/before")).await.0, 200);
+    std::fs::write(
+        gw.dir.join("apiwarden.toml"),
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[audit]\ndurability = \"strict\"\n{route}"
+        ),
+    )
+    .unwrap();
+    gw.gw.reload().unwrap();
+    assert_eq!(get(&gw.url("/after")).await.0, 200);
+    gw.assert_events(2).await;
+    let received = gw
+        .events_of(EventKind::Request)
+        .into_iter()
+        .filter(|e| e.phase.is_some())
+        .count();
+    assert_eq!(
+        received, 0,
+        "no received record: the ledger is still batched"
+    );
+}

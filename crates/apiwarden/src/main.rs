@@ -287,18 +287,9 @@ fn run(cfg: Config, config_path: Option<PathBuf>, on_ready: Option<OnReady>) -> 
         })
         .context("cannot open the audit ledger; check storage.data_dir")?;
         tracing::info!(dir = %opened.sink.dir().display(), records = opened.records, "audit events go to the ledger");
-        let cut = opened.cut;
-        let sink: Arc<dyn AuditSink> = Arc::new(opened.sink);
-        warn_unenforced(&cfg);
-        let gw = Gateway::start(Options {
-            config: cfg,
-            config_path,
-            sink,
-            node,
-        })
-        .await?;
-        if let Some(c) = cut {
-            // Never silently: what the crash cost is itself a record.
+        if let Some(c) = &opened.cut {
+            // Never silently: what the crash cost is itself a record, queued before anything
+            // else can fail (a gateway that then cannot start still writes it on its way out).
             let message = format!(
                 "audit ledger recovered from a crash: a torn record after sequence {} ({} bytes, {}) was cut from {}",
                 c.after_seq,
@@ -307,12 +298,34 @@ fn run(cfg: Config, config_path: Option<PathBuf>, on_ready: Option<OnReady>) -> 
                 c.segment.display()
             );
             tracing::warn!("{message}");
-            gw.shared.system_event(
-                message,
-                apiwarden_core::event::Outcome::Deny,
-                apiwarden_core::event::Reason::LedgerRecordCut,
+            let mut e = apiwarden_core::event::AuditEvent::new(
+                apiwarden_core::event::EventKind::System,
+                apiwarden_gateway::ids::new_id(),
+                Arc::from(node.as_str()),
             );
+            e.decision.outcome = apiwarden_core::event::Outcome::Deny;
+            e.decision.reason = apiwarden_core::event::Reason::LedgerRecordCut;
+            e.message = Some(message);
+            opened.sink.record(Box::new(e));
         }
+        let sink: Arc<dyn AuditSink> = Arc::new(opened.sink);
+        warn_unenforced(&cfg);
+        let gw = match Gateway::start(Options {
+            config: cfg,
+            config_path,
+            sink: sink.clone(),
+            node,
+        })
+        .await
+        {
+            Ok(gw) => gw,
+            Err(e) => {
+                // What is queued (a cut torn record's event) is written before the process
+                // ends.
+                let _ = tokio::time::timeout(Duration::from_secs(5), sink.flush()).await;
+                return Err(e.into());
+            }
+        };
         if let Some(f) = on_ready {
             f(&gw);
         }

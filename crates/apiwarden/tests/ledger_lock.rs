@@ -1,6 +1,7 @@
-//! One gateway writes a ledger: a second one started on the same data directory (by mistake,
-//! or a unit file run twice) refuses to start instead of writing the same segments, and the
-//! first one goes on serving and recording.
+//! Opening the ledger at start. One gateway writes a ledger: a second one started on the same
+//! data directory (by mistake, or a unit file run twice) refuses to start instead of writing
+//! the same segments, and the first one goes on serving and recording. A torn record cut at
+//! start is recorded whatever happens next.
 
 #![cfg(target_os = "linux")]
 
@@ -82,5 +83,79 @@ fn a_second_gateway_on_the_same_ledger_refuses_to_start() {
         "the second gateway wrote nothing"
     );
     drop(node);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Regression (found by review): a torn last record was cut when the ledger opened, but its
+/// event was recorded only once the gateway had started; a start that then failed (its port
+/// taken) lost the event, and the next start found a clean tail: the cut went unrecorded.
+#[test]
+fn a_cut_torn_record_is_recorded_even_when_the_start_then_fails() {
+    let dir = temp_dir("ledger-cut");
+    let up = echo_upstream();
+    let common = format!(
+        "[audit]\ndurability = \"batched\"\n\n\
+         [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\n\
+         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\nauth = [\"none\"]\n"
+    );
+    let mut node = start_node(&dir, 0, &common);
+    let data = dir.join("data0");
+    let started = Instant::now();
+    while !audit_text(&data).contains("gateway started") {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no start-up event"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status();
+    let _ = node.child.wait();
+    // A record begun and never finished: three bytes of a frame header.
+    let segments = data.join("ledger/segments");
+    let mut last: Vec<_> = std::fs::read_dir(&segments)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    last.sort();
+    let last = last.pop().unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&last)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[0, 0, 1]).unwrap();
+    drop(f);
+    // The same data directory, and a listening port that is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = dir.join("taken.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlisten = \"{}\"\nnode = \"node0\"\nworker_threads = 1\n\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n\n\
+             [storage]\ndata_dir = \"data0\"\n{common}",
+            taken.local_addr().unwrap(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_apiwarden"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "it started on a taken port");
+    let text = audit_text(&data);
+    assert!(
+        text.contains("ledger.record_cut") && text.contains("was cut from"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(taken);
     let _ = std::fs::remove_dir_all(dir);
 }
