@@ -28,6 +28,9 @@ pub struct BodyStats {
     pub timed_out: AtomicBool,
     /// Set once the whole body has been read from the client.
     done: AtomicBool,
+    /// Set when hyper let the body go without reading it to its end (a request it frames
+    /// without a body, such as a GET sent chunked): nothing more will be sent.
+    stopped: AtomicBool,
     done_signal: tokio::sync::Notify,
 }
 
@@ -43,11 +46,18 @@ impl BodyStats {
         }
     }
 
-    /// Resolves once the whole body has been read.
+    fn mark_stopped(&self) {
+        if !self.stopped.swap(true, Relaxed) {
+            self.done_signal.notify_waiters();
+        }
+    }
+
+    /// Resolves once nothing more of the body will be sent: it was read whole, or hyper let it
+    /// go (the upstream's response timeout then runs).
     pub async fn wait_done(&self) {
         loop {
             let notified = self.done_signal.notified();
-            if self.done() {
+            if self.done() || self.stopped.load(Relaxed) {
                 return;
             }
             notified.await;
@@ -77,6 +87,16 @@ pub struct RequestBody {
     /// Armed the first time the client keeps the body waiting, and reset by each part after
     /// that: a body that comes with its head (the common case) never touches the timer.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Drop for RequestBody {
+    /// hyper lets a body go once it has sent it, or without reading it when it frames the
+    /// request without one: either way the upstream's response timeout may run now.
+    fn drop(&mut self) {
+        if let Some(s) = &self.stats {
+            s.mark_stopped();
+        }
+    }
 }
 
 impl RequestBody {
@@ -160,7 +180,8 @@ impl Body for RequestBody {
                         }
                     }
                 }
-                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                // Trailers are the last frame (hyper polls no more after them).
+                if frame.is_trailers() || this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
                     if let Some(s) = &this.stats {
                         s.mark_done();
                     }
@@ -259,7 +280,8 @@ impl Body for ResponseBody {
                     // Read to its end (hyper may not poll again after the last frame of a
                     // body of known length): the connection can serve another request.
                     None => release(lease),
-                    Some(Ok(_)) if body.is_end_stream() => release(lease),
+                    // Trailers end a body too: hyper's servers poll no more after them.
+                    Some(Ok(f)) if f.is_trailers() || body.is_end_stream() => release(lease),
                     Some(Ok(_)) => {}
                 }
                 polled
@@ -269,6 +291,10 @@ impl Body for ResponseBody {
             Some(Ok(frame)) => {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
+                }
+                if frame.is_trailers() {
+                    // The response is complete: recorded now, not as abandoned when dropped.
+                    this.finish(None);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -1083,13 +1083,21 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
         })
+        // Never `h2c`: an upstream that took it would speak HTTP/2 with the client directly,
+        // every later request past routing, identity, limits and the ledger. The request goes
+        // on as a plain one (its `Upgrade` and `HTTP2-Settings` removed as hop-by-hop).
+        && !req.headers().get_all(header::UPGRADE).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+        })
 }
 
 /// Removes hop-by-hop headers (RFC 9110 section 7.6.1), and those the `Connection` header
 /// names. An upgrade keeps `Connection: upgrade` and `Upgrade`. One pass over the names finds
 /// what to remove, so the common case (none present) costs no hashing.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    let mut found = [false; 9];
+    let mut found = [false; 10];
     let mut any = false;
     let mut connection_lists = false;
     for name in h.keys() {
@@ -1134,6 +1142,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         let keep = keep_upgrade && (*name == header::UPGRADE || *name == header::CONNECTION);
         if found[i] && !keep {
             h.remove(name);
+            // A message framed by `Transfer-Encoding` is re-framed by hyper from its body: a
+            // `Content-Length` beside it is stale (RFC 9112, 6.3), and would cut the body
+            // short or hold the client waiting.
+            if *name == header::TRANSFER_ENCODING {
+                h.remove(header::CONTENT_LENGTH);
+            }
         }
     }
     if keep_upgrade {
@@ -1184,7 +1198,7 @@ fn joined(h: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
 }
 
 /// Hop-by-hop header names; `Connection` first.
-const HOP_BY_HOP: [HeaderName; 9] = [
+const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     header::UPGRADE,
     KEEP_ALIVE,
@@ -1194,6 +1208,8 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
+    // The settings of an HTTP/1.1 to h2c upgrade: for this connection only (RFC 7540, 3.2.1).
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// The client IP: the peer, or when the peer is a trusted proxy, the right-most address of

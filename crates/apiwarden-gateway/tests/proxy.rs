@@ -1417,3 +1417,167 @@ async fn a_request_head_that_never_ends_is_cut_off() {
     let (status, _, _) = get(&gw.url("/echo")).await;
     assert_eq!(status, 200);
 }
+
+/// An upstream that answers every request head it reads with `response`, keeping the
+/// connection; it counts the connections it accepted.
+type Heads = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+async fn raw_upstream(
+    response: &'static [u8],
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (a, accepted, _) = raw_upstream_heads(response).await;
+    (a, accepted)
+}
+
+/// [`raw_upstream`], keeping the request heads it read.
+async fn raw_upstream_heads(
+    response: &'static [u8],
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    Heads,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let heads: Heads = Default::default();
+    let count = accepted.clone();
+    let kept = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = seen.drain(..end + 4).collect();
+                        kept.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head).into_owned());
+                        if s.write_all(response).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (a, accepted, heads)
+}
+
+/// Regression (found by review): a response with trailers was recorded as abandoned by the
+/// client (`client.disconnected`) and its upstream connection closed, though it was delivered
+/// whole: hyper polls no more after the trailers.
+#[tokio::test]
+async fn a_response_with_trailers_is_complete_and_its_connection_reused() {
+    let (up, accepted) = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: 42\r\n\r\n",
+    )
+    .await;
+    let gw = start(&open_route("t", "/", up)).await;
+    for _ in 0..3 {
+        let (status, _, body) = get(&gw.url("/t")).await;
+        assert_eq!((status, body.as_str()), (200, "hello"));
+    }
+    let ev = gw.assert_events(3).await;
+    for e in &ev {
+        assert_eq!((e.response.status, e.error), (200, None), "{e:?}");
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one upstream connection, reused"
+    );
+}
+
+/// Regression (found by review): an upstream's `Content-Length` beside `Transfer-Encoding`
+/// was passed on while hyper sent the de-chunked body: the client was held waiting for bytes
+/// that never came.
+#[tokio::test]
+async fn a_stale_content_length_beside_transfer_encoding_is_not_passed_on() {
+    let (up, _) = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let gw = start(&open_route("t", "/", up)).await;
+    let (status, headers, body) = tokio::time::timeout(Duration::from_secs(5), get(&gw.url("/t")))
+        .await
+        .expect("the answer ends");
+    assert_eq!((status, body.as_str()), (200, "hello"));
+    assert_ne!(
+        headers.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"100"[..])
+    );
+    let ev = gw.assert_events(1).await;
+    assert_eq!(ev[0].error, None);
+}
+
+/// Regression (found by review): `Upgrade: h2c` was passed to the upstream as an upgrade; one
+/// that took it would have spoken HTTP/2 with the client directly, past every check.
+#[tokio::test]
+async fn an_h2c_upgrade_is_not_passed_on() {
+    let (up, _, heads) =
+        raw_upstream_heads(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let gw = start(&open_route("t", "/", up)).await;
+    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    c.write_all(
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&got)))
+            .unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    let head = heads.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(
+        !head.contains("upgrade") && !head.contains("http2-settings"),
+        "{head}"
+    );
+    let ev = gw.assert_events(1).await;
+    assert_eq!(ev[0].request.upgrade, None);
+}
+
+/// Regression (found by review): a GET sent with a chunked body is framed by hyper's client
+/// without one, and its body is never read: the upstream's response timeout, which waits for
+/// the end of the request body, never began, and a hung upstream held the request for ever.
+#[tokio::test]
+async fn a_get_with_a_chunked_body_still_times_out() {
+    let slow = slow_upstream(Duration::from_secs(4)).await;
+    let cfg = format!(
+        "[[upstreams]]\nname = \"slow\"\nurl = \"http://{slow}\"\ntimeout = \"300ms\"\n[[routes]]\nname = \"slow\"\npath_prefix = \"/\"\nupstream = \"slow\"\nauth = [\"none\"]\n"
+    );
+    let gw = start(&cfg).await;
+    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    let ev = gw.assert_events(1).await;
+    assert_eq!(ev[0].error, Some(Reason::UpstreamTimeout), "{:?}", ev[0]);
+}
