@@ -1822,6 +1822,18 @@ fn truncate(s: &str) -> String {
 /// Records a request that never reached the pipeline because the HTTP parser refused it
 /// (hyper answered it with `400` or `431` itself).
 pub fn record_unparsed(shared: &Shared, conn: &ConnInfo, reason: Reason) {
+    record_refused(shared, conn, reason, None);
+}
+
+/// Records the streams of an HTTP/2 connection that never became requests (see `h2watch`):
+/// one event when the connection ends, whose `message` says how many and why.
+pub(crate) fn record_h2_refused(shared: &Shared, conn: &ConnInfo, summary: String) {
+    record_refused(shared, conn, Reason::RequestMalformed, Some(summary));
+}
+
+/// The event of something the protocol layer refused before a request existed: the
+/// connection's client and TLS, the refusal, no route.
+fn record_refused(shared: &Shared, conn: &ConnInfo, reason: Reason, message: Option<String>) {
     let mut e = AuditEvent::new(EventKind::Request, new_id(), shared.node.clone());
     e.request_id = Some(new_id());
     e.client.ip = Some(conn.peer.ip());
@@ -1830,24 +1842,7 @@ pub fn record_unparsed(shared: &Shared, conn: &ConnInfo, reason: Reason) {
     e.decision.outcome = Outcome::Deny;
     e.decision.reason = reason;
     e.response.status = crate::respond::status_and_message(reason).0.as_u16();
-    shared.metrics.unrouted.count(e.response.status, true);
-    shared.record(Box::new(e));
-}
-
-/// Records the streams of an HTTP/2 connection that never became requests (see `h2watch`):
-/// one event when the connection ends, whose `message` says how many and why.
-pub(crate) fn record_h2_refused(shared: &Shared, conn: &ConnInfo, summary: String) {
-    let mut e = AuditEvent::new(EventKind::Request, new_id(), shared.node.clone());
-    e.request_id = Some(new_id());
-    e.client.ip = Some(conn.peer.ip());
-    e.tls.version = conn.tls_version;
-    e.tls.client_subject = conn.client_cert.as_ref().map(|c| c.subject.clone());
-    e.decision.outcome = Outcome::Deny;
-    e.decision.reason = Reason::RequestMalformed;
-    e.response.status = crate::respond::status_and_message(Reason::RequestMalformed)
-        .0
-        .as_u16();
-    e.message = Some(summary);
+    e.message = message;
     shared.metrics.unrouted.count(e.response.status, true);
     shared.record(Box::new(e));
 }

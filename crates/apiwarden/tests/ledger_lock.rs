@@ -11,16 +11,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 
-#[test]
-fn a_second_gateway_on_the_same_ledger_refuses_to_start() {
-    let dir = temp_dir("ledger-lock");
+/// A gateway on `dir`'s `data0`, once its start-up event is in the ledger: the node, its data
+/// directory, and the config text it shares with the next gateway of the test.
+fn started_gateway(dir: &std::path::Path) -> (Node, std::path::PathBuf, String) {
     let up = echo_upstream();
     let common = format!(
         "[audit]\ndurability = \"batched\"\n\n\
          [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\n\
          [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\nauth = [\"none\"]\n"
     );
-    let node = start_node(&dir, 0, &common);
+    let node = start_node(dir, 0, &common);
     let data = dir.join("data0");
     let started = Instant::now();
     while !audit_text(&data).contains("gateway started") {
@@ -30,6 +30,13 @@ fn a_second_gateway_on_the_same_ledger_refuses_to_start() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    (node, data, common)
+}
+
+#[test]
+fn a_second_gateway_on_the_same_ledger_refuses_to_start() {
+    let dir = temp_dir("ledger-lock");
+    let (node, data, common) = started_gateway(&dir);
     // The same data directory, other ports.
     let second = dir.join("second.toml");
     std::fs::write(
@@ -92,22 +99,7 @@ fn a_second_gateway_on_the_same_ledger_refuses_to_start() {
 #[test]
 fn a_cut_torn_record_is_recorded_even_when_the_start_then_fails() {
     let dir = temp_dir("ledger-cut");
-    let up = echo_upstream();
-    let common = format!(
-        "[audit]\ndurability = \"batched\"\n\n\
-         [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\n\
-         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"up\"\nauth = [\"none\"]\n"
-    );
-    let mut node = start_node(&dir, 0, &common);
-    let data = dir.join("data0");
-    let started = Instant::now();
-    while !audit_text(&data).contains("gateway started") {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no start-up event"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut node, data, common) = started_gateway(&dir);
     let _ = Command::new("kill")
         .args(["-TERM", &node.child.id().to_string()])
         .status();
