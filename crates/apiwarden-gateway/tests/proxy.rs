@@ -1490,6 +1490,9 @@ async fn a_response_with_trailers_is_complete_and_its_connection_reused() {
     for _ in 0..3 {
         let (status, _, body) = get(&gw.url("/t")).await;
         assert_eq!((status, body.as_str()), (200, "hello"));
+        // A pause, so that the pooled connection has gone idle (hyper's client sees the end
+        // of the message a moment after the trailers reach the client).
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ev = gw.assert_events(3).await;
     for e in &ev {
