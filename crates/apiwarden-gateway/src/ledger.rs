@@ -243,12 +243,17 @@ pub fn append_private(path: &Path) -> std::io::Result<File> {
 
 /// Creates (or empties) `path` for writing, with [`FILE_MODE`] when it is new.
 pub fn create_private(path: &Path) -> std::io::Result<File> {
+    create_with_mode(path, FILE_MODE)
+}
+
+/// Creates (or empties) `path` for writing, with `mode` (before the umask) when it is new.
+fn create_with_mode(path: &Path, mode: u32) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
-        .mode(FILE_MODE)
+        .mode(mode)
         .open(path)
 }
 
@@ -320,14 +325,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// [`write_atomic`] with the file's mode before the umask.
 fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(mode)
-        .open(&tmp)?;
+    let mut f = create_with_mode(&tmp, mode)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -3241,13 +3240,7 @@ pub(crate) mod tests {
     async fn a_checkpoint_line_written_in_part_is_cut_and_verify_passes() {
         let dir = temp();
         let ledger = dir.join("ledger");
-        let opened = LedgerSink::open(options(&dir)).unwrap();
-        for i in 0..50 {
-            opened.sink.record(event(i));
-        }
-        opened.sink.flush().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        drop(opened);
+        record_and_close(options(&dir), 0..50).await;
         drop(DirLock::take(&ledger, LOCK_WAIT).expect("the writer has ended"));
         let log = ledger.join("checkpoints.log");
         // The first half of a line, as a failed write leaves it.
@@ -3259,13 +3252,7 @@ pub(crate) mod tests {
         let verify = || crate::ledger_verify::verify(&ledger, None, &mut |_, _| {});
         verify().expect("a torn last line proves nothing and is passed over");
         // The next start cuts it; the checkpoints after it are whole lines of their own.
-        let opened = LedgerSink::open(options(&dir)).unwrap();
-        for i in 50..60 {
-            opened.sink.record(event(i));
-        }
-        opened.sink.flush().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        drop(opened);
+        record_and_close(options(&dir), 50..60).await;
         let _ = DirLock::take(&ledger, LOCK_WAIT).expect("the writer has ended");
         let report = verify().expect("verifies");
         assert_eq!(report.records, 60);

@@ -982,6 +982,23 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// What an h2c client sends first: the connection preface and an empty SETTINGS frame.
+fn h2c_preface() -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    out
+}
+
+/// A gateway that also takes h2c, in front of an echo upstream.
+async fn h2c_gateway() -> TestGateway {
+    let echo = echo_upstream().await;
+    start(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n{}",
+        open_route("echo", "/", echo)
+    ))
+    .await
+}
+
 /// An HPACK integer with a 7-bit prefix (RFC 7541, 5.1), the first byte's high bit clear.
 fn hpack_len(mut n: usize) -> Vec<u8> {
     if n < 127 {
@@ -1002,16 +1019,10 @@ fn hpack_len(mut n: usize) -> Vec<u8> {
 /// end records them, with the resets the gateway sent.
 #[tokio::test]
 async fn http2_streams_refused_by_the_protocol_layer_are_recorded() {
-    let echo = echo_upstream().await;
-    let cfg = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n{}",
-        open_route("echo", "/", echo)
-    );
-    let gw = start(&cfg).await;
+    let gw = h2c_gateway().await;
     let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
-                                          // :method GET, :scheme http, :authority a; stream 1 without :path.
+    let mut out = h2c_preface();
+    // :method GET, :scheme http, :authority a; stream 1 without :path.
     let authority = [0x41, 0x01, b'a'];
     let mut no_path = vec![0x82, 0x86];
     no_path.extend_from_slice(&authority);
@@ -1082,16 +1093,10 @@ async fn http2_streams_refused_by_the_protocol_layer_are_recorded() {
 /// race on demand.)
 #[tokio::test]
 async fn an_http2_request_sent_with_the_connections_end_is_recorded_once() {
-    let echo = echo_upstream().await;
-    let cfg = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nh2c = true\n{}",
-        open_route("echo", "/", echo)
-    );
-    let gw = start(&cfg).await;
+    let gw = h2c_gateway().await;
     for _ in 0..5 {
         let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
-        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        out.extend(h2_frame(0x4, 0, 0, &[]));
+        let mut out = h2c_preface();
         out.extend(h2_frame(0x1, 0x5, 1, &[0x82, 0x86, 0x84, 0x41, 0x01, b'a']));
         c.write_all(&out).await.unwrap();
         c.shutdown().await.unwrap();

@@ -308,24 +308,34 @@ async fn an_empty_file_is_not_taken_on_reload() {
     assert_eq!(get(&gw.url("/b/new")).await.0, 200);
 }
 
+/// A TLS gateway (with `gateway_lines` in its `[gateway]`) in front of an echo upstream, and a
+/// client connection to it that negotiated `h2` by ALPN and has sent nothing yet.
+async fn alpn_h2_connection(
+    tag: &str,
+    gateway_lines: &str,
+) -> (TestGateway, tokio_rustls::client::TlsStream<TcpStream>) {
+    let ca = test_ca();
+    let dir = temp_dir(tag);
+    write_server_cert(&ca, &dir, "first-cert");
+    let up = echo_upstream().await;
+    let gw = start(&format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n{gateway_lines}tls = {{ cert = \"{d}/server.pem\", key = \"{d}/server.key\" }}\n{}",
+        open_route("echo", "/", up),
+        d = dir.display()
+    ))
+    .await;
+    let tls = tls_connect(gw.gw.addr, client_config(&ca, &[b"h2"])).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    (gw, tls)
+}
+
 /// A client that completes TLS with ALPN `h2` and then sends nothing (not even the HTTP/2
 /// preface, so GOAWAY cannot end it) is cut off one `idle_timeout` after it was asked to
 /// close: it cannot hold a connection slot for ever.
 #[tokio::test]
 async fn a_silent_http2_client_is_cut_off_after_two_idle_timeouts() {
     use tokio::io::AsyncReadExt;
-    let ca = test_ca();
-    let dir = temp_dir("tls-silent-h2");
-    write_server_cert(&ca, &dir, "first-cert");
-    let up = echo_upstream().await;
-    let gw = start(&format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nidle_timeout = \"1s\"\ntls = {{ cert = \"{d}/server.pem\", key = \"{d}/server.key\" }}\n{}",
-        open_route("echo", "/", up),
-        d = dir.display()
-    ))
-    .await;
-    let mut tls = tls_connect(gw.gw.addr, client_config(&ca, &[b"h2"])).await;
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (gw, mut tls) = alpn_h2_connection("tls-silent-h2", "idle_timeout = \"1s\"\n").await;
     let mut buf = [0u8; 256];
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
         // The server's own SETTINGS may come first; then the end of the stream.
@@ -346,18 +356,7 @@ async fn a_silent_http2_client_is_cut_off_after_two_idle_timeouts() {
 #[tokio::test]
 async fn http1_after_alpn_h2_is_recorded() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ca = test_ca();
-    let dir = temp_dir("tls-no-preface");
-    write_server_cert(&ca, &dir, "first-cert");
-    let up = echo_upstream().await;
-    let gw = start(&format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\ntls = {{ cert = \"{d}/server.pem\", key = \"{d}/server.key\" }}\n{}",
-        open_route("echo", "/", up),
-        d = dir.display()
-    ))
-    .await;
-    let mut tls = tls_connect(gw.gw.addr, client_config(&ca, &[b"h2"])).await;
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (gw, mut tls) = alpn_h2_connection("tls-no-preface", "").await;
     tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();

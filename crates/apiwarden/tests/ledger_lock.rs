@@ -11,6 +11,29 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 
+/// The config of another gateway on `dir`'s `data0` (`<dir>/<name>.toml`), listening on
+/// `listen`, its admin listener on a free port.
+fn same_data_dir(
+    dir: &std::path::Path,
+    name: &str,
+    listen: &str,
+    node: &str,
+    common: &str,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[gateway]\nlisten = \"{listen}\"\nnode = \"{node}\"\nworker_threads = 1\n\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n\n\
+             [storage]\ndata_dir = \"data0\"\n{common}",
+            free_port()
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// A gateway on `dir`'s `data0`, once its start-up event is in the ledger: the node, its data
 /// directory, and the config text it shares with the next gateway of the test.
 fn started_gateway(dir: &std::path::Path) -> (Node, std::path::PathBuf, String) {
@@ -38,18 +61,13 @@ fn a_second_gateway_on_the_same_ledger_refuses_to_start() {
     let dir = temp_dir("ledger-lock");
     let (node, data, common) = started_gateway(&dir);
     // The same data directory, other ports.
-    let second = dir.join("second.toml");
-    std::fs::write(
-        &second,
-        format!(
-            "[gateway]\nlisten = \"127.0.0.1:{}\"\nnode = \"node1\"\nworker_threads = 1\n\n\
-             [admin]\nlisten = \"127.0.0.1:{}\"\n\n\
-             [storage]\ndata_dir = \"data0\"\n{common}",
-            free_port(),
-            free_port()
-        ),
-    )
-    .unwrap();
+    let second = same_data_dir(
+        &dir,
+        "second",
+        &format!("127.0.0.1:{}", free_port()),
+        "node1",
+        &common,
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_apiwarden"))
         .args(["serve", "--config"])
         .arg(&second)
@@ -122,18 +140,8 @@ fn a_cut_torn_record_is_recorded_even_when_the_start_then_fails() {
     drop(f);
     // The same data directory, and a listening port that is taken.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = dir.join("taken.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\nlisten = \"{}\"\nnode = \"node0\"\nworker_threads = 1\n\n\
-             [admin]\nlisten = \"127.0.0.1:{}\"\n\n\
-             [storage]\ndata_dir = \"data0\"\n{common}",
-            taken.local_addr().unwrap(),
-            free_port()
-        ),
-    )
-    .unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let config = same_data_dir(&dir, "taken", &listen, "node0", &common);
     let out = Command::new(env!("CARGO_BIN_EXE_apiwarden"))
         .args(["serve", "--config"])
         .arg(&config)
