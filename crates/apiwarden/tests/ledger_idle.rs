@@ -44,14 +44,7 @@ fn an_idle_ledger_writer_sleeps_until_a_request_wakes_it() {
     let pid = node.child.id();
     let data = dir.join("data0");
     // Start-up's own events (the last: "gateway started") are written, then a quiet moment.
-    let started = Instant::now();
-    while !audit_text(&data).contains("gateway started") {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no start-up event in the ledger"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_started(&data);
     std::thread::sleep(Duration::from_millis(200));
     let before = ledger_thread_switches(pid);
     std::thread::sleep(Duration::from_secs(1));

@@ -45,14 +45,7 @@ fn started_gateway(dir: &std::path::Path) -> (Node, std::path::PathBuf, String) 
     );
     let node = start_node(dir, 0, &common);
     let data = dir.join("data0");
-    let started = Instant::now();
-    while !audit_text(&data).contains("gateway started") {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no start-up event"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_started(&data);
     (node, data, common)
 }
 

@@ -250,6 +250,19 @@ pub fn audit_text(data_dir: &Path) -> String {
     out
 }
 
+/// Waits up to 20 s for the gateway whose data directory is `data_dir` to have recorded its
+/// start-up (its last start-up event, "gateway started", is in the ledger).
+pub fn wait_started(data_dir: &Path) {
+    let started = Instant::now();
+    while !audit_text(data_dir).contains("gateway started") {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no start-up event in the ledger"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The project's echo upstream (`apiwarden_gateway::echo`) for a test without a runtime of its
 /// own: it runs on a background thread for the rest of the test process.
 pub fn echo_upstream() -> std::net::SocketAddr {
