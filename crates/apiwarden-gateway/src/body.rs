@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
 /// What the record stage learns about a request body that streamed upstream.
 #[derive(Default)]
@@ -31,7 +32,21 @@ pub struct BodyStats {
     /// Set when hyper let the body go without reading it to its end (a request it frames
     /// without a body, such as a GET sent chunked): nothing more will be sent.
     stopped: AtomicBool,
+    /// When a part of the body was last handed to hyper (milliseconds since [`epoch`], plus
+    /// one), or 0 while hyper is asking for the next part. Left set, it says the upstream's
+    /// connection is not taking what it was given (see [`BodyStats::wait_sent`]).
+    handed_at: AtomicU64,
     done_signal: tokio::sync::Notify,
+}
+
+/// The clock of [`BodyStats`]: a process-wide start, so that a time fits an atomic.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
 }
 
 impl BodyStats {
@@ -52,15 +67,33 @@ impl BodyStats {
         }
     }
 
-    /// Resolves once nothing more of the body will be sent: it was read whole, or hyper let it
-    /// go (the upstream's response timeout then runs).
-    pub async fn wait_done(&self) {
+    /// Waits while the body is being sent. Returns when nothing more of it will be sent (it
+    /// was read whole, or hyper let it go), with the time from which the upstream's response
+    /// `timeout` runs; or `None` once the upstream has not taken a part handed to it for
+    /// `timeout` (it stopped reading: nginx's `proxy_send_timeout`). Time the gateway spends
+    /// waiting for the client is not counted: that is `gateway.body_timeout`'s.
+    pub async fn wait_sent(&self, timeout: std::time::Duration) -> Option<Instant> {
+        let limit = timeout.as_millis() as u64;
         loop {
             let notified = self.done_signal.notified();
             if self.done() || self.stopped.load(Relaxed) {
-                return;
+                return Some(Instant::now());
             }
-            notified.await;
+            let now = now_ms();
+            let next = match self.handed_at.load(Relaxed) {
+                0 => now + limit.max(1),
+                at => {
+                    let due = at - 1 + limit;
+                    if now >= due {
+                        return None;
+                    }
+                    due
+                }
+            };
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep(std::time::Duration::from_millis(next - now)) => {}
+            }
         }
     }
 }
@@ -146,6 +179,10 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
+        if let Some(s) = &this.stats {
+            // hyper asks for more: what it was given has gone on.
+            s.handed_at.store(0, Relaxed);
+        }
         let polled = Pin::new(inner).poll_frame(cx);
         if polled.is_pending() {
             let idle = this.idle;
@@ -181,9 +218,12 @@ impl Body for RequestBody {
                     }
                 }
                 // Trailers are the last frame (hyper polls no more after them).
-                if frame.is_trailers() || this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
-                    if let Some(s) = &this.stats {
+                if let Some(s) = &this.stats {
+                    if frame.is_trailers() || this.inner.as_ref().is_some_and(|b| b.is_end_stream())
+                    {
                         s.mark_done();
+                    } else {
+                        s.handed_at.store(now_ms() + 1, Relaxed);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

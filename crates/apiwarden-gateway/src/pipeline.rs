@@ -818,7 +818,7 @@ impl Drop for Recorder {
 }
 
 impl RecorderParts {
-    fn finish(self, response_bytes: u64, error: Option<Reason>) {
+    fn finish(self, response_bytes: u64, mut error: Option<Reason>) {
         let RecorderParts {
             mut event,
             start,
@@ -841,6 +841,15 @@ impl RecorderParts {
             }
             if stats.timed_out.load(std::sync::atomic::Ordering::Relaxed) && event.error.is_none() {
                 event.error = Some(Reason::RequestBodyTimeout);
+            }
+            // A client that broke its body after the upstream began its answer breaks that
+            // answer too: the client's doing, not the upstream's.
+            if stats
+                .client_failed
+                .load(std::sync::atomic::Ordering::Relaxed)
+                && error == Some(Reason::UpstreamError)
+            {
+                error = Some(Reason::ClientDisconnected);
             }
         }
         if event.error.is_none() {
@@ -990,30 +999,20 @@ impl Forward {
             (b, Some(s))
         };
         let started = Instant::now();
-        // The response timeout counts from the end of the request body: a slow upload is not
-        // the upstream's fault, and must not put a target into cool-down.
-        let send = upstream.send(ti, Request::from_parts(parts, body), stats.clone());
-        // The worker's own deadline list rather than tokio's timer: no entry put into the
-        // timer wheel and taken out again per request; the 504 comes at most
-        // `wakeups::TICK` late.
-        let timeout = upstream.config.timeout;
-        let deadline = async {
-            let from = match &stats {
-                Some(s) => {
-                    s.wait_done().await;
-                    Instant::now()
-                }
-                None => started,
-            };
-            crate::wakeups::deadline(from + timeout).await;
-        };
-        let result = tokio::select! {
-            r = send => Ok(r),
-            () = deadline => Err(()),
-        };
+        // The response timeout counts from the end of the request body (a slow upload is not
+        // the upstream's fault, and must not put a target into cool-down), and from when a
+        // connection is in hand: see `Upstream::send`.
+        let result = upstream
+            .send(ti, Request::from_parts(parts, body), stats.clone())
+            .await;
         event.upstream.latency_us = Some(started.elapsed().as_micros() as u64);
+        if let (Err(_), Some(s)) = (&result, &stats) {
+            // What of the body went before the failure (a success leaves this to the record
+            // stage, once the body has ended).
+            event.request.bytes = s.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        }
         match result {
-            Ok(Ok((response, lease))) => {
+            Ok((response, lease)) => {
                 upstream.succeeded(target);
                 Ok(Forwarded {
                     response,
@@ -1022,7 +1021,12 @@ impl Forward {
                     on_upgrade,
                 })
             }
-            Ok(Err(e)) => {
+            Err(SendError::Timeout) => {
+                upstream.failed(target);
+                upstream.metrics.error(UpstreamErrorKind::Timeout);
+                Err(Reason::UpstreamTimeout)
+            }
+            Err(e) => {
                 if stats
                     .as_ref()
                     .is_some_and(|s| s.timed_out.load(std::sync::atomic::Ordering::Relaxed))
@@ -1050,17 +1054,12 @@ impl Forward {
                         tracing::warn!(upstream = %upstream.name, target = %target.label, error = %e, "cannot connect to the upstream");
                         Err(Reason::UpstreamUnavailable)
                     }
-                    SendError::Http(_) => {
+                    SendError::Http(_) | SendError::Timeout => {
                         upstream.metrics.error(UpstreamErrorKind::Protocol);
                         tracing::warn!(upstream = %upstream.name, target = %target.label, error = %e, "upstream request failed");
                         Err(Reason::UpstreamError)
                     }
                 }
-            }
-            Err(_) => {
-                upstream.failed(target);
-                upstream.metrics.error(UpstreamErrorKind::Timeout);
-                Err(Reason::UpstreamTimeout)
             }
         }
     }
@@ -1709,6 +1708,10 @@ async fn tunnel(
     upstream: hyper::upgrade::OnUpgrade,
     mut recorder: Recorder,
 ) {
+    // Which side failed is what the event says: a client that left before the `101` reached
+    // it, or an upstream connection that broke.
+    let client = async { client.await.map_err(|_| Reason::ClientDisconnected) };
+    let upstream = async { upstream.await.map_err(|_| Reason::UpstreamError) };
     match tokio::try_join!(client, upstream) {
         Ok((c, u)) => {
             let mut c = Counted::new(TokioIo::new(c));
@@ -1732,7 +1735,13 @@ async fn tunnel(
                 }
             };
             let error = tokio::select! {
-                r = copy => r.err().map(|_| Reason::ClientDisconnected),
+                r = copy => r.err().map(|_| {
+                    if u.failed && !c.failed {
+                        Reason::UpstreamError
+                    } else {
+                        Reason::ClientDisconnected
+                    }
+                }),
                 why = refused => {
                     recorder.event.message = Some(why);
                     Some(Reason::AuthnCertificateInvalid)
@@ -1742,7 +1751,7 @@ async fn tunnel(
             recorder.event.request.bytes = c.read;
             recorder.finish(u.read, error);
         }
-        Err(_) => recorder.finish(0, Some(Reason::UpstreamError)),
+        Err(reason) => recorder.finish(0, Some(reason)),
     }
 }
 
@@ -1759,16 +1768,32 @@ fn closing(
     resp
 }
 
-/// One side of a tunnel, counting the bytes read from it: the copy reports its totals only
-/// when it ends without an error, and not at all when it is stopped.
+/// One side of a tunnel, counting the bytes read from it (the copy reports its totals only
+/// when it ends without an error, and not at all when it is stopped), and noting whether it
+/// failed (the copy's error does not say which side's it was).
 struct Counted<T> {
     inner: T,
     read: u64,
+    failed: bool,
 }
 
 impl<T> Counted<T> {
     fn new(inner: T) -> Self {
-        Counted { inner, read: 0 }
+        Counted {
+            inner,
+            read: 0,
+            failed: false,
+        }
+    }
+
+    fn note<R>(
+        &mut self,
+        polled: std::task::Poll<std::io::Result<R>>,
+    ) -> std::task::Poll<std::io::Result<R>> {
+        if let std::task::Poll::Ready(Err(_)) = &polled {
+            self.failed = true;
+        }
+        polled
     }
 }
 
@@ -1783,7 +1808,7 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
         if let std::task::Poll::Ready(Ok(())) = polled {
             self.read += (buf.filled().len() - before) as u64;
         }
-        polled
+        self.note(polled)
     }
 }
 
@@ -1793,21 +1818,24 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(polled)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(polled)
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.note(polled)
     }
 }
 

@@ -31,6 +31,10 @@ pub enum SendError {
     /// The connection failed while the request or response was under way.
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    /// The upstream stopped taking the request body, or gave no response head within
+    /// `timeout` of the request's end.
+    #[error("no answer in time")]
+    Timeout,
 }
 
 /// A connection lent to one request; hand it back with [`Lease::release`] once the response
@@ -146,6 +150,12 @@ impl Upstream {
     /// Sends `req` to target number `target` on a pooled connection of the calling worker,
     /// or a new one. A request that a pooled connection turns out to be unable to take (the
     /// upstream closed it while it was idle) is sent once more on a new connection.
+    ///
+    /// The upstream's `timeout` runs once a connection is in hand (getting one is bounded by
+    /// `connect_timeout`): from the end of the request body, or, while the body is being
+    /// sent, from the last part the upstream took (see [`BodyStats::wait_sent`]).
+    ///
+    /// [`BodyStats::wait_sent`]: crate::body::BodyStats::wait_sent
     pub async fn send(
         self: &Arc<Self>,
         target: usize,
@@ -159,12 +169,13 @@ impl Upstream {
             // enlarge every request's future, which is moved on every request.
             None => Box::pin(self.connect(target)).await?,
         };
-        let resp = match sender.try_send_request(req).await {
+        let body = request_body.as_deref();
+        let resp = match self.within(body, sender.try_send_request(req)).await? {
             Ok(r) => r,
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     sender = Box::pin(self.connect(target)).await?;
-                    Box::pin(sender.send_request(req)).await?
+                    Box::pin(self.within(body, sender.send_request(req))).await??
                 }
                 None => return Err(SendError::Http(e.into_error())),
             },
@@ -179,6 +190,32 @@ impl Upstream {
                 request_body,
             },
         ))
+    }
+
+    /// Runs `send` under the upstream's `timeout` (see [`Upstream::send`]).
+    async fn within<T>(
+        &self,
+        body: Option<&crate::body::BodyStats>,
+        send: impl std::future::Future<Output = T>,
+    ) -> Result<T, SendError> {
+        let timeout = self.config.timeout;
+        // The worker's own deadline list rather than tokio's timer: no entry put into the
+        // timer wheel and taken out again per request; the 504 comes at most
+        // `wakeups::TICK` late.
+        let deadline = async {
+            let from = match body {
+                Some(b) => match b.wait_sent(timeout).await {
+                    Some(from) => from,
+                    None => return,
+                },
+                None => Instant::now(),
+            };
+            crate::wakeups::deadline(from + timeout).await;
+        };
+        tokio::select! {
+            r = send => Ok(r),
+            () = deadline => Err(SendError::Timeout),
+        }
     }
 
     async fn pooled(&self, target: usize, worker: usize) -> Option<Sender> {

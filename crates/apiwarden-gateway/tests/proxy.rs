@@ -1589,3 +1589,167 @@ async fn a_get_with_a_chunked_body_still_times_out() {
     let ev = gw.assert_events(1).await;
     assert_eq!(ev[0].error, Some(Reason::UpstreamTimeout), "{:?}", ev[0]);
 }
+
+/// Regression (found by review): the upstream's `timeout` ran only from the end of the request
+/// body, so an upstream that stopped reading a large body (a hung process) held the request
+/// until the client gave up. Now the timeout also runs from the last part the upstream took,
+/// as nginx's `proxy_send_timeout` does.
+#[tokio::test]
+async fn an_upstream_that_stops_reading_the_body_times_out() {
+    // Reads the first 4 KB of the request, then nothing for 30 s.
+    let stuck = slow_upstream(Duration::from_secs(30)).await;
+    let gw = start_with(
+        "max_body_size = \"1GiB\"",
+        &format!(
+            "[[upstreams]]\nname = \"stuck\"\nurl = \"http://{stuck}\"\ntimeout = \"300ms\"\n\
+             [[routes]]\nname = \"up\"\npath_prefix = \"/\"\nupstream = \"stuck\"\nauth = [\"none\"]\n"
+        ),
+    )
+    .await;
+    let size: u64 = 512 << 20;
+    let (mut r, mut w) = TcpStream::connect(gw.gw.addr).await.unwrap().into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n");
+        w.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0u64;
+        // Until the gateway stops reading (the socket's buffers fill) or closes.
+        while sent < size && w.write_all(&chunk).await.is_ok() {
+            sent += chunk.len() as u64;
+        }
+        sent
+    });
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(15), r.read(&mut buf))
+        .await
+        .expect("an answer while the upstream holds the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    let ev = gw.assert_events(1).await;
+    assert_eq!(
+        (ev[0].response.status, ev[0].error),
+        (504, Some(Reason::UpstreamTimeout)),
+        "{:?}",
+        ev[0]
+    );
+    assert!(
+        ev[0].request.bytes > 0 && ev[0].request.bytes < size,
+        "part of the body went: {}",
+        ev[0].request.bytes
+    );
+    drop(r);
+    writer.abort();
+}
+
+/// Regression (found by review): for a request without a body, the upstream's `timeout`
+/// included the time to get a connection, so a `timeout` shorter than `connect_timeout` gave
+/// `504` for a target that could not be reached, before `connect_timeout` gave its `502`.
+#[tokio::test]
+async fn the_upstream_timeout_runs_once_a_connection_is_in_hand() {
+    // A listener that never accepts, its queue full: the kernel drops further SYNs, so a
+    // connect hangs.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(1).unwrap();
+    let full = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(Ok(s)) =
+        tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(full)).await
+    {
+        queued.push(s);
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    let gw = start(&format!(
+        "[[upstreams]]\nname = \"full\"\nurl = \"http://{full}\"\nconnect_timeout = \"1s\"\ntimeout = \"200ms\"\n\
+         [[routes]]\nname = \"full\"\npath_prefix = \"/\"\nupstream = \"full\"\nauth = [\"none\"]\n"
+    ))
+    .await;
+    let since = std::time::Instant::now();
+    let (status, _, body) = get(&gw.url("/x")).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        since.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        since.elapsed()
+    );
+    let ev = gw.assert_events(1).await;
+    assert_eq!(
+        ev[0].error,
+        Some(Reason::UpstreamUnavailable),
+        "{:?}",
+        ev[0]
+    );
+    drop(listener);
+}
+
+/// Regression (found by review): a tunnel whose copy failed was recorded as
+/// `client.disconnected` whichever side failed. An upstream that resets the tunnel is the
+/// upstream's error.
+#[tokio::test]
+async fn a_tunnel_reset_by_its_upstream_is_recorded_as_the_upstreams_error() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = s.read(&mut buf).await.unwrap();
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        s.write_all(&buf[..n]).await.unwrap();
+        // A reset, not a close.
+        s.set_zero_linger().unwrap();
+        drop(s);
+    });
+    let gw = start(&open_route("ws", "/ws", up)).await;
+    let mut c = open_tunnel(&gw).await;
+    c.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    c.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    let ev = gw.assert_events(1).await;
+    assert_eq!(
+        (ev[0].response.status, ev[0].error),
+        (101, Some(Reason::UpstreamError)),
+        "{:?}",
+        ev[0]
+    );
+    assert_eq!((ev[0].request.bytes, ev[0].response.bytes), (4, 4));
+}
+
+/// Regression (found by review): a client that broke its request body after the upstream
+/// began its answer was recorded as `upstream.error`: the broken body breaks the upstream's
+/// connection, and with it the answer.
+#[tokio::test]
+async fn a_client_that_breaks_its_body_after_the_answer_began_is_not_an_upstream_error() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = s.read(&mut buf).await.unwrap();
+        // Answers at once, and never ends the answer.
+        s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    });
+    let gw = start(&open_route("up", "/", up)).await;
+    let mut c = TcpStream::connect(gw.gw.addr).await.unwrap();
+    c.write_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("hello") {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // The body ends 99 990 bytes short: broken.
+    c.shutdown().await.unwrap();
+    let ev = gw.assert_events(1).await;
+    assert_eq!(ev[0].response.status, 200);
+    assert_eq!(ev[0].error, Some(Reason::ClientDisconnected), "{:?}", ev[0]);
+    assert_eq!(ev[0].request.bytes, 10);
+}
