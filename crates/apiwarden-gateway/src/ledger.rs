@@ -60,6 +60,9 @@ pub const SEGMENT_MAX_AGE: Duration = Duration::from_secs(86_400);
 /// How often, at most, the writer looks for segments that retention may delete.
 const RETENTION_EVERY: Duration = Duration::from_secs(1);
 
+/// How long retention waits before it tries again to delete a segment it could not delete.
+const RETENTION_RETRY: Duration = Duration::from_secs(60);
+
 /// What retention may delete (`audit.retention`, `audit.retention_requires_export`).
 #[derive(Clone, Debug)]
 pub struct Retention {
@@ -1247,8 +1250,11 @@ impl LedgerSink {
             index_key,
             verifiers,
             covered: 0,
+            copied: 0,
             last_retention: None,
             retention_held: None,
+            delete_failed: None,
+            sync_lost: false,
             own: Vec::new(),
             segment_born,
             rotate_failed: None,
@@ -1400,9 +1406,21 @@ struct Writer {
     verifiers: Vec<Verifier>,
     /// The size of the last checkpoint written.
     covered: u64,
+    /// The size of the last checkpoint written to `audit.checkpoint_copy` as well (with no
+    /// copy configured, [`Writer::covered`]'s). Retention deletes nothing past it: records
+    /// whose checkpoint never left the machine are not yet safe from a rollback.
+    copied: u64,
     last_retention: Option<Instant>,
     /// Why retention last stopped short (logged once per reason).
     retention_held: Option<String>,
+    /// The segment retention last failed to delete, and when: tried again only after
+    /// [`RETENTION_RETRY`], and recorded once.
+    delete_failed: Option<(PathBuf, Instant)>,
+    /// `async`: an `fdatasync` failed, so records written since the last good one may be
+    /// lost from the disk though still in the page cache. No checkpoint is signed from then
+    /// on (it would vouch for them), and the ledger reports itself unhealthy, until a restart
+    /// reads back what the disk holds.
+    sync_lost: bool,
     /// Events the writer records itself (retention), taken before the queue.
     own: Vec<AuditEvent>,
     /// When the segment being written received its first record (`None` while empty).
@@ -1665,7 +1683,7 @@ impl Writer {
         batch.clear();
         self.batch_written = 0;
         self.unsynced_since = None;
-        if !self.healthy.swap(true, Relaxed) {
+        if !self.sync_lost && !self.healthy.swap(true, Relaxed) {
             tracing::info!("the audit ledger can write again");
         }
         if full {
@@ -1727,10 +1745,23 @@ impl Writer {
     /// `fdatasync` of the segment being written.
     fn sync_data(&mut self) -> std::io::Result<()> {
         #[cfg(test)]
-        if self.fail_next_sync.swap(false, Relaxed) {
-            return Err(std::io::Error::other("injected fdatasync failure"));
+        let result = if self.fail_next_sync.swap(false, Relaxed) {
+            Err(std::io::Error::other("injected fdatasync failure"))
+        } else {
+            self.file.sync_data()
+        };
+        #[cfg(not(test))]
+        let result = self.file.sync_data();
+        if let Err(e) = &result {
+            // `strict` and `batched` keep every record not yet synced and write them again;
+            // `async` has let go of those written since its last sync (see `sync_lost`).
+            if self.opts.durability == Durability::Async && !self.sync_lost {
+                self.sync_lost = true;
+                self.healthy.store(false, Relaxed);
+                tracing::error!(error = %e, "fdatasync of the audit ledger failed: records written since the last sync may be lost from the disk; no more checkpoints are signed and the ledger reports itself unhealthy until a restart reads back what the disk holds (then run `apiwarden audit verify`)");
+            }
         }
-        self.file.sync_data()
+        result
     }
 
     /// Closes the full segment (synced, then sealed: see [`Writer::seal`]) and begins the
@@ -1826,6 +1857,13 @@ impl Writer {
             return;
         }
         self.last_retention = Some(Instant::now());
+        if self
+            .delete_failed
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < RETENTION_RETRY)
+        {
+            return;
+        }
         let dir = self.opts.dir.clone();
         let dir = &dir;
         let segs = match segments(dir) {
@@ -1910,6 +1948,13 @@ impl Writer {
                     why = Some(format!("record {last} is not covered by a checkpoint yet"));
                     break;
                 }
+                if last > self.copied {
+                    why = Some(format!(
+                        "record {last} is not covered by a checkpoint copied to `audit.checkpoint_copy` yet (the copy is {} records; see the log)",
+                        self.copied
+                    ));
+                    break;
+                }
                 if last > exported {
                     why = Some(format!(
                         "record {last} is not exported yet (cursors: {})",
@@ -1966,7 +2011,7 @@ impl Writer {
         for (_, path) in &segs[..deletable] {
             let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             if let Err(e) = std::fs::remove_file(path) {
-                failed = Some(format!("{}: {e}", path.display()));
+                failed = Some((path.clone(), format!("{}: {e}", path.display())));
                 break;
             }
             bytes += len;
@@ -2025,8 +2070,19 @@ impl Writer {
                 B64.encode(anchor_root),
             )
         };
-        if let Some(f) = &failed {
-            message.push_str(&format!("; stopped: cannot delete {f}"));
+        // The same segment failing again, with nothing else done, was recorded already.
+        let again = names.is_empty()
+            && anchor.is_none()
+            && failed.as_ref().map(|(p, _)| p) == self.delete_failed.as_ref().map(|(p, _)| p);
+        self.delete_failed = failed.as_ref().map(|(p, _)| (p.clone(), Instant::now()));
+        if let Some((_, f)) = &failed {
+            message.push_str(&format!(
+                "; stopped: cannot delete {f} (tried again in {})",
+                humantime::format_duration(RETENTION_RETRY)
+            ));
+            if again {
+                return;
+            }
             tracing::error!("{message}");
         } else {
             tracing::info!("{message}");
@@ -2054,7 +2110,7 @@ impl Writer {
     /// durability mode: a checkpoint never covers records that could still be lost).
     fn checkpoint(&mut self) {
         self.last_checkpoint = Some(Instant::now());
-        if self.file.sync_data().is_err() {
+        if self.sync_lost || self.sync_data().is_err() {
             return;
         }
         // Everything written is synced now (the writer checkpoints with an empty batch): in
@@ -2095,14 +2151,21 @@ impl Writer {
             return;
         }
         self.covered = cp.size;
-        if let Some(copy) = &self.opts.copy_to {
-            // The copy is for whoever watches the ledger from elsewhere (a monitor running as
-            // another user): a signed note, public; its mode is the umask's.
-            let r = std::fs::create_dir_all(copy)
-                .and_then(|_| write_atomic_mode(&copy.join("checkpoint"), note.as_bytes(), 0o666));
-            if let Err(e) = r {
-                tracing::warn!(error = %e, dir = %copy.display(), "cannot copy the ledger checkpoint to its second location");
+        match &self.opts.copy_to {
+            Some(copy) => {
+                // The copy is for whoever watches the ledger from elsewhere (a monitor running
+                // as another user): a signed note, public; its mode is the umask's.
+                let r = std::fs::create_dir_all(copy).and_then(|_| {
+                    write_atomic_mode(&copy.join("checkpoint"), note.as_bytes(), 0o666)
+                });
+                match r {
+                    Ok(()) => self.copied = cp.size,
+                    Err(e) => {
+                        tracing::warn!(error = %e, dir = %copy.display(), "cannot copy the ledger checkpoint to its second location; retention deletes nothing the copy does not cover")
+                    }
+                }
             }
+            None => self.copied = cp.size,
         }
         let state = serde_json::json!({
             "size": self.tail.tree.size(),
@@ -2455,6 +2518,64 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// The size of the latest checkpoint the ledger in `ledger` signed.
+    fn checkpoint_size(ledger: &Path) -> u64 {
+        std::fs::read_to_string(ledger.join("checkpoint"))
+            .ok()
+            .and_then(|n| n.lines().nth(1).and_then(|l| l.parse().ok()))
+            .unwrap_or(0)
+    }
+
+    /// Regression (found by review): in `async`, a failed `fdatasync` was not remembered, so
+    /// the next checkpoint vouched for records whose write-back had failed (the kernel reports
+    /// such a failure once, and may have dropped the pages).
+    #[tokio::test]
+    async fn an_async_ledger_whose_fdatasync_failed_signs_no_more_checkpoints() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let mut opts = options(&dir);
+        opts.durability = Durability::Async;
+        opts.segment_bytes = 1 << 20;
+        let opened = LedgerSink::open(opts.clone()).unwrap();
+        write_events(&opened.sink, 0..50).await;
+        until("a checkpoint of the first 50", || {
+            checkpoint_size(&ledger) == 50
+        })
+        .await;
+        FAIL_NEXT_SYNC.with(|f| f.store(true, Relaxed));
+        for i in 50..100 {
+            opened.sink.record(event(i));
+        }
+        until("the injected failure happened", || {
+            FAIL_NEXT_SYNC.with(|f| !f.load(Relaxed))
+        })
+        .await;
+        write_events(&opened.sink, 100..150).await;
+        // Ten checkpoint intervals, and the syncs of two flushes that succeeded.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!opened.sink.healthy(), "unhealthy until a restart");
+        assert!(
+            checkpoint_size(&ledger) == 50,
+            "no checkpoint covers records written after the failed sync: {}",
+            checkpoint_size(&ledger)
+        );
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A restart reads back what the disk holds (here, everything), and signs again.
+        let opened = LedgerSink::open(opts).unwrap();
+        assert_eq!(opened.records, 150);
+        assert!(opened.sink.healthy());
+        until("a checkpoint of all of them", || {
+            checkpoint_size(&ledger) == 150
+        })
+        .await;
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        assert_eq!(report.records, 150);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn a_request_waiting_for_its_record_is_answered_by_a_batched_writer() {
         // A reload can make a route `strict` while the writer was opened `batched`: the
@@ -2732,6 +2853,85 @@ pub(crate) mod tests {
         drop(opened);
         tokio::time::sleep(Duration::from_millis(100)).await;
         crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Regression (found by review): retention deleted segments while the checkpoint copy
+    /// could not be written, so a rollback of what was left could no longer be shown against a
+    /// copy held elsewhere.
+    #[tokio::test]
+    async fn retention_waits_for_the_checkpoint_copy() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let mut opts = options(&dir);
+        opts.retention = retention(Duration::from_millis(1), &[]);
+        // No copy can be written while a file stands where its directory would be.
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("blocker"), "a file").unwrap();
+        opts.copy_to = Some(dir.join("blocker").join("copy"));
+        let opened = LedgerSink::open(opts).unwrap();
+        write_events(&opened.sink, 0..300).await;
+        assert!(firsts(&ledger).len() >= 3);
+        until("a checkpoint covering the sealed segments", || {
+            std::fs::read_to_string(ledger.join("checkpoints.log"))
+                .is_ok_and(|l| l.lines().count() > 2)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            firsts(&ledger)[0],
+            1,
+            "nothing deleted that no copied checkpoint covers"
+        );
+        assert!(!anchor_path(&ledger).exists());
+        std::fs::remove_file(dir.join("blocker")).unwrap();
+        until("deleted once copied", || firsts(&ledger)[0] > 1).await;
+        assert!(dir.join("blocker/copy/checkpoint").exists());
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Regression (found by review): a segment retention could not delete was tried again,
+    /// and recorded again, every second.
+    #[tokio::test]
+    async fn a_segment_retention_cannot_delete_is_recorded_once() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let mut opts = options(&dir);
+        opts.retention = retention(Duration::from_millis(1), &["siem"]);
+        let opened = LedgerSink::open(opts).unwrap();
+        write_events(&opened.sink, 0..300).await;
+        let before = firsts(&ledger);
+        assert!(before.len() >= 3, "{before:?}");
+        // The first segment cannot be unlinked while a directory (not empty) has its name.
+        let first = segments(&ledger).unwrap()[0].1.clone();
+        let aside = dir.join("aside.seg");
+        std::fs::rename(&first, &aside).unwrap();
+        std::fs::create_dir_all(first.join("inside")).unwrap();
+        std::fs::create_dir_all(ledger.join("cursors")).unwrap();
+        std::fs::write(cursor_path(&ledger, "siem"), "300\n").unwrap();
+        // Retention looks once a second: three looks.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        opened.sink.flush().await.unwrap();
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(firsts(&ledger), before, "nothing deleted past it");
+        std::fs::remove_dir_all(&first).unwrap();
+        std::fs::rename(&aside, &first).unwrap();
+        let events = read_events(&ledger).unwrap();
+        let retention: Vec<&str> = events
+            .iter()
+            .filter(|e| e["decision"]["reason"] == "ledger.retention")
+            .map(|e| e["message"].as_str().unwrap())
+            .collect();
+        assert_eq!(retention.len(), 1, "{retention:?}");
+        assert!(
+            retention[0].contains("cannot delete") && retention[0].contains("tried again in 1m"),
+            "{}",
+            retention[0]
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 
