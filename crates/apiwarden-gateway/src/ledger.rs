@@ -987,6 +987,80 @@ fn check_copy(held: &HeldCopy, tail: &Tail) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// The ledger found at start has grown past its checkpoint copy: its root at the copy's size
+/// must be the copy's. [`check_copy`] compares sizes only, and the replay trusts the saved
+/// `state` (unsigned) for the records it covers, so a ledger changed before the copy's size
+/// and refilled past it, `state` rewritten to match, would otherwise be extended, signed, and
+/// the copy overwritten with a checkpoint of the changed history.
+///
+/// The records are hashed from the last signed state at or before the copy's size (the seal
+/// of the segment before the one holding it, or the retention anchor, or record 1) to the
+/// end: a segment or two when the copy is recent. A mismatch at the copy's size stops the
+/// start ([`LedgerError::BehindCopy`]); a tail that differs from the saved state's is replaced
+/// by the records' own (the copy vouches for them), with a warning.
+fn check_copy_history(
+    dir: &Path,
+    held: &HeldCopy,
+    tail: &mut Tail,
+    verifiers: &[Verifier],
+) -> Result<(), LedgerError> {
+    let records = tail.next_seq - 1;
+    if held.size == 0 || held.size >= records {
+        return Ok(());
+    }
+    let segs = segments(dir)?;
+    let signed = |path: PathBuf, size: u64| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|n| parse_anchor(&n, verifiers).ok())
+            .filter(|a| a.size == size)
+            .map(|a| (a.tree(), a.chain))
+    };
+    // The signed state at the start of segment `j`.
+    let start_of = |j: usize| -> Option<(Tree, Hash)> {
+        let size = segs[j].0 - 1;
+        if size == 0 {
+            return Some((Tree::new(), CHAIN_START));
+        }
+        j.checked_sub(1)
+            .and_then(|k| signed(seal_path(dir, segs[k].0), size))
+            .or_else(|| signed(anchor_path(dir), size))
+    };
+    let holding = segs
+        .iter()
+        .rposition(|(first, _)| *first <= held.size)
+        .unwrap_or(0);
+    let Some((mut tree, mut chain)) = (0..=holding).rev().find_map(start_of) else {
+        tracing::warn!(copy = %held.path.display(), "no signed state of the audit ledger at or before its checkpoint copy (seals/ or the retention anchor): the start compares the ledger with the copy by size only; run `apiwarden audit verify --from-checkpoint`");
+        return Ok(());
+    };
+    let mut matched = None;
+    read_records_from(dir, tree.size() + 1, |seq, payload| {
+        if seq <= tree.size() {
+            return;
+        }
+        let leaf = leaf_hash(payload);
+        chain = frame::chain_next(&chain, &leaf);
+        tree.push(leaf);
+        if tree.size() == held.size {
+            matched = Some(tree.root() == held.root);
+        }
+    })?;
+    if matched != Some(true) {
+        return Err(LedgerError::BehindCopy {
+            copy: held.path.clone(),
+            size: held.size,
+            records,
+        });
+    }
+    if tree.size() == records && (tree.root() != tail.tree.root() || chain != tail.chain) {
+        tracing::warn!("the audit ledger's saved state does not match its records; continuing from the records, which match the checkpoint copy (run `apiwarden audit verify`)");
+        tail.tree = tree;
+        tail.chain = chain;
+    }
+    Ok(())
+}
+
 /// Whether a whole record numbered `seq` or later begins somewhere after `from`. A torn
 /// write leaves nothing whole after it, so if one does, the bytes at `from` are damage.
 /// Only positions holding the magic byte and a plausible later number are decoded (with
@@ -1190,9 +1264,10 @@ impl LedgerSink {
             Some(copy) => read_copy(&copy.join("checkpoint"), &verifiers)?,
             None => None,
         };
-        let (tail, cut) = replay(&opts.dir, held.as_ref().map_or(0, |h| h.size))?;
+        let (mut tail, cut) = replay(&opts.dir, held.as_ref().map_or(0, |h| h.size))?;
         if let Some(held) = &held {
             check_copy(held, &tail)?;
+            check_copy_history(&opts.dir, held, &mut tail, &verifiers)?;
         }
         let records = tail.next_seq - 1;
         if opts.retention.is_some() {
@@ -3216,12 +3291,78 @@ pub(crate) mod tests {
             ),
             "{err}"
         );
+        // Refilled past the copy's size (found by review: the start compared sizes only, and
+        // would have extended the changed history and overwritten the copy): the root at the
+        // copy's size is not the copy's.
+        let mut without_copy = options(&dir);
+        without_copy.copy_to = None;
+        let opened = LedgerSink::open(without_copy).unwrap();
+        for i in 0..3 {
+            opened.sink.record(event(200 + i));
+        }
+        opened.sink.flush().await.unwrap();
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let err = LedgerSink::open(options(&dir)).err().expect("refused");
+        assert!(
+            matches!(
+                err,
+                LedgerError::BehindCopy {
+                    size: 10,
+                    records: 13,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&held).unwrap(), copy, "the copy is kept");
         // New keys (the old ones deleted): the copy verifies with none of them.
         std::fs::remove_file(ledger.join("signing.key")).unwrap();
         std::fs::remove_dir_all(ledger.join("keys")).unwrap();
         let err = LedgerSink::open(options(&dir)).err().expect("refused");
         assert!(matches!(err, LedgerError::CopyUnverified { .. }), "{err}");
         assert_eq!(std::fs::read(&held).unwrap(), copy, "the copy is kept");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A ledger grown past its checkpoint copy (records written after the last copy) starts:
+    /// its root at the copy's size, hashed from the seal before it, is the copy's. Its saved
+    /// state, if it no longer matches the records, gives way to them.
+    #[tokio::test]
+    async fn a_ledger_grown_past_its_copy_is_checked_from_a_seal_and_starts() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let copy = dir.join("elsewhere").join("checkpoint");
+        record_and_close(options(&dir), 0..450).await;
+        // The copy as a crash would leave it: at a checkpoint in the middle of the second
+        // segment, with more records after it.
+        let opened = LedgerSink::open(options(&dir)).unwrap();
+        write_events(&opened.sink, 450..480).await;
+        until("a copy of 480 records", || {
+            std::fs::read_to_string(&copy).is_ok_and(|c| c.contains("\n480\n"))
+        })
+        .await;
+        let held = std::fs::read(&copy).unwrap();
+        write_events(&opened.sink, 480..600).await;
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::write(&copy, held).unwrap();
+        assert_eq!(firsts(&ledger)[..2], [1, 451]);
+        // A saved state that no longer matches the records (its chain head from elsewhere).
+        let state = std::fs::read_to_string(ledger.join("state")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&state).unwrap();
+        v["chain"] = serde_json::Value::String(B64.encode([9u8; 32]));
+        std::fs::write(ledger.join("state"), v.to_string()).unwrap();
+        let opened = LedgerSink::open(options(&dir)).unwrap();
+        assert_eq!(opened.records, 600);
+        for i in 600..610 {
+            opened.sink.record(event(i));
+        }
+        opened.sink.flush().await.unwrap();
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        assert_eq!(report.records, 610);
         let _ = std::fs::remove_dir_all(dir);
     }
 
