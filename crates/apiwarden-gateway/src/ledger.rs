@@ -260,6 +260,108 @@ fn create_with_mode(path: &Path, mode: u32) -> std::io::Result<File> {
         .open(path)
 }
 
+/// How long the writer waits, at most, for the checkpoint copy before it answers a flush or
+/// ends (see [`Copier`]).
+const COPY_WAIT: Duration = Duration::from_secs(5);
+
+/// Writes checkpoint copies (`audit.checkpoint_copy`) on a thread of its own, so that a copy
+/// location that hangs (a hard-mounted share that went away) holds up the copies, never the
+/// ledger's writer nor the requests waiting for it. Only the latest checkpoint waits to be
+/// copied: one that comes while the copier is busy replaces the one still waiting.
+struct Copier {
+    shared: Arc<(std::sync::Mutex<CopyQueue>, std::sync::Condvar)>,
+    /// The size of the last checkpoint copied.
+    copied: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct CopyQueue {
+    next: Option<(u64, String)>,
+    busy: bool,
+    stop: bool,
+}
+
+impl Copier {
+    fn start(dir: PathBuf) -> std::io::Result<Copier> {
+        let shared: Arc<(std::sync::Mutex<CopyQueue>, std::sync::Condvar)> = Arc::default();
+        let copied = Arc::new(AtomicU64::new(0));
+        let (queue, done) = (shared.clone(), copied.clone());
+        std::thread::Builder::new()
+            .name("audit-copy".into())
+            .spawn(move || Copier::run(&dir, &queue, &done))?;
+        Ok(Copier { shared, copied })
+    }
+
+    fn run(
+        dir: &Path,
+        queue: &(std::sync::Mutex<CopyQueue>, std::sync::Condvar),
+        copied: &AtomicU64,
+    ) {
+        let (lock, changed) = queue;
+        loop {
+            let (size, note) = {
+                let Ok(mut q) = lock.lock() else { return };
+                loop {
+                    if let Some(next) = q.next.take() {
+                        q.busy = true;
+                        break next;
+                    }
+                    if q.stop {
+                        return;
+                    }
+                    q = match changed.wait(q) {
+                        Ok(q) => q,
+                        Err(_) => return,
+                    };
+                }
+            };
+            // The copy is for whoever watches the ledger from elsewhere (a monitor running
+            // as another user): a signed note, public; its mode is the umask's.
+            let r = std::fs::create_dir_all(dir)
+                .and_then(|_| write_atomic_mode(&dir.join("checkpoint"), note.as_bytes(), 0o666));
+            match r {
+                Ok(()) => copied.store(size, Relaxed),
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %dir.display(), "cannot copy the ledger checkpoint to its second location; retention deletes nothing the copy does not cover")
+                }
+            }
+            if let Ok(mut q) = lock.lock() {
+                q.busy = false;
+            }
+            changed.notify_all();
+        }
+    }
+
+    /// Hands the checkpoint of `size` records over for copying; never waits for the copy.
+    fn offer(&self, size: u64, note: String) {
+        if let Ok(mut q) = self.shared.0.lock() {
+            q.next = Some((size, note));
+        }
+        self.shared.1.notify_all();
+    }
+
+    /// Waits until what was offered has been copied (or failed), for at most `wait`.
+    fn settle(&self, wait: Duration) {
+        let (lock, changed) = &*self.shared;
+        let Ok(q) = lock.lock() else { return };
+        let waited = changed.wait_timeout_while(q, wait, |q| q.busy || q.next.is_some());
+        if waited.is_ok_and(|(_, t)| t.timed_out()) {
+            tracing::warn!("the ledger checkpoint copy is taking longer than {wait:?} (a share that hangs?); going on without it");
+        }
+    }
+}
+
+impl Drop for Copier {
+    /// The copier ends once it has copied what was offered last (a copy that hangs keeps
+    /// its thread, which the process's exit ends).
+    fn drop(&mut self) {
+        if let Ok(mut q) = self.shared.0.lock() {
+            q.stop = true;
+        }
+        self.shared.1.notify_all();
+    }
+}
+
 /// How long a process that would write the ledger waits for another one to let it go (a
 /// gateway that was just stopped still writes its last checkpoint).
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -1305,6 +1407,10 @@ impl LedgerSink {
             opener.as_ref(),
         );
         let file = append_private(&tail.segment).map_err(io(&tail.segment))?;
+        let copier = match &opts.copy_to {
+            Some(dir) => Some(Copier::start(dir.clone()).map_err(io(dir))?),
+            None => None,
+        };
         let plain = sealer.is_none();
         let (tx, rx) = mpsc::unbounded_channel();
         let asleep = Arc::new(AtomicBool::new(false));
@@ -1325,7 +1431,7 @@ impl LedgerSink {
             index_key,
             verifiers,
             covered: 0,
-            copied: 0,
+            copier,
             last_retention: None,
             retention_held: None,
             delete_failed: None,
@@ -1481,10 +1587,10 @@ struct Writer {
     verifiers: Vec<Verifier>,
     /// The size of the last checkpoint written.
     covered: u64,
-    /// The size of the last checkpoint written to `audit.checkpoint_copy` as well (with no
-    /// copy configured, [`Writer::covered`]'s). Retention deletes nothing past it: records
-    /// whose checkpoint never left the machine are not yet safe from a rollback.
-    copied: u64,
+    /// Writes checkpoints to `audit.checkpoint_copy`, when there is one; what it has copied
+    /// bounds retention: records whose checkpoint never left the machine are not yet safe
+    /// from a rollback.
+    copier: Option<Copier>,
     last_retention: Option<Instant>,
     /// Why retention last stopped short (logged once per reason).
     retention_held: Option<String>,
@@ -1642,6 +1748,7 @@ impl Writer {
                 // written, before it is answered: the process may exit right after.
                 if !waiting.is_empty() {
                     self.checkpoint();
+                    self.settle_copy();
                 }
                 for w in waiting.drain(..) {
                     let _ = w.send(());
@@ -1661,6 +1768,7 @@ impl Writer {
                 }
             }
             if disconnected && batch.is_empty() {
+                self.settle_copy();
                 return;
             }
             if !received && batch.is_empty() && durable.is_empty() && waiting.is_empty() {
@@ -2023,10 +2131,13 @@ impl Writer {
                     why = Some(format!("record {last} is not covered by a checkpoint yet"));
                     break;
                 }
-                if last > self.copied {
+                let copied = self
+                    .copier
+                    .as_ref()
+                    .map_or(self.covered, |c| c.copied.load(Relaxed));
+                if last > copied {
                     why = Some(format!(
-                        "record {last} is not covered by a checkpoint copied to `audit.checkpoint_copy` yet (the copy is {} records; see the log)",
-                        self.copied
+                        "record {last} is not covered by a checkpoint copied to `audit.checkpoint_copy` yet (the copy is {copied} records; see the log)"
                     ));
                     break;
                 }
@@ -2173,6 +2284,14 @@ impl Writer {
         self.own.push(e);
     }
 
+    /// Waits (at most [`COPY_WAIT`]) for the checkpoint copy to catch up: a flush, and the
+    /// writer's end, answer for the copy too, as long as its location answers.
+    fn settle_copy(&self) {
+        if let Some(c) = &self.copier {
+            c.settle(COPY_WAIT);
+        }
+    }
+
     /// Logs why retention keeps segments it would delete, once per reason.
     fn hold(&mut self, why: String) {
         if self.retention_held.as_ref() != Some(&why) {
@@ -2226,21 +2345,8 @@ impl Writer {
             return;
         }
         self.covered = cp.size;
-        match &self.opts.copy_to {
-            Some(copy) => {
-                // The copy is for whoever watches the ledger from elsewhere (a monitor running
-                // as another user): a signed note, public; its mode is the umask's.
-                let r = std::fs::create_dir_all(copy).and_then(|_| {
-                    write_atomic_mode(&copy.join("checkpoint"), note.as_bytes(), 0o666)
-                });
-                match r {
-                    Ok(()) => self.copied = cp.size,
-                    Err(e) => {
-                        tracing::warn!(error = %e, dir = %copy.display(), "cannot copy the ledger checkpoint to its second location; retention deletes nothing the copy does not cover")
-                    }
-                }
-            }
-            None => self.copied = cp.size,
+        if let Some(copier) = &self.copier {
+            copier.offer(cp.size, note);
         }
         let state = serde_json::json!({
             "size": self.tail.tree.size(),
@@ -2968,6 +3074,59 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Regression (found by review): the writer wrote the checkpoint copy itself, so a copy
+    /// location that hung (a hard-mounted share gone away) stopped the ledger: no record
+    /// written, no checkpoint signed, every `strict` request waiting. A FIFO where the copy's
+    /// temporary file goes makes its open hang as such a share would.
+    #[tokio::test]
+    async fn a_checkpoint_copy_that_hangs_does_not_hold_the_ledger() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let copy_dir = dir.join("elsewhere");
+        std::fs::create_dir_all(&copy_dir).unwrap();
+        let fifo = copy_dir.join("checkpoint.tmp");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let opened = LedgerSink::open(options(&dir)).unwrap();
+        for i in 0..100 {
+            opened.sink.record(event(i));
+        }
+        until("a first checkpoint", || checkpoint_size(&ledger) == 100).await;
+        // Its copy hangs; the ledger goes on.
+        for i in 100..200 {
+            opened.sink.record(event(i));
+        }
+        until("a checkpoint of all of them", || {
+            checkpoint_size(&ledger) == 200
+        })
+        .await;
+        assert!(!copy_dir.join("checkpoint").exists(), "the copy hangs");
+        // The share comes back: the hung open returns (the FIFO gets a reader), and the
+        // next copy finds the path free.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let reader = OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                .open(&fifo)
+                .unwrap();
+            std::fs::remove_file(&fifo).unwrap();
+            drop(reader);
+        }
+        until("the copy caught up", || {
+            std::fs::read_to_string(copy_dir.join("checkpoint"))
+                .is_ok_and(|c| c.contains("\n200\n"))
+        })
+        .await;
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// Regression (found by review): a segment retention could not delete was tried again,
     /// and recorded again, every second.
     #[tokio::test]
@@ -3347,7 +3506,10 @@ pub(crate) mod tests {
         drop(opened);
         tokio::time::sleep(Duration::from_millis(50)).await;
         std::fs::write(&copy, held).unwrap();
-        assert_eq!(firsts(&ledger)[..2], [1, 451]);
+        // The copy's size is inside a segment after the first: its check starts at a seal.
+        let firsts = firsts(&ledger);
+        let holding = firsts.iter().rev().find(|&&f| f <= 480).copied();
+        assert!(holding.is_some_and(|f| f > 1 && f < 480), "{firsts:?}");
         // A saved state that no longer matches the records (its chain head from elsewhere).
         let state = std::fs::read_to_string(ledger.join("state")).unwrap();
         let mut v: serde_json::Value = serde_json::from_str(&state).unwrap();
