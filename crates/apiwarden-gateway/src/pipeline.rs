@@ -1562,8 +1562,17 @@ pub async fn handle(
         // in place, without a copy. The outcome's record takes the mark off
         // (`RecorderParts::finish`, the one place a request's event is recorded).
         recorder.event.phase = Some("received");
-        match shared.sink.record_durable(&recorder.event).await {
-            Ok(Ok(seq)) => recorder.event.received_seq = Some(seq),
+        let durable = shared.sink.record_durable(&recorder.event);
+        // Bounded: a ledger disk that hangs must not hold requests without end. The record
+        // stays queued, and is written when the disk answers.
+        let wait = crate::wakeups::deadline(Instant::now() + state.config.audit.strict_timeout);
+        let answer = tokio::select! {
+            biased;
+            r = durable => r.ok().and_then(Result::ok),
+            () = wait => None,
+        };
+        match answer {
+            Some(seq) => recorder.event.received_seq = Some(seq),
             _ if fail_closed => {
                 let mut resp = deny(recorder, Reason::AuditUnavailable);
                 if let Ok(r) = &mut resp {

@@ -1753,3 +1753,85 @@ async fn a_client_that_breaks_its_body_after_the_answer_began_is_not_an_upstream
     assert_eq!(ev[0].error, Some(Reason::ClientDisconnected), "{:?}", ev[0]);
     assert_eq!(ev[0].request.bytes, 10);
 }
+
+/// A ledger whose disk hangs: it takes records but never makes one durable. (A disk that
+/// hangs cannot be made here; this is the one test double of the ledger.)
+#[derive(Default)]
+struct HungLedger {
+    events: apiwarden_gateway::audit::MemorySink,
+    waiting: std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<Result<u64, ()>>>>,
+}
+
+impl apiwarden_gateway::audit::AuditSink for HungLedger {
+    fn record(&self, event: Box<apiwarden_core::event::AuditEvent>) {
+        self.events.record(event);
+    }
+    fn flush(&self) -> tokio::sync::oneshot::Receiver<()> {
+        self.events.flush()
+    }
+    fn record_durable(
+        &self,
+        event: &apiwarden_core::event::AuditEvent,
+    ) -> tokio::sync::oneshot::Receiver<Result<u64, ()>> {
+        self.events.record(Box::new(event.clone()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting.lock().unwrap().push(tx);
+        rx
+    }
+}
+
+/// Regression (found by review): in `strict`, a request waited without end for its record,
+/// so a ledger disk that hung held every request. Past `audit.strict_timeout` it is answered
+/// as when the ledger cannot write: `503` where the route fails closed, forwarded where it
+/// fails open.
+#[tokio::test]
+async fn a_strict_request_waits_for_its_record_at_most_strict_timeout() {
+    use apiwarden_gateway::audit::AuditSink as _;
+    let echo = echo_upstream().await;
+    let text = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [audit]\ndurability = \"strict\"\nstrict_timeout = \"300ms\"\n\
+         [[upstreams]]\nname = \"echo\"\nurl = \"http://{echo}\"\n\
+         [[routes]]\nname = \"closed\"\npath_prefix = \"/closed\"\nupstream = \"echo\"\nauth = [\"none\"]\n\
+         [[routes]]\nname = \"open\"\npath_prefix = \"/open\"\nupstream = \"echo\"\nauth = [\"none\"]\naudit_failure = \"open\"\n"
+    );
+    let config = apiwarden_core::config::parse(&text, "test.toml").unwrap();
+    let sink = std::sync::Arc::new(HungLedger::default());
+    let gw = apiwarden_gateway::Gateway::start(apiwarden_gateway::Options {
+        config,
+        config_path: None,
+        sink: sink.clone(),
+        node: "test-node".into(),
+    })
+    .await
+    .unwrap();
+    let since = std::time::Instant::now();
+    let (status, headers, body) = get(&format!("http://{}/closed", gw.addr)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(since.elapsed() >= Duration::from_millis(300));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["request_id"], headers["x-request-id"].to_str().unwrap());
+    let (status, _, body) = get(&format!("http://{}/open/x", gw.addr)).await;
+    assert_eq!(status, 200, "{body}");
+    let _ = sink.flush().await;
+    let outcomes: Vec<_> = sink
+        .events
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == apiwarden_core::event::EventKind::Request && e.phase.is_none())
+        .collect();
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+    assert_eq!(
+        (outcomes[0].response.status, outcomes[0].decision.reason),
+        (503, Reason::AuditUnavailable)
+    );
+    assert_eq!(
+        (outcomes[1].response.status, outcomes[1].error),
+        (200, None)
+    );
+    assert_eq!(
+        sink.waiting.lock().unwrap().len(),
+        2,
+        "both records still queued"
+    );
+}

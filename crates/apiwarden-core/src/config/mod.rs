@@ -199,6 +199,8 @@ pub enum Durability {
 #[derive(Clone, Debug)]
 pub struct AuditConfig {
     pub durability: Durability,
+    /// `strict`: the longest a request waits for its record to be durable.
+    pub strict_timeout: Duration,
     pub checkpoint_interval: Duration,
     /// A second directory the latest checkpoint is copied to.
     pub checkpoint_copy: Option<PathBuf>,
@@ -540,6 +542,7 @@ pub const REFERENCE: &[OptionDoc] = &[
     OptionDoc { key: "storage.key_max_age", default: "\"90d\"", example: "\"30d\"", doc: "`keys list` warns about keys older than this (rotate them)." },
     OptionDoc { key: "storage.key_unused_after", default: "\"30d\"", example: "\"14d\"", doc: "`keys list` warns about keys not used for this long (revoke them)." },
     OptionDoc { key: "audit.durability", default: "\"strict\"", example: "\"batched\"", doc: "`strict`, `batched` or `async`: when an audit record must be on disk (enforced by the ledger)." },
+    OptionDoc { key: "audit.strict_timeout", default: "\"5s\"", example: "\"2s\"", doc: "`strict`: the longest a request waits for its record to be durable. Past it (a ledger disk that hangs) the request is answered as when the ledger cannot write: `503 audit.unavailable` on a route that fails closed, forwarded on one that fails open. Checked every 50 ms." },
     OptionDoc { key: "audit.checkpoint_interval", default: "\"1s\"", example: "\"5s\"", doc: "How often the ledger writes a signed checkpoint (C2SP signed note: origin, size, Merkle root, time), also when nothing happened, so a quiet period is provably quiet." },
     OptionDoc { key: "audit.hmac_headers", default: "[]", example: "[\"x-customer-id\"]", doc: "Request headers recorded as `hmac:<hex>` (HMAC-SHA256 under the ledger's salt, `<data_dir>/ledger/salt`) in `request.headers_hmac`: equal values correlate, the values are not stored. `apiwarden audit hash VALUE` computes the same to search for a known value. `Authorization`, `Cookie`, `X-API-Key` and `Proxy-Authorization` are never recorded, hashed or not." },
     OptionDoc { key: "audit.hmac_query", default: "[]", example: "[\"email\"]", doc: "Query parameters whose values are recorded as `hmac:<hex>` instead of `REDACTED` (the value as sent, percent-encoding included). Credentials are refused: a route's `api_key_query`, `access_token`, `id_token`, `refresh_token`, `client_secret`, `api_key`, `apikey`, `password`, `passwd`." },

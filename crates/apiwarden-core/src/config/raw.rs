@@ -77,6 +77,7 @@ pub(crate) struct Storage {
 #[serde(deny_unknown_fields)]
 pub(crate) struct Audit {
     pub durability: Option<String>,
+    pub strict_timeout: Option<String>,
     pub checkpoint_interval: Option<String>,
     pub checkpoint_copy: Option<String>,
     #[serde(default)]

@@ -371,6 +371,12 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         .encryption_key
         .as_deref()
         .and_then(|v| secret_source(&mut cx, v, &rel, &[name("audit"), name("encryption_key")]));
+    let strict_timeout = positive(
+        &mut cx,
+        audit.strict_timeout.as_deref(),
+        "5s",
+        &[name("audit"), name("strict_timeout")],
+    );
     let checkpoint_interval = positive(
         &mut cx,
         audit.checkpoint_interval.as_deref(),
@@ -1233,6 +1239,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         },
         audit: AuditConfig {
             durability,
+            strict_timeout,
             checkpoint_interval,
             checkpoint_copy: audit.checkpoint_copy.as_deref().map(rel),
             hmac_headers: hmac_headers.clone(),
