@@ -1003,7 +1003,7 @@ impl Forward {
         // the upstream's fault, and must not put a target into cool-down), and from when a
         // connection is in hand: see `Upstream::send`.
         let result = upstream
-            .send(ti, Request::from_parts(parts, body), stats.clone())
+            .send(ti, Request::from_parts(parts, body), stats.clone(), started)
             .await;
         event.upstream.latency_us = Some(started.elapsed().as_micros() as u64);
         if let (Err(_), Some(s)) = (&result, &stats) {

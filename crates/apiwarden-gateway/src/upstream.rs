@@ -156,26 +156,33 @@ impl Upstream {
     /// sent, from the last part the upstream took (see [`BodyStats::wait_sent`]).
     ///
     /// [`BodyStats::wait_sent`]: crate::body::BodyStats::wait_sent
+    ///
+    /// `started` is when the caller began: the time a pooled connection is in hand (it takes
+    /// no waiting), without a second read of the clock.
     pub async fn send(
         self: &Arc<Self>,
         target: usize,
         req: Request<RequestBody>,
         request_body: Option<Arc<crate::body::BodyStats>>,
+        started: Instant,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         let worker = crate::server::worker_index() % self.workers;
-        let mut sender = match self.pooled(target, worker).await {
-            Some(s) => s,
+        let (mut sender, in_hand) = match self.pooled(target, worker).await {
+            Some(s) => (s, started),
             // Boxed, as below: connecting is rare and its future large; unboxed it would
             // enlarge every request's future, which is moved on every request.
-            None => Box::pin(self.connect(target)).await?,
+            None => (Box::pin(self.connect(target)).await?, Instant::now()),
         };
         let body = request_body.as_deref();
-        let resp = match self.within(body, sender.try_send_request(req)).await? {
+        let resp = match self
+            .within(body, in_hand, sender.try_send_request(req))
+            .await?
+        {
             Ok(r) => r,
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     sender = Box::pin(self.connect(target)).await?;
-                    Box::pin(self.within(body, sender.send_request(req))).await??
+                    Box::pin(self.within(body, Instant::now(), sender.send_request(req))).await??
                 }
                 None => return Err(SendError::Http(e.into_error())),
             },
@@ -192,10 +199,12 @@ impl Upstream {
         ))
     }
 
-    /// Runs `send` under the upstream's `timeout` (see [`Upstream::send`]).
+    /// Runs `send` under the upstream's `timeout` (see [`Upstream::send`]), on a connection
+    /// in hand since `in_hand`.
     async fn within<T>(
         &self,
         body: Option<&crate::body::BodyStats>,
+        in_hand: Instant,
         send: impl std::future::Future<Output = T>,
     ) -> Result<T, SendError> {
         let timeout = self.config.timeout;
@@ -208,7 +217,7 @@ impl Upstream {
                     Some(from) => from,
                     None => return,
                 },
-                None => Instant::now(),
+                None => in_hand,
             };
             crate::wakeups::deadline(from + timeout).await;
         };
