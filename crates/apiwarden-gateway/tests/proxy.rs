@@ -1795,11 +1795,15 @@ async fn a_strict_request_waits_for_its_record_at_most_strict_timeout() {
          [[routes]]\nname = \"closed\"\npath_prefix = \"/closed\"\nupstream = \"echo\"\nauth = [\"none\"]\n\
          [[routes]]\nname = \"open\"\npath_prefix = \"/open\"\nupstream = \"echo\"\nauth = [\"none\"]\naudit_failure = \"open\"\n"
     );
-    let config = apiwarden_core::config::parse(&text, "test.toml").unwrap();
+    // Its data directory (the key store's pepper and salt) beside the config, in a temporary
+    // directory, as `start` does.
+    let path = temp_dir("hung").join("apiwarden.toml");
+    std::fs::write(&path, &text).unwrap();
+    let config = apiwarden_core::config::parse(&text, &path.display().to_string()).unwrap();
     let sink = std::sync::Arc::new(HungLedger::default());
     let gw = apiwarden_gateway::Gateway::start(apiwarden_gateway::Options {
         config,
-        config_path: None,
+        config_path: Some(path.clone()),
         sink: sink.clone(),
         node: "test-node".into(),
     })
@@ -1814,12 +1818,19 @@ async fn a_strict_request_waits_for_its_record_at_most_strict_timeout() {
     let (status, _, body) = get(&format!("http://{}/open/x", gw.addr)).await;
     assert_eq!(status, 200, "{body}");
     let _ = sink.flush().await;
-    let outcomes: Vec<_> = sink
-        .events
-        .events()
-        .into_iter()
-        .filter(|e| e.kind == apiwarden_core::event::EventKind::Request && e.phase.is_none())
-        .collect();
+    // The outcome is recorded when hyper lets the response body go: wait for both.
+    let outcomes = |sink: &HungLedger| -> Vec<apiwarden_core::event::AuditEvent> {
+        sink.events
+            .events()
+            .into_iter()
+            .filter(|e| e.kind == apiwarden_core::event::EventKind::Request && e.phase.is_none())
+            .collect()
+    };
+    let since = std::time::Instant::now();
+    while outcomes(&sink).len() < 2 && since.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outcomes = outcomes(&sink);
     assert_eq!(outcomes.len(), 2, "{outcomes:?}");
     assert_eq!(
         (outcomes[0].response.status, outcomes[0].decision.reason),
