@@ -82,8 +82,10 @@ impl BodyStats {
             let now = now_ms();
             let next = match self.handed_at.load(Relaxed) {
                 0 => now + limit.max(1),
+                // The time was read in whole milliseconds, rounded down: counted from the next
+                // one, the timeout never fires early.
                 at => {
-                    let due = at - 1 + limit;
+                    let due = at + limit;
                     if now >= due {
                         return None;
                     }

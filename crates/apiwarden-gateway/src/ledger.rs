@@ -148,6 +148,8 @@ pub enum LedgerError {
         size: u64,
         records: u64,
     },
+    #[error("the audit ledger cannot be checked against its checkpoint copy {copy} ({size} records): it does not start at record 1, and neither a segment's seal (seals/) nor the retention anchor gives a signed state at or before the copy's size, so seals or the anchor were removed; nothing was changed — run `apiwarden audit verify --from-checkpoint {copy}`")]
+    CopyUnchecked { copy: PathBuf, size: u64 },
     #[error("the ledger signing key {0} is not a 32-byte Ed25519 seed; restore it, or move it away to start a new key (keep keys/ so old checkpoints stay verifiable)")]
     BadKey(PathBuf),
     #[error("the system random number generator failed")]
@@ -260,6 +262,52 @@ fn create_with_mode(path: &Path, mode: u32) -> std::io::Result<File> {
         .open(path)
 }
 
+/// How long the writer may be inside one pass (a write, an `fdatasync`) before the ledger
+/// reports itself unhealthy: a disk that hangs.
+#[cfg(not(test))]
+const STALL_AFTER: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const STALL_AFTER: Duration = Duration::from_secs(1);
+
+/// The writer's progress, watched by a thread of its own (`audit-watch`), since a writer
+/// stuck in a system call cannot say so itself.
+#[derive(Default)]
+struct Heartbeat {
+    /// Passes of the writer's loop so far.
+    passes: AtomicU64,
+    /// Set while the writer has been inside one pass for [`STALL_AFTER`].
+    stalled: AtomicBool,
+    /// Set when the writer has ended.
+    ended: AtomicBool,
+}
+
+impl Heartbeat {
+    /// Starts the watch of `beat`; `asleep` is the writer's idle flag (no passes then, and no
+    /// stall either).
+    fn watch(beat: Arc<Heartbeat>, asleep: Arc<AtomicBool>) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name("audit-watch".into())
+            .spawn(move || {
+                let mut last = beat.passes.load(Relaxed);
+                let mut since = Instant::now();
+                while !beat.ended.load(Relaxed) {
+                    std::thread::sleep(STALL_AFTER / 5);
+                    let now = beat.passes.load(Relaxed);
+                    if now != last || asleep.load(Relaxed) {
+                        last = now;
+                        since = Instant::now();
+                        if beat.stalled.swap(false, Relaxed) {
+                            tracing::info!("the audit ledger's writer goes on again");
+                        }
+                    } else if since.elapsed() >= STALL_AFTER && !beat.stalled.swap(true, Relaxed) {
+                        tracing::error!("the audit ledger's writer has been stuck for {STALL_AFTER:?} (a disk that hangs?); the ledger reports itself unhealthy, and routes that fail closed answer 503, until it goes on");
+                    }
+                }
+            })
+            .map(|_| ())
+    }
+}
+
 /// How long the writer waits, at most, for the checkpoint copy before it answers a flush or
 /// ends (see [`Copier`]).
 const COPY_WAIT: Duration = Duration::from_secs(5);
@@ -317,8 +365,10 @@ impl Copier {
             };
             // The copy is for whoever watches the ledger from elsewhere (a monitor running
             // as another user): a signed note, public; its mode is the umask's.
+            // The rename made durable too, before retention counts on the copy.
             let r = std::fs::create_dir_all(dir)
-                .and_then(|_| write_atomic_mode(&dir.join("checkpoint"), note.as_bytes(), 0o666));
+                .and_then(|_| write_atomic_mode(&dir.join("checkpoint"), note.as_bytes(), 0o666))
+                .and_then(|_| sync_dir(dir));
             match r {
                 Ok(()) => copied.store(size, Relaxed),
                 Err(e) => {
@@ -1097,9 +1147,13 @@ fn check_copy(held: &HeldCopy, tail: &Tail) -> Result<(), LedgerError> {
 ///
 /// The records are hashed from the last signed state at or before the copy's size (the seal
 /// of the segment before the one holding it, or the retention anchor, or record 1) to the
-/// end: a segment or two when the copy is recent. A mismatch at the copy's size stops the
-/// start ([`LedgerError::BehindCopy`]); a tail that differs from the saved state's is replaced
-/// by the records' own (the copy vouches for them), with a warning.
+/// end, each number the next: a segment or two when the copy is recent and the seals are
+/// there. A mismatch at the copy's size stops the start ([`LedgerError::BehindCopy`]), and so
+/// does a record out of order or missing, or no signed state to start from
+/// ([`LedgerError::CopyUnchecked`]: seals and anchor removed). The tail the writer goes on
+/// from is the one hashed here, never the saved state's (which may differ only if it was
+/// changed). A copy older than the retention anchor is not compared (the records it covers
+/// are gone; the signed anchor stands for them): the records are hashed from the anchor.
 fn check_copy_history(
     dir: &Path,
     held: &HeldCopy,
@@ -1128,17 +1182,35 @@ fn check_copy_history(
             .and_then(|k| signed(seal_path(dir, segs[k].0), size))
             .or_else(|| signed(anchor_path(dir), size))
     };
-    let holding = segs
-        .iter()
-        .rposition(|(first, _)| *first <= held.size)
-        .unwrap_or(0);
-    let Some((mut tree, mut chain)) = (0..=holding).rev().find_map(start_of) else {
-        tracing::warn!(copy = %held.path.display(), "no signed state of the audit ledger at or before its checkpoint copy (seals/ or the retention anchor): the start compares the ledger with the copy by size only; run `apiwarden audit verify --from-checkpoint`");
-        return Ok(());
+    let anchor = read_anchor(dir, verifiers).ok().flatten();
+    let (mut tree, mut chain, compare) = match anchor.filter(|a| a.size >= held.size) {
+        Some(a) => (a.tree(), a.chain, false),
+        None => {
+            let holding = segs
+                .iter()
+                .rposition(|(first, _)| *first <= held.size)
+                .unwrap_or(0);
+            match (0..=holding).rev().find_map(start_of) {
+                Some((tree, chain)) => (tree, chain, true),
+                None => {
+                    return Err(LedgerError::CopyUnchecked {
+                        copy: held.path.clone(),
+                        size: held.size,
+                    })
+                }
+            }
+        }
     };
+    let from = tree.size();
+    let mut out_of_order = None;
     let mut matched = None;
-    read_records_from(dir, tree.size() + 1, |seq, payload| {
-        if seq <= tree.size() {
+    read_records_from(dir, from + 1, |seq, payload| {
+        // Records of the first segment read that the signed state already covers.
+        if out_of_order.is_some() || (seq <= from && tree.size() == from) {
+            return;
+        }
+        if seq != tree.size() + 1 {
+            out_of_order = Some((tree.size() + 1, seq));
             return;
         }
         let leaf = leaf_hash(payload);
@@ -1148,18 +1220,30 @@ fn check_copy_history(
             matched = Some(tree.root() == held.root);
         }
     })?;
-    if matched != Some(true) {
+    let (expected, found) = match out_of_order {
+        Some(e) => e,
+        None if tree.size() != records => (tree.size() + 1, records + 1),
+        None => (0, 0),
+    };
+    if expected != 0 {
+        return Err(LedgerError::Sequence {
+            segment: dir.join("segments"),
+            expected,
+            found,
+        });
+    }
+    if compare && matched != Some(true) {
         return Err(LedgerError::BehindCopy {
             copy: held.path.clone(),
             size: held.size,
             records,
         });
     }
-    if tree.size() == records && (tree.root() != tail.tree.root() || chain != tail.chain) {
-        tracing::warn!("the audit ledger's saved state does not match its records; continuing from the records, which match the checkpoint copy (run `apiwarden audit verify`)");
-        tail.tree = tree;
-        tail.chain = chain;
+    if tree.root() != tail.tree.root() || chain != tail.chain {
+        tracing::warn!("the audit ledger's saved state does not match its records; going on from the records, which match the checkpoint copy (run `apiwarden audit verify`)");
     }
+    tail.tree = tree;
+    tail.chain = chain;
     Ok(())
 }
 
@@ -1322,6 +1406,7 @@ pub struct LedgerSink {
     /// Set while the writer sleeps through an idle spell (see [`Writer::sleep_while_idle`]).
     asleep: Arc<AtomicBool>,
     healthy: Arc<AtomicBool>,
+    heartbeat: Arc<Heartbeat>,
     /// Records written so far (for metrics and tests).
     pub written: Arc<AtomicU64>,
     dir: PathBuf,
@@ -1416,7 +1501,10 @@ impl LedgerSink {
         let asleep = Arc::new(AtomicBool::new(false));
         let healthy = Arc::new(AtomicBool::new(true));
         let written = Arc::new(AtomicU64::new(records));
+        let heartbeat = Arc::new(Heartbeat::default());
+        Heartbeat::watch(heartbeat.clone(), asleep.clone()).map_err(io(&opts.dir))?;
         let writer = Writer {
+            heartbeat: heartbeat.clone(),
             _lock: lock,
             opts: opts.clone(),
             signer,
@@ -1447,6 +1535,8 @@ impl LedgerSink {
             fail_next_sync: FAIL_NEXT_SYNC.with(|f| f.clone()),
             #[cfg(test)]
             fail_next_cut: FAIL_NEXT_CUT.with(|f| f.clone()),
+            #[cfg(test)]
+            hang_next_sync: HANG_NEXT_SYNC.with(|f| f.clone()),
         };
         let thread = std::thread::Builder::new()
             .name("audit-ledger".into())
@@ -1455,6 +1545,7 @@ impl LedgerSink {
         Ok(Opened {
             sink: LedgerSink {
                 writer: thread.thread().clone(),
+                heartbeat,
                 asleep,
                 tx,
                 index_key,
@@ -1536,7 +1627,7 @@ impl AuditSink for LedgerSink {
     }
 
     fn healthy(&self) -> bool {
-        self.healthy.load(Relaxed)
+        self.healthy.load(Relaxed) && !self.heartbeat.stalled.load(Relaxed)
     }
 }
 
@@ -1564,6 +1655,9 @@ thread_local! {
     pub(crate) static FAIL_NEXT_SYNC: Arc<AtomicBool> = Arc::default();
     /// Tests: set to make the next cut-back of a segment fail.
     pub(crate) static FAIL_NEXT_CUT: Arc<AtomicBool> = Arc::default();
+    /// Tests: set to make the next `fdatasync` of a ledger opened on this thread take this
+    /// many milliseconds, as a disk that hangs would.
+    pub(crate) static HANG_NEXT_SYNC: Arc<AtomicU64> = Arc::default();
 }
 
 struct Writer {
@@ -1620,11 +1714,22 @@ struct Writer {
     /// How far into the segment synced records were last dropped from the page cache (see
     /// [`Writer::release_cache`]).
     released_to: u64,
+    /// The writer's progress, for the watch that tells a stuck writer.
+    heartbeat: Arc<Heartbeat>,
     /// Tests: the next `fdatasync` of a segment fails, as an I/O error would make it.
     #[cfg(test)]
     fail_next_sync: Arc<AtomicBool>,
     #[cfg(test)]
     fail_next_cut: Arc<AtomicBool>,
+    #[cfg(test)]
+    hang_next_sync: Arc<AtomicU64>,
+}
+
+impl Drop for Writer {
+    /// However the writer ends, its watch ends with it.
+    fn drop(&mut self) {
+        self.heartbeat.ended.store(true, Relaxed);
+    }
 }
 
 impl Writer {
@@ -1640,6 +1745,7 @@ impl Writer {
         // Records encoded into `batch` but not yet written: their sequence numbers are
         // taken, so they must reach the file before anything after them.
         loop {
+            self.heartbeat.passes.fetch_add(1, Relaxed);
             let mut disconnected = false;
             let mut received = false;
             loop {
@@ -1726,7 +1832,7 @@ impl Writer {
                         // Not while the file cannot be written: the batch is tried again once
                         // a pass, not for every event that arrives meanwhile.
                         if batch.len() - self.batch_written >= 512 * 1024
-                            && self.healthy.load(Relaxed)
+                            && (self.sync_lost || self.healthy.load(Relaxed))
                         {
                             self.write(&mut batch, false);
                         }
@@ -1928,6 +2034,11 @@ impl Writer {
     /// `fdatasync` of the segment being written.
     fn sync_data(&mut self) -> std::io::Result<()> {
         #[cfg(test)]
+        match self.hang_next_sync.swap(0, Relaxed) {
+            0 => {}
+            ms => std::thread::sleep(Duration::from_millis(ms)),
+        }
+        #[cfg(test)]
         let result = if self.fail_next_sync.swap(false, Relaxed) {
             Err(std::io::Error::other("injected fdatasync failure"))
         } else {
@@ -1950,16 +2061,18 @@ impl Writer {
     /// Closes the full segment (synced, then sealed: see [`Writer::seal`]) and begins the
     /// next one.
     fn rotate(&mut self) {
-        if self
-            .rotate_failed
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        // No seal, which is signed, over records that may be lost (`sync_lost`): the segment
+        // keeps growing until a restart.
+        if self.sync_lost
+            || self
+                .rotate_failed
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
         {
             return;
         }
         let next = segment_path(&self.opts.dir, self.tail.next_seq);
         match self
-            .file
-            .sync_all()
+            .sync_data()
             .and_then(|_| self.seal())
             .and_then(|_| append_private(&next))
         {
@@ -2757,6 +2870,33 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Regression (found by review): a writer stuck in a system call (a disk that hangs)
+    /// left the ledger reporting itself healthy, so `/readyz` said ready and every `strict`
+    /// request waited out its `strict_timeout`. A watch thread tells it now.
+    #[tokio::test]
+    async fn a_writer_stuck_in_a_sync_reports_the_ledger_unhealthy_until_it_goes_on() {
+        let dir = temp();
+        let mut opts = options(&dir);
+        opts.segment_bytes = 1 << 20;
+        HANG_NEXT_SYNC.with(|h| h.store(2500, Relaxed));
+        let opened = LedgerSink::open(opts).unwrap();
+        assert!(opened.sink.healthy());
+        for i in 0..10 {
+            opened.sink.record(event(i));
+        }
+        // The watch says so within a second and a fifth of the stall (`STALL_AFTER` is 1 s
+        // in tests), and the writer goes on once the sync returns.
+        until("the stall seen", || !opened.sink.healthy()).await;
+        until("healthy again", || opened.sink.healthy()).await;
+        opened.sink.flush().await.unwrap();
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let report =
+            crate::ledger_verify::verify(&dir.join("ledger"), None, &mut |_, _| {}).unwrap();
+        assert_eq!(report.records, 10);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn a_request_waiting_for_its_record_is_answered_by_a_batched_writer() {
         // A reload can make a route `strict` while the writer was opened `batched`: the
@@ -3484,18 +3624,12 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    /// A ledger grown past its checkpoint copy (records written after the last copy) starts:
-    /// its root at the copy's size, hashed from the seal before it, is the copy's. Its saved
-    /// state, if it no longer matches the records, gives way to them.
-    #[tokio::test]
-    async fn a_ledger_grown_past_its_copy_is_checked_from_a_seal_and_starts() {
-        let dir = temp();
-        let ledger = dir.join("ledger");
+    /// A ledger of 600 records, its checkpoint copy at 480 (inside a segment after the first),
+    /// as a crash after that copy would leave it.
+    async fn grown_past_its_copy(dir: &Path) {
         let copy = dir.join("elsewhere").join("checkpoint");
-        record_and_close(options(&dir), 0..450).await;
-        // The copy as a crash would leave it: at a checkpoint in the middle of the second
-        // segment, with more records after it.
-        let opened = LedgerSink::open(options(&dir)).unwrap();
+        record_and_close(options(dir), 0..450).await;
+        let opened = LedgerSink::open(options(dir)).unwrap();
         write_events(&opened.sink, 450..480).await;
         until("a copy of 480 records", || {
             std::fs::read_to_string(&copy).is_ok_and(|c| c.contains("\n480\n"))
@@ -3507,9 +3641,19 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         std::fs::write(&copy, held).unwrap();
         // The copy's size is inside a segment after the first: its check starts at a seal.
-        let firsts = firsts(&ledger);
+        let firsts = firsts(&dir.join("ledger"));
         let holding = firsts.iter().rev().find(|&&f| f <= 480).copied();
         assert!(holding.is_some_and(|f| f > 1 && f < 480), "{firsts:?}");
+    }
+
+    /// A ledger grown past its checkpoint copy (records written after the last copy) starts:
+    /// its root at the copy's size, hashed from the seal before it, is the copy's. Its saved
+    /// state, if it no longer matches the records, gives way to them.
+    #[tokio::test]
+    async fn a_ledger_grown_past_its_copy_is_checked_from_a_seal_and_starts() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        grown_past_its_copy(&dir).await;
         // A saved state that no longer matches the records (its chain head from elsewhere).
         let state = std::fs::read_to_string(ledger.join("state")).unwrap();
         let mut v: serde_json::Value = serde_json::from_str(&state).unwrap();
@@ -3525,6 +3669,50 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
         assert_eq!(report.records, 610);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Regressions (found by review): the check of a ledger grown past its copy passed a
+    /// record out of order in a segment the saved state covers (replay reads none of it), and
+    /// passed by when no signed state was left to start from (seals and anchor removed).
+    #[tokio::test]
+    async fn a_ledger_grown_past_its_copy_out_of_order_or_unsealed_does_not_start() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        grown_past_its_copy(&dir).await;
+        let segs = segments(&ledger).unwrap();
+        let (_, path) = segs.iter().rev().find(|(f, _)| *f <= 500).unwrap().clone();
+        let good = std::fs::read(&path).unwrap();
+        let spans = frame::spans(&good).unwrap();
+        let at = |seq: u64| *spans.iter().find(|f| f.0 == seq).unwrap();
+        let ((_, s500, e500), (_, s501, e501)) = (at(500), at(501));
+        assert_eq!(e500, s501);
+        let mut swapped = good[..s500].to_vec();
+        swapped.extend_from_slice(&good[s501..e501]);
+        swapped.extend_from_slice(&good[s500..e500]);
+        swapped.extend_from_slice(&good[e501..]);
+        std::fs::write(&path, &swapped).unwrap();
+        let err = LedgerSink::open(options(&dir)).err().expect("refused");
+        assert!(
+            matches!(
+                err,
+                LedgerError::Sequence {
+                    expected: 500,
+                    found: 501,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        std::fs::write(&path, &good).unwrap();
+        // The first segment and every seal gone: nothing signed to start the check from.
+        std::fs::remove_file(&segs[0].1).unwrap();
+        std::fs::remove_dir_all(ledger.join("seals")).unwrap();
+        let err = LedgerSink::open(options(&dir)).err().expect("refused");
+        assert!(
+            matches!(err, LedgerError::CopyUnchecked { size: 480, .. }),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

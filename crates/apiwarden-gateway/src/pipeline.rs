@@ -1557,6 +1557,16 @@ pub async fn handle(
     // the request unless the route fails open.
     let strict = shared.strict;
     let fail_closed = route.audit_failure == apiwarden_core::config::FailureMode::Closed;
+    if fail_closed && !shared.sink.healthy() {
+        // The ledger cannot write, or its writer is stuck (a disk that hangs): refused at
+        // once, in `strict` too, rather than after `audit.strict_timeout`.
+        let mut resp = deny(recorder, Reason::AuditUnavailable);
+        if let Ok(r) = &mut resp {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        return resp;
+    }
     if strict {
         // The received record is the event as it stands now, marked as such: encoded from it
         // in place, without a copy. The outcome's record takes the mark off
@@ -1565,7 +1575,7 @@ pub async fn handle(
         let durable = shared.sink.record_durable(&recorder.event);
         // Bounded: a ledger disk that hangs must not hold requests without end. The record
         // stays queued, and is written when the disk answers.
-        let wait = crate::wakeups::deadline(Instant::now() + state.config.audit.strict_timeout);
+        let wait = crate::wakeups::deadline(recorder.start + state.config.audit.strict_timeout);
         let answer = tokio::select! {
             biased;
             r = durable => r.ok().and_then(Result::ok),
@@ -1583,13 +1593,6 @@ pub async fn handle(
             }
             _ => {}
         }
-    } else if fail_closed && !shared.sink.healthy() {
-        let mut resp = deny(recorder, Reason::AuditUnavailable);
-        if let Ok(r) = &mut resp {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        return resp;
     }
 
     // Stage: forward. The normalised path is passed on only when it differs from the request's.
@@ -1848,7 +1851,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
     }
 }
 
-fn truncate(s: &str) -> String {
+pub(crate) fn truncate(s: &str) -> String {
     let mut end = s.len().min(1024);
     while !s.is_char_boundary(end) {
         end -= 1;

@@ -213,7 +213,9 @@ impl Upstream {
         // `wakeups::TICK` late.
         let deadline = async {
             let from = match body {
-                Some(b) => match b.wait_sent(timeout).await {
+                // Boxed: only requests with a body wait here, and the timer it holds would
+                // enlarge every request's future.
+                Some(b) => match Box::pin(b.wait_sent(timeout)).await {
                     Some(from) => from,
                     None => return,
                 },
