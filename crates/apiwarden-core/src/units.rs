@@ -93,6 +93,9 @@ pub fn parse_time(text: &str, now: std::time::SystemTime) -> Result<std::time::S
         format!("{text:?}: write a duration back from now (1h, 30m) or an RFC 3339 time (2026-11-25T10:00:00Z)")
     };
     let split = t.len().checked_sub(6).ok_or_else(bad)?;
+    if !t.is_char_boundary(split) {
+        return Err(bad());
+    }
     let (local, offset) = t.split_at(split);
     let sign = match offset.as_bytes()[0] {
         b'+' => 1i64,
@@ -133,7 +136,14 @@ mod time_tests {
         }
         let now = std::time::SystemTime::now();
         assert_eq!(parse_time("1h", now), Ok(now - Duration::from_secs(3600)));
-        for bad in ["yesterday", "2026-11-25T10:00:00+25:00", "+02:00", ""] {
+        // Not ASCII: six bytes from the end is inside a character (it panicked).
+        for bad in [
+            "yesterday",
+            "2026-11-25T10:00:00+25:00",
+            "+02:00",
+            "",
+            "€é€",
+        ] {
             assert!(parse_time(bad, now).is_err(), "{bad}");
         }
     }

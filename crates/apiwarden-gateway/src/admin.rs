@@ -23,20 +23,33 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     r
 }
 
+/// An error of the admin listener's own (not of the admin API): JSON with `error` and
+/// `request_id`, and the id in `X-Request-Id`, as every error of the gateway.
+fn error(status: StatusCode, message: &str) -> Response<ResponseBody> {
+    let rid = crate::ids::new_id();
+    let body = serde_json::json!({ "error": message, "request_id": rid.to_string() });
+    let mut r = reply(status, "application/json", body.to_string() + "\n");
+    r.headers_mut()
+        .insert(crate::pipeline::X_REQUEST_ID, crate::ids::header_value(rid));
+    r
+}
+
 async fn handle(
     shared: Arc<Shared>,
     peer: std::net::IpAddr,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     const JSON: &str = "application/json";
-    if req.uri().path().starts_with("/admin/v1/") {
+    // Everything under `/admin` is the admin API's, so that every call there, known or not,
+    // is authenticated first and recorded.
+    let path = req.uri().path();
+    if path == "/admin" || path.starts_with("/admin/") {
         return Ok(crate::admin_api::handle(shared, peer, req).await);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(reply(
+        return Ok(error(
             StatusCode::METHOD_NOT_ALLOWED,
-            JSON,
-            "{\"error\":\"only GET is allowed here\"}\n".into(),
+            "only GET is allowed here",
         ));
     }
     Ok(match req.uri().path() {
@@ -75,10 +88,9 @@ async fn handle(
             "text/plain; version=0.0.4; charset=utf-8",
             shared.render_metrics(),
         ),
-        _ => reply(
+        _ => error(
             StatusCode::NOT_FOUND,
-            JSON,
-            "{\"error\":\"not found: try /healthz, /readyz, /metrics or /admin/v1/...\"}\n".into(),
+            "not found: try /healthz, /readyz, /metrics or /admin/v1/...",
         ),
     })
 }

@@ -34,6 +34,13 @@ use std::time::Duration;
 /// The largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
 
+/// A page of an audit search ends once its records reach this size (the page's `next` then
+/// says where to go on), whatever its `limit`.
+const PAGE_BYTES: usize = 16 << 20;
+
+/// The longest the admin API waits for a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What `keys list` warns about: old, unused or soon-expiring keys.
 pub fn key_warnings(k: &KeyRecord, cfg: &Config, now: u64) -> Vec<String> {
     let mut w = Vec::new();
@@ -75,7 +82,12 @@ pub fn key_json(k: &KeyRecord, cfg: &Config, now: u64) -> Value {
     v
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<ResponseBody> {
+/// An answer of the admin API: JSON, never cached, with the call's `X-Request-Id` (also in
+/// the body of an error, as the gateway's own errors have it).
+fn reply(status: StatusCode, mut body: Value, rid: uuid::Uuid) -> Response<ResponseBody> {
+    if !status.is_success() {
+        body["request_id"] = rid.to_string().into();
+    }
     let mut r = Response::new(ResponseBody::full(body.to_string() + "\n"));
     *r.status_mut() = status;
     let h = r.headers_mut();
@@ -84,6 +96,10 @@ fn reply(status: StatusCode, body: Value) -> Response<ResponseBody> {
         HeaderValue::from_static("application/json"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(crate::pipeline::X_REQUEST_ID, crate::ids::header_value(rid));
+    if status == StatusCode::UNAUTHORIZED {
+        h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
     r
 }
 
@@ -130,8 +146,9 @@ fn authenticate(cfg: &Config, req: &Request<Incoming>) -> Result<(String, AdminR
     // Every configured token is compared, so the time taken does not say which one matched.
     for t in &cfg.admin.tokens {
         match crate::jwt::read_secret(&t.secret) {
-            Ok(secret) if secret.len() >= 32 => {
-                if hmac::verify(compare_key(), &secret, tag.as_ref()).is_ok() {
+            // Trimmed as the presented token is (an environment variable's trailing newline).
+            Ok(secret) if secret.trim_ascii().len() >= 32 => {
+                if hmac::verify(compare_key(), secret.trim_ascii(), tag.as_ref()).is_ok() {
                     found = Some((t.name.clone(), t.role));
                 }
             }
@@ -150,12 +167,28 @@ fn authenticate(cfg: &Config, req: &Request<Incoming>) -> Result<(String, AdminR
     found.ok_or(Reason::AuthnInvalidKey)
 }
 
-/// Runs a key store operation on a thread of its own (the store's clients block).
+/// How many key store operations of the admin API run at once (each opens the store on a
+/// thread of its own): more calls get `429` rather than a thread and a database connection
+/// each.
+const STORE_CALLS: usize = 4;
+
+/// Why a key store operation of the admin API did not run, or failed.
+enum StoreFailure {
+    Busy,
+    Failed(KeyError),
+}
+
+/// Runs a key store operation on a thread of its own (the store's clients block), at most
+/// [`STORE_CALLS`] at once.
 async fn with_store<T: Send + 'static>(
     cfg: Config,
     actor: String,
     op: impl FnOnce(&mut KeyStore, &Config) -> Result<T, KeyError> + Send + 'static,
-) -> Result<T, KeyError> {
+) -> Result<T, StoreFailure> {
+    static CALLS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(STORE_CALLS);
+    let Ok(permit) = CALLS.try_acquire() else {
+        return Err(StoreFailure::Busy);
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let r = KeyStore::open(&cfg).and_then(|mut s| {
@@ -164,7 +197,12 @@ async fn with_store<T: Send + 'static>(
         });
         let _ = tx.send(r);
     });
-    rx.await.unwrap_or(Err(KeyError::Random))
+    let r = rx
+        .await
+        .map_err(|_| StoreFailure::Failed(KeyError::ThreadFailed))?
+        .map_err(StoreFailure::Failed);
+    drop(permit);
+    r
 }
 
 fn parse_duration(
@@ -197,7 +235,18 @@ fn refused(status: StatusCode, reason: Reason, error: &str, message: String) -> 
     }
 }
 
-fn store_error(e: KeyError, what: &str) -> Done {
+fn store_error(e: StoreFailure, what: &str) -> Done {
+    let e = match e {
+        StoreFailure::Busy => {
+            return refused(
+                StatusCode::TOO_MANY_REQUESTS,
+                Reason::RateLimitExceeded,
+                "too many key store calls are running; retry when one has ended",
+                format!("{what} refused: {STORE_CALLS} key store calls were running"),
+            )
+        }
+        StoreFailure::Failed(e) => e,
+    };
     let status = match e {
         KeyError::NoSuchKey(_) => StatusCode::NOT_FOUND,
         KeyError::NoSuchConsumer(_)
@@ -208,11 +257,18 @@ fn store_error(e: KeyError, what: &str) -> Done {
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     // Store errors name ids, consumers and paths, never a secret (the pepper's value is never
-    // in them).
+    // in them). Those of the store itself (its paths, the database's messages) go to the log
+    // and the event, not to the caller.
     let text = e.to_string();
+    let answer = if status == StatusCode::SERVICE_UNAVAILABLE {
+        tracing::error!(error = %text, "{what} failed");
+        "the key store cannot be used now; the gateway's log says why".to_string()
+    } else {
+        text.clone()
+    };
     Done {
         status,
-        body: json!({ "error": text }),
+        body: json!({ "error": answer }),
         message: format!("{what} failed: {text}"),
         reason: Reason::AdminAction,
     }
@@ -264,8 +320,12 @@ pub async fn handle(
 ) -> Response<ResponseBody> {
     let cfg = shared.state.load().config.clone();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // As the gateway records request paths: at most 1 KiB (a long path would fill the
+    // ledger, and anyone who reaches the listener is recorded, token or not).
+    let path = crate::pipeline::truncate(req.uri().path());
+    let rid = crate::ids::new_id();
     let mut event = AuditEvent::new(EventKind::Admin, crate::ids::new_id(), shared.node.clone());
+    event.request_id = Some(rid);
     event.client.ip = Some(peer);
     event.request.method = Some(crate::pipeline::method_name(&method));
     event.request.path = Some(path.clone());
@@ -300,7 +360,7 @@ pub async fn handle(
                     "the gateway is shutting down; send the change to another node or after the restart",
                     format!("admin API {method} {path} refused: the gateway is shutting down"),
                 );
-                return finish(&shared, event, done);
+                return finish(&shared, event, done, rid);
             }
             // If this call is cut off (the admin listener's drain ran out at shutdown), its
             // event is still recorded, saying that the outcome is unknown.
@@ -310,15 +370,20 @@ pub async fn handle(
             interrupted.decision.policy = Some("admin_api".into());
             pending.event = Some(interrupted);
             pending.method_path = format!("{method} {path}");
-            route(&cfg, role, &actor, &method, &path, req).await
+            route(&shared, &cfg, role, &actor, &method, &path, req).await
         }
     };
     pending.event = None;
-    finish(&shared, event, outcome)
+    finish(&shared, event, outcome, rid)
 }
 
 /// Records an admin call's event and answers it.
-fn finish(shared: &Shared, mut event: AuditEvent, outcome: Done) -> Response<ResponseBody> {
+fn finish(
+    shared: &Shared,
+    mut event: AuditEvent,
+    outcome: Done,
+    rid: uuid::Uuid,
+) -> Response<ResponseBody> {
     let allowed = outcome.reason == Reason::AdminAction && outcome.status.is_success();
     event.decision.outcome = if allowed {
         Outcome::Allow
@@ -330,12 +395,13 @@ fn finish(shared: &Shared, mut event: AuditEvent, outcome: Done) -> Response<Res
     event.response.status = outcome.status.as_u16();
     event.message = Some(outcome.message);
     shared.record(Box::new(event));
-    reply(outcome.status, outcome.body)
+    reply(outcome.status, outcome.body, rid)
 }
 
 // A request body is read whole, but never more than `MAX_BODY` bytes.
 #[allow(clippy::disallowed_methods)]
 async fn route(
+    shared: &Shared,
     cfg: &Config,
     role: AdminRole,
     actor: &str,
@@ -345,7 +411,8 @@ async fn route(
 ) -> Done {
     let query = req.uri().query().map(str::to_string);
     let parts: Vec<&str> = path
-        .trim_start_matches("/admin/v1/")
+        .strip_prefix("/admin/v1/")
+        .unwrap_or_default()
         .split('/')
         .filter(|p| !p.is_empty())
         .collect();
@@ -377,20 +444,30 @@ async fn route(
         );
     }
     let body: Value = if write {
-        let bytes = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
+        let read = http_body_util::Limited::new(req.into_body(), MAX_BODY).collect();
+        let bytes = match tokio::time::timeout(BODY_TIMEOUT, read).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            _ => {
                 return refused(
                     StatusCode::BAD_REQUEST,
                     Reason::RequestMalformed,
-                    "the body could not be read (at most 64 KiB)",
+                    "the body could not be read (at most 64 KiB, within 10 s)",
                     format!("admin API {method} {path}: unreadable body"),
                 )
             }
         };
+        // A shutdown that began while the body came: nothing is changed any more.
+        if shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Reason::ShuttingDown,
+                "the gateway is shutting down; send the change to another node or after the restart",
+                format!("admin API {method} {path} refused: the gateway is shutting down"),
+            );
+        }
         if bytes.is_empty() {
             json!({})
         } else {
@@ -431,15 +508,20 @@ async fn route(
                 events,
                 scanned,
                 next,
-            }) => ok(
-                StatusCode::OK,
-                json!({ "events": events, "count": events.len(), "scanned": scanned, "next": next }),
-                format!(
-                    "searched the audit ledger ({}): {} events",
-                    query.as_deref().unwrap_or("no filter"),
-                    events.len()
-                ),
-            ),
+            }) => {
+                let count = events.len();
+                // The events moved into the answer, not copied (a page may be large).
+                let mut body = json!({ "count": count, "scanned": scanned, "next": next });
+                body["events"] = Value::Array(events);
+                ok(
+                    StatusCode::OK,
+                    body,
+                    format!(
+                        "searched the audit ledger ({}): {count} events",
+                        query.as_deref().unwrap_or("no filter"),
+                    ),
+                )
+            }
             Err(SearchFailure::Bad(e)) => bad(e),
             Err(SearchFailure::Busy) => refused(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -522,7 +604,9 @@ async fn route(
                     )
                 }
                 Ok((_, None)) => store_error(
-                    KeyError::BadConsumer("was saved but cannot be read back".into()),
+                    StoreFailure::Failed(KeyError::BadConsumer(
+                        "was saved but cannot be read back".into(),
+                    )),
                     "saving a consumer",
                 ),
                 Err(e) => store_error(e, "saving a consumer"),
@@ -540,7 +624,7 @@ async fn route(
                     json!({ "name": name, "removed": true, "keys_revoked": revoked }),
                     format!("removed consumer {name} from the store; {revoked} keys revoked"),
                 ),
-                Err(KeyError::NoSuchConsumer(_)) => refused(
+                Err(StoreFailure::Failed(KeyError::NoSuchConsumer(_))) => refused(
                     StatusCode::NOT_FOUND,
                     Reason::AdminAction,
                     "no consumer of that name in the store",
@@ -581,7 +665,9 @@ async fn route(
                 Some(_) => return bad("\"scopes\" must be a list of strings".into()),
             };
             let expires_at = match parse_duration(body.get("expires_in"), "expires_in", None) {
-                Ok(d) => d.map(|d| now.saturating_add(d.as_millis() as u64)),
+                Ok(d) => {
+                    d.map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+                }
                 Err(e) => return bad(e),
             };
             let who = consumer.clone();
@@ -760,15 +846,29 @@ async fn search(cfg: &Config, query: Option<&str>) -> Result<Found, SearchFailur
             };
             let mut events = Vec::new();
             let mut last = 0;
-            let stats =
-                crate::ledger_index::search(&dir, opener.as_ref(), &filter, limit, |seq, _, e| {
+            // A page also ends at [`PAGE_BYTES`] of records, whatever `limit` says: events can
+            // be large (a long path, a long message), and a page is held whole.
+            let mut bytes = 0usize;
+            let mut full = false;
+            let stats = crate::ledger_index::search(
+                &dir,
+                opener.as_ref(),
+                &filter,
+                limit,
+                |seq, raw, e| {
+                    if full {
+                        return;
+                    }
+                    bytes += raw.len();
                     events.push(e.clone());
                     last = seq;
-                })
-                .map_err(|e| e.to_string())?;
+                    full = bytes >= PAGE_BYTES;
+                },
+            )
+            .map_err(|e| e.to_string())?;
             Ok(Found {
                 // A full page: more may match after its last record.
-                next: (events.len() == limit).then_some(last),
+                next: (full || events.len() == limit).then_some(last),
                 events,
                 // Records read: the index's candidates, and those past it read one by one.
                 scanned: stats.candidates + stats.scanned,

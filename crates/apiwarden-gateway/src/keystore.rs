@@ -60,6 +60,8 @@ pub enum KeyError {
     ScopeNotGranted { consumer: String, scope: String },
     #[error("the system random number generator failed")]
     Random,
+    #[error("the key store's thread ended without an answer (see the log)")]
+    ThreadFailed,
     #[error("the pepper ({0}) is not the one the keys in {1} were made with: every key would be refused; restore the original pepper (every gateway sharing the keys needs the same one, so set storage.pepper to the same env: or file: on each), or start over with an empty key database")]
     PepperMismatch(String, String),
 }
@@ -1022,6 +1024,16 @@ impl KeyStore {
         if config.consumers.iter().any(|k| k.name == c.name) {
             return Err(KeyError::ConsumerInConfig(c.name));
         }
+        // An issuer named here lets its clients take the consumer's roles: only issuers of
+        // the config in force.
+        if let Some(unknown) = c.token_issuers.iter().find(|i| {
+            !config.jwt.contains_key(i.as_str()) && !config.introspection.contains_key(i.as_str())
+        }) {
+            return Err(KeyError::BadConsumer(format!(
+                "{}: token issuer {unknown:?} is not a [jwt.NAME] or [introspection.NAME] table of the config",
+                c.name
+            )));
+        }
         let now = now_ms();
         let actor = &self.actor;
         self.db.transaction(true, true, |tx| {
@@ -1055,11 +1067,22 @@ impl KeyStore {
                 "token_issuers": c.token_issuers,
             })
             .to_string();
+            // Everything that decides what the consumer may do, and the metadata's names.
             let detail = format!(
-                "scopes {}; roles {}; allow_ips {}",
+                "scopes {}; roles {}; allow_ips {}; token_issuers {}; metadata {}",
                 c.scopes.join(","),
                 c.roles.join(","),
-                c.allow_ips.as_ref().map_or("any".into(), |n| n.join(","))
+                c.allow_ips.as_ref().map_or("any".into(), |n| n.join(",")),
+                if c.token_issuers.is_empty() {
+                    "none".into()
+                } else {
+                    c.token_issuers.join(",")
+                },
+                if c.metadata.is_empty() {
+                    "none".into()
+                } else {
+                    c.metadata.keys().cloned().collect::<Vec<_>>().join(",")
+                }
             );
             if old.is_some() {
                 tx.execute(

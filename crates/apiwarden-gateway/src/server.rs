@@ -199,6 +199,9 @@ impl Gateway {
             addr: config.admin.listen,
             error,
         })?;
+        if !admin_addr.ip().is_loopback() && !config.admin.tokens.is_empty() {
+            tracing::warn!(%admin_addr, "the admin listener is not on a loopback address and speaks plain HTTP: admin tokens cross the network in clear text; bind admin.listen to 127.0.0.1, or reach it through a tunnel or a TLS proxy");
+        }
 
         let workers_n = worker_count(&config);
         let local_limits = Arc::new(crate::limit::LocalStore::new(config.storage.limit_keys));

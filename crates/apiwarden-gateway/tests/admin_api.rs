@@ -469,3 +469,117 @@ async fn changes_are_refused_once_a_shutdown_has_begun() {
     assert_eq!(refused.response.status, 503);
     assert_eq!(refused.actor.as_deref(), Some("admin-token:ops"));
 }
+
+/// Regressions (found by a review of the admin API): errors had no `request_id` (nor
+/// `X-Request-Id`, nor `WWW-Authenticate` on 401); a long path went whole into the ledger for
+/// anyone who could reach the listener; calls just outside `/admin/v1/` were not recorded; a
+/// consumer could name a token issuer that does not exist, and its issuers were not in the
+/// change's record; a huge `expires_in` wrapped to a key that expired at once; a non-ASCII
+/// `since` panicked the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_errors_are_identified_bounded_and_recorded() {
+    let gw = start_with_tokens().await;
+    // 401: the body's id is the header's, and the event's.
+    let (status, headers, text) = send(
+        http::Request::get(format!("http://{}/admin/v1/keys", gw.gw.admin_addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    let rid = headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(body["request_id"], rid.as_str());
+    let ev = wait_admin_events(&gw, 1).await;
+    assert_eq!(ev[0].request_id.map(|r| r.to_string()), Some(rid));
+    // A path of 60 KB: recorded, cut to 1 KiB.
+    let long = format!("/admin/v1/{}", "a".repeat(60_000));
+    let (status, _) = admin(&gw, "GET", &long, None, None).await;
+    assert_eq!(status, 401);
+    let ev = wait_admin_events(&gw, 2).await;
+    assert_eq!(ev[1].request.path.as_deref().map(str::len), Some(1024));
+    assert!(ev[1].message.as_deref().unwrap().len() < 1200);
+    // Just outside `/admin/v1/`: authenticated, answered 404, recorded.
+    let (status, body) = admin(&gw, "POST", "/admin/v2/keys", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body["request_id"].is_string(), "{body}");
+    let ev = wait_admin_events(&gw, 3).await;
+    assert_eq!(ev[2].request.path.as_deref(), Some("/admin/v2/keys"));
+    // The listener's own 404 has an id too.
+    let (status, body) = admin(&gw, "GET", "/nothing", None, None).await;
+    assert_eq!(status, 404);
+    assert!(body["request_id"].is_string(), "{body}");
+    // A token issuer that no table of the config defines.
+    let (status, body) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/consumers",
+        Some(ADMIN_TOKEN),
+        Some(json!({"name": "partner", "roles": ["payments-admin"], "token_issuers": ["corp"]})),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("\"corp\""),
+        "{body}"
+    );
+    let (status, body) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/consumers",
+        Some(ADMIN_TOKEN),
+        Some(json!({"name": "partner", "scopes": ["orders:read"], "metadata": {"team": "x"}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // A huge expiry is a far one, not one that wrapped around to now.
+    let (status, key) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/keys",
+        Some(ADMIN_TOKEN),
+        Some(json!({"consumer": "partner", "expires_in": "18446744073709552s"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{key}");
+    let secret = key["secret"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    until_status(&gw, &secret, 200).await;
+    // A time that is not one: refused with its reason, not a dropped connection.
+    let (status, body) = admin(
+        &gw,
+        "GET",
+        "/admin/v1/audit?since=%E2%82%AC%C3%A9%E2%82%AC",
+        Some(AUDITOR_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    // What the consumer change recorded names its issuers and metadata.
+    let changes = gw.events_of(EventKind::Admin);
+    assert!(
+        changes.iter().any(|e| e
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("token_issuers none") && m.contains("metadata team"))),
+        "{:?}",
+        changes
+            .iter()
+            .map(|e| e.message.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The admin events so far, once there are at least `n`.
+async fn wait_admin_events(gw: &TestGateway, n: usize) -> Vec<AuditEvent> {
+    let start = Instant::now();
+    loop {
+        let ev = gw.events_of(EventKind::Admin);
+        if ev.len() >= n {
+            return ev;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{ev:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
