@@ -410,12 +410,16 @@ async fn route(
     req: Request<Incoming>,
 ) -> Done {
     let query = req.uri().query().map(str::to_string);
-    let parts: Vec<&str> = path
+    // Each segment percent-decoded on its own (a consumer named `a/b` is `a%2Fb`); one that
+    // is not valid percent-encoding stays as it came, and names nothing.
+    let decoded: Vec<String> = path
         .strip_prefix("/admin/v1/")
         .unwrap_or_default()
         .split('/')
         .filter(|p| !p.is_empty())
+        .map(|p| percent_decoded(p).unwrap_or_else(|| p.to_string()))
         .collect();
+    let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let write = changes(method);
     let known = matches!(
         (method.as_str(), parts.as_slice()),

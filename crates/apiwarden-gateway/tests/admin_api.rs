@@ -533,6 +533,25 @@ async fn admin_api_errors_are_identified_bounded_and_recorded() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
+    // A name with a slash, percent-encoded in the path, is removed by its name.
+    let (status, body) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/consumers",
+        Some(ADMIN_TOKEN),
+        Some(json!({"name": "team/a"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = admin(
+        &gw,
+        "DELETE",
+        "/admin/v1/consumers/team%2Fa",
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!((status, &body["name"]), (200, &json!("team/a")), "{body}");
     // A huge expiry is a far one, not one that wrapped around to now.
     let (status, key) = admin(
         &gw,
