@@ -3171,10 +3171,7 @@ pub(crate) mod tests {
         assert!(!anchor_path(&ledger).exists());
         std::fs::remove_dir(ledger.join("checkpoints.log")).unwrap();
         until("deleted once covered", || firsts(&ledger)[0] > 1).await;
-        drop(opened);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
-        let _ = std::fs::remove_dir_all(dir);
+        close_and_verify(opened, &dir).await;
     }
 
     /// Regression (found by review): retention deleted segments while the checkpoint copy
@@ -3208,10 +3205,7 @@ pub(crate) mod tests {
         std::fs::remove_file(dir.join("blocker")).unwrap();
         until("deleted once copied", || firsts(&ledger)[0] > 1).await;
         assert!(dir.join("blocker/copy/checkpoint").exists());
-        drop(opened);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
-        let _ = std::fs::remove_dir_all(dir);
+        close_and_verify(opened, &dir).await;
     }
 
     /// Regression (found by review): the writer wrote the checkpoint copy itself, so a copy
@@ -3261,10 +3255,7 @@ pub(crate) mod tests {
                 .is_ok_and(|c| c.contains("\n200\n"))
         })
         .await;
-        drop(opened);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
-        let _ = std::fs::remove_dir_all(dir);
+        close_and_verify(opened, &dir).await;
     }
 
     /// Regression (found by review): a segment retention could not delete was tried again,
@@ -3353,10 +3344,7 @@ pub(crate) mod tests {
             firsts(&ledger)[0] == before[1]
         })
         .await;
-        drop(opened);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
-        let _ = std::fs::remove_dir_all(dir);
+        close_and_verify(opened, &dir).await;
     }
 
     #[tokio::test]
@@ -3450,6 +3438,15 @@ pub(crate) mod tests {
     }
 
     /// Opens the ledger, records `events`, flushes, and closes it again.
+    /// Closes the ledger of `dir` (its writer ends with a last checkpoint), checks that it
+    /// verifies, and removes `dir`.
+    async fn close_and_verify(opened: Opened, dir: &Path) {
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        crate::ledger_verify::verify(&dir.join("ledger"), None, &mut |_, _| {}).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     async fn record_and_close(opts: LedgerOptions, events: std::ops::Range<usize>) {
         let opened = LedgerSink::open(opts).unwrap();
         for i in events {
