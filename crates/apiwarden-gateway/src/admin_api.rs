@@ -191,18 +191,17 @@ async fn with_store<T: Send + 'static>(
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
+        // Held until the store call has ended, even if its caller has gone.
+        let _permit = permit;
         let r = KeyStore::open(&cfg).and_then(|mut s| {
             s.set_actor(actor);
             op(&mut s, &cfg)
         });
         let _ = tx.send(r);
     });
-    let r = rx
-        .await
+    rx.await
         .map_err(|_| StoreFailure::Failed(KeyError::ThreadFailed))?
-        .map_err(StoreFailure::Failed);
-    drop(permit);
-    r
+        .map_err(StoreFailure::Failed)
 }
 
 fn parse_duration(

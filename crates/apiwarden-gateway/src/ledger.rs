@@ -1184,7 +1184,22 @@ fn check_copy_history(
     };
     let anchor = read_anchor(dir, verifiers).ok().flatten();
     let (mut tree, mut chain, compare) = match anchor.filter(|a| a.size >= held.size) {
-        Some(a) => (a.tree(), a.chain, false),
+        // The anchor at the copy's size: its root is the one compared.
+        Some(a) if a.size == held.size && a.root != held.root => {
+            return Err(LedgerError::BehindCopy {
+                copy: held.path.clone(),
+                size: held.size,
+                records,
+            })
+        }
+        Some(a) => {
+            if a.size > held.size {
+                // Retention deletes nothing the copy does not cover: the copy went back (a
+                // restored share), or the anchor is not retention's.
+                tracing::warn!(copy = %held.path.display(), copy_size = held.size, anchor_size = a.size, "the retention anchor reaches past the checkpoint copy: the copy cannot be compared with the records it covers (they were deleted); run `apiwarden audit verify --from-checkpoint`");
+            }
+            (a.tree(), a.chain, false)
+        }
         None => {
             let holding = segs
                 .iter()
