@@ -1579,12 +1579,7 @@ async fn a_get_with_a_chunked_body_still_times_out() {
     c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         .await
         .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
-        .await
-        .expect("an answer")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    let text = first_read(&mut c, Duration::from_secs(10)).await;
     assert!(text.starts_with("HTTP/1.1 504"), "{text}");
     let ev = gw.assert_events(1).await;
     assert_eq!(ev[0].error, Some(Reason::UpstreamTimeout), "{:?}", ev[0]);
@@ -1619,12 +1614,7 @@ async fn an_upstream_that_stops_reading_the_body_times_out() {
         }
         sent
     });
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(15), r.read(&mut buf))
-        .await
-        .expect("an answer while the upstream holds the body")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    let text = first_read(&mut r, Duration::from_secs(15)).await;
     assert!(text.starts_with("HTTP/1.1 504"), "{text}");
     let ev = gw.assert_events(1).await;
     assert_eq!(
@@ -1845,4 +1835,14 @@ async fn a_strict_request_waits_for_its_record_at_most_strict_timeout() {
         2,
         "both records still queued"
     );
+}
+
+/// What the first read from `c` gives (up to 4 KB), which must come within `within`.
+async fn first_read(c: &mut (impl tokio::io::AsyncRead + Unpin), within: Duration) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(within, c.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_string()
 }
