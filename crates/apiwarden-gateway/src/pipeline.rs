@@ -1574,8 +1574,9 @@ pub async fn handle(
         recorder.event.phase = Some("received");
         let durable = shared.sink.record_durable(&recorder.event);
         // Bounded: a ledger disk that hangs must not hold requests without end. The record
-        // stays queued, and is written when the disk answers.
-        let wait = crate::wakeups::deadline(recorder.start + state.config.audit.strict_timeout);
+        // stays queued, and is written when the disk answers. Counted from here, not from the
+        // request's start: slow identification (a token introspected) is not the ledger's.
+        let wait = crate::wakeups::deadline(Instant::now() + state.config.audit.strict_timeout);
         let answer = tokio::select! {
             biased;
             r = durable => r.ok().and_then(Result::ok),

@@ -120,6 +120,10 @@ impl Server {
                                 "tok-500" => reply(500, "oops".into()),
                                 "tok-not-json" => reply(200, "<html>maintenance</html>".into()),
                                 "tok-no-active" => reply(200, "{\"sub\":\"x\"}".into()),
+                                "tok-slow-active" => {
+                                    tokio::time::sleep(Duration::from_millis(1200)).await;
+                                    reply(200, a["tok-active"].to_string())
+                                }
                                 "tok-slow" => {
                                     tokio::time::sleep(Duration::from_secs(3)).await;
                                     reply(200, "{\"active\":true}".into())
@@ -565,4 +569,84 @@ async fn cached_answers_survive_a_reload_that_keeps_the_endpoint() {
     assert_eq!(call(&gw, "/new", "tok-active").await.0, 200);
     assert_eq!(call(&gw, "/orders", "tok-active").await.0, 200);
     assert_eq!(server.calls("tok-active"), 1);
+}
+
+/// A ledger whose every `fdatasync` takes 300 ms: records are answered durable that long
+/// after they are handed over.
+#[derive(Default)]
+struct SlowLedger {
+    events: apiwarden_gateway::audit::MemorySink,
+}
+
+impl apiwarden_gateway::audit::AuditSink for SlowLedger {
+    fn record(&self, event: Box<apiwarden_core::event::AuditEvent>) {
+        self.events.record(event);
+    }
+    fn flush(&self) -> tokio::sync::oneshot::Receiver<()> {
+        self.events.flush()
+    }
+    fn record_durable(
+        &self,
+        event: &apiwarden_core::event::AuditEvent,
+    ) -> tokio::sync::oneshot::Receiver<Result<u64, ()>> {
+        let answer = self.events.record_durable(event);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = tx.send(answer.blocking_recv().unwrap_or(Err(())));
+        });
+        rx
+    }
+}
+
+/// Regression (found by review): `audit.strict_timeout` counted from the request's start, so
+/// a request whose token took longer to introspect than the timeout was refused `503
+/// audit.unavailable` by a ledger that was only slow, never stuck. It counts from the hand-over
+/// of the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_timeout_counts_from_the_record_not_from_the_request() {
+    let server = Server::start(answers()).await;
+    let up = echo_upstream().await;
+    let down = closed_port().await;
+    let dir = temp_dir("introspection-strict");
+    let text = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}\n\
+         [introspection.slow]\nurl = \"http://{}/introspect\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"file:{}\"\ntimeout = \"3s\"\n\n\
+         [[routes]]\nname = \"slow\"\npath_prefix = \"/slow\"\nupstream = \"echo\"\nauth = [\"introspection\"]\nintrospection = \"slow\"\n\n\
+         [audit]\ndurability = \"strict\"\nstrict_timeout = \"1s\"\n",
+        config(up, &server, &dir, down),
+        server.addr,
+        dir.join("introspection.secret").display(),
+    );
+    let path = dir.join("apiwarden.toml");
+    std::fs::write(&path, &text).unwrap();
+    let config = apiwarden_core::config::parse(&text, &path.display().to_string()).unwrap();
+    let sink = Arc::new(SlowLedger::default());
+    let gw = apiwarden_gateway::Gateway::start(apiwarden_gateway::Options {
+        config,
+        config_path: Some(path),
+        sink: sink.clone(),
+        node: "test-node".into(),
+    })
+    .await
+    .unwrap();
+    // 1.2 s to introspect, then 0.3 s for the record: 1.5 s in all, the record's own wait
+    // well within its 1 s.
+    let since = std::time::Instant::now();
+    let req = http::Request::get(format!("http://{}/slow/x", gw.addr))
+        .header("authorization", "Bearer tok-slow-active")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, body) = send(req).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(since.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(server.calls("tok-slow-active"), 1);
+    let received: Vec<_> = sink
+        .events
+        .events()
+        .into_iter()
+        .filter(|e| e.phase == Some("received"))
+        .collect();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0].request.route_name.as_deref(), Some("slow"));
 }
