@@ -1552,6 +1552,8 @@ impl LedgerSink {
             fail_next_cut: FAIL_NEXT_CUT.with(|f| f.clone()),
             #[cfg(test)]
             hang_next_sync: HANG_NEXT_SYNC.with(|f| f.clone()),
+            #[cfg(test)]
+            slow_unlink: SLOW_UNLINK.with(|f| f.clone()),
         };
         let thread = std::thread::Builder::new()
             .name("audit-ledger".into())
@@ -1673,6 +1675,9 @@ thread_local! {
     /// Tests: set to make the next `fdatasync` of a ledger opened on this thread take this
     /// many milliseconds, as a disk that hangs would.
     pub(crate) static HANG_NEXT_SYNC: Arc<AtomicU64> = Arc::default();
+    /// Tests: each segment retention deletes takes this many milliseconds more (a slow disk,
+    /// or thousands of segments).
+    pub(crate) static SLOW_UNLINK: Arc<AtomicU64> = Arc::default();
 }
 
 struct Writer {
@@ -1738,6 +1743,8 @@ struct Writer {
     fail_next_cut: Arc<AtomicBool>,
     #[cfg(test)]
     hang_next_sync: Arc<AtomicU64>,
+    #[cfg(test)]
+    slow_unlink: Arc<AtomicU64>,
 }
 
 impl Drop for Writer {
@@ -1760,7 +1767,7 @@ impl Writer {
         // Records encoded into `batch` but not yet written: their sequence numbers are
         // taken, so they must reach the file before anything after them.
         loop {
-            self.heartbeat.passes.fetch_add(1, Relaxed);
+            self.beat();
             let mut disconnected = false;
             let mut received = false;
             loop {
@@ -2046,6 +2053,12 @@ impl Writer {
         self.released_to = synced_to;
     }
 
+    /// Tells the watch ([`Heartbeat`]) that the writer is making progress: once a pass, and
+    /// once a step of a long one (retention's segments).
+    fn beat(&self) {
+        self.heartbeat.passes.fetch_add(1, Relaxed);
+    }
+
     /// `fdatasync` of the segment being written.
     fn sync_data(&mut self) -> std::io::Result<()> {
         #[cfg(test)]
@@ -2229,6 +2242,8 @@ impl Writer {
         let mut deletable = 0;
         let mut why = None;
         for i in 0..segs.len() - 1 {
+            // A step of the pass: a pass over thousands of segments is long, not stuck.
+            self.beat();
             let last = segs[i + 1].0 - 1;
             if last > given_up {
                 // Its seal, signed when it was closed, must end where the next segment
@@ -2323,6 +2338,9 @@ impl Writer {
         let mut bytes = 0u64;
         let mut failed = None;
         for (_, path) in &segs[..deletable] {
+            self.beat();
+            #[cfg(test)]
+            std::thread::sleep(Duration::from_millis(self.slow_unlink.load(Relaxed)));
             let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             if let Err(e) = std::fs::remove_file(path) {
                 failed = Some((path.clone(), format!("{}: {e}", path.display())));
@@ -3164,6 +3182,53 @@ pub(crate) mod tests {
         assert_eq!(report.records, records + 300);
         assert_eq!(report.retention.unwrap().first, last);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Regression (found by review): the watch counted the writer's passes only, so one long
+    /// pass (retention deleting many segments, or a slow disk deleting a few) read as a writer
+    /// stuck, and the ledger reported itself unhealthy (`503` on every route that fails
+    /// closed) while it was working.
+    #[tokio::test]
+    async fn a_long_retention_pass_is_not_a_stuck_writer() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let mut opts = options(&dir);
+        opts.retention = retention(Duration::from_millis(300), &[]);
+        opts.copy_to = None;
+        // Each deletion takes 400 ms: the pass that deletes the sealed segments (a second or
+        // so after they were sealed) takes 1.2 s or more, longer than `STALL_AFTER` (1 s in
+        // tests).
+        SLOW_UNLINK.with(|f| f.store(400, Relaxed));
+        let opened = LedgerSink::open(opts).unwrap();
+        write_events(&opened.sink, 0..400).await;
+        let before = firsts(&ledger);
+        assert!(before.len() >= 4, "{before:?}");
+        let last = *before.last().unwrap();
+        let t = Instant::now();
+        let mut unhealthy = 0;
+        while firsts(&ledger) != [last] {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "retention never ran: {:?}",
+                firsts(&ledger)
+            );
+            if !opened.sink.healthy() {
+                unhealthy += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            t.elapsed() >= Duration::from_millis(1200),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            unhealthy, 0,
+            "the ledger reported itself unhealthy while retention ran"
+        );
+        SLOW_UNLINK.with(|f| f.store(0, Relaxed));
+        assert!(opened.sink.healthy());
+        close_and_verify(opened, &dir).await;
     }
 
     #[tokio::test]
