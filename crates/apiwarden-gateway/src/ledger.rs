@@ -1219,7 +1219,9 @@ fn check_copy_history(
     let from = tree.size();
     let mut out_of_order = None;
     let mut matched = None;
-    read_records_from(dir, from + 1, |seq, payload| {
+    // Every record of the segments read: one numbered at or below `from` that comes after
+    // the first one past it is out of place, not skipped.
+    read_segments_from(dir, from + 1, |seq, payload| {
         // Records of the first segment read that the signed state already covers.
         if out_of_order.is_some() || (seq <= from && tree.size() == from) {
             return;
@@ -2521,6 +2523,20 @@ pub fn read_records_from(
     from: u64,
     mut f: impl FnMut(u64, &[u8]),
 ) -> Result<u64, LedgerError> {
+    read_segments_from(dir, from, |seq, payload| {
+        if seq >= from {
+            f(seq, payload);
+        }
+    })
+}
+
+/// Calls `f` with every record of the segments that [`read_records_from`] reads, those below
+/// `from` included, wherever they are: a check that must see a record out of place.
+fn read_segments_from(
+    dir: &Path,
+    from: u64,
+    mut f: impl FnMut(u64, &[u8]),
+) -> Result<u64, LedgerError> {
     let mut count = 0;
     let segs = segments(dir)?;
     let last = segs.len().saturating_sub(1);
@@ -2551,9 +2567,7 @@ pub fn read_records_from(
                 }
             };
             last_seq = fr.seq;
-            if fr.seq >= from {
-                f(fr.seq, fr.payload);
-            }
+            f(fr.seq, fr.payload);
             count += 1;
             offset += used;
         }
@@ -3776,6 +3790,30 @@ pub(crate) mod tests {
                 LedgerError::Sequence {
                     expected: 500,
                     found: 501,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Record 1 again, after record 500: below where the check starts hashing (a seal
+        // after record 1), it was skipped, and the ledger started (found by review).
+        let first_segment = std::fs::read(&segs[0].1).unwrap();
+        let (_, s1, e1) = *frame::spans(&first_segment)
+            .unwrap()
+            .iter()
+            .find(|f| f.0 == 1)
+            .unwrap();
+        let mut inserted = good[..e500].to_vec();
+        inserted.extend_from_slice(&first_segment[s1..e1]);
+        inserted.extend_from_slice(&good[e500..]);
+        std::fs::write(&path, &inserted).unwrap();
+        let err = LedgerSink::open(options(&dir)).err().expect("refused");
+        assert!(
+            matches!(
+                err,
+                LedgerError::Sequence {
+                    expected: 501,
+                    found: 1,
                     ..
                 }
             ),
