@@ -138,7 +138,7 @@ pub enum LedgerError {
         first: u64,
         why: String,
     },
-    #[error("the audit ledger holds records up to {found}, but {durable} were written, synced and checkpointed (its saved state, or its checkpoint copy held elsewhere, says so): records are missing (a rollback, or a cut segment); nothing was changed — run `apiwarden audit verify` to see what is missing. To start from what the ledger holds after restoring a backup on purpose, move `state` (in the ledger directory) and the checkpoint copy aside, keeping the copy as evidence")]
+    #[error("the audit ledger holds records up to {found}, but {durable} were written, synced and checkpointed (its saved state, its latest checkpoint, or its checkpoint copy held elsewhere, says so): records are missing (a rollback, or a cut segment); nothing was changed — run `apiwarden audit verify` to see what is missing. To start from what the ledger holds after restoring a backup on purpose, move `state`, `checkpoint` and `checkpoints.log` (in the ledger directory) and the checkpoint copy aside, keeping them as evidence")]
     Missing { durable: u64, found: u64 },
     #[error("the checkpoint copy {copy} is not signed by any key of this audit ledger ({error}): the ledger's keys were replaced, or the copy is another ledger's; nothing was changed — run `apiwarden audit verify --from-checkpoint {copy}`, and if the keys were changed on purpose, move the copy aside")]
     CopyUnverified { copy: PathBuf, error: String },
@@ -458,19 +458,74 @@ impl DirLock {
 /// line is written whole with its newline, so one without it never was. Returns the bytes cut.
 fn cut_torn_log_line(dir: &Path) -> std::io::Result<u64> {
     let path = dir.join("checkpoints.log");
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    let (bytes, at) = match log_tail(&path) {
+        Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
     if bytes.is_empty() || bytes.ends_with(b"\n") {
         return Ok(0);
     }
-    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    // A line is far shorter than the tail read: without a newline in it, the file holds no
+    // whole line at all, or its end is not a checkpoint line.
+    let keep = match bytes.iter().rposition(|b| *b == b'\n') {
+        Some(i) => at + i as u64 + 1,
+        None if at == 0 => 0,
+        None => {
+            return Err(std::io::Error::other(
+                "the end of checkpoints.log is not a checkpoint line",
+            ))
+        }
+    };
     let f = OpenOptions::new().write(true).open(&path)?;
-    f.set_len(keep as u64)?;
+    f.set_len(keep)?;
     f.sync_all()?;
-    Ok((bytes.len() - keep) as u64)
+    Ok(at + bytes.len() as u64 - keep)
+}
+
+/// The last [`LOG_TAIL`] bytes of `checkpoints.log` (all of it when shorter), and where they
+/// begin: the log grows by a line a checkpoint, so a start reads its end, never the whole.
+fn log_tail(path: &Path) -> std::io::Result<(Vec<u8>, u64)> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let at = len.saturating_sub(LOG_TAIL);
+    f.seek(SeekFrom::Start(at))?;
+    let mut bytes = Vec::with_capacity((len - at) as usize);
+    f.read_to_end(&mut bytes)?;
+    Ok((bytes, at))
+}
+
+/// How much of the end of `checkpoints.log` a start reads: many lines (a line is a few hundred
+/// bytes).
+const LOG_TAIL: u64 = 64 * 1024;
+
+/// The size of the latest checkpoint this ledger signed that is still on its disk: the last
+/// line of `checkpoints.log` or the `checkpoint` file, whichever is larger (0 when neither
+/// verifies with `verifiers`). Those records were synced before they were signed, so a start
+/// must find them all, even when the saved `state`, written after them, is older (a crash
+/// between the two).
+fn last_signed(dir: &Path, verifiers: &[Verifier]) -> u64 {
+    let size = |note: &str| {
+        apiwarden_core::ledger::note::verify(note, verifiers)
+            .ok()
+            .map_or(0, |cp| cp.size)
+    };
+    let file = std::fs::read_to_string(dir.join("checkpoint")).map_or(0, |n| size(&n));
+    let line = log_tail(&dir.join("checkpoints.log"))
+        .ok()
+        .and_then(|(bytes, _)| {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let line = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())?
+                .to_string();
+            let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+            Some(size(v.get("note")?.as_str()?))
+        })
+        .unwrap_or(0);
+    file.max(line)
 }
 
 /// Writes a file atomically (temp file, fsync, rename), readable by its owner only.
@@ -810,13 +865,14 @@ fn saved_state(dir: &Path) -> Option<(u64, Hash, Tree)> {
 /// record 1, or from the retention anchor when retention deleted the oldest records (a first
 /// segment after record 1 without an anchor that reaches it stops the start).
 ///
-/// The saved state's size, and `copied` (what the checkpoint copy held elsewhere covers), are
-/// also a floor: those records were synced and checkpointed before the state or the copy was
-/// written, so none of them may be missing or cut off as torn; a ledger that does not reach it
-/// stops the start ([`LedgerError::Missing`], [`LedgerError::Corrupt`]).
-fn replay(dir: &Path, copied: u64) -> Result<(Tail, Option<Cut>), LedgerError> {
+/// The saved state's size, and `signed` (what the checkpoint copy held elsewhere and the
+/// latest checkpoint on this disk cover), are also a floor: those records were synced and
+/// checkpointed before the state, the checkpoint or the copy was written, so none of them may
+/// be missing or cut off as torn; a ledger that does not reach it stops the start
+/// ([`LedgerError::Missing`], [`LedgerError::Corrupt`]).
+fn replay(dir: &Path, signed: u64) -> Result<(Tail, Option<Cut>), LedgerError> {
     let saved = saved_state(dir);
-    let durable = saved.as_ref().map_or(0, |(size, _, _)| *size).max(copied);
+    let durable = saved.as_ref().map_or(0, |(size, _, _)| *size).max(signed);
     if let Some((size, chain, tree)) = saved {
         match replay_from(dir, size, chain, tree, durable) {
             Ok(r) => return Ok(r),
@@ -1468,7 +1524,12 @@ impl LedgerSink {
             Some(copy) => read_copy(&copy.join("checkpoint"), &verifiers)?,
             None => None,
         };
-        let (mut tail, cut) = replay(&opts.dir, held.as_ref().map_or(0, |h| h.size))?;
+        // Nor what a checkpoint still on this disk covers, when `state` is older.
+        let floor = held
+            .as_ref()
+            .map_or(0, |h| h.size)
+            .max(last_signed(&opts.dir, &verifiers));
+        let (mut tail, cut) = replay(&opts.dir, floor)?;
         if let Some(held) = &held {
             check_copy(held, &tail)?;
             check_copy_history(&opts.dir, held, &mut tail, &verifiers)?;
@@ -3534,6 +3595,73 @@ pub(crate) mod tests {
     /// Opens the ledger, records `events`, flushes, and closes it again.
     /// Closes the ledger of `dir` (its writer ends with a last checkpoint), checks that it
     /// verifies, and removes `dir`.
+    /// Leaves the ledger's checkpoints (`checkpoints.log`, `checkpoint`) as they were when it
+    /// held `to` records: an old copy of the directory.
+    fn roll_back_checkpoints(ledger: &Path, to: u64) {
+        let size = |note: &str| note.lines().nth(1).unwrap().parse::<u64>().unwrap();
+        let log = std::fs::read_to_string(ledger.join("checkpoints.log")).unwrap();
+        let mut kept = String::new();
+        let mut last = None;
+        for line in log.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let note = v["note"].as_str().unwrap().to_string();
+            if size(&note) <= to {
+                kept.push_str(line);
+                kept.push('\n');
+                last = Some(note);
+            }
+        }
+        std::fs::write(ledger.join("checkpoints.log"), kept).unwrap();
+        match last {
+            Some(note) => std::fs::write(ledger.join("checkpoint"), note).unwrap(),
+            None => std::fs::remove_file(ledger.join("checkpoint")).unwrap(),
+        }
+    }
+
+    /// Regression (found by review): the floor below which a start never cuts or misses a
+    /// record was the saved `state` or the checkpoint copy only. A crash between a checkpoint's
+    /// line and the `state` after it (or a `state` put back) let a start go on from fewer
+    /// records than a checkpoint on the same disk covers, and sign checkpoints that contradict
+    /// it.
+    #[tokio::test]
+    async fn a_start_never_has_fewer_records_than_its_latest_checkpoint() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        let mut opts = options(&dir);
+        opts.copy_to = None;
+        record_and_close(opts.clone(), 0..10).await;
+        let old_state = std::fs::read(ledger.join("state")).unwrap();
+        record_and_close(opts.clone(), 10..20).await;
+        let records = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {})
+            .unwrap()
+            .records;
+        assert!(records >= 20, "{records}");
+        std::fs::write(ledger.join("state"), &old_state).unwrap();
+        // The last records gone, whole, past what the old state covers.
+        let last = segments(&ledger).unwrap().last().unwrap().1.clone();
+        let bytes = std::fs::read(&last).unwrap();
+        let spans = frame::spans(&bytes).unwrap();
+        let (seq, _, end) = spans[spans.len() - 4];
+        std::fs::write(&last, &bytes[..end]).unwrap();
+        let err = LedgerSink::open(opts.clone()).err().expect("refused");
+        assert!(
+            matches!(err, LedgerError::Missing { found, durable } if found == seq && durable >= records - 1),
+            "{err}"
+        );
+        assert!(err.to_string().contains("checkpoint"), "{err}");
+        assert_eq!(
+            std::fs::read(&last).unwrap(),
+            &bytes[..end],
+            "nothing was cut"
+        );
+        // Once the checkpoints are rolled back with it (a backup restored on purpose), it
+        // starts.
+        roll_back_checkpoints(&ledger, seq);
+        let opened = LedgerSink::open(opts).unwrap();
+        assert_eq!(opened.records, seq);
+        close_and_verify(opened, &dir).await;
+    }
+
     async fn close_and_verify(opened: Opened, dir: &Path) {
         drop(opened);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -3647,10 +3775,11 @@ pub(crate) mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("audit verify"), "{err}");
-        // The state rolled back too (an old copy of the whole directory): the checkpoint copy
-        // held elsewhere still covers ten records, so the start stops rather than sign
-        // smaller checkpoints and overwrite that copy.
+        // The state and the checkpoints rolled back too (an old copy of the whole directory):
+        // the checkpoint copy held elsewhere still covers ten records, so the start stops
+        // rather than sign smaller checkpoints and overwrite that copy.
         std::fs::remove_file(ledger.join("state")).unwrap();
+        roll_back_checkpoints(&ledger, 7);
         let held = dir.join("elsewhere").join("checkpoint");
         let copy = std::fs::read(&held).unwrap();
         let err = LedgerSink::open(options(&dir)).err().expect("refused");
