@@ -142,14 +142,18 @@ fn authenticate(cfg: &Config, req: &Request<Incoming>) -> Result<(String, AdminR
         .map(|(_, t)| t.trim())
         .ok_or(Reason::AuthnMalformed)?;
     let tag = hmac::sign(compare_key(), presented.as_bytes());
-    let mut found = None;
+    let mut found: Option<(String, AdminRole)> = None;
+    let mut twin = None;
     // Every configured token is compared, so the time taken does not say which one matched.
     for t in &cfg.admin.tokens {
         match crate::jwt::read_secret(&t.secret) {
             // Trimmed as the presented token is (an environment variable's trailing newline).
             Ok(secret) if secret.trim_ascii().len() >= 32 => {
                 if hmac::verify(compare_key(), secret.trim_ascii(), tag.as_ref()).is_ok() {
-                    found = Some((t.name.clone(), t.role));
+                    match &found {
+                        Some((first, _)) => twin = Some((first.clone(), t.name.clone())),
+                        None => found = Some((t.name.clone(), t.role)),
+                    }
                 }
             }
             Ok(_) => {
@@ -163,6 +167,14 @@ fn authenticate(cfg: &Config, req: &Request<Incoming>) -> Result<(String, AdminR
                 }
             }
         }
+    }
+    // Two tokens with one secret: whoever holds it could not be told apart (nor their role,
+    // an auditor's secret reused as an admin's): neither is accepted.
+    if let Some((a, b)) = twin {
+        if warn_now() {
+            tracing::warn!(first = %a, second = %b, "two admin tokens have the same secret: both are refused until one is changed");
+        }
+        return Err(Reason::AuthnInvalidKey);
     }
     found.ok_or(Reason::AuthnInvalidKey)
 }
@@ -853,19 +865,22 @@ async fn search(cfg: &Config, query: Option<&str>) -> Result<Found, SearchFailur
             // be large (a long path, a long message), and a page is held whole.
             let mut bytes = 0usize;
             let mut full = false;
-            let stats = crate::ledger_index::search(
+            let stats = crate::ledger_index::search_until(
                 &dir,
                 opener.as_ref(),
                 &filter,
                 limit,
                 |seq, raw, e| {
-                    if full {
-                        return;
-                    }
                     bytes += raw.len();
                     events.push(e.clone());
                     last = seq;
                     full = bytes >= PAGE_BYTES;
+                    // The search ends with the page: nothing is read past it.
+                    if full {
+                        std::ops::ControlFlow::Break(())
+                    } else {
+                        std::ops::ControlFlow::Continue(())
+                    }
                 },
             )
             .map_err(|e| e.to_string())?;

@@ -30,6 +30,7 @@ use std::fs::File;
 use std::hash::Hasher;
 use std::io::Read;
 use std::net::IpAddr;
+use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -345,6 +346,21 @@ pub fn search(
     limit: usize,
     mut f: impl FnMut(u64, &[u8], &serde_json::Value),
 ) -> Result<SearchStats, LedgerError> {
+    search_until(dir, opener, filter, limit, |seq, plain, e| {
+        f(seq, plain, e);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`search`], ended early (after the event it was given) when `f` breaks: a page full by
+/// another measure than `limit`.
+pub fn search_until(
+    dir: &Path,
+    opener: Option<&Opener>,
+    filter: &SearchFilter,
+    limit: usize,
+    mut f: impl FnMut(u64, &[u8], &serde_json::Value) -> ControlFlow<()>,
+) -> Result<SearchStats, LedgerError> {
     let mut stats = SearchStats::default();
     let probe = Probe::new(filter);
     let keys = keys(dir, opener);
@@ -359,7 +375,9 @@ pub fn search(
             };
             if filter.passes(&e) {
                 stats.found += 1;
-                f(seq, &plain, &e);
+                if f(seq, &plain, &e).is_break() {
+                    return Ok(true);
+                }
             }
             Ok(stats.found as usize >= limit)
         };
@@ -801,6 +819,20 @@ mod tests {
         };
         let stats = search(&ledger, None, &f, 10, |_, _, _| n += 1).unwrap();
         assert_eq!((n, stats.found), (10, 10));
+        // So does the caller (a page full by its bytes): nothing is read past the event it
+        // stopped at (the admin API's page read on to `limit` behind a full page).
+        let mut n = 0;
+        let stats = search_until(&ledger, None, &f, 1000, |_, _, _| {
+            n += 1;
+            if n == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+        assert_eq!((n, stats.found), (3, 3));
+        assert!(stats.candidates + stats.scanned <= 3 + 50, "{stats:?}");
         // Pages: each one after the last record of the one before finds the rest, in order,
         // and skips the segments wholly before it.
         for f in filters() {

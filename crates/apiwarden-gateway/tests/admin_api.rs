@@ -602,3 +602,40 @@ async fn wait_admin_events(gw: &TestGateway, n: usize) -> Vec<AuditEvent> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Regression (found by review): two admin tokens with the same secret were both accepted, the
+/// last one configured winning, so an auditor's secret reused for an `admin` token (or the
+/// other way round) gave whichever role came last. Such a secret is refused, whichever token
+/// it is presented as; the other tokens go on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_admin_tokens_with_one_secret_are_both_refused() {
+    let dir = temp_dir("admin-twins");
+    std::fs::write(dir.join("admin.token"), ADMIN_TOKEN).unwrap();
+    std::fs::write(dir.join("auditor.token"), AUDITOR_TOKEN).unwrap();
+    let gw = start(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [admin.tokens.reader]\nrole = \"auditor\"\nsecret = \"file:{dir}/auditor.token\"\n\
+         [admin.tokens.ops]\nrole = \"admin\"\nsecret = \"file:{dir}/admin.token\"\n\
+         [admin.tokens.copy]\nrole = \"admin\"\nsecret = \"file:{dir}/auditor.token\"\n",
+        dir = dir.display()
+    ))
+    .await;
+    let (status, body) = admin(&gw, "GET", "/admin/v1/keys", Some(AUDITOR_TOKEN), None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/consumers",
+        Some(AUDITOR_TOKEN),
+        Some(json!({"name": "partner"})),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    // The token with a secret of its own still works.
+    let (status, body) = admin(&gw, "GET", "/admin/v1/keys", Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 200, "{body}");
+    let ev = wait_admin_events(&gw, 3).await;
+    assert_eq!(ev[0].decision.reason, Reason::AuthnInvalidKey);
+    assert_eq!(ev[1].decision.reason, Reason::AuthnInvalidKey);
+    assert_eq!(ev[2].actor.as_deref(), Some("admin-token:ops"));
+}
