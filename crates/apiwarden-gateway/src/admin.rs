@@ -128,6 +128,12 @@ async fn stopped(stop: &mut watch::Receiver<Option<Instant>>) {
     let _ = stop.wait_for(Option::is_some).await;
 }
 
+/// Connections the admin listener keeps open at once. One beyond is closed as soon as it is
+/// accepted: a client that opens connections without end (the admin API answers only to a
+/// token, but any client can connect) costs a socket and a task each, never the process's
+/// file descriptors. Monitoring and operators need a few.
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 /// Serves the admin listener until `stop` gives a deadline; then lets the admin requests in
 /// flight finish (until that deadline, at least a second) and closes kept-alive connections,
 /// so that the gateway's last audit flush comes after every admin action's event. (Changes
@@ -153,6 +159,19 @@ pub async fn serve(
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         let (stream, peer) = stream;
+        while conns.try_join_next().is_some() {}
+        if conns.len() >= ADMIN_MAX_CONNECTIONS {
+            static LAST_WARNING: std::sync::atomic::AtomicU64 =
+                std::sync::atomic::AtomicU64::new(0);
+            let now = crate::now_ms();
+            let last = LAST_WARNING.load(std::sync::atomic::Ordering::Relaxed);
+            if now.saturating_sub(last) >= 1000 {
+                LAST_WARNING.store(now, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(%peer, open = conns.len(), "admin listener: {ADMIN_MAX_CONNECTIONS} connections are open; closing a new one at once");
+            }
+            drop(stream);
+            continue;
+        }
         let shared = shared.clone();
         let mut conn_stop = stop.clone();
         conns.spawn(async move {

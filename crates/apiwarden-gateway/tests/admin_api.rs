@@ -639,3 +639,49 @@ async fn two_admin_tokens_with_one_secret_are_both_refused() {
     assert_eq!(ev[1].decision.reason, Reason::AuthnInvalidKey);
     assert_eq!(ev[2].actor.as_deref(), Some("admin-token:ops"));
 }
+
+/// Regression (found by review): the admin listener kept every connection it accepted, so a
+/// client opening connections without end held a socket and a task each. Beyond
+/// `ADMIN_MAX_CONNECTIONS` a new one is closed at once, and once some close, new ones are
+/// served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_closes_connections_beyond_its_cap() {
+    use apiwarden_gateway::admin::ADMIN_MAX_CONNECTIONS;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = start_with_tokens().await;
+    let addr = gw.gw.admin_addr;
+    const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n";
+    async fn answer(c: &mut tokio::net::TcpStream) -> String {
+        let mut buf = vec![0u8; 1024];
+        match tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("an answer or a close")
+        {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).to_string(),
+            Err(_) => String::new(),
+        }
+    }
+    let mut held = Vec::new();
+    for _ in 0..ADMIN_MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // The last one answered: every one before it was accepted (the listener takes them in
+    // order).
+    let last = held.last_mut().unwrap();
+    last.write_all(HEALTHZ).await.unwrap();
+    assert!(answer(last).await.starts_with("HTTP/1.1 200"));
+    let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = over.write_all(HEALTHZ).await;
+    assert_eq!(answer(&mut over).await, "", "closed without an answer");
+    held.truncate(ADMIN_MAX_CONNECTIONS - 10);
+    let t = Instant::now();
+    loop {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = c.write_all(HEALTHZ).await;
+        if answer(&mut c).await.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
