@@ -279,7 +279,20 @@ struct Heartbeat {
     stalled: AtomicBool,
     /// Set when the writer has ended.
     ended: AtomicBool,
+    /// Events queued since the writer was found stuck (reset when it goes on).
+    held: AtomicU64,
+    /// Events not recorded because [`MAX_HELD`] were queued while the writer was stuck; the
+    /// writer records how many once it goes on.
+    dropped: AtomicU64,
 }
+
+/// How many events may queue while the writer is stuck (a disk that hangs) before the next
+/// ones are counted rather than kept: on routes that fail open requests go on, and an
+/// unbounded queue would take the process's memory. Some hundreds of megabytes.
+#[cfg(not(test))]
+const MAX_HELD: u64 = 1_000_000;
+#[cfg(test)]
+const MAX_HELD: u64 = 1_000;
 
 impl Heartbeat {
     /// Starts the watch of `beat`; `asleep` is the writer's idle flag (no passes then, and no
@@ -297,6 +310,7 @@ impl Heartbeat {
                         last = now;
                         since = Instant::now();
                         if beat.stalled.swap(false, Relaxed) {
+                            beat.held.store(0, Relaxed);
                             tracing::info!("the audit ledger's writer goes on again");
                         }
                     } else if since.elapsed() >= STALL_AFTER && !beat.stalled.swap(true, Relaxed) {
@@ -1675,8 +1689,28 @@ impl Drop for LedgerSink {
     }
 }
 
+impl LedgerSink {
+    /// Whether an event may queue: always, except while the writer is stuck and
+    /// [`MAX_HELD`] events queued already (then it is counted, and the writer records the
+    /// count once it goes on).
+    fn may_queue(&self) -> bool {
+        if !self.heartbeat.stalled.load(Relaxed)
+            || self.heartbeat.held.fetch_add(1, Relaxed) < MAX_HELD
+        {
+            return true;
+        }
+        if self.heartbeat.dropped.fetch_add(1, Relaxed) == 0 {
+            tracing::error!("the audit ledger's writer is stuck and {MAX_HELD} events wait for it: the next ones are counted, not recorded, until it goes on");
+        }
+        false
+    }
+}
+
 impl AuditSink for LedgerSink {
     fn record(&self, event: Box<AuditEvent>) {
+        if !self.may_queue() {
+            return;
+        }
         let encoded = Encoded::of(&event, &self.index_key, self.plain);
         drop(event);
         if self.send(Msg::Event(encoded)).is_err() {
@@ -1693,6 +1727,12 @@ impl AuditSink for LedgerSink {
 
     fn record_durable(&self, event: &AuditEvent) -> oneshot::Receiver<Result<u64, ()>> {
         let (tx, rx) = oneshot::channel();
+        if !self.may_queue() {
+            // Not durable: refused on a route that fails closed, forwarded on one that fails
+            // open (its outcome's record is counted with the others).
+            let _ = tx.send(Err(()));
+            return rx;
+        }
         let encoded = Encoded::of(event, &self.index_key, self.plain);
         let relay = RELAY.with(|r| r.borrow().clone());
         if let Err(mpsc::error::SendError(Msg::Durable(_, tx, _))) =
@@ -1831,6 +1871,7 @@ impl Writer {
         // taken, so they must reach the file before anything after them.
         loop {
             self.beat();
+            self.note_dropped();
             let mut disconnected = false;
             let mut received = false;
             loop {
@@ -2114,6 +2155,26 @@ impl Writer {
             );
         }
         self.released_to = synced_to;
+    }
+
+    /// Records how many events were counted rather than queued while the writer was stuck
+    /// ([`MAX_HELD`]), once it goes on: the gap is in the ledger, not only in the log.
+    fn note_dropped(&mut self) {
+        if self.heartbeat.dropped.load(Relaxed) == 0 || self.heartbeat.stalled.load(Relaxed) {
+            return;
+        }
+        let n = self.heartbeat.dropped.swap(0, Relaxed);
+        let message = format!("{n} audit events were not recorded: the ledger's writer was stuck (a disk that hangs?) while {MAX_HELD} events waited for it; requests on routes that fail open went on unrecorded meanwhile");
+        tracing::error!("{message}");
+        let mut e = AuditEvent::new(
+            apiwarden_core::event::EventKind::System,
+            crate::ids::new_id(),
+            self.opts.node.clone(),
+        );
+        e.decision.outcome = apiwarden_core::event::Outcome::Deny;
+        e.decision.reason = apiwarden_core::event::Reason::AuditUnavailable;
+        e.message = Some(message);
+        self.own.push(e);
     }
 
     /// Tells the watch ([`Heartbeat`]) that the writer is making progress: once a pass, and
@@ -3002,6 +3063,59 @@ pub(crate) mod tests {
         let report =
             crate::ledger_verify::verify(&dir.join("ledger"), None, &mut |_, _| {}).unwrap();
         assert_eq!(report.records, 10);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Regression (found by review): while the writer was stuck, events queued without a
+    /// bound (requests on routes that fail open go on), so a disk that hung for long enough
+    /// took the process's memory. Past `MAX_HELD` (1 000 in tests) they are counted, and the
+    /// count is recorded once the writer goes on.
+    #[tokio::test]
+    async fn events_beyond_a_bound_while_the_writer_is_stuck_are_counted_and_recorded() {
+        let dir = temp();
+        let mut opts = options(&dir);
+        opts.segment_bytes = 1 << 20;
+        HANG_NEXT_SYNC.with(|h| h.store(2500, Relaxed));
+        let opened = LedgerSink::open(opts).unwrap();
+        for i in 0..10 {
+            opened.sink.record(event(i));
+        }
+        until("the stall seen", || !opened.sink.healthy()).await;
+        for i in 0..MAX_HELD as usize + 500 {
+            opened.sink.record(event(100 + i));
+        }
+        until("healthy again", || opened.sink.healthy()).await;
+        opened.sink.flush().await.unwrap();
+        drop(opened);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ledger = dir.join("ledger");
+        let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
+        assert_eq!(report.records, 10 + MAX_HELD + 1);
+        let events = read_events(&ledger).unwrap();
+        let gap: Vec<_> = events
+            .iter()
+            .filter(|e| e["decision"]["reason"] == "audit.unavailable")
+            .collect();
+        assert_eq!(gap.len(), 1, "{gap:?}");
+        assert_eq!(gap[0]["kind"], "system");
+        let msg = gap[0]["message"].as_str().unwrap();
+        assert!(
+            msg.starts_with("500 audit events were not recorded"),
+            "{msg}"
+        );
+        // The first `MAX_HELD` queued while stuck are all there, in order.
+        let kept: Vec<_> = events
+            .iter()
+            .filter_map(|e| {
+                e["message"]
+                    .as_str()?
+                    .strip_prefix("event ")?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .collect();
+        let want: Vec<usize> = (0..10).chain(100..100 + MAX_HELD as usize).collect();
+        assert_eq!(kept, want);
         let _ = std::fs::remove_dir_all(dir);
     }
 
