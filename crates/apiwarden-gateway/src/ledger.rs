@@ -322,6 +322,12 @@ impl Heartbeat {
     }
 }
 
+/// How long a start waits, at most, to read the checkpoint copy ([`read_copy`]).
+#[cfg(not(test))]
+const COPY_READ_WAIT: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const COPY_READ_WAIT: Duration = Duration::from_secs(1);
+
 /// How long the writer waits, at most, for the checkpoint copy before it answers a flush or
 /// ends (see [`Copier`]).
 const COPY_WAIT: Duration = Duration::from_secs(5);
@@ -1176,8 +1182,26 @@ struct HeldCopy {
 /// share: `audit verify` says so). One that no key of this ledger signed stops the start: the
 /// ledger's keys were replaced, or the copy is another ledger's, and the next checkpoint would
 /// overwrite it, the evidence.
+///
+/// Read on a thread of its own, waited for at most [`COPY_READ_WAIT`]: a share that hangs is
+/// passed over as a missing one is (with an error in the log), rather than hold the start.
 fn read_copy(path: &Path, verifiers: &[Verifier]) -> Result<Option<HeldCopy>, LedgerError> {
-    let Ok(note) = std::fs::read_to_string(path) else {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let at = path.to_path_buf();
+    let reader = std::thread::Builder::new()
+        .name("audit-copy-read".into())
+        .spawn(move || {
+            let _ = tx.send(std::fs::read_to_string(at));
+        });
+    let read = match reader {
+        Ok(_) => rx.recv_timeout(COPY_READ_WAIT).ok(),
+        Err(_) => Some(std::fs::read_to_string(path)),
+    };
+    let Some(read) = read else {
+        tracing::error!(copy = %path.display(), "the checkpoint copy did not answer within {COPY_READ_WAIT:?} (a share that hangs?): the start goes on without comparing the ledger with it; run `apiwarden audit verify --from-checkpoint` once it is back");
+        return Ok(None);
+    };
+    let Ok(note) = read else {
         return Ok(None);
     };
     match apiwarden_core::ledger::note::verify(&note, verifiers) {
@@ -3524,6 +3548,40 @@ pub(crate) mod tests {
                 .is_ok_and(|c| c.contains("\n200\n"))
         })
         .await;
+        close_and_verify(opened, &dir).await;
+    }
+
+    /// Regression (found by review): the start read the checkpoint copy on its own thread, so
+    /// a copy location that hung held the start without end. A FIFO with no writer in place
+    /// of the copy makes its read hang as such a share would; the start goes on after
+    /// `COPY_READ_WAIT` (1 s in tests), as with a copy that is missing.
+    #[tokio::test]
+    async fn a_checkpoint_copy_that_hangs_does_not_hold_the_start() {
+        let dir = temp();
+        record_and_close(options(&dir), 0..20).await;
+        let copy = dir.join("elsewhere").join("checkpoint");
+        std::fs::remove_file(&copy).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let t = Instant::now();
+        let opened = LedgerSink::open(options(&dir)).unwrap();
+        assert!(t.elapsed() >= COPY_READ_WAIT, "{:?}", t.elapsed());
+        assert!(t.elapsed() < COPY_READ_WAIT * 4, "{:?}", t.elapsed());
+        assert_eq!(opened.records, 20);
+        // The share comes back: the hung read returns (the FIFO gets a writer, then none).
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let writer = OpenOptions::new()
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                .open(&copy)
+                .unwrap();
+            std::fs::remove_file(&copy).unwrap();
+            drop(writer);
+        }
         close_and_verify(opened, &dir).await;
     }
 
