@@ -404,9 +404,26 @@ fn finish(
     event.decision.reason = outcome.reason;
     event.decision.policy = Some("admin_api".into());
     event.response.status = outcome.status.as_u16();
-    event.message = Some(outcome.message);
+    event.message = Some(cut_message(outcome.message));
     shared.record(Box::new(event));
     reply(outcome.status, outcome.body, rid)
+}
+
+/// The longest message an admin event keeps: messages quote what the caller sent (a search's
+/// query string, a refused parameter), and anyone who reaches the listener is recorded.
+const MESSAGE_MAX: usize = 4096;
+
+/// `message`, cut to [`MESSAGE_MAX`] bytes (at a character boundary) and marked as cut.
+fn cut_message(mut message: String) -> String {
+    if message.len() > MESSAGE_MAX {
+        let mut end = MESSAGE_MAX;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str(" ... (cut)");
+    }
+    message
 }
 
 // A request body is read whole, but never more than `MAX_BODY` bytes.
@@ -679,10 +696,17 @@ async fn route(
                 ),
                 Some(_) => return bad("\"scopes\" must be a list of strings".into()),
             };
+            // As `keys create --expires-in`: a time past what the store holds is refused, not
+            // clamped (nor wrapped around to one that expired at once).
             let expires_at = match parse_duration(body.get("expires_in"), "expires_in", None) {
-                Ok(d) => {
-                    d.map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
-                }
+                Ok(None) => None,
+                Ok(Some(d)) => match u64::try_from(d.as_millis())
+                    .ok()
+                    .and_then(|ms| now.checked_add(ms))
+                {
+                    Some(t) => Some(t),
+                    None => return bad("expires_in is too far in the future".into()),
+                },
                 Err(e) => return bad(e),
             };
             let who = consumer.clone();

@@ -500,12 +500,23 @@ async fn admin_api_errors_are_identified_bounded_and_recorded() {
     let ev = wait_admin_events(&gw, 2).await;
     assert_eq!(ev[1].request.path.as_deref().map(str::len), Some(1024));
     assert!(ev[1].message.as_deref().unwrap().len() < 1200);
+    // A query of 20 KB, quoted in the refusal: the event's message is cut to 4 KiB.
+    let query = format!("/admin/v1/audit?{}=1", "q".repeat(20_000));
+    let (status, body) = admin(&gw, "GET", &query, Some(AUDITOR_TOKEN), None).await;
+    assert_eq!(status, 400, "{body}");
+    let ev = wait_admin_events(&gw, 3).await;
+    let msg = ev[2].message.as_deref().unwrap();
+    assert!(
+        msg.len() <= 4096 + 16 && msg.ends_with("(cut)"),
+        "{}",
+        msg.len()
+    );
     // Just outside `/admin/v1/`: authenticated, answered 404, recorded.
     let (status, body) = admin(&gw, "POST", "/admin/v2/keys", Some(ADMIN_TOKEN), None).await;
     assert_eq!(status, 404, "{body}");
     assert!(body["request_id"].is_string(), "{body}");
-    let ev = wait_admin_events(&gw, 3).await;
-    assert_eq!(ev[2].request.path.as_deref(), Some("/admin/v2/keys"));
+    let ev = wait_admin_events(&gw, 4).await;
+    assert_eq!(ev[3].request.path.as_deref(), Some("/admin/v2/keys"));
     // The listener's own 404 has an id too.
     let (status, body) = admin(&gw, "GET", "/nothing", None, None).await;
     assert_eq!(status, 404);
@@ -552,13 +563,24 @@ async fn admin_api_errors_are_identified_bounded_and_recorded() {
     )
     .await;
     assert_eq!((status, &body["name"]), (200, &json!("team/a")), "{body}");
-    // A huge expiry is a far one, not one that wrapped around to now.
-    let (status, key) = admin(
+    // A huge expiry is refused, as the command line refuses it (it once wrapped around to a
+    // key that expired at once, then was clamped); a far one that fits is a far one.
+    let (status, body) = admin(
         &gw,
         "POST",
         "/admin/v1/keys",
         Some(ADMIN_TOKEN),
         Some(json!({"consumer": "partner", "expires_in": "18446744073709552s"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "expires_in is too far in the future");
+    let (status, key) = admin(
+        &gw,
+        "POST",
+        "/admin/v1/keys",
+        Some(ADMIN_TOKEN),
+        Some(json!({"consumer": "partner", "expires_in": "100years"})),
     )
     .await;
     assert_eq!(status, 201, "{key}");
