@@ -123,6 +123,29 @@ fn needs_keys(shared: &Shared) -> bool {
         .any(|r| r.auth.contains(&apiwarden_core::config::AuthMethod::ApiKey))
 }
 
+/// Records a request the admin listener's HTTP parser refused (hyper answered it `400` or
+/// `431` itself), as an `admin` event: anyone who reaches the listener is recorded, token or
+/// not, whatever they send. Other connection errors (a client gone) are not requests.
+fn record_unparsed(shared: &Shared, peer: std::net::IpAddr, e: &hyper::Error) {
+    use apiwarden_core::event::{AuditEvent, EventKind, Outcome, Reason};
+    let reason = if e.is_parse_too_large() {
+        Reason::RequestHeadersTooLarge
+    } else if e.is_parse() {
+        Reason::RequestMalformed
+    } else {
+        return;
+    };
+    let mut event = AuditEvent::new(EventKind::Admin, crate::ids::new_id(), shared.node.clone());
+    event.request_id = Some(crate::ids::new_id());
+    event.client.ip = Some(peer);
+    event.decision.outcome = Outcome::Deny;
+    event.decision.reason = reason;
+    event.decision.policy = Some("admin_api".into());
+    event.response.status = crate::respond::status_and_message(reason).0.as_u16();
+    event.message = Some("admin listener: a request its HTTP parser refused".into());
+    shared.record(Box::new(event));
+}
+
 /// Resolves once `stop` holds a deadline (at once if it already does).
 async fn stopped(stop: &mut watch::Receiver<Option<Instant>>) {
     let _ = stop.wait_for(Option::is_some).await;
@@ -175,6 +198,7 @@ pub async fn serve(
         let shared = shared.clone();
         let mut conn_stop = stop.clone();
         conns.spawn(async move {
+            let recorder = shared.clone();
             let svc = service_fn(move |req| handle(shared.clone(), peer, req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -182,7 +206,12 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), svc);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
-                _ = conn.as_mut() => return,
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        record_unparsed(&recorder, peer, &e);
+                    }
+                    return;
+                }
                 () = stopped(&mut conn_stop) => {}
             }
             // Finishes the request in flight, then closes (at once when idle).

@@ -707,3 +707,33 @@ async fn the_admin_listener_closes_connections_beyond_its_cap() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Regression (found by review): a request the admin listener's HTTP parser refused (hyper
+/// answers it itself) left no event, while every other call to the listener is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_admin_parser_refuses_are_recorded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = start_with_tokens().await;
+    let mut c = tokio::net::TcpStream::connect(gw.gw.admin_addr)
+        .await
+        .unwrap();
+    c.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut answer)).await;
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let ev = wait_admin_events(&gw, 1).await;
+    assert_eq!(
+        (
+            ev[0].decision.reason,
+            ev[0].decision.outcome,
+            ev[0].response.status
+        ),
+        (Reason::RequestMalformed, Outcome::Deny, 400)
+    );
+    assert!(ev[0].client.ip.is_some_and(|ip| ip.is_loopback()));
+    assert!(ev[0].request_id.is_some());
+}
