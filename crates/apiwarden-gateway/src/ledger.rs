@@ -60,6 +60,9 @@ pub const SEGMENT_MAX_AGE: Duration = Duration::from_secs(86_400);
 /// How often, at most, the writer looks for segments that retention may delete.
 const RETENTION_EVERY: Duration = Duration::from_secs(1);
 
+/// How long one retention pass goes on deleting segments (at least one a pass).
+const RETENTION_PASS: Duration = Duration::from_millis(50);
+
 /// How long retention waits before it tries again to delete a segment it could not delete.
 const RETENTION_RETRY: Duration = Duration::from_secs(60);
 
@@ -279,7 +282,9 @@ struct Heartbeat {
     stalled: AtomicBool,
     /// Set when the writer has ended.
     ended: AtomicBool,
-    /// Events queued since the writer was found stuck (reset when it goes on).
+    /// Events queued since the writer was found stuck; reset by the writer once its queue is
+    /// empty again (not when it goes on: what queued meanwhile is still to be drained, and
+    /// a second stall while it is counts against the same bound).
     held: AtomicU64,
     /// Events not recorded because [`MAX_HELD`] were queued while the writer was stuck; the
     /// writer records how many once it goes on.
@@ -310,7 +315,6 @@ impl Heartbeat {
                         last = now;
                         since = Instant::now();
                         if beat.stalled.swap(false, Relaxed) {
-                            beat.held.store(0, Relaxed);
                             tracing::info!("the audit ledger's writer goes on again");
                         }
                     } else if since.elapsed() >= STALL_AFTER && !beat.stalled.swap(true, Relaxed) {
@@ -1915,7 +1919,14 @@ impl Writer {
                         waiting.push(done);
                         (None, None)
                     }
-                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        // Nothing waits any more: the events held while the writer was stuck
+                        // are all in the batch (the bound counts from here again).
+                        if self.heartbeat.held.load(Relaxed) != 0 {
+                            self.heartbeat.held.store(0, Relaxed);
+                        }
+                        break;
+                    }
                     Err(mpsc::error::TryRecvError::Disconnected) => {
                         disconnected = true;
                         break;
@@ -1985,6 +1996,8 @@ impl Writer {
                             && (self.sync_lost || self.healthy.load(Relaxed))
                         {
                             self.write(&mut batch, false);
+                            // A step of a long pass (a backlog drained after a stall).
+                            self.beat();
                         }
                     }
                 }
@@ -2485,7 +2498,14 @@ impl Writer {
         let mut names = Vec::new();
         let mut bytes = 0u64;
         let mut failed = None;
+        let started = Instant::now();
         for (_, path) in &segs[..deletable] {
+            // A pass deletes for at most `RETENTION_PASS`, so that records go on being
+            // written (`batched` syncs within milliseconds); the anchor already covers the rest,
+            // which the next passes delete.
+            if !names.is_empty() && started.elapsed() >= RETENTION_PASS {
+                break;
+            }
             self.beat();
             #[cfg(test)]
             std::thread::sleep(Duration::from_millis(self.slow_unlink.load(Relaxed)));
@@ -2550,6 +2570,11 @@ impl Writer {
                 B64.encode(anchor_root),
             )
         };
+        if failed.is_none() && !names.is_empty() && names.len() < deletable {
+            message.push_str(&format!(
+                "; the segments up to record {boundary} go in the next passes"
+            ));
+        }
         // The same segment failing again, with nothing else done, was recorded already.
         let again = names.is_empty()
             && anchor.is_none()
@@ -3419,7 +3444,11 @@ pub(crate) mod tests {
         let last = *before.last().unwrap();
         let t = Instant::now();
         let mut unhealthy = 0;
-        while firsts(&ledger) != [last] {
+        // Records go on being written meanwhile: a pass deletes for at most 50 ms (one
+        // segment, here), so no flush waits for all of them.
+        let mut slowest = Duration::ZERO;
+        let mut i = 1000;
+        while firsts(&ledger)[0] < last {
             assert!(
                 t.elapsed() < Duration::from_secs(20),
                 "retention never ran: {:?}",
@@ -3428,6 +3457,11 @@ pub(crate) mod tests {
             if !opened.sink.healthy() {
                 unhealthy += 1;
             }
+            opened.sink.record(event(i));
+            i += 1;
+            let f = Instant::now();
+            opened.sink.flush().await.unwrap();
+            slowest = slowest.max(f.elapsed());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(
@@ -3438,6 +3472,10 @@ pub(crate) mod tests {
         assert_eq!(
             unhealthy, 0,
             "the ledger reported itself unhealthy while retention ran"
+        );
+        assert!(
+            slowest < Duration::from_millis(900),
+            "a flush waited {slowest:?}"
         );
         SLOW_UNLINK.with(|f| f.store(0, Relaxed));
         assert!(opened.sink.healthy());
