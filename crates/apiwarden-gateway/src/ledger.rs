@@ -524,32 +524,45 @@ fn log_tail(path: &Path) -> std::io::Result<(Vec<u8>, u64)> {
 /// bytes).
 const LOG_TAIL: u64 = 64 * 1024;
 
-/// The size of the latest checkpoint this ledger signed that is still on its disk: the last
-/// line of `checkpoints.log` or the `checkpoint` file, whichever is larger (0 when neither
-/// verifies with `verifiers`). Those records were synced before they were signed, so a start
+/// The size of the latest checkpoint this ledger signed that is still on its disk: the
+/// largest of the `checkpoint` file and the lines at the end of `checkpoints.log` that verify
+/// with `verifiers` (0 when none does; one that does not is warned of). Those records were synced before they were signed, so a start
 /// must find them all, even when the saved `state`, written after them, is older (a crash
 /// between the two).
 fn last_signed(dir: &Path, verifiers: &[Verifier]) -> u64 {
-    let size = |note: &str| {
-        apiwarden_core::ledger::note::verify(note, verifiers)
-            .ok()
-            .map_or(0, |cp| cp.size)
-    };
-    let file = std::fs::read_to_string(dir.join("checkpoint")).map_or(0, |n| size(&n));
-    let line = log_tail(&dir.join("checkpoints.log"))
-        .ok()
-        .and_then(|(bytes, _)| {
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            let line = text
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())?
-                .to_string();
-            let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-            Some(size(v.get("note")?.as_str()?))
-        })
-        .unwrap_or(0);
-    file.max(line)
+    let verified = |note: &str| apiwarden_core::ledger::note::verify(note, verifiers).ok();
+    let mut size = 0;
+    let file = dir.join("checkpoint");
+    if let Ok(note) = std::fs::read_to_string(&file) {
+        match verified(&note) {
+            Some(cp) => size = cp.size,
+            None => {
+                tracing::warn!(file = %file.display(), "the ledger's checkpoint file does not verify with its keys: it was changed, or its key removed from keys/; run `apiwarden audit verify`")
+            }
+        }
+    }
+    // Every whole line of the log's tail (the first may be cut by the tail's start): the
+    // largest that verifies, so that one damaged line does not lower the floor.
+    if let Ok((bytes, at)) = log_tail(&dir.join("checkpoints.log")) {
+        let text = String::from_utf8_lossy(&bytes);
+        let mut unverified = 0;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() || (i == 0 && at > 0) {
+                continue;
+            }
+            let cp = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("note")?.as_str().and_then(verified));
+            match cp {
+                Some(cp) => size = size.max(cp.size),
+                None => unverified += 1,
+            }
+        }
+        if unverified > 0 {
+            tracing::warn!(lines = unverified, "lines at the end of the ledger's checkpoints.log do not verify with its keys: they were changed, or their key removed from keys/; run `apiwarden audit verify`");
+        }
+    }
+    size
 }
 
 /// Writes a file atomically (temp file, fsync, rename), readable by its owner only.
@@ -1319,9 +1332,23 @@ fn check_copy_history(
     let mut matched = None;
     // Every record of the segments read: one numbered at or below `from` that comes after
     // the first one past it is out of place, not skipped.
+    let mut prev: Option<u64> = None;
     read_segments_from(dir, from + 1, |seq, payload| {
+        if out_of_order.is_some() {
+            return;
+        }
+        // Every record read comes right after the one before, those the signed state covers
+        // (the first segment's, before `from`) included: one slipped in among them is out of
+        // place too.
+        if let Some(p) = prev {
+            if seq != p + 1 {
+                out_of_order = Some((p + 1, seq));
+                return;
+            }
+        }
+        prev = Some(seq);
         // Records of the first segment read that the signed state already covers.
-        if out_of_order.is_some() || (seq <= from && tree.size() == from) {
+        if seq <= from && tree.size() == from {
             return;
         }
         if seq != tree.size() + 1 {
@@ -3864,6 +3891,22 @@ pub(crate) mod tests {
             &bytes[..end],
             "nothing was cut"
         );
+        // Nor when the log's last line is damaged and the checkpoint file gone: the lines
+        // before it still count (found by review: only the last line was read).
+        let log = ledger.join("checkpoints.log");
+        let whole_log = std::fs::read(&log).unwrap();
+        let mut damaged = whole_log.clone();
+        damaged.extend_from_slice(b"{\"note\": \"not a checkpoint\"}\n");
+        std::fs::write(&log, &damaged).unwrap();
+        let checkpoint = std::fs::read(ledger.join("checkpoint")).unwrap();
+        std::fs::remove_file(ledger.join("checkpoint")).unwrap();
+        let err = LedgerSink::open(opts.clone()).err().expect("refused");
+        assert!(
+            matches!(err, LedgerError::Missing { found, durable } if found == seq && durable >= records - 1),
+            "{err}"
+        );
+        std::fs::write(&log, &whole_log).unwrap();
+        std::fs::write(ledger.join("checkpoint"), &checkpoint).unwrap();
         // Once the checkpoints are rolled back with it (a backup restored on purpose), it
         // starts.
         roll_back_checkpoints(&ledger, seq);
@@ -4134,6 +4177,23 @@ pub(crate) mod tests {
             ),
             "{err}"
         );
+        // Record 1 again, in front of the segment's first record: the check skipped records
+        // below where it starts hashing while it had hashed none (found by review).
+        let first_segment = std::fs::read(&segs[0].1).unwrap();
+        let (_, s1, e1) = *frame::spans(&first_segment)
+            .unwrap()
+            .iter()
+            .find(|f| f.0 == 1)
+            .unwrap();
+        let mut in_front = first_segment[s1..e1].to_vec();
+        in_front.extend_from_slice(&good);
+        std::fs::write(&path, &in_front).unwrap();
+        let err = LedgerSink::open(options(&dir)).err().expect("refused");
+        assert!(
+            matches!(err, LedgerError::Sequence { found, .. } if found != 501),
+            "{err}"
+        );
+        std::fs::write(&path, &good).unwrap();
         // Record 1 again, after record 500: below where the check starts hashing (a seal
         // after record 1), it was skipped, and the ledger started (found by review).
         let first_segment = std::fs::read(&segs[0].1).unwrap();
