@@ -157,6 +157,52 @@ async fn stopped(stop: &mut watch::Receiver<Option<Instant>>) {
 /// file descriptors. Monitoring and operators need a few.
 pub const ADMIN_MAX_CONNECTIONS: usize = 256;
 
+/// Connections one address other than loopback may keep open on the admin listener, so that
+/// one remote client cannot take every place (callers without a token are answered
+/// `Connection: close`, so holding places takes requests sent slowly, each cut after 10 s).
+pub const ADMIN_MAX_CONNECTIONS_PER_ADDRESS: usize = 32;
+
+/// The admin listener's open connections by address (loopback's are not counted).
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// A connection's place in [`PerAddress`], given back when its task ends (however it ends).
+struct Place {
+    counts: Arc<PerAddress>,
+    ip: std::net::IpAddr,
+}
+
+impl PerAddress {
+    /// A place for a connection from `ip`, unless it has [`ADMIN_MAX_CONNECTIONS_PER_ADDRESS`].
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Option<Place>> {
+        if ip.is_loopback() {
+            return Some(None);
+        }
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= ADMIN_MAX_CONNECTIONS_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Some(Place {
+            counts: self.clone(),
+            ip,
+        }))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut m = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Serves the admin listener until `stop` gives a deadline; then lets the admin requests in
 /// flight finish (until that deadline, at least a second) and closes kept-alive connections,
 /// so that the gateway's last audit flush comes after every admin action's event. (Changes
@@ -168,6 +214,7 @@ pub async fn serve(
     mut stop: watch::Receiver<Option<Instant>>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
+    let per_address = Arc::new(PerAddress::default());
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -195,9 +242,14 @@ pub async fn serve(
             drop(stream);
             continue;
         }
+        let Some(place) = per_address.take(peer) else {
+            drop(stream);
+            continue;
+        };
         let shared = shared.clone();
         let mut conn_stop = stop.clone();
         conns.spawn(async move {
+            let _place = place;
             let recorder = shared.clone();
             let svc = service_fn(move |req| handle(shared.clone(), peer, req));
             let conn = hyper::server::conn::http1::Builder::new()
@@ -234,5 +286,33 @@ pub async fn serve(
             "admin connections still open after gateway.shutdown_timeout; closing them"
         );
         conns.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One address other than loopback gets at most `ADMIN_MAX_CONNECTIONS_PER_ADDRESS`
+    /// places, given back as its connections end; loopback and other addresses are not held
+    /// up by it.
+    #[test]
+    fn one_remote_address_cannot_take_every_admin_connection() {
+        let counts = Arc::new(PerAddress::default());
+        let remote: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let places: Vec<_> = (0..ADMIN_MAX_CONNECTIONS_PER_ADDRESS)
+            .map(|_| counts.take(remote).expect("a place").expect("counted"))
+            .collect();
+        assert!(counts.take(remote).is_none(), "one more is refused");
+        let other: std::net::IpAddr = "192.0.2.8".parse().unwrap();
+        assert!(counts.take(other).is_some_and(|p| p.is_some()));
+        let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(
+            counts.take(local).is_some_and(|p| p.is_none()),
+            "loopback is not counted"
+        );
+        drop(places);
+        assert!(counts.take(remote).is_some(), "places come back");
+        assert!(counts.0.lock().unwrap().get(&other).is_none());
     }
 }

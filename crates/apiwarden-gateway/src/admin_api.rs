@@ -99,6 +99,8 @@ fn reply(status: StatusCode, mut body: Value, rid: uuid::Uuid) -> Response<Respo
     h.insert(crate::pipeline::X_REQUEST_ID, crate::ids::header_value(rid));
     if status == StatusCode::UNAUTHORIZED {
         h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        // A caller without a token keeps no connection (the listener keeps a few hundred).
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     r
 }

@@ -488,6 +488,8 @@ async fn admin_api_errors_are_identified_bounded_and_recorded() {
     .await;
     assert_eq!(status, 401);
     assert_eq!(headers["www-authenticate"], "Bearer");
+    // A caller without a token keeps no connection.
+    assert_eq!(headers["connection"], "close");
     let body: Value = serde_json::from_str(&text).unwrap();
     let rid = headers["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(body["request_id"], rid.as_str());
