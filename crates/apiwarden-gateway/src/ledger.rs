@@ -2230,13 +2230,28 @@ impl Writer {
         let n = self.heartbeat.dropped.swap(0, Relaxed);
         let message = format!("{n} audit events were not recorded: the ledger's writer was stuck (a disk that hangs?) while {MAX_HELD} events waited for it; requests on routes that fail open went on unrecorded meanwhile");
         tracing::error!("{message}");
+        self.record_own(
+            apiwarden_core::event::Outcome::Deny,
+            apiwarden_core::event::Reason::AuditUnavailable,
+            message,
+        );
+    }
+
+    /// Queues a `system` event of the writer's own (retention, events not recorded), written
+    /// with the next batch.
+    fn record_own(
+        &mut self,
+        outcome: apiwarden_core::event::Outcome,
+        reason: apiwarden_core::event::Reason,
+        message: String,
+    ) {
         let mut e = AuditEvent::new(
             apiwarden_core::event::EventKind::System,
             crate::ids::new_id(),
             self.opts.node.clone(),
         );
-        e.decision.outcome = apiwarden_core::event::Outcome::Deny;
-        e.decision.reason = apiwarden_core::event::Reason::AuditUnavailable;
+        e.decision.outcome = outcome;
+        e.decision.reason = reason;
         e.message = Some(message);
         self.own.push(e);
     }
@@ -2619,15 +2634,11 @@ impl Writer {
         } else {
             tracing::info!("{message}");
         }
-        let mut e = AuditEvent::new(
-            apiwarden_core::event::EventKind::System,
-            crate::ids::new_id(),
-            self.opts.node.clone(),
+        self.record_own(
+            apiwarden_core::event::Outcome::Allow,
+            apiwarden_core::event::Reason::LedgerRetention,
+            message,
         );
-        e.decision.outcome = apiwarden_core::event::Outcome::Allow;
-        e.decision.reason = apiwarden_core::event::Reason::LedgerRetention;
-        e.message = Some(message);
-        self.own.push(e);
     }
 
     /// Waits (at most [`COPY_WAIT`]) for the checkpoint copy to catch up: a flush, and the

@@ -571,34 +571,6 @@ async fn cached_answers_survive_a_reload_that_keeps_the_endpoint() {
     assert_eq!(server.calls("tok-active"), 1);
 }
 
-/// A ledger whose every `fdatasync` takes 300 ms: records are answered durable that long
-/// after they are handed over.
-#[derive(Default)]
-struct SlowLedger {
-    events: apiwarden_gateway::audit::MemorySink,
-}
-
-impl apiwarden_gateway::audit::AuditSink for SlowLedger {
-    fn record(&self, event: Box<apiwarden_core::event::AuditEvent>) {
-        self.events.record(event);
-    }
-    fn flush(&self) -> tokio::sync::oneshot::Receiver<()> {
-        self.events.flush()
-    }
-    fn record_durable(
-        &self,
-        event: &apiwarden_core::event::AuditEvent,
-    ) -> tokio::sync::oneshot::Receiver<Result<u64, ()>> {
-        let answer = self.events.record_durable(event);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            let _ = tx.send(answer.blocking_recv().unwrap_or(Err(())));
-        });
-        rx
-    }
-}
-
 /// Regression (found by review): `audit.strict_timeout` counted from the request's start, so
 /// a request whose token took longer to introspect than the timeout was refused `503
 /// audit.unavailable` by a ledger that was only slow, never stuck. It counts from the hand-over
@@ -621,7 +593,11 @@ async fn strict_timeout_counts_from_the_record_not_from_the_request() {
     let path = dir.join("apiwarden.toml");
     std::fs::write(&path, &text).unwrap();
     let config = apiwarden_core::config::parse(&text, &path.display().to_string()).unwrap();
-    let sink = Arc::new(SlowLedger::default());
+    // Every record answered durable 300 ms after it is handed over.
+    let sink = Arc::new(LedgerDouble {
+        delay: Some(Duration::from_millis(300)),
+        ..Default::default()
+    });
     let gw = apiwarden_gateway::Gateway::start(apiwarden_gateway::Options {
         config,
         config_path: Some(path),

@@ -1744,32 +1744,6 @@ async fn a_client_that_breaks_its_body_after_the_answer_began_is_not_an_upstream
     assert_eq!(ev[0].request.bytes, 10);
 }
 
-/// A ledger whose disk hangs: it takes records but never makes one durable. (A disk that
-/// hangs cannot be made here; this is the one test double of the ledger.)
-#[derive(Default)]
-struct HungLedger {
-    events: apiwarden_gateway::audit::MemorySink,
-    waiting: std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<Result<u64, ()>>>>,
-}
-
-impl apiwarden_gateway::audit::AuditSink for HungLedger {
-    fn record(&self, event: Box<apiwarden_core::event::AuditEvent>) {
-        self.events.record(event);
-    }
-    fn flush(&self) -> tokio::sync::oneshot::Receiver<()> {
-        self.events.flush()
-    }
-    fn record_durable(
-        &self,
-        event: &apiwarden_core::event::AuditEvent,
-    ) -> tokio::sync::oneshot::Receiver<Result<u64, ()>> {
-        self.events.record(Box::new(event.clone()));
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.waiting.lock().unwrap().push(tx);
-        rx
-    }
-}
-
 /// Regression (found by review): in `strict`, a request waited without end for its record,
 /// so a ledger disk that hung held every request. Past `audit.strict_timeout` it is answered
 /// as when the ledger cannot write: `503` where the route fails closed, forwarded where it
@@ -1790,7 +1764,8 @@ async fn a_strict_request_waits_for_its_record_at_most_strict_timeout() {
     let path = temp_dir("hung").join("apiwarden.toml");
     std::fs::write(&path, &text).unwrap();
     let config = apiwarden_core::config::parse(&text, &path.display().to_string()).unwrap();
-    let sink = std::sync::Arc::new(HungLedger::default());
+    // A disk that hangs: no record is ever made durable.
+    let sink = std::sync::Arc::new(LedgerDouble::default());
     let gw = apiwarden_gateway::Gateway::start(apiwarden_gateway::Options {
         config,
         config_path: Some(path.clone()),
@@ -1809,7 +1784,7 @@ async fn a_strict_request_waits_for_its_record_at_most_strict_timeout() {
     assert_eq!(status, 200, "{body}");
     let _ = sink.flush().await;
     // The outcome is recorded when hyper lets the response body go: wait for both.
-    let outcomes = |sink: &HungLedger| -> Vec<apiwarden_core::event::AuditEvent> {
+    let outcomes = |sink: &LedgerDouble| -> Vec<apiwarden_core::event::AuditEvent> {
         sink.events
             .events()
             .into_iter()

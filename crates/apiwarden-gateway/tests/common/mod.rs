@@ -255,3 +255,40 @@ pub async fn event_of(gw: &TestGateway, rid: &str) -> AuditEvent {
     }
     panic!("no audit event for request {rid}");
 }
+
+/// The one test double of the ledger (a disk that hangs, or one that is slow, cannot be made
+/// here): it keeps events in memory, and answers a record a request waits for (`strict`) as
+/// durable after `delay`, or never when `delay` is `None` (a disk that hangs; the answers wait
+/// in `waiting`).
+#[derive(Default)]
+pub struct LedgerDouble {
+    pub events: MemorySink,
+    pub delay: Option<Duration>,
+    pub waiting: std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<Result<u64, ()>>>>,
+}
+
+impl apiwarden_gateway::audit::AuditSink for LedgerDouble {
+    fn record(&self, event: Box<AuditEvent>) {
+        self.events.record(event);
+    }
+    fn flush(&self) -> tokio::sync::oneshot::Receiver<()> {
+        self.events.flush()
+    }
+    fn record_durable(
+        &self,
+        event: &AuditEvent,
+    ) -> tokio::sync::oneshot::Receiver<Result<u64, ()>> {
+        let answer = self.events.record_durable(event);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.delay {
+            None => self.waiting.lock().unwrap().push(tx),
+            Some(d) => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(d);
+                    let _ = tx.send(answer.blocking_recv().unwrap_or(Err(())));
+                });
+            }
+        }
+        rx
+    }
+}
