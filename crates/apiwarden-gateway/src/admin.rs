@@ -175,9 +175,16 @@ struct Place {
 impl PerAddress {
     /// A place for a connection from `ip`, unless it has [`ADMIN_MAX_CONNECTIONS_PER_ADDRESS`].
     fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Option<Place>> {
-        if ip.is_loopback() {
-            return Some(None);
-        }
+        // IPv4 as it comes on a dual-stack listener (`::ffff:127.0.0.1`) is IPv4; an IPv6
+        // client is counted by its /64, which one host usually holds whole.
+        let ip = match ip.to_canonical() {
+            ip if ip.is_loopback() => return Some(None),
+            std::net::IpAddr::V6(v6) => {
+                let s = v6.segments();
+                std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+            ip => ip,
+        };
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_default();
         if *n >= ADMIN_MAX_CONNECTIONS_PER_ADDRESS {
@@ -230,19 +237,26 @@ pub async fn serve(
         };
         let (stream, peer) = stream;
         while conns.try_join_next().is_some() {}
-        if conns.len() >= ADMIN_MAX_CONNECTIONS {
+        // At most a warning a second, however many are refused.
+        let refused = |why: &str| {
             static LAST_WARNING: std::sync::atomic::AtomicU64 =
                 std::sync::atomic::AtomicU64::new(0);
             let now = crate::now_ms();
             let last = LAST_WARNING.load(std::sync::atomic::Ordering::Relaxed);
             if now.saturating_sub(last) >= 1000 {
                 LAST_WARNING.store(now, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(%peer, open = conns.len(), "admin listener: {ADMIN_MAX_CONNECTIONS} connections are open; closing a new one at once");
+                tracing::warn!(%peer, "admin listener: {why}; closing a new connection at once");
             }
+        };
+        if conns.len() >= ADMIN_MAX_CONNECTIONS {
+            refused(&format!("{ADMIN_MAX_CONNECTIONS} connections are open"));
             drop(stream);
             continue;
         }
         let Some(place) = per_address.take(peer) else {
+            refused(&format!(
+                "{ADMIN_MAX_CONNECTIONS_PER_ADDRESS} connections from this address are open"
+            ));
             drop(stream);
             continue;
         };
@@ -311,6 +325,24 @@ mod tests {
             counts.take(local).is_some_and(|p| p.is_none()),
             "loopback is not counted"
         );
+        // Loopback through a dual-stack listener is loopback too.
+        let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert!(counts.take(mapped).is_some_and(|p| p.is_none()));
+        // IPv4 mapped to IPv6 counts as its IPv4 address.
+        let remote_mapped: std::net::IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert!(counts.take(remote_mapped).is_none(), "the same address");
+        // IPv6 by its /64: another address of the same /64 is the same client.
+        let v6: Vec<_> = (0..ADMIN_MAX_CONNECTIONS_PER_ADDRESS)
+            .map(|i| {
+                let ip: std::net::IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+                counts.take(ip).expect("a place")
+            })
+            .collect();
+        let same_64: std::net::IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        assert!(counts.take(same_64).is_none());
+        let other_64: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(counts.take(other_64).is_some());
+        drop(v6);
         drop(places);
         assert!(counts.take(remote).is_some(), "places come back");
         assert!(counts.0.lock().unwrap().get(&other).is_none());

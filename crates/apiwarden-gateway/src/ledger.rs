@@ -60,7 +60,8 @@ pub const SEGMENT_MAX_AGE: Duration = Duration::from_secs(86_400);
 /// How often, at most, the writer looks for segments that retention may delete.
 const RETENTION_EVERY: Duration = Duration::from_secs(1);
 
-/// How long one retention pass goes on deleting segments (at least one a pass).
+/// How long one retention pass goes on looking at and deleting segments (at least one a
+/// pass): the writer writes no records meanwhile.
 const RETENTION_PASS: Duration = Duration::from_millis(50);
 
 /// How long retention waits before it tries again to delete a segment it could not delete.
@@ -354,13 +355,17 @@ struct CopyQueue {
 }
 
 impl Copier {
-    fn start(dir: PathBuf) -> std::io::Result<Copier> {
+    /// `unchecked`: the copy found at start could not be compared with the ledger (it did
+    /// not answer, or could not be read); it is renamed `checkpoint.unchecked-<unix time>`
+    /// before the first copy is written, so that a rolled-back ledger cannot overwrite the
+    /// evidence just because the share was slow at its start.
+    fn start(dir: PathBuf, unchecked: bool) -> std::io::Result<Copier> {
         let shared: Arc<(std::sync::Mutex<CopyQueue>, std::sync::Condvar)> = Arc::default();
         let copied = Arc::new(AtomicU64::new(0));
         let (queue, done) = (shared.clone(), copied.clone());
         std::thread::Builder::new()
             .name("audit-copy".into())
-            .spawn(move || Copier::run(&dir, &queue, &done))?;
+            .spawn(move || Copier::run(&dir, &queue, &done, unchecked))?;
         Ok(Copier { shared, copied })
     }
 
@@ -368,6 +373,7 @@ impl Copier {
         dir: &Path,
         queue: &(std::sync::Mutex<CopyQueue>, std::sync::Condvar),
         copied: &AtomicU64,
+        mut unchecked: bool,
     ) {
         let (lock, changed) = queue;
         loop {
@@ -390,6 +396,24 @@ impl Copier {
             // The copy is for whoever watches the ledger from elsewhere (a monitor running
             // as another user): a signed note, public; its mode is the umask's.
             // The rename made durable too, before retention counts on the copy.
+            if unchecked {
+                let aside = dir.join(format!("checkpoint.unchecked-{}", crate::now_ms() / 1000));
+                match std::fs::rename(dir.join("checkpoint"), &aside) {
+                    Ok(()) => {
+                        tracing::warn!(kept = %aside.display(), "the checkpoint copy the start could not compare is kept aside: run `apiwarden audit verify --from-checkpoint` with it");
+                        unchecked = false;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => unchecked = false,
+                    Err(e) => {
+                        tracing::warn!(error = %e, dir = %dir.display(), "cannot keep the unchecked checkpoint copy aside; not overwriting it");
+                        if let Ok(mut q) = lock.lock() {
+                            q.busy = false;
+                        }
+                        changed.notify_all();
+                        continue;
+                    }
+                }
+            }
             let r = std::fs::create_dir_all(dir)
                 .and_then(|_| write_atomic_mode(&dir.join("checkpoint"), note.as_bytes(), 0o666))
                 .and_then(|_| sync_dir(dir));
@@ -1202,7 +1226,13 @@ struct HeldCopy {
 ///
 /// Read on a thread of its own, waited for at most [`COPY_READ_WAIT`]: a share that hangs is
 /// passed over as a missing one is (with an error in the log), rather than hold the start.
-fn read_copy(path: &Path, verifiers: &[Verifier]) -> Result<Option<HeldCopy>, LedgerError> {
+/// Such a copy, or one that is there but cannot be read, was not compared: `unchecked` is set,
+/// and the copier keeps it aside rather than overwrite it ([`Copier::start`]).
+fn read_copy(
+    path: &Path,
+    verifiers: &[Verifier],
+    unchecked: &mut bool,
+) -> Result<Option<HeldCopy>, LedgerError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let at = path.to_path_buf();
     let reader = std::thread::Builder::new()
@@ -1215,11 +1245,18 @@ fn read_copy(path: &Path, verifiers: &[Verifier]) -> Result<Option<HeldCopy>, Le
         Err(_) => Some(std::fs::read_to_string(path)),
     };
     let Some(read) = read else {
-        tracing::error!(copy = %path.display(), "the checkpoint copy did not answer within {COPY_READ_WAIT:?} (a share that hangs?): the start goes on without comparing the ledger with it; run `apiwarden audit verify --from-checkpoint` once it is back");
+        tracing::error!(copy = %path.display(), "the checkpoint copy did not answer within {COPY_READ_WAIT:?} (a share that hangs?): the start goes on without comparing the ledger with it, and the copy found there is kept aside (checkpoint.unchecked-TIME) before the next is written; run `apiwarden audit verify --from-checkpoint` with it once it is back");
+        *unchecked = true;
         return Ok(None);
     };
-    let Ok(note) = read else {
-        return Ok(None);
+    let note = match read {
+        Ok(note) => note,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            tracing::error!(copy = %path.display(), error = %e, "the checkpoint copy cannot be read: the start goes on without comparing the ledger with it, and the copy is kept aside (checkpoint.unchecked-TIME) before the next is written");
+            *unchecked = true;
+            return Ok(None);
+        }
     };
     match apiwarden_core::ledger::note::verify(&note, verifiers) {
         Ok(cp) => Ok(Some(HeldCopy {
@@ -1589,8 +1626,9 @@ impl LedgerSink {
         let mut verifiers = own_verifiers(&opts.dir);
         verifiers.push(signer.verifier());
         // The copy first: what it covers must not be cut off as torn either.
+        let mut unchecked = false;
         let held = match &opts.copy_to {
-            Some(copy) => read_copy(&copy.join("checkpoint"), &verifiers)?,
+            Some(copy) => read_copy(&copy.join("checkpoint"), &verifiers, &mut unchecked)?,
             None => None,
         };
         // Nor what a checkpoint still on this disk covers, when `state` is older.
@@ -1640,7 +1678,7 @@ impl LedgerSink {
         );
         let file = append_private(&tail.segment).map_err(io(&tail.segment))?;
         let copier = match &opts.copy_to {
-            Some(dir) => Some(Copier::start(dir.clone()).map_err(io(dir))?),
+            Some(dir) => Some(Copier::start(dir.clone(), unchecked).map_err(io(dir))?),
             None => None,
         };
         let plain = sealer.is_none();
@@ -2441,10 +2479,15 @@ impl Writer {
             exported = exported.min(seq);
             cursors.push(format!("{name} at {seq}"));
         }
-        // The longest prefix that may go.
+        // The longest prefix that may go, as far as a pass looks ([`RETENTION_PASS`], the
+        // deletions included: records wait meanwhile).
+        let started = Instant::now();
         let mut deletable = 0;
         let mut why = None;
         for i in 0..segs.len() - 1 {
+            if deletable > 0 && started.elapsed() >= RETENTION_PASS {
+                break;
+            }
             // A step of the pass: a pass over thousands of segments is long, not stuck.
             self.beat();
             let last = segs[i + 1].0 - 1;
@@ -2540,7 +2583,6 @@ impl Writer {
         let mut names = Vec::new();
         let mut bytes = 0u64;
         let mut failed = None;
-        let started = Instant::now();
         for (_, path) in &segs[..deletable] {
             // A pass deletes for at most `RETENTION_PASS`, so that records go on being
             // written (`batched` syncs within milliseconds); the anchor already covers the rest,
@@ -3647,15 +3689,33 @@ pub(crate) mod tests {
         assert!(t.elapsed() >= COPY_READ_WAIT, "{:?}", t.elapsed());
         assert!(t.elapsed() < COPY_READ_WAIT * 4, "{:?}", t.elapsed());
         assert_eq!(opened.records, 20);
+        // The copy it could not compare is kept aside, not overwritten (found by review: a
+        // rolled-back ledger whose share was slow at its start overwrote the evidence).
+        let elsewhere = dir.join("elsewhere");
+        let aside = || {
+            std::fs::read_dir(&elsewhere)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().contains("checkpoint.unchecked-"))
+        };
+        until(
+            "the unchecked copy kept aside and a new one written",
+            || aside().is_some() && std::fs::metadata(&copy).is_ok_and(|m| m.is_file()),
+        )
+        .await;
+        let kept = aside().unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::metadata(&kept).unwrap().file_type().is_fifo());
         // The share comes back: the hung read returns (the FIFO gets a writer, then none).
         {
             use std::os::unix::fs::OpenOptionsExt;
             let writer = OpenOptions::new()
                 .write(true)
                 .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-                .open(&copy)
+                .open(&kept)
                 .unwrap();
-            std::fs::remove_file(&copy).unwrap();
+            std::fs::remove_file(&kept).unwrap();
             drop(writer);
         }
         close_and_verify(opened, &dir).await;
