@@ -1712,6 +1712,7 @@ impl LedgerSink {
             own: Vec::new(),
             segment_born,
             rotate_failed: None,
+            segments_unsynced: false,
             batch_written: 0,
             unsynced_since: None,
             cut_owed: false,
@@ -1724,6 +1725,8 @@ impl LedgerSink {
             hang_next_sync: HANG_NEXT_SYNC.with(|f| f.clone()),
             #[cfg(test)]
             slow_unlink: SLOW_UNLINK.with(|f| f.clone()),
+            #[cfg(test)]
+            fail_dir_syncs: FAIL_DIR_SYNCS.with(|f| f.clone()),
         };
         let thread = std::thread::Builder::new()
             .name("audit-ledger".into())
@@ -1874,6 +1877,8 @@ thread_local! {
     /// Tests: each segment retention deletes takes this many milliseconds more (a slow disk,
     /// or thousands of segments).
     pub(crate) static SLOW_UNLINK: Arc<AtomicU64> = Arc::default();
+    /// Tests: the next this many syncs of the `segments` directory (after a rotation) fail.
+    pub(crate) static FAIL_DIR_SYNCS: Arc<AtomicU64> = Arc::default();
 }
 
 struct Writer {
@@ -1918,6 +1923,10 @@ struct Writer {
     segment_born: Option<std::time::SystemTime>,
     /// The last failed rotation: retried at most once a second.
     rotate_failed: Option<Instant>,
+    /// The `segments` directory could not be synced after a rotation: the new segment's name
+    /// may not survive a power failure, so its records are not durable (nor checkpointed)
+    /// until a sync of the directory succeeds.
+    segments_unsynced: bool,
     /// How much of the batch is in the file already. `batched` keeps written records in the
     /// batch until their `fdatasync`, so that a failed one writes them again; the other modes
     /// complete a batch with its write.
@@ -1941,6 +1950,8 @@ struct Writer {
     hang_next_sync: Arc<AtomicU64>,
     #[cfg(test)]
     slow_unlink: Arc<AtomicU64>,
+    #[cfg(test)]
+    fail_dir_syncs: Arc<AtomicU64>,
 }
 
 impl Drop for Writer {
@@ -2188,7 +2199,7 @@ impl Writer {
             }
         };
         if sync {
-            if let Err(e) = self.sync_data() {
+            if let Err(e) = self.sync_data().and_then(|_| self.settle_segments_dir()) {
                 return self.write_failed(&e, batch.len());
             }
             self.release_cache(self.tail.segment_len + batch.len() as u64);
@@ -2300,6 +2311,29 @@ impl Writer {
         self.heartbeat.passes.fetch_add(1, Relaxed);
     }
 
+    /// Syncs the `segments` directory (a new segment's name).
+    fn sync_segments_dir(&self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self
+            .fail_dir_syncs
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(std::io::Error::other("injected directory sync failure"));
+        }
+        sync_dir(&self.opts.dir.join("segments"))
+    }
+
+    /// A sync of the `segments` directory that a rotation owes, tried again: until it
+    /// succeeds, the new segment's records are neither durable nor checkpointed.
+    fn settle_segments_dir(&mut self) -> std::io::Result<()> {
+        if self.segments_unsynced {
+            self.sync_segments_dir()?;
+            self.segments_unsynced = false;
+        }
+        Ok(())
+    }
+
     /// `fdatasync` of the segment being written.
     fn sync_data(&mut self) -> std::io::Result<()> {
         #[cfg(test)]
@@ -2353,8 +2387,11 @@ impl Writer {
                 self.tail.segment = next;
                 self.tail.segment_len = 0;
                 self.released_to = 0;
-                if let Ok(d) = File::open(self.opts.dir.join("segments")) {
-                    let _ = d.sync_all();
+                // The new segment's name durable before any record in it counts as durable.
+                self.segments_unsynced = false;
+                if let Err(e) = self.sync_segments_dir() {
+                    tracing::error!(error = %e, "cannot sync the ledger's segments directory after beginning a new segment; its records are not durable until it can be");
+                    self.segments_unsynced = true;
                 }
             }
             Err(e) => {
@@ -2703,7 +2740,12 @@ impl Writer {
     /// durability mode: a checkpoint never covers records that could still be lost).
     fn checkpoint(&mut self) {
         self.last_checkpoint = Some(Instant::now());
-        if self.sync_lost || self.sync_data().is_err() {
+        if self.sync_lost
+            || self
+                .sync_data()
+                .and_then(|_| self.settle_segments_dir())
+                .is_err()
+        {
             return;
         }
         // Everything written is synced now (the writer checkpoints with an empty batch): in
@@ -3193,6 +3235,40 @@ pub(crate) mod tests {
             crate::ledger_verify::verify(&dir.join("ledger"), None, &mut |_, _| {}).unwrap();
         assert_eq!(report.records, 10);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Regression (found by review): a failed sync of the `segments` directory after a
+    /// rotation was ignored, so the new segment's records counted as durable, and were
+    /// checkpointed, in a file whose name a power failure could lose. Until the directory
+    /// syncs, the ledger cannot write: unhealthy, no checkpoint over the new segment.
+    #[tokio::test]
+    async fn a_new_segment_counts_only_once_its_directory_is_synced() {
+        let dir = temp();
+        let ledger = dir.join("ledger");
+        FAIL_DIR_SYNCS.with(|f| f.store(u64::MAX, Relaxed));
+        let opened = LedgerSink::open(options(&dir)).unwrap();
+        for i in 0..100 {
+            opened.sink.record(event(i));
+        }
+        until("a second segment", || firsts(&ledger).len() >= 2).await;
+        // Records in the new segment.
+        for i in 100..110 {
+            opened.sink.record(event(i));
+        }
+        until("the ledger unhealthy", || !opened.sink.healthy()).await;
+        let second = firsts(&ledger)[1];
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            checkpoint_size(&ledger) < second,
+            "a checkpoint of {} over segment {second}",
+            checkpoint_size(&ledger)
+        );
+        // The directory syncs again: the records are written, synced and checkpointed.
+        FAIL_DIR_SYNCS.with(|f| f.store(0, Relaxed));
+        opened.sink.flush().await.unwrap();
+        until("healthy again", || opened.sink.healthy()).await;
+        until("a checkpoint of all", || checkpoint_size(&ledger) >= 110).await;
+        close_and_verify(opened, &dir).await;
     }
 
     /// Regression (found by review): while the writer was stuck, events queued without a
