@@ -3203,11 +3203,7 @@ pub(crate) mod tests {
             checkpoint_size(&ledger) == 150
         })
         .await;
-        drop(opened);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
-        assert_eq!(report.records, 150);
-        let _ = std::fs::remove_dir_all(dir);
+        assert_eq!(close_and_verify(opened, &dir).await, 150);
     }
 
     /// Regression (found by review): a writer stuck in a system call (a disk that hangs)
@@ -3228,13 +3224,7 @@ pub(crate) mod tests {
         // in tests), and the writer goes on once the sync returns.
         until("the stall seen", || !opened.sink.healthy()).await;
         until("healthy again", || opened.sink.healthy()).await;
-        opened.sink.flush().await.unwrap();
-        drop(opened);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let report =
-            crate::ledger_verify::verify(&dir.join("ledger"), None, &mut |_, _| {}).unwrap();
-        assert_eq!(report.records, 10);
-        let _ = std::fs::remove_dir_all(dir);
+        assert_eq!(close_and_verify(opened, &dir).await, 10);
     }
 
     /// Regression (found by review): a failed sync of the `segments` directory after a
@@ -4062,11 +4052,15 @@ pub(crate) mod tests {
         close_and_verify(opened, &dir).await;
     }
 
-    async fn close_and_verify(opened: Opened, dir: &Path) {
+    /// Flushes and closes the ledger, verifies it, removes `dir`: the records it holds.
+    async fn close_and_verify(opened: Opened, dir: &Path) -> u64 {
+        opened.sink.flush().await.unwrap();
         drop(opened);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        crate::ledger_verify::verify(&dir.join("ledger"), None, &mut |_, _| {}).unwrap();
+        let report =
+            crate::ledger_verify::verify(&dir.join("ledger"), None, &mut |_, _| {}).unwrap();
         let _ = std::fs::remove_dir_all(dir);
+        report.records
     }
 
     async fn record_and_close(opts: LedgerOptions, events: std::ops::Range<usize>) {
@@ -4284,12 +4278,7 @@ pub(crate) mod tests {
         for i in 600..610 {
             opened.sink.record(event(i));
         }
-        opened.sink.flush().await.unwrap();
-        drop(opened);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let report = crate::ledger_verify::verify(&ledger, None, &mut |_, _| {}).unwrap();
-        assert_eq!(report.records, 610);
-        let _ = std::fs::remove_dir_all(dir);
+        assert_eq!(close_and_verify(opened, &dir).await, 610);
     }
 
     /// Regressions (found by review): the check of a ledger grown past its copy passed a
